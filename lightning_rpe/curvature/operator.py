@@ -1,0 +1,90 @@
+"""Symmetric linear operators on flat parameter vectors.
+
+Every curvature object in lightning-rpe is a :class:`CurvatureOperator`: a symmetric matrix ``A``
+of size ``dim x dim`` that is only available through products. Blocks of vectors are stored as
+**columns**: ``matmat(V)`` takes ``V`` of shape ``(dim, b)`` and returns ``A @ V`` of shape
+``(dim, b)``. ``n_hvp`` counts matrix-vector products (a block of ``b`` columns counts ``b``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["CurvatureOperator", "DenseOperator", "PreconditionedOperator"]
+
+
+class CurvatureOperator:
+    """Base class: a symmetric ``dim x dim`` operator with counted products.
+
+    Subclasses implement :meth:`_matmat` on a ``(dim, b)`` block in :attr:`dtype` on
+    :attr:`device`; the public :meth:`matvec` / :meth:`matmat` validate shapes, cast the input
+    and count products.
+    """
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        if dim <= 0:
+            raise ValueError(f"operator dimension must be positive, got dim={dim}")
+        self.dim = int(dim)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.n_hvp = 0
+
+    def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Return ``A @ V`` for a block ``V`` of shape ``(dim, b)`` (columns are vectors)."""
+        if V.ndim != 2 or V.shape[0] != self.dim:
+            raise ValueError(f"matmat expects a block of shape (dim={self.dim}, b), got {tuple(V.shape)}")
+        V = V.to(dtype=self.dtype, device=self.device)
+        out = self._matmat(V)
+        self.n_hvp += V.shape[1]
+        return out
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """Return ``A @ v`` for a flat vector ``v`` of shape ``(dim,)``."""
+        if v.ndim != 1 or v.shape[0] != self.dim:
+            raise ValueError(f"matvec expects a vector of shape ({self.dim},), got {tuple(v.shape)}")
+        return self.matmat(v.unsqueeze(1)).squeeze(1)
+
+    def to_dense(self) -> Tensor:
+        """Materialise the operator column by column (``dim`` products; for tests and tiny models)."""
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
+        return self.matmat(eye)
+
+
+class DenseOperator(CurvatureOperator):
+    """A symmetric matrix given explicitly, wrapped as an operator (tests, known spectra)."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
+        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
+        self.matrix = matrix
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.matrix @ V
+
+
+class PreconditionedOperator(CurvatureOperator):
+    """``P^-1/2 A P^-1/2`` for a positive diagonal ``P`` given as a flat tensor of length ``dim``.
+
+    Its eigenvalues are those of ``P^-1 A`` (similar matrices). An eigenvector ``u`` of this
+    operator maps to the direction ``P^-1/2 u`` in parameter space.
+    """
+
+    def __init__(self, operator: CurvatureOperator, diagonal: Tensor) -> None:
+        if diagonal.ndim != 1 or diagonal.shape[0] != operator.dim:
+            raise ValueError(
+                f"diagonal must be a flat tensor of length dim={operator.dim}, got shape {tuple(diagonal.shape)}"
+            )
+        if not bool(torch.isfinite(diagonal).all()) or bool((diagonal <= 0).any()):
+            raise ValueError("diagonal must be finite and strictly positive")
+        super().__init__(operator.dim, operator.dtype, operator.device)
+        self.operator = operator
+        self.inv_sqrt = diagonal.to(dtype=operator.dtype, device=operator.device).rsqrt()
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        scale = self.inv_sqrt.unsqueeze(1)
+        return scale * self.operator.matmat(scale * V)
