@@ -1,0 +1,318 @@
+"""Geometry of Hessian eigenvectors: rotation, subspace similarity, sign alignment and polarity.
+
+Pure PyTorch, no Lightning. All quantities are computed in float64 whatever the input dtype,
+and returned as Python floats (or a float64 tensor for :func:`principal_angles`). Vectors may
+have any shape; they are flattened. Exact definitions, formula by formula: ``docs/metrics.md``.
+
+Eigenvectors have no sign (``v`` and ``-v`` are the same eigenvector), so every comparison of
+two eigenvectors here is sign-invariant, except :class:`PolarityTracker`, which fixes the sign
+against the previous eigenvector on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PolarityStep",
+    "PolarityTracker",
+    "abs_cosine",
+    "align_sign",
+    "gradient_alignment",
+    "principal_angles",
+    "rotation_angle",
+    "subspace_similarity",
+]
+
+
+def _flat64(x: Tensor, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise ValueError(f"{name} must be a real tensor, got dtype {x.dtype}")
+    flat = x.detach().reshape(-1).to(torch.float64)
+    if flat.numel() == 0:
+        raise ValueError(f"{name} must have at least one element")
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError(f"{name} must contain only finite values")
+    return flat
+
+
+def _pair(u: Tensor, v: Tensor, names: tuple[str, str] = ("u", "v")) -> tuple[Tensor, Tensor]:
+    a, b = _flat64(u, names[0]), _flat64(v, names[1])
+    if a.numel() != b.numel():
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same number of elements, "
+            f"got {a.numel()} and {b.numel()}"
+        )
+    if a.device != b.device:
+        b = b.to(a.device)
+    return a, b
+
+
+def _nonzero_norm(x: Tensor, name: str) -> float:
+    n = float(torch.linalg.vector_norm(x))
+    if n == 0.0:
+        raise ValueError(f"{name} must be a non-zero vector (its direction is undefined)")
+    return n
+
+
+def abs_cosine(u: Tensor, v: Tensor) -> float:
+    """Sign-invariant cosine ``|<u, v>| / (||u|| ||v||)`` in [0, 1] (1: same line, 0: orthogonal).
+
+    Raises ValueError for a zero vector, non-finite entries or different sizes.
+    """
+    a, b = _pair(u, v)
+    na, nb = _nonzero_norm(a, "u"), _nonzero_norm(b, "v")
+    return min(1.0, abs(float(a @ b)) / (na * nb))
+
+
+def rotation_angle(u: Tensor, v: Tensor) -> float:
+    """Angle in degrees, in [0, 90], between the lines spanned by ``u`` and ``v``.
+
+    Equals ``degrees(arccos(abs_cosine(u, v)))``; computed as
+    ``degrees(atan2(||v_perp||, |<u_hat, v>|))`` with ``v_perp = v - <u_hat, v> u_hat``, which is
+    the same angle but accurate also for tiny rotations, where arccos loses all digits.
+    """
+    a, b = _pair(u, v)
+    na = _nonzero_norm(a, "u")
+    _nonzero_norm(b, "v")
+    ua = a / na
+    along = float(ua @ b)
+    perp = float(torch.linalg.vector_norm(b - along * ua))
+    return math.degrees(math.atan2(perp, abs(along)))
+
+
+def _basis(x: Tensor, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 1:
+        x = x.unsqueeze(1)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 1-D (one vector) or 2-D (n, k) with basis vectors as columns, got shape {tuple(x.shape)}")
+    if x.shape[1] == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(x.shape)}")
+    if x.shape[1] > x.shape[0]:
+        raise ValueError(f"{name} has more columns ({x.shape[1]}) than rows ({x.shape[0]}): columns cannot be independent")
+    if x.is_complex():
+        raise ValueError(f"{name} must be a real tensor, got dtype {x.dtype}")
+    x = x.detach().to(torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must contain only finite values")
+    q, r = torch.linalg.qr(x, mode="reduced")
+    diag = r.diagonal().abs()
+    if float(diag.min()) <= 1e-12 * max(float(diag.max()), 0.0) or float(diag.max()) == 0.0:
+        raise ValueError(f"{name} must have linearly independent columns (rank {x.shape[1]})")
+    return q
+
+
+def principal_angles(U: Tensor, V: Tensor) -> Tensor:
+    """Principal angles (radians, ascending, in [0, pi/2]) between span(U) and span(V).
+
+    ``U`` is (n, k), ``V`` is (n, l) with basis vectors as columns (a 1-D tensor is one column);
+    they are orthonormalised with a reduced QR first. ``min(k, l)`` angles are returned (float64).
+    The cosines are the singular values of ``Q_U^T Q_V`` clamped to [0, 1]; angles below pi/4 are
+    taken from the sines instead (singular values of the part of the smaller basis orthogonal to
+    the other span, Knyazev & Argentati 2002), which keeps tiny angles accurate.
+    """
+    qu, qv = _basis(U, "U"), _basis(V, "V")
+    if qu.shape[0] != qv.shape[0]:
+        raise ValueError(f"U and V must have the same number of rows, got {qu.shape[0]} and {qv.shape[0]}")
+    if qv.device != qu.device:
+        qv = qv.to(qu.device)
+    # small: the basis with fewer columns; big: the other one.
+    small, big = (qu, qv) if qu.shape[1] <= qv.shape[1] else (qv, qu)
+    cos = torch.linalg.svdvals(big.T @ small).clamp(0.0, 1.0)  # descending
+    residual = small - big @ (big.T @ small)
+    sin = torch.linalg.svdvals(residual).clamp(0.0, 1.0).flip(0)  # ascending
+    from_cos = torch.arccos(cos)  # ascending
+    from_sin = torch.arcsin(sin)  # ascending
+    return torch.where(cos * cos >= 0.5, from_sin, from_cos)
+
+
+def subspace_similarity(U: Tensor, V: Tensor) -> float:
+    """Top-k subspace similarity in [0, 1]: ``cos((pi/2) sqrt(sum theta_i^2) / sqrt(k (pi/2)^2))``.
+
+    ``theta_i`` are the :func:`principal_angles`, ``k = min(k_U, k_V)``. The argument simplifies to
+    the root-mean-square principal angle, so this is ``cos(rms(theta))``: 1 for the same subspace,
+    0 for orthogonal subspaces, ``cos(theta)`` for two lines at angle theta.
+    """
+    theta = principal_angles(U, V)
+    k = theta.numel()
+    arg = (math.pi / 2) * math.sqrt(float((theta * theta).sum())) / math.sqrt(k * (math.pi / 2) ** 2)
+    return max(0.0, math.cos(arg))
+
+
+def align_sign(v: Tensor, reference: Tensor) -> Tensor:
+    """Return ``v`` or ``-v`` so that ``<v, reference> >= 0`` (same dtype, shape and device as v).
+
+    When ``<v, reference> == 0`` exactly, ``v`` is returned unchanged.
+    """
+    a, b = _pair(v, reference, ("v", "reference"))
+    return -v if float(a @ b) < 0.0 else v
+
+
+def gradient_alignment(g: Tensor, v: Tensor) -> float:
+    """``|cos(g, v)| = |<g, v>| / (||g|| ||v||)`` in [0, 1] between the gradient and an eigenvector.
+
+    1 means the gradient points along the eigenvector's line. Returns ``nan`` when ``g`` is
+    exactly zero (the alignment is undefined at a stationary point, which is a legitimate state);
+    a zero ``v`` is an error.
+    """
+    a, b = _pair(g, v, ("g", "v"))
+    _nonzero_norm(b, "v")
+    if float(torch.linalg.vector_norm(a)) == 0.0:
+        return float("nan")
+    return abs_cosine(a, b)
+
+
+@dataclass(frozen=True)
+class PolarityStep:
+    """One polarity update (see :class:`PolarityTracker`).
+
+    Attributes:
+        polarity: signed rotation angle ``s_t * theta_t`` in degrees, in [-90, 90].
+        angle: ``theta_t``, unsigned rotation angle in degrees between v_{t-1} and v_t, in [0, 90].
+        sign: direction sign ``s_t`` (+1 or -1).
+        flips: number of sign changes of ``s`` so far (cumulative since the tracker started).
+        cosine: ``|cos(v_{t-1}, v_t)|``.
+        aligned: v_t with its sign fixed so that ``<v_t, v_{t-1}> >= 0`` (same dtype/device/shape
+            as the input); the tracker keeps it as the next reference.
+    """
+
+    polarity: float
+    angle: float
+    sign: int
+    flips: int
+    cosine: float
+    aligned: Tensor
+
+
+class PolarityTracker:
+    """Signed rotation ("polarity") of the leading eigenvector and its sign flips over time.
+
+    For each new leading eigenvector ``v_t`` (``update(v)``):
+
+    1. align: ``v_t <- sign(<v_t, v_{t-1}>) v_t`` so that ``<v_t, v_{t-1}> >= 0``;
+    2. displacement ``d_t = v_t / ||v_t|| - v_{t-1} / ||v_{t-1}||``;
+    3. ``theta_t`` = rotation angle in degrees between v_{t-1} and v_t (:func:`rotation_angle`);
+    4. direction sign ``s_t = s_{t-1} * sign(<d_t, d_{t-1}>)`` with ``s_1 = +1``; when
+       ``||d_t|| <= min_displacement`` or ``||d_{t-1}|| <= min_displacement`` the sign is kept
+       (``s_t = s_{t-1}``), and a displacement that small does not replace ``d_{t-1}``;
+    5. ``polarity_t = s_t * theta_t`` (degrees); ``flips`` counts the t with ``s_t != s_{t-1}``.
+
+    In two dimensions this is the rotation measured along a fixed orientation: an eigenvector
+    swinging to alternating sides gives alternating signs, a steady rotation keeps one sign.
+    The first call only stores the reference and returns None.
+
+    The state (``state_dict``) holds only tensors, floats, ints and None, so it can be saved with
+    ``torch.save`` and loaded with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, min_displacement: float = 1e-6) -> None:
+        if not (isinstance(min_displacement, (int, float)) and math.isfinite(min_displacement) and min_displacement >= 0):
+            raise ValueError(f"min_displacement must be a finite float >= 0, got {min_displacement!r}")
+        self.min_displacement = float(min_displacement)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the reference, the last displacement, the sign and the flip count."""
+        self._reference: Tensor | None = None
+        self._displacement: Tensor | None = None
+        self._sign = 1
+        self._flips = 0
+        self._updates = 0
+
+    @property
+    def reference(self) -> Tensor | None:
+        """The last aligned eigenvector (as given, not normalised), or None before the first update."""
+        return self._reference
+
+    @property
+    def flips(self) -> int:
+        return self._flips
+
+    @property
+    def sign(self) -> int:
+        return self._sign
+
+    @property
+    def updates(self) -> int:
+        """Number of eigenvectors fed so far (including the first, which returns None)."""
+        return self._updates
+
+    def update(self, v: Tensor) -> PolarityStep | None:
+        """Feed the newest leading eigenvector; returns None on the first call."""
+        flat = _flat64(v, "v")
+        norm = _nonzero_norm(flat, "v")
+        if self._reference is None:
+            self._reference = v.detach().clone()
+            self._updates = 1
+            return None
+        ref = _flat64(self._reference, "reference")
+        if ref.numel() != flat.numel():
+            raise ValueError(
+                f"v has {flat.numel()} elements but the previous eigenvector had {ref.numel()}; "
+                "call reset() when the parameter space changes"
+            )
+        ref = ref.to(flat.device)
+        ref_unit = ref / torch.linalg.vector_norm(ref)
+        aligned = align_sign(v.detach(), self._reference.to(v.device))
+        unit = flat / norm
+        if float(unit @ ref_unit) < 0.0:
+            unit = -unit
+        d = unit - ref_unit
+        angle = rotation_angle(ref_unit, unit)
+        cosine = abs_cosine(ref_unit, unit)
+        big = float(torch.linalg.vector_norm(d)) > self.min_displacement
+        prev = self._displacement
+        if big and prev is not None:
+            dot = float(d @ prev.to(d.device))
+            if dot < 0.0:
+                self._sign = -self._sign
+                self._flips += 1
+        if big:
+            self._displacement = d
+        self._reference = aligned.clone()
+        self._updates += 1
+        return PolarityStep(
+            polarity=self._sign * angle,
+            angle=angle,
+            sign=self._sign,
+            flips=self._flips,
+            cosine=cosine,
+            aligned=aligned,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors / floats / ints / None (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "reference": None if self._reference is None else self._reference.detach().clone(),
+            "displacement": None if self._displacement is None else self._displacement.detach().clone(),
+            "sign": int(self._sign),
+            "flips": int(self._flips),
+            "updates": int(self._updates),
+            "min_displacement": float(self.min_displacement),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`."""
+        required = {"reference", "displacement", "sign", "flips", "updates"}
+        missing = required - set(state)
+        if missing:
+            raise ValueError(f"state is missing keys {sorted(missing)}; expected keys {sorted(required)}")
+        if state["sign"] not in (1, -1):
+            raise ValueError(f"state['sign'] must be 1 or -1, got {state['sign']!r}")
+        ref, disp = state["reference"], state["displacement"]
+        self._reference = None if ref is None else ref.detach().clone()
+        self._displacement = None if disp is None else disp.detach().to(torch.float64).clone()
+        self._sign = int(state["sign"])
+        self._flips = int(state["flips"])
+        self._updates = int(state["updates"])
+        if "min_displacement" in state:
+            self.min_displacement = float(state["min_displacement"])

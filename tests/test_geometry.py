@@ -1,0 +1,264 @@
+import io
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from lightning_rpe.geometry import (
+    PolarityTracker,
+    abs_cosine,
+    align_sign,
+    gradient_alignment,
+    principal_angles,
+    rotation_angle,
+    subspace_similarity,
+)
+
+
+def unit2(deg: float) -> torch.Tensor:
+    r = math.radians(deg)
+    return torch.tensor([math.cos(r), math.sin(r)], dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- cosines and angles
+
+
+def test_abs_cosine_known_values_sign_and_scale_invariant():
+    u = torch.tensor([1.0, 0.0, 0.0])
+    assert abs_cosine(u, torch.tensor([3.0, 4.0, 0.0])) == pytest.approx(0.6, abs=1e-15)
+    assert abs_cosine(u, torch.tensor([-3.0, 4.0, 0.0])) == pytest.approx(0.6, abs=1e-15)
+    assert abs_cosine(-7 * u, torch.tensor([3.0, 4.0, 0.0])) == pytest.approx(0.6, abs=1e-15)
+    assert abs_cosine(u, torch.tensor([0.0, 0.0, 2.0])) == 0.0
+    assert abs_cosine(u, -u) == 1.0
+    # any shape, flattened
+    assert abs_cosine(torch.eye(2), torch.eye(2)) == pytest.approx(1.0)
+
+
+def test_abs_cosine_bad_input():
+    with pytest.raises(ValueError, match="u must be a non-zero"):
+        abs_cosine(torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="same number of elements"):
+        abs_cosine(torch.ones(3), torch.ones(4))
+    with pytest.raises(ValueError, match="finite"):
+        abs_cosine(torch.tensor([1.0, float("nan")]), torch.ones(2))
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        abs_cosine([1.0, 2.0], torch.ones(2))
+
+
+@pytest.mark.parametrize("deg", [0.0, 1e-7, 0.5, 30.0, 45.0, 89.0, 90.0, 120.0, 179.0, 180.0])
+def test_rotation_angle_known_angles_folded_to_0_90(deg):
+    expected = deg if deg <= 90 else 180 - deg
+    got = rotation_angle(unit2(0.0), unit2(deg))
+    assert 0.0 <= got <= 90.0
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_rotation_angle_equals_arccos_of_abs_cosine_and_is_accurate_when_tiny():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        u, v = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+        assert rotation_angle(u, v) == pytest.approx(math.degrees(math.acos(abs_cosine(u, v))), abs=1e-9)
+    # arccos(cos(1e-9 rad)) rounds to 0 in float64; the atan2 form keeps the digits
+    u = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    v = torch.tensor([1.0, 1e-9], dtype=torch.float64)
+    assert math.degrees(math.acos(abs_cosine(u, v))) == 0.0
+    assert rotation_angle(u, v) == pytest.approx(math.degrees(1e-9), rel=1e-9)
+
+
+# ---------------------------------------------------------------- subspaces
+
+
+def test_principal_angles_known_construction_and_basis_invariance():
+    n = 7
+    e = torch.eye(n, dtype=torch.float64)
+    a, b = 0.3, 1.1
+    U = torch.stack([e[0], e[1]], 1)
+    V = torch.stack([math.cos(b) * e[0] + math.sin(b) * e[2], math.cos(a) * e[1] + math.sin(a) * e[3]], 1)
+    th = principal_angles(U, V)
+    assert th.dtype == torch.float64
+    assert torch.allclose(th, torch.tensor([a, b], dtype=torch.float64), atol=1e-14)
+    # any basis of the same spans gives the same angles (non-orthogonal, scaled columns)
+    M = torch.tensor([[2.0, 1.0], [0.5, -3.0]], dtype=torch.float64)
+    assert torch.allclose(principal_angles(U @ M, V @ M.T), th, atol=1e-13)
+    assert torch.allclose(principal_angles(V, U), th, atol=1e-13)
+
+
+def test_principal_angles_match_scipy_on_random_subspaces():
+    rng = np.random.default_rng(1)
+    for k, l in [(1, 1), (3, 3), (2, 5), (5, 2)]:
+        A, B = rng.standard_normal((20, k)), rng.standard_normal((20, l))
+        ours = principal_angles(torch.from_numpy(A), torch.from_numpy(B)).numpy()
+        ref = np.sort(scipy.linalg.subspace_angles(A, B))
+        assert ours.shape == (min(k, l),)
+        assert np.all(np.diff(ours) >= 0)
+        np.testing.assert_allclose(ours, ref, atol=1e-12)
+
+
+def test_principal_angles_tiny_angle_accurate_and_bounds():
+    e = torch.eye(4, dtype=torch.float64)
+    U = torch.stack([e[0], e[1]], 1)
+    V = torch.stack([e[0] + 1e-10 * e[2], e[1]], 1)
+    th = principal_angles(U, V)
+    assert th[0] == 0.0
+    assert float(th[1]) == pytest.approx(1e-10, rel=1e-6)
+    W = torch.stack([e[2], e[3]], 1)
+    assert torch.allclose(principal_angles(U, W), torch.full((2,), math.pi / 2, dtype=torch.float64))
+    # 1-D inputs are single columns
+    assert float(principal_angles(unit2(0), unit2(30))[0]) == pytest.approx(math.radians(30))
+
+
+def test_principal_angles_bad_input():
+    with pytest.raises(ValueError, match="linearly independent"):
+        principal_angles(torch.tensor([[1.0, 2.0], [2.0, 4.0], [0.0, 0.0]]), torch.eye(3)[:, :2])
+    with pytest.raises(ValueError, match="same number of rows"):
+        principal_angles(torch.eye(3)[:, :1], torch.eye(4)[:, :1])
+    with pytest.raises(ValueError, match="more columns"):
+        principal_angles(torch.ones(2, 3), torch.eye(2))
+    with pytest.raises(ValueError, match="1-D .* or 2-D"):
+        principal_angles(torch.ones(2, 2, 2), torch.eye(2))
+
+
+def test_subspace_similarity_values():
+    e = torch.eye(6, dtype=torch.float64)
+    U = e[:, :3]
+    assert subspace_similarity(U, U @ torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))) == pytest.approx(1.0, abs=1e-12)
+    assert subspace_similarity(U, e[:, 3:]) == pytest.approx(0.0, abs=1e-15)
+    assert subspace_similarity(unit2(0), unit2(40)) == pytest.approx(math.cos(math.radians(40)))
+    # two angles: cos of the RMS angle, i.e. the SCIENCE.md formula with k = 2
+    a, b = 0.2, 0.9
+    V = torch.stack([math.cos(a) * e[0] + math.sin(a) * e[3], math.cos(b) * e[1] + math.sin(b) * e[4], e[2]], 1)
+    th2 = a * a + b * b
+    expected = math.cos((math.pi / 2) * math.sqrt(th2) / math.sqrt(3 * (math.pi / 2) ** 2))
+    assert subspace_similarity(U, V) == pytest.approx(expected, abs=1e-13)
+    assert expected == pytest.approx(math.cos(math.sqrt(th2 / 3)))
+
+
+# ---------------------------------------------------------------- sign and gradient
+
+
+def test_align_sign():
+    ref = torch.tensor([1.0, 1.0])
+    v = torch.tensor([-1.0, 0.2])
+    out = align_sign(v, ref)
+    assert torch.equal(out, -v) and float(out @ ref) >= 0
+    assert align_sign(-v, ref) is not None and torch.equal(align_sign(-v, ref), -v)
+    w = torch.tensor([1.0, -1.0])  # orthogonal: unchanged
+    assert torch.equal(align_sign(w, ref), w)
+    v32 = torch.tensor([[-1.0, 0.0]], dtype=torch.float32)
+    assert align_sign(v32, torch.tensor([1.0, 0.0])).dtype == torch.float32
+
+
+def test_gradient_alignment():
+    v = torch.tensor([0.0, 1.0])
+    assert gradient_alignment(torch.tensor([3.0, -4.0]), v) == pytest.approx(0.8)
+    assert gradient_alignment(torch.tensor([3.0, 4.0]), -v) == pytest.approx(0.8)
+    assert math.isnan(gradient_alignment(torch.zeros(2), v))
+    with pytest.raises(ValueError, match="v must be a non-zero"):
+        gradient_alignment(torch.ones(2), torch.zeros(2))
+
+
+# ---------------------------------------------------------------- polarity
+
+
+def test_polarity_steady_rotation_keeps_sign():
+    tr = PolarityTracker()
+    assert tr.update(unit2(0)) is None
+    for t in range(1, 8):
+        v = unit2(5.0 * t)
+        step = tr.update(-v if t % 2 else v)  # input signs are arbitrary
+        assert step.angle == pytest.approx(5.0)
+        assert step.polarity == pytest.approx(5.0)
+        assert step.sign == 1 and step.flips == 0
+        assert float(step.aligned.reshape(-1) @ unit2(5.0 * t)) > 0  # aligned to the previous one
+
+
+def test_polarity_alternating_swings_alternate_sign():
+    tr = PolarityTracker()
+    tr.update(unit2(0))
+    angles = [3.0, -4.0, 5.0, -6.0, 7.0]
+    prev = 0.0
+    for i, a in enumerate(angles):
+        step = tr.update(unit2(a))
+        assert step.angle == pytest.approx(abs(a - prev))
+        assert step.sign == (1 if i % 2 == 0 else -1)
+        assert step.flips == i
+        assert step.polarity == pytest.approx(step.sign * abs(a - prev))
+        prev = a
+
+
+def test_polarity_ignores_negligible_displacement():
+    tr = PolarityTracker(min_displacement=1e-6)
+    tr.update(unit2(0))
+    tr.update(unit2(2))
+    same = tr.update(unit2(2))  # no rotation: sign kept, no flip, polarity 0
+    assert same.angle == pytest.approx(0.0, abs=1e-12) and same.sign == 1 and same.flips == 0
+    back = tr.update(unit2(0))  # now reversing relative to the last real displacement
+    assert back.sign == -1 and back.flips == 1 and back.polarity == pytest.approx(-2.0)
+    with pytest.raises(ValueError, match="min_displacement"):
+        PolarityTracker(min_displacement=-1.0)
+    with pytest.raises(ValueError, match="reset"):
+        tr.update(torch.ones(3))
+
+
+def _ab_model_eigs(steps: int, eta: float = 0.011):
+    a, b = -0.1, 10.0
+    out = []
+    for _ in range(steps):
+        H = torch.tensor([[2 * b * b, 4 * a * b], [4 * a * b, 2 * a * a]], dtype=torch.float64)
+        ev, V = torch.linalg.eigh(H)
+        out.append((float(ev[1]), float(ev[0]), V[:, 1].clone(), a))
+        ga, gb = 2 * a * b * b, 2 * a * a * b
+        a, b = a - eta * ga, b - eta * gb
+    return out
+
+
+def test_polarity_on_two_parameter_model_ab_squared():
+    """L(a, b) = (a b)^2, GD at eta = 0.011 from (-0.1, 10): 2 / eta = 181.8 < lambda_max = 200.08."""
+    eigs = _ab_model_eigs(8)
+    assert eigs[0][0] > 2 / 0.011
+    tr = PolarityTracker()
+    minor, pol, flips = [], [], []
+    for lmax, lmin, v, a in eigs:
+        step = tr.update(v)
+        ref = v if step is None else step.aligned
+        minor.append(float(ref[1]) * (1 if float(ref[0]) > 0 else -1))  # major component > 0
+        if step is not None:
+            pol.append(step.polarity)
+            flips.append(step.flips)
+    # the small weight flips sign every step
+    assert all(eigs[i][3] * eigs[i + 1][3] < 0 for i in range(7))
+    # lambda_max falls, |lambda_min| grows
+    assert all(eigs[i + 1][0] < eigs[i][0] for i in range(7))
+    assert all(abs(eigs[i + 1][1]) > abs(eigs[i][1]) for i in range(7))
+    # minor component of the aligned eigenvector: magnitudes 0.020, 0.024, 0.029, 0.034 (SCIENCE.md)
+    assert [round(abs(m), 3) for m in minor[:4]] == [0.020, 0.024, 0.029, 0.034]
+    assert all(minor[i] * minor[i + 1] < 0 for i in range(7))
+    # polarity alternates in sign with growing magnitude, flips +1 per step
+    assert all(pol[i] * pol[i + 1] < 0 for i in range(len(pol) - 1))
+    assert all(abs(pol[i + 1]) > abs(pol[i]) for i in range(len(pol) - 1))
+    assert flips == list(range(len(pol)))
+    assert pol[0] > 0 and abs(pol[0]) == pytest.approx(math.degrees(math.asin(0.0239880) + math.asin(0.0199900)), rel=1e-4)
+
+
+def test_polarity_state_dict_round_trip_weights_only():
+    eigs = _ab_model_eigs(10)
+    full = PolarityTracker()
+    expected = [full.update(v) for _, _, v, _ in eigs]
+    first = PolarityTracker()
+    for _, _, v, _ in eigs[:4]:
+        first.update(v)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    resumed = PolarityTracker()
+    resumed.load_state_dict(state)
+    assert resumed.updates == 4
+    for (_, _, v, _), exp in zip(eigs[4:], expected[4:]):
+        got = resumed.update(v)
+        assert got.polarity == exp.polarity and got.flips == exp.flips and got.sign == exp.sign
+        assert torch.equal(got.aligned, exp.aligned)
+    with pytest.raises(ValueError, match="missing keys"):
+        PolarityTracker().load_state_dict({"sign": 1})
