@@ -1,0 +1,227 @@
+"""Extreme eigenpairs of a curvature operator: :class:`EigenResult` and :func:`eigenpairs`.
+
+Two solvers sit behind one call:
+
+- ``"lanczos"`` (:mod:`.lanczos`): Lanczos with full re-orthogonalisation from a random start.
+  One product per iteration; the best choice without prior information.
+- ``"block"`` (:mod:`.block`): LOBPCG with soft locking, started from ``init`` (the previous
+  eigenvectors) and padded with random columns. One batched product per iteration on the
+  still-unconverged residuals; the best choice on a slowly moving Hessian.
+
+``method="auto"`` picks the block solver when ``init`` is given and Lanczos otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .lanczos import NONFINITE_REASON, lanczos, n_wanted
+from .operator import CurvatureOperator
+
+__all__ = ["EigenResult", "eigenpairs", "default_max_hvp", "DEFAULT_SEED"]
+
+DEFAULT_SEED = 0
+_WHICH = ("largest", "smallest", "both")
+_METHODS = ("auto", "lanczos", "block")
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Eigenpairs of a symmetric operator ``A`` with their quality.
+
+    Ordering: ``"largest"``: k pairs, descending; ``"smallest"``: k pairs, ascending (most
+    negative first); ``"both"``: the k largest (descending) followed by the smallest (k + 1 pairs).
+
+    Attributes:
+        eigenvalues: ``(m,)`` float64 on the CPU, in the operator's units (loss / parameter^2
+            for a Hessian).
+        eigenvectors: ``(dim, m)`` unit columns in the operator's dtype and device.
+        residuals: ``(m,)`` float64, ``||A v - lambda v||`` of the returned pairs.
+        converged: ``(m,)`` bool, ``residual <= tol * max|theta|`` over the Ritz values.
+        n_hvp: products this call spent.
+        which: ``"largest"``, ``"smallest"`` or ``"both"``.
+        reason: why some pair did not converge or the solve failed; ``None`` when all converged.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    converged: Tensor
+    n_hvp: int
+    which: str
+    reason: str | None
+
+    @property
+    def lambda_max(self) -> float | None:
+        """Largest eigenvalue, or ``None`` when ``which="smallest"``."""
+        if self.which == "smallest":
+            return None
+        return float(self.eigenvalues[0])
+
+    @property
+    def lambda_min(self) -> float | None:
+        """Smallest (most negative) eigenvalue, or ``None`` when ``which="largest"``."""
+        if self.which == "largest":
+            return None
+        return float(self.eigenvalues[-1] if self.which == "both" else self.eigenvalues[0])
+
+    @property
+    def top(self) -> Tensor | None:
+        """The k largest eigenvalues (descending), or ``None`` when ``which="smallest"``."""
+        if self.which == "smallest":
+            return None
+        return self.eigenvalues[:-1] if self.which == "both" else self.eigenvalues
+
+    @property
+    def all_converged(self) -> bool:
+        """True when every returned pair met the tolerance."""
+        return bool(self.converged.all())
+
+
+def default_max_hvp(dim: int, k: int, which: str) -> int:
+    """Default product budget: ``min(dim, 50 + 30 * n)`` with ``n`` pairs wanted (k, or k + 1).
+
+    Lanczos on network Hessians reaches ``tol=1e-3`` for lambda_max in roughly 15-40 products
+    and needs a few tens more per additional well-separated pair; 50 + 30 n leaves room for
+    moderately clustered spectra while bounding the basis memory to ``(50 + 30 n) * dim``
+    entries. With ``dim`` products the Krylov space is the whole space, so more is never needed.
+    """
+    return min(int(dim), 50 + 30 * n_wanted(k, which))
+
+
+def _check_generator(generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        return torch.Generator(device="cpu").manual_seed(DEFAULT_SEED)
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
+def _check_init(init: Tensor | None, dim: int) -> Tensor | None:
+    if init is None:
+        return None
+    if not isinstance(init, Tensor):
+        raise ValueError(f"init must be a tensor of shape (dim={dim}, j) or None, got {type(init).__name__}")
+    if init.ndim == 1:
+        init = init.unsqueeze(1)
+    if init.ndim != 2 or init.shape[0] != dim or not 1 <= init.shape[1] <= dim:
+        raise ValueError(
+            f"init must have shape (dim={dim}, j) with 1 <= j <= {dim} (previous eigenvectors as columns), "
+            f"got {tuple(init.shape)}"
+        )
+    if not bool(torch.isfinite(init).all()):
+        raise ValueError("init must be finite")
+    return init
+
+
+def eigenpairs(
+    operator: CurvatureOperator,
+    k: int = 1,
+    which: str = "largest",
+    tol: float = 1e-3,
+    max_hvp: int | None = None,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    method: str = "auto",
+) -> EigenResult:
+    """Extreme eigenpairs of a symmetric operator, stopped on residuals.
+
+    A pair ``(theta, v)`` has converged when ``||A v - theta v|| <= tol * max|theta|``, the max
+    over all current Ritz values (a relative tolerance on the operator's scale). By the
+    Bauer-Fike / Kato bounds its eigenvalue error is at most the residual, and at most
+    ``residual^2 / gap`` when the eigenvalue is separated from the rest by ``gap``.
+
+    Args:
+        operator: a :class:`CurvatureOperator` (products are counted on it).
+        k: number of largest (or smallest) pairs, ``1 <= k <= dim`` (``k + 1 <= dim`` for "both").
+        which: ``"largest"`` | ``"smallest"`` | ``"both"`` (k largest plus the smallest, one run).
+        tol: relative residual tolerance, finite and ``>= 0`` (``0`` runs to the budget).
+        max_hvp: product budget; default :func:`default_max_hvp`, ``min(dim, 50 + 30 n)``.
+        init: ``(dim, j)`` previous eigenvectors (warm start), e.g. ``previous.eigenvectors``.
+        generator: source of the random start vectors; default a private generator seeded with
+            :data:`DEFAULT_SEED`, so repeated calls are reproducible. The global RNG is never used.
+        method: ``"auto"`` (block when ``init`` is given, else Lanczos) | ``"lanczos"`` | ``"block"``.
+
+    Returns:
+        :class:`EigenResult`. A non-finite product returns NaN values, ``converged`` all false and
+        ``reason="non-finite Hessian-vector product"`` instead of raising.
+    """
+    if not isinstance(operator, CurvatureOperator):
+        raise ValueError(f"operator must be a CurvatureOperator, got {type(operator).__name__}")
+    dim = operator.dim
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an int with 1 <= k <= dim={dim}, got {k!r}")
+    kmax = dim - 1 if which == "both" else dim
+    if not 1 <= k <= kmax:
+        extra = " (which='both' also returns the smallest, so k + 1 <= dim)" if which == "both" else ""
+        raise ValueError(f"k must satisfy 1 <= k <= {kmax} for dim={dim}{extra}, got k={k}")
+    try:
+        tol = float(tol)
+    except (TypeError, ValueError):
+        raise ValueError(f"tol must be a finite float >= 0, got {tol!r}") from None
+    if not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be a finite float >= 0, got {tol!r}")
+    init = _check_init(init, dim)
+    generator = _check_generator(generator)
+    if method == "auto":
+        method = "block" if init is not None else "lanczos"
+
+    nw = n_wanted(k, which)
+    if method == "block":
+        from .block import block_size, lobpcg
+
+        needed = block_size(dim, k, which, init)
+    else:
+        needed = nw
+    if max_hvp is None:
+        max_hvp = max(default_max_hvp(dim, k, which), needed)
+    if isinstance(max_hvp, bool) or not isinstance(max_hvp, int):
+        raise ValueError(f"max_hvp must be an int >= {needed} or None, got {max_hvp!r}")
+    if max_hvp < needed:
+        raise ValueError(
+            f"max_hvp must be >= {needed} (the {method} solver needs that many products to return "
+            f"{nw} pairs), got max_hvp={max_hvp}"
+        )
+
+    start_count = operator.n_hvp
+    with torch.no_grad():
+        if method == "block":
+            out = lobpcg(operator, k=k, which=which, tol=tol, max_hvp=max_hvp, generator=generator, init=init)
+        else:
+            start = None
+            if init is not None:
+                start = _warm_start_vector(init, generator, operator)
+            out = lanczos(operator, k=k, which=which, tol=tol, max_hvp=max_hvp, generator=generator, start=start)
+    return EigenResult(
+        eigenvalues=out.values,
+        eigenvectors=out.vectors,
+        residuals=out.residuals,
+        converged=out.converged,
+        n_hvp=operator.n_hvp - start_count,
+        which=which,
+        reason=out.reason,
+    )
+
+
+def _warm_start_vector(init: Tensor, generator: torch.Generator, operator: CurvatureOperator) -> Tensor:
+    """Lanczos start from previous eigenvectors: the sum of their orthonormalised columns plus a
+    random part of relative weight 0.1, so directions absent from ``init`` are still reached."""
+    from .lanczos import random_block
+
+    X = init.to(dtype=operator.dtype, device=operator.device)
+    Qx, _ = torch.linalg.qr(X)
+    u = Qx.sum(dim=1)
+    u = u / u.norm()
+    r = random_block(operator.dim, 1, generator, operator.dtype, operator.device)[:, 0]
+    return u + 0.1 * r / r.norm()
+
+
+__all__ += ["NONFINITE_REASON"]
