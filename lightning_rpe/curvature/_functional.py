@@ -1,0 +1,164 @@
+"""Private helpers for :mod:`lightning_rpe.curvature.hessian`: batch traversal and the product context.
+
+Everything here is pure PyTorch. The product context (:func:`product_context`) is where the
+"nothing observable changes" guarantees and the "kernels known to be correct" choices live:
+
+* train/eval flags of normalization and dropout modules are set for the policy and restored in
+  ``finally`` (no other module's flag is touched);
+* BatchNorm with ``batchnorm="batch"`` runs in training mode with ``track_running_stats``
+  temporarily off, so it normalises with batch statistics and updates nothing;
+* the global CPU (and initialised CUDA) RNG is forked, and every probe batch gets its own fixed
+  seed, so dropout masks (and any other randomness in the loss) are the same in every product;
+* autocast is disabled (CPU and CUDA), so products run in the operator's dtype;
+* scaled-dot-product attention is forced onto the math backend (the fused CPU/CUDA kernels
+  implement neither forward-mode AD nor double backward), and the ``nn.MultiheadAttention`` /
+  ``nn.TransformerEncoderLayer`` fast paths (fused kernels, nested tensors) are disabled;
+* gradient mode is enabled, and inference mode is switched off, so products work from inside
+  ``torch.no_grad()`` / ``torch.inference_mode()`` (e.g. a validation hook).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BATCHNORM_POLICIES",
+    "DROPOUT_POLICIES",
+    "default_batch_size",
+    "map_tensors",
+    "product_context",
+    "rng_devices",
+]
+
+BATCHNORM_POLICIES = ("eval", "batch")
+DROPOUT_POLICIES = ("off", "on")
+
+# Seeds for the per-batch RNG inside products: fixed so that the operator is deterministic.
+_SEED_BASE = 0x5EED_0000
+
+
+def _first_tensor(obj: Any) -> Tensor | None:
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        items: Any = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    else:
+        return None
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def default_batch_size(batch: Any) -> int:
+    """Size of dim 0 of the first tensor found in ``batch`` (tensor, tuple/list, dict; nested).
+
+    A 0-dim tensor counts as one example.
+    """
+    tensor = _first_tensor(batch)
+    if tensor is None:
+        raise ValueError(
+            "cannot infer the batch size: no tensor found in the batch; pass batch_size_fn=callable(batch) -> int"
+        )
+    return 1 if tensor.ndim == 0 else int(tensor.shape[0])
+
+
+def map_tensors(obj: Any, fn: Any) -> Any:
+    """Apply ``fn`` to every tensor in a nested tuple/list/dict (namedtuples keep their type)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        try:
+            return type(obj)({k: map_tensors(v, fn) for k, v in obj.items()})
+        except TypeError:
+            return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(map_tensors(v, fn) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def rng_devices() -> list[int]:
+    """CUDA devices whose RNG state must be forked (only when CUDA is already initialised)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(range(torch.cuda.device_count()))
+    return []
+
+
+def seed_batch(index: int, cuda_devices: list[int]) -> None:
+    """Seed the (forked) CPU and CUDA generators for probe batch ``index``."""
+    seed = _SEED_BASE + int(index)
+    torch.random.default_generator.manual_seed(seed)
+    for device in cuda_devices:
+        torch.cuda.default_generators[device].manual_seed(seed)
+
+
+def _is_dropout(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return True
+    # nn.MultiheadAttention applies attention dropout only in training mode.
+    return isinstance(module, nn.MultiheadAttention) and float(getattr(module, "dropout", 0.0)) > 0.0
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # _NormBase covers BatchNorm*, SyncBatchNorm, LazyBatchNorm*, InstanceNorm*.
+    return isinstance(module, nn.modules.batchnorm._NormBase)
+
+
+@contextlib.contextmanager
+def product_context(model: nn.Module, batchnorm: str, dropout: str) -> Iterator[list[int]]:
+    """Context for evaluating losses and products; yields the CUDA devices whose RNG is forked."""
+    saved: list[tuple[nn.Module, bool, bool | None]] = []
+    for module in model.modules():
+        if _is_norm(module):
+            saved.append((module, module.training, module.track_running_stats))
+        elif _is_dropout(module):
+            saved.append((module, module.training, None))
+    fastpath_get = getattr(torch.backends.mha, "get_fastpath_enabled", None)
+    fastpath_set = getattr(torch.backends.mha, "set_fastpath_enabled", None)
+    fastpath = fastpath_get() if fastpath_get is not None else None
+    devices = rng_devices()
+    try:
+        for module, _, track in saved:
+            if track is None:
+                module.training = dropout == "on"
+            elif batchnorm == "eval":
+                module.training = False
+            else:
+                module.training = True
+                module.track_running_stats = False
+        if fastpath_set is not None:
+            fastpath_set(False)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+            stack.enter_context(_math_sdpa())
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            yield devices
+    finally:
+        if fastpath_set is not None and fastpath is not None:
+            fastpath_set(fastpath)
+        for module, training, track in saved:
+            module.training = training
+            if track is not None:
+                module.track_running_stats = track
+
+
+def _math_sdpa() -> contextlib.AbstractContextManager[Any]:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
