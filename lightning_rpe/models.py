@@ -7,9 +7,10 @@ trained.
 
 Losses (``loss=``):
 
-* ``"mse"``: squared error on one-hot targets, ``L = (1/N) sum_i 0.5 * ||f(x_i) - e_{y_i}||^2``
-  (sum over classes, mean over samples), the convention of the edge-of-stability literature
-  (Cohen et al. 2021).
+* ``"mse"``: squared error on one-hot targets, ``L = (1/N) sum_i ||f(x_i) - e_{y_i}||^2`` (sum over
+  the classes, mean over the samples), the loss of the edge-of-stability literature. Cohen et al.
+  (2021) use half of it: their sharpness is half of this one, and the same trajectory appears at
+  twice the learning rate.
 * ``"cross_entropy"``: mean softmax cross-entropy.
 
 Optimizers: ``optimizer=`` names a simple default (``"sgd"``, ``"adam"``, ``"adamw"``,
@@ -90,8 +91,8 @@ class RPEClassifier(pl.LightningModule):
     ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss``, ``test_acc`` (accuracy in [0, 1]).
 
     Args:
-        loss: ``"mse"`` (0.5 * squared error on one-hot targets, summed over classes, averaged over
-            samples) or ``"cross_entropy"``.
+        loss: ``"mse"`` (squared error on one-hot targets, summed over the classes, averaged over
+            the samples) or ``"cross_entropy"``.
         optimizer, lr, momentum, nesterov, betas, eps, weight_decay, clip, clip_mode: see
             :func:`build_optimizer`.
     """
@@ -135,7 +136,7 @@ class RPEClassifier(pl.LightningModule):
         if self.loss_name == "cross_entropy":
             return F.cross_entropy(logits, y)
         onehot = F.one_hot(y, self.num_classes).to(logits.dtype)
-        return 0.5 * (logits - onehot).pow(2).sum(dim=1).mean()
+        return (logits - onehot).pow(2).sum(dim=1).mean()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
