@@ -1,0 +1,154 @@
+"""report: reads event files back, writes valid figures and a summary whose numbers match."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from lightning_rpe.report import ReportError, find_runs, load_run, summarize, write_report
+
+
+def _synthetic_run(path, lr, n=40, rotate=True, seed=0, with_first=True, hparams=True):
+    """Event file shaped like the monitor's output: EoS sharpening to 2/lr, spectrum, rotation."""
+    rng = np.random.default_rng(seed)
+    w = SummaryWriter(str(path))
+    thr = 2.0 / lr
+    values = {}
+    flips = 0
+    prev_pol = None
+    for i in range(n):
+        step = i * 25
+        sharp = min(thr * (0.3 + 0.02 * i), thr * (1 + 0.03 * rng.standard_normal()))
+        pol = ((-1) ** i) * 0.01 * (1 + i / 10)
+        if prev_pol is not None and np.sign(pol) != np.sign(prev_pol):
+            flips += 1
+        prev_pol = pol
+        row = {
+            "rpe/sharpness": sharp, "rpe/threshold": thr, "rpe/stability_ratio": sharp / thr,
+            "rpe/eig_1": sharp, "rpe/eig_2": 0.7 * sharp, "rpe/eig_3": 0.4 * sharp,
+            "rpe/lambda_min": -0.05 * sharp * (1 + abs(rng.standard_normal())),
+            "rpe/rotation_cos": 1 - 10 ** rng.uniform(-6, -1), "rpe/rotation_angle": rng.uniform(0, 30),
+            "rpe/subspace_similarity": rng.uniform(0.8, 1.0), "rpe/polarity": pol, "rpe/polarity_flips": flips,
+            "rpe/hvps": float(rng.integers(5, 30)), "rpe/measure_seconds": rng.uniform(0.01, 0.1),
+        }
+        if with_first:
+            row["rpe/subspace_similarity_to_first"] = 1 - i / n * (0.6 if rotate else 0.2)
+        for tag, v in row.items():
+            w.add_scalar(tag, v, step)
+            values.setdefault(tag, []).append((step, float(np.float32(v))))
+        w.add_scalar("train_loss", 1.0 / (1 + i), step)
+        values.setdefault("train_loss", []).append((step, float(np.float32(1.0 / (1 + i)))))
+    w.add_scalar("test_acc", 0.9 + lr, n * 25)
+    values["test_acc"] = [(n * 25, float(np.float32(0.9 + lr)))]
+    w.close()
+    if hparams:
+        (path / "hparams.yaml").write_text(f"lr: {lr}\nhidden:\n- 200\n- 200\n")
+    return values
+
+
+def test_summary_numbers_equal_event_files(tmp_path):
+    run = tmp_path / "lr_0.05"
+    vals = _synthetic_run(run, 0.05)
+    data = load_run(run)
+    s = summarize(data)
+    sharp = [v for _, v in vals["rpe/sharpness"]]
+    assert s.lr == 0.05 and s.lr_source == "hparams.yaml:lr"
+    assert s.measurements == len(sharp) == 40
+    assert s.final_step == 39 * 25
+    assert s.final_sharpness == pytest.approx(sharp[-1], rel=1e-6)
+    assert s.max_sharpness == pytest.approx(max(sharp), rel=1e-6)
+    assert s.final_ratio == pytest.approx(vals["rpe/stability_ratio"][-1][1], rel=1e-6)
+    assert s.min_lambda_min == pytest.approx(min(v for _, v in vals["rpe/lambda_min"]), rel=1e-6)
+    assert s.total_hvps == pytest.approx(sum(v for _, v in vals["rpe/hvps"]))
+    assert s.polarity_flips == vals["rpe/polarity_flips"][-1][1] == 39
+    assert s.test_acc == pytest.approx(vals["test_acc"][0][1]) and s.test_acc_tag == "test_acc"
+    assert s.final_train_loss == pytest.approx(vals["train_loss"][-1][1])
+    assert s.final_subspace_similarity_to_first == pytest.approx(vals["rpe/subspace_similarity_to_first"][-1][1])
+    assert s.rotated is True
+
+
+def test_report_files_and_markdown(tmp_path):
+    runs = []
+    for i, lr in enumerate((0.02, 0.05, 0.1)):
+        d = tmp_path / "sweep" / f"lr_{lr}"
+        _synthetic_run(d, lr, rotate=lr > 0.03, seed=i)
+        runs.append(d)
+    out = tmp_path / "out"
+    res = write_report([tmp_path / "sweep"], out=out)
+    assert len(res["summaries"]) == 3
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert "sweep.png" in names and len(names) == 3 * 3 + 1
+    for p in out.glob("*.png"):
+        with Image.open(p) as im:
+            im.verify()
+        with Image.open(p) as im:
+            w, h = im.size
+            assert 600 <= w <= 2000 and 400 <= h <= 2000, (p.name, im.size)
+        assert p.stat().st_size > 10_000
+    md = (out / "summary.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["lr"] for s in summary] == [0.02, 0.05, 0.1]
+    assert [s["rotated"] for s in summary] == [False, True, True]
+    for s in summary:
+        assert f"{s['final_sharpness']:.4g}" in md
+        assert f"![{s['name']}_sharpness]" in md
+    assert "![sweep](sweep.png)" in md
+
+
+def test_default_output_folder_and_missing_tags(tmp_path):
+    run = tmp_path / "plain"
+    w = SummaryWriter(str(run))
+    for step in range(5):
+        w.add_scalar("train_loss", 1.0 / (step + 1), step)
+    w.close()
+    res = write_report([run])
+    assert res["out"] == (run / "report").resolve()
+    s = res["summaries"][0]
+    assert s.measurements == 0 and s.final_sharpness is None and s.rotated is None and s.lr is None
+    assert s.final_train_loss == pytest.approx(0.2)
+    assert len(res["figures"]) == 3  # figures still drawn, panels say what was not logged
+    assert "| - |" in (res["markdown"]).read_text()
+
+
+def test_lr_from_logged_learning_rate_and_val_acc_fallback(tmp_path):
+    run = tmp_path / "r"
+    w = SummaryWriter(str(run))
+    w.add_scalar("lr-SGD", 0.07, 0)
+    w.add_scalar("rpe/sharpness", 10.0, 0)
+    w.add_scalar("val_acc", 0.5, 3)
+    w.add_scalar("val_acc", 0.75, 7)
+    w.close()
+    s = summarize(load_run(run))
+    assert s.lr == pytest.approx(0.07) and s.lr_source == "lr-SGD"
+    assert s.test_acc == 0.75 and s.test_acc_tag == "val_acc"
+
+
+def test_resumed_run_last_value_per_step_wins(tmp_path):
+    run = tmp_path / "r"
+    w = SummaryWriter(str(run))
+    w.add_scalar("rpe/sharpness", 1.0, 0)
+    w.add_scalar("rpe/sharpness", 2.0, 10)
+    w.close()
+    w = SummaryWriter(str(run))
+    w.add_scalar("rpe/sharpness", 3.0, 10)
+    w.add_scalar("rpe/sharpness", 4.0, 20)
+    w.close()
+    s = load_run(run).scalars["rpe/sharpness"]
+    assert s.steps.tolist() == [0, 10, 20] and s.values.tolist() == [1.0, 3.0, 4.0]
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ReportError, match="not found"):
+        find_runs([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="no TensorBoard event files"):
+        find_runs([tmp_path / "empty"])
+    with pytest.raises(ReportError, match="at least one"):
+        write_report([])
+    with pytest.raises(ValueError, match="rotation_threshold"):
+        _synthetic_run(tmp_path / "x", 0.1, n=2)
+        write_report([tmp_path / "x"], rotation_threshold=0)
+    assert not math.isnan(0.0)
