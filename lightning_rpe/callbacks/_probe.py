@@ -1,0 +1,145 @@
+"""Probe-set capture for the SharpnessMonitor (private).
+
+The fixed probe set is the first ``size`` samples of the training data set, read through a
+*separate* view of it: ``dataset[i]`` for ``i`` in order, collated with the training loader's
+``collate_fn`` into physical batches. The training DataLoader, its sampler and its iterator are
+never touched, and everything runs inside ``isolate_rng`` so that random transforms of the data
+set (or anything else) cannot consume the global RNG of the run.
+
+Under data parallelism the first ``size`` indices are split across ranks with a stride
+(``indices[rank::world_size]``), so the union over ranks is exactly the first ``size`` samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data.dataloader import default_collate
+
+__all__ = ["ProbeSet", "capture_dataset_probe", "capture_loader_probe", "fingerprint", "move_batch"]
+
+
+@dataclass
+class ProbeSet:
+    """Probe batches of this rank plus what is needed to rebuild them after a restart.
+
+    ``indices`` are the *global* sample indices (all ranks), in order; ``kind`` is ``"map"`` (data
+    set indices) or ``"iterable"`` (positions in the data set's iteration order) or ``"loader"``
+    (positions in a user DataLoader's iteration, not rebuildable by index: the loader is re-read).
+    """
+
+    batches: list[Any]
+    indices: list[int]
+    kind: str
+    fingerprint: float
+    n_samples: int
+
+
+def _sum_floats(obj: Any) -> float:
+    if isinstance(obj, Tensor):
+        t = obj.detach()
+        if t.is_complex():
+            t = t.abs()
+        return float(t.to(torch.float64).abs().sum()) if t.numel() else 0.0
+    if isinstance(obj, dict):
+        return sum(_sum_floats(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_sum_floats(v) for v in obj)
+    return 0.0
+
+
+def fingerprint(batches: Sequence[Any]) -> float:
+    """Sum of absolute values of every tensor entry (float64): a cheap identity check on rebuild."""
+    return float(sum(_sum_floats(b) for b in batches))
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def capture_dataset_probe(
+    loader: DataLoader,
+    size: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    indices: Sequence[int] | None = None,
+    transfer: Callable[[Any], Any] | None = None,
+) -> ProbeSet:
+    """Read the first ``size`` samples of ``loader.dataset`` (or the given global ``indices``).
+
+    The loader itself is not iterated; only its ``dataset`` and ``collate_fn`` are used.
+    """
+    dataset = loader.dataset
+    collate = loader.collate_fn if loader.collate_fn is not None else default_collate
+    with isolate_rng():
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+            kind = "iterable"
+            wanted = list(indices) if indices is not None else list(range(size))
+            last = max(wanted) if wanted else -1
+            taken: dict[int, Any] = {}
+            wanted_set = set(wanted)
+            for pos, sample in enumerate(dataset):
+                if pos > last:
+                    break
+                if pos in wanted_set:
+                    taken[pos] = sample
+            wanted = [i for i in wanted if i in taken]
+            samples_of = taken.__getitem__
+        else:
+            kind = "map"
+            n = len(dataset)  # type: ignore[arg-type]
+            wanted = list(indices) if indices is not None else list(range(min(size, n)))
+            bad = [i for i in wanted if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"probe indices {bad[:5]} are out of range for a data set of {n} samples")
+            samples_of = dataset.__getitem__
+        if not wanted:
+            raise ValueError("the training data set is empty: no probe samples")
+        mine = wanted[rank::world_size]
+        batches = []
+        for chunk in _chunks(mine, batch_size):
+            batch = collate([samples_of(i) for i in chunk])
+            batches.append(transfer(batch) if transfer is not None else batch)
+    if not batches:
+        raise ValueError(
+            f"rank {rank} got no probe samples ({len(wanted)} samples over {world_size} ranks); "
+            "increase probe_size to at least the number of processes"
+        )
+    return ProbeSet(batches=batches, indices=wanted, kind=kind, fingerprint=fingerprint(batches), n_samples=len(mine))
+
+
+def capture_loader_probe(
+    loader: Iterable[Any], size: int | None, transfer: Callable[[Any], Any] | None = None, count: Callable[[Any], int] | None = None
+) -> ProbeSet:
+    """Iterate a user loader once (inside ``isolate_rng``) and keep its batches until ``size`` samples."""
+    batches: list[Any] = []
+    n = 0
+    with isolate_rng():
+        for batch in loader:
+            batches.append(transfer(batch) if transfer is not None else batch)
+            n += count(batch) if count is not None else 1
+            if size is not None and n >= size:
+                break
+    if not batches:
+        raise ValueError("the probe dataloader yielded no batches")
+    return ProbeSet(batches=batches, indices=[], kind="loader", fingerprint=fingerprint(batches), n_samples=n)
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a nested batch to ``device`` (detached)."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(batch, device)
+
+
+def isfinite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
