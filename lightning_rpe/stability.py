@@ -1,0 +1,213 @@
+"""Stability thresholds of the optimizer in use, per param group, and the Adam-family preconditioner.
+
+Pure PyTorch, no Lightning. On a quadratic with Hessian H, an update rule is stable along an
+eigendirection with curvature lambda iff lambda < threshold; the stability ratio is
+``sharpness / threshold`` (above 1: unstable along the top eigendirection). Every threshold is
+proportional to 1 / lr, so ``ratio(s * lr) = s * ratio(lr)``. Derivations and the exact
+definitions: ``docs/metrics.md``.
+
+===============  =============================================  =============================
+kind             update (PyTorch)                               threshold on lambda
+===============  =============================================  =============================
+``gd``           w -= lr g                                      2 / lr
+``heavy_ball``   b = beta b + (1 - d) g;  w -= lr b              (2 + 2 beta) / ((1 - d) lr)
+``nesterov``     b = beta b + (1 - d) g;  w -= lr (g + beta b)   (2 + 2 beta) / ((1 + (2 - d) beta) lr)
+``adam``         Adam / AdamW, preconditioned (see below)       (2 + 2 beta1) / ((1 - beta1) lr)
+``clipped_adam`` ClippedAdam, preconditioned                    (2 + 2 beta1) / ((1 - beta1) lr)
+``unknown``      anything else: assumed GD                      2 / lr
+===============  =============================================  =============================
+
+(d = dampening; with d = 0 these are the textbook (2 + 2 beta) / lr and
+(2 + 2 beta) / ((1 + 2 beta) lr).) For the Adam family the threshold applies to the preconditioned
+sharpness lambda_max(P^-1/2 H P^-1/2), with P from :func:`adam_preconditioner` (Cohen et al. 2022).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_rpe.optim.clipped_adam import ClippedAdam
+
+__all__ = [
+    "GroupThreshold",
+    "KINDS",
+    "adam_preconditioner",
+    "group_thresholds",
+    "stability_ratio",
+]
+
+KINDS = ("gd", "heavy_ball", "nesterov", "adam", "clipped_adam", "unknown")
+
+
+@dataclass(frozen=True)
+class GroupThreshold:
+    """Stability threshold of one param group.
+
+    Attributes:
+        index: position of the group in ``optimizer.param_groups``.
+        kind: one of ``KINDS``: "gd", "heavy_ball", "nesterov", "adam", "clipped_adam", "unknown".
+        lr: effective learning rate (the group's lr times its lr scale).
+        threshold: the largest stable curvature, in loss units per parameter unit squared (1/lr
+            units); ``inf`` when lr is 0 (or dampening is 1: the gradient never enters the update).
+        preconditioned: True for the Adam family: compare lambda_max(P^-1/2 H P^-1/2), not
+            lambda_max(H), with the threshold.
+        beta: momentum (SGD) or beta1 (Adam family); None for "gd" and "unknown".
+        note: for kind "unknown", the sentence a caller should emit once as a warning (which
+            threshold was assumed); None otherwise.
+    """
+
+    index: int
+    kind: str
+    lr: float
+    threshold: float
+    preconditioned: bool
+    beta: float | None
+    note: str | None = None
+
+    @property
+    def assumed(self) -> bool:
+        """True when the optimizer was not recognised and the GD threshold 2 / lr was assumed."""
+        return self.kind == "unknown"
+
+
+def _scalar(value: Any, name: str) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        return float(value.detach().item())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+
+
+def _over_lr(numerator: float, lr: float) -> float:
+    return math.inf if lr == 0.0 else numerator / lr
+
+
+def _sgd(index: int, group: dict[str, Any], lr: float) -> GroupThreshold:
+    beta = _scalar(group.get("momentum", 0.0), f"param_groups[{index}]['momentum']")
+    if beta == 0.0:
+        return GroupThreshold(index, "gd", lr, _over_lr(2.0, lr), False, None)
+    d = _scalar(group.get("dampening", 0.0), f"param_groups[{index}]['dampening']")
+    if group.get("nesterov", False):
+        denom = 1.0 + (2.0 - d) * beta
+        return GroupThreshold(index, "nesterov", lr, _over_lr((2.0 + 2.0 * beta) / denom, lr), False, beta)
+    if d >= 1.0:
+        return GroupThreshold(index, "heavy_ball", lr, math.inf, False, beta)
+    return GroupThreshold(index, "heavy_ball", lr, _over_lr((2.0 + 2.0 * beta) / (1.0 - d), lr), False, beta)
+
+
+def _adam(index: int, group: dict[str, Any], lr: float, kind: str) -> GroupThreshold:
+    beta1 = _scalar(group["betas"][0], f"param_groups[{index}]['betas'][0]")
+    thr = math.inf if beta1 >= 1.0 else _over_lr((2.0 + 2.0 * beta1) / (1.0 - beta1), lr)
+    return GroupThreshold(index, kind, lr, thr, True, beta1)
+
+
+def group_thresholds(optimizer: Optimizer, lr_scales: Sequence[float] | None = None) -> list[GroupThreshold]:
+    """Stability threshold of every param group of ``optimizer`` at its current learning rate.
+
+    ``lr_scales`` (one factor per group, >= 0) multiplies each group's lr, giving the effective lr
+    (for example the scheduled lr times an InstabilityController's factor). Recognised:
+    ``torch.optim.SGD`` (plain, heavy-ball with any dampening, Nesterov), ``torch.optim.Adam`` and
+    ``AdamW`` (and their subclasses), :class:`~lightning_rpe.optim.ClippedAdam`. Any other optimizer
+    gets kind "unknown", the GD threshold 2 / lr on the unpreconditioned sharpness, and a ``note``
+    the caller should emit once as a warning.
+    """
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    groups = optimizer.param_groups
+    if lr_scales is None:
+        scales = [1.0] * len(groups)
+    else:
+        scales = [_scalar(s, "lr_scales[i]") for s in lr_scales]
+        if len(scales) != len(groups):
+            raise ValueError(f"lr_scales must have one factor per param group ({len(groups)}), got {len(scales)}")
+        for i, s in enumerate(scales):
+            if not (math.isfinite(s) and s >= 0.0):
+                raise ValueError(f"lr_scales[{i}] must be a finite number >= 0, got {s!r}")
+    out = []
+    for i, (group, scale) in enumerate(zip(groups, scales)):
+        lr = _scalar(group["lr"], f"param_groups[{i}]['lr']") * scale
+        if not (math.isfinite(lr) and lr >= 0.0):
+            raise ValueError(f"the effective lr of param group {i} must be finite and >= 0, got {lr!r}")
+        if isinstance(optimizer, ClippedAdam):
+            out.append(_adam(i, group, lr, "clipped_adam"))
+        elif isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass of Adam
+            out.append(_adam(i, group, lr, "adam"))
+        elif isinstance(optimizer, torch.optim.SGD):
+            out.append(_sgd(i, group, lr))
+        else:
+            note = (
+                f"optimizer {type(optimizer).__name__} is not SGD, Adam, AdamW or ClippedAdam: "
+                "assumed the plain gradient-descent threshold 2 / lr on the unpreconditioned sharpness"
+            )
+            out.append(GroupThreshold(i, "unknown", lr, _over_lr(2.0, lr), False, None, note))
+    return out
+
+
+def adam_preconditioner(optimizer: Optimizer) -> dict[nn.Parameter, Tensor] | None:
+    """The diagonal preconditioner P of the last Adam / AdamW / ClippedAdam step, per parameter.
+
+    With t = ``state["step"]`` and v = ``state["exp_avg_sq"]`` (``max_exp_avg_sq`` with amsgrad)::
+
+        Adam, AdamW:  P = (1 - beta1^t) * (sqrt(v / (1 - beta2^t)) + eps)
+        ClippedAdam:  P = (1 - beta1^t) * (clip(sqrt(v / (1 - beta2^t)), c) + eps)
+                      (clip = min for mode "upper", max for mode "lower")
+
+    so that the step just taken was ``theta <- theta - lr * P^-1 * exp_avg`` (before weight decay).
+    Keys are the trainable parameters (``requires_grad``) of all groups, values have their shape,
+    dtype and device. Returns None while any of them has no optimizer state yet (before the first
+    step, or a parameter that has never received a gradient). Raises ValueError for other
+    optimizers.
+    """
+    is_clipped = isinstance(optimizer, ClippedAdam)
+    if not (is_clipped or isinstance(optimizer, torch.optim.Adam)):
+        raise ValueError(
+            f"optimizer must be torch.optim.Adam, torch.optim.AdamW or lightning_rpe.optim.ClippedAdam, "
+            f"got {type(optimizer).__name__}"
+        )
+    out: dict[nn.Parameter, Tensor] = {}
+    for group in optimizer.param_groups:
+        beta1 = _scalar(group["betas"][0], "betas[0]")
+        beta2 = _scalar(group["betas"][1], "betas[1]")
+        eps = _scalar(group["eps"], "eps")
+        amsgrad = bool(group.get("amsgrad", False))
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            state = optimizer.state.get(p)
+            if not state or "step" not in state or "exp_avg_sq" not in state:
+                return None
+            t = _scalar(state["step"], "state['step']")
+            if t < 1:
+                return None
+            v = state["max_exp_avg_sq"] if amsgrad and "max_exp_avg_sq" in state else state["exp_avg_sq"]
+            v = v.detach()
+            if is_clipped:
+                denom = ClippedAdam.denominator(v, t, beta2, float(group["clip"]), group["mode"], eps)
+            else:
+                denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
+            out[p] = denom.mul_(1.0 - beta1**t)
+    return out
+
+
+def stability_ratio(sharpness: float, threshold: float) -> float:
+    """``sharpness / threshold`` (dimensionless; > 1: unstable along the top eigendirection).
+
+    An infinite threshold (lr 0) gives 0.0 for finite sharpness; a NaN sharpness gives NaN.
+    Raises ValueError for a threshold that is NaN or <= 0.
+    """
+    s, thr = float(sharpness), float(threshold)
+    if math.isnan(thr) or thr <= 0.0:
+        raise ValueError(f"threshold must be > 0 (inf allowed), got {threshold!r}")
+    if math.isinf(thr):
+        return 0.0 if math.isfinite(s) else math.nan
+    return s / thr
