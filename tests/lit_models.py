@@ -181,3 +181,18 @@ class ABModel(pl.LightningModule):
 def ab_loader() -> DataLoader:
     """A one-sample loader for :class:`ABModel` (the sample is a dummy)."""
     return DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1)
+
+
+def make_trainer(callbacks=(), **kwargs) -> pl.Trainer:
+    """A quiet CPU Trainer (no progress bar, summary or checkpointing unless asked)."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **defaults)
