@@ -621,7 +621,7 @@ class SharpnessMonitor(Callback):
 
         tr = None
         if self.trace:
-            from lightning_rpe.curvature import trace as trace_estimate
+            from lightning_rpe.curvature.trace import trace as trace_estimate
 
             tr = float(trace_estimate(op, n_hvp=self.trace_hvps, method="hutch++", generator=gen).estimate)
 

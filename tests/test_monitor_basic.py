@@ -1,0 +1,226 @@
+"""SharpnessMonitor: measured values, thresholds, logging to every logger, callback_metrics."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_rpe import Measurement, SharpnessMonitor
+from lit_models import ABModel, TinyMLP, ab_loader, full_batch_loader, make_dataset, make_loader, make_trainer
+
+
+def _dense_spectrum(model: TinyMLP, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """float64 eigenvalues (ascending) of the Hessian of the mean MSE, BatchNorm in eval mode."""
+    model = model.double().eval()
+    names = [n for n, p in model.named_parameters()]
+    params = [p.detach().clone() for p in model.parameters()]
+    shapes = [p.shape for p in params]
+    flat = torch.cat([p.reshape(-1) for p in params])
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        parts, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = math.prod(s)
+            parts[n] = theta[i : i + k].view(s)
+            i += k
+        out = torch.func.functional_call(model, parts, (x.double(),))
+        return ((out - y.double()) ** 2).mean()
+
+    H = torch.autograd.functional.hessian(loss, flat)
+    return torch.linalg.eigvalsh(H)
+
+
+def test_values_match_dense_hessian_on_first_probe_samples() -> None:
+    pl.seed_everything(0, verbose=False)
+    data = make_dataset(48, seed=3)
+    monitor = SharpnessMonitor(every_n_steps=2, top_k=3, dtype="float64", tol=1e-8, probe_size=20, probe_batch_size=7)
+    model = TinyMLP(batchnorm=True, hidden=6, optimizer="momentum", lr=0.05)
+    make_trainer([monitor], max_steps=4).fit(model, make_loader(data, batch_size=16, shuffle=True))
+    m = monitor.latest
+    assert isinstance(m, Measurement) and m.step == 4 and m.trigger == "step"
+    # the probe set is the first 20 samples in data-set order, in physical batches of 7
+    assert [len(b[0]) for b in monitor.probe_batches] == [7, 7, 6]
+    x, y = data.tensors[0][:20], data.tensors[1][:20]
+    evals = _dense_spectrum(model, x, y)
+    top = sorted(evals.tolist(), reverse=True)[:3]
+    assert m.eigenvalues == pytest.approx(top, rel=1e-6)
+    assert m.sharpness == m.eigenvalues[0]
+    assert m.lambda_min == pytest.approx(float(evals[0]), rel=1e-5, abs=1e-8)
+    # heavy-ball threshold (2 + 2 beta) / lr at beta = 0.9, lr = 0.05
+    assert m.kinds == ("heavy_ball",) and m.lrs == (0.05,)
+    assert m.thresholds[0] == pytest.approx(3.8 / 0.05)
+    assert m.ratios[0] == pytest.approx(m.sharpness / m.thresholds[0])
+    assert m.n_hvp > 0 and m.seconds > 0
+    assert 0.0 <= m.rotation_cos <= 1.0 and 0.0 <= m.rotation_angle <= 90.0
+    assert 0.0 <= m.subspace_similarity <= 1.0 and m.grad_alignment is not None
+
+
+def test_polarity_alternates_on_two_parameter_model() -> None:
+    """L(a, b) = (a b)^2, eta = 0.011 from (-0.1, 10): above 2/eta, the polarity alternates in sign with
+    growing magnitude while the sharpness falls and |lambda_min| grows (SCIENCE.md)."""
+    monitor = SharpnessMonitor(every_n_steps=1, dtype="float64", tol=1e-8, probe_size=1)
+    history: list[Measurement] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            history.append(monitor.latest)
+
+    make_trainer([monitor, Record()], max_steps=8).fit(ABModel(a=-0.1, b=10.0, lr=0.011), ab_loader())
+    assert [m.step for m in history] == list(range(1, 9))
+    assert history[0].sharpness > 2 / 0.011
+    pol = [m.polarity for m in history]
+    assert all(p1 * p2 < 0 for p1, p2 in zip(pol, pol[1:])), pol
+    assert all(abs(p2) > abs(p1) for p1, p2 in zip(pol, pol[1:])), pol
+    assert [m.polarity_flips for m in history] == list(range(8))
+    sharp = [m.sharpness for m in history]
+    assert all(s2 < s1 for s1, s2 in zip(sharp, sharp[1:])), sharp
+    neg = [abs(m.lambda_min) for m in history]
+    assert all(n2 > n1 for n1, n2 in zip(neg, neg[1:])), neg
+    assert all(m.rotation_angle == pytest.approx(abs(m.polarity)) for m in history)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_logger_gets_the_values_at_the_train_loss_steps(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pl.seed_everything(0, verbose=False)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    monitor = SharpnessMonitor(every_n_steps=3, top_k=2, on_fit_start=False, on_fit_end=False, probe_size=16)
+    trainer = make_trainer([monitor], max_steps=9, logger=[tb, csv_logger], log_every_n_steps=3)
+    trainer.fit(TinyMLP(), make_loader(make_dataset(32), batch_size=8, shuffle=True))
+    assert monitor.n_measurements == 3
+
+    rows = _read_csv(Path(csv_logger.log_dir) / "metrics.csv")
+    loss_steps = [int(r["step"]) for r in rows if r.get("train_loss")]
+    sharp = [(int(r["step"]), float(r["rpe/sharpness"])) for r in rows if r.get("rpe/sharpness")]
+    # Lightning logs train_loss when (batches_that_stepped + 1) % 3 == 0: steps 2, 5, 8. The monitor
+    # measures after optimizer steps 3, 6, 9, i.e. at the end of those same batches: same x values,
+    # each exactly once (never repeated between measurements).
+    assert loss_steps == [2, 5, 8]
+    assert [s for s, _ in sharp] == loss_steps
+    assert sharp[-1][1] == pytest.approx(monitor.latest.sharpness, rel=1e-6)
+    for name in ("rpe/eig_1", "rpe/eig_2", "rpe/lambda_min", "rpe/threshold", "rpe/stability_ratio", "rpe/hvps",
+                 "rpe/measure_seconds", "rpe/grad_alignment", "rpe/probe_loss"):
+        assert [int(r["step"]) for r in rows if r.get(name)] == [2, 5, 8], name
+    for name in ("rpe/rotation_cos", "rpe/rotation_angle", "rpe/subspace_similarity", "rpe/polarity", "rpe/polarity_flips"):
+        assert [int(r["step"]) for r in rows if r.get(name)] == [5, 8], name  # needs a previous measurement
+
+    acc = EventAccumulator(tb.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("train_loss")] == [2, 5, 8]
+    assert [e.step for e in acc.Scalars("rpe/sharpness")] == [2, 5, 8]
+    assert [e.step for e in acc.Scalars("rpe/rotation_angle")] == [5, 8]
+    assert acc.Scalars("rpe/sharpness")[-1].value == pytest.approx(monitor.latest.sharpness, rel=1e-6)
+    assert {"rpe/eig_1", "rpe/eig_2", "rpe/lambda_min", "rpe/threshold", "rpe/stability_ratio"} <= set(tags)
+    # callback_metrics holds the latest values for EarlyStopping / ModelCheckpoint
+    assert float(trainer.callback_metrics["rpe/sharpness"]) == pytest.approx(monitor.latest.sharpness, rel=1e-6)
+
+
+def test_fit_start_and_fit_end_measurements(tmp_path: Path) -> None:
+    csv_logger = CSVLogger(tmp_path)
+    monitor = SharpnessMonitor(every_n_epochs=2, probe_size=8)  # on_fit_start / on_fit_end default True
+    trainer = make_trainer([monitor], max_epochs=3, logger=csv_logger, log_every_n_steps=1)
+    trainer.fit(TinyMLP(), make_loader(make_dataset(16), batch_size=8))  # 2 steps per epoch
+    rows = _read_csv(Path(csv_logger.log_dir) / "metrics.csv")
+    # fit start (global step 0, x = 0); end of epoch 1 (global step 4, x = 3); fit end (global step 6, x = 6)
+    assert [int(r["step"]) for r in rows if r.get("rpe/sharpness")] == [0, 3, 6]
+    assert monitor.n_measurements == 3 and monitor.latest.trigger == "fit_end" and monitor.latest.step == 6
+
+
+def test_model_checkpoint_monitors_sharpness(tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="rpe/sharpness", mode="min", save_top_k=1,
+                           every_n_train_steps=2, filename="{step}-{rpe/sharpness:.4f}", auto_insert_metric_name=False)
+    monitor = SharpnessMonitor(every_n_steps=2, probe_size=8)
+    trainer = make_trainer([monitor, ckpt], max_steps=6, enable_checkpointing=True)
+    trainer.fit(TinyMLP(), full_batch_loader(8))
+    assert ckpt.best_model_path and ckpt.best_model_score is not None
+    assert math.isfinite(float(ckpt.best_model_score))
+    assert ckpt.current_score is not None
+
+
+def test_per_group_thresholds_and_lr_scale_provider(tmp_path: Path) -> None:
+    csv_logger = CSVLogger(tmp_path)
+    monitor = SharpnessMonitor(every_n_steps=1, on_fit_start=False, on_fit_end=False, probe_size=8)
+    monitor.lr_scale_provider = lambda: [0.5, 2.0]
+    trainer = make_trainer([monitor], max_steps=2, logger=csv_logger, log_every_n_steps=1)
+    trainer.fit(TinyMLP(group_lrs=(0.1, 0.02)), full_batch_loader(8))
+    m = monitor.latest
+    assert m.lrs == pytest.approx((0.05, 0.04))
+    assert m.thresholds == pytest.approx((2 / 0.05, 2 / 0.04))
+    assert m.ratios == pytest.approx((m.sharpness * 0.05 / 2, m.sharpness * 0.04 / 2))
+    assert m.stability_ratio == max(m.ratios)
+    names = monitor.metrics(m)
+    assert names["rpe/threshold"] == pytest.approx(min(m.thresholds))
+    assert names["rpe/stability_ratio"] == pytest.approx(max(m.ratios))
+    assert names["rpe/threshold/pg1"] == pytest.approx(m.thresholds[0])
+    assert names["rpe/stability_ratio/pg2"] == pytest.approx(m.ratios[1])
+    rows = _read_csv(Path(csv_logger.log_dir) / "metrics.csv")
+    assert [int(r["step"]) for r in rows if r.get("rpe/threshold/pg2")] == [0, 1]
+
+
+def test_single_group_has_no_group_suffix() -> None:
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=8, prefix="curv/")
+    make_trainer([monitor], max_steps=1).fit(TinyMLP(), full_batch_loader(8))
+    names = set(monitor.metrics(monitor.latest))
+    assert all(n.startswith("curv/") for n in names)
+    assert not any("/pg" in n for n in names)
+
+
+def test_adam_preconditioned_sharpness_and_ratio() -> None:
+    from lightning_rpe.curvature import HessianOperator, PreconditionedOperator
+    from lightning_rpe.stability import adam_preconditioner
+
+    pl.seed_everything(0, verbose=False)
+    monitor = SharpnessMonitor(every_n_steps=3, dtype="float64", tol=1e-8, probe_size=12, on_fit_start=True)
+    model = TinyMLP(optimizer="adam", lr=0.01, hidden=5)
+    trainer = make_trainer([monitor], max_steps=3)
+    trainer.fit(model, full_batch_loader(12))
+    m = monitor.latest
+    assert m.kinds == ("adam",)
+    assert m.thresholds[0] == pytest.approx(3.8 / (0.1 * 0.01))  # (2 + 2 beta1) / ((1 - beta1) lr)
+    # independent dense check of lambda_max(P^-1/2 H P^-1/2)
+    op = HessianOperator(model, lambda mod, b: mod.compute_loss(b), monitor.probe_batches, dtype=torch.float64)
+    pre = PreconditionedOperator(op, op.flatten(adam_preconditioner(trainer.optimizers[0])))
+    expected = float(torch.linalg.eigvalsh(pre.to_dense()).max())
+    assert m.preconditioned_sharpness == pytest.approx(expected, rel=1e-6)
+    assert m.ratios[0] == pytest.approx(m.preconditioned_sharpness / m.thresholds[0])
+
+
+def test_unknown_optimizer_warns_once_with_assumed_threshold() -> None:
+    class RMS(TinyMLP):
+        def configure_optimizers(self):
+            return torch.optim.RMSprop(self.parameters(), lr=0.01)
+
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=8)
+    with pytest.warns(UserWarning, match=r"RMSprop.*2 / lr") as record:
+        make_trainer([monitor], max_steps=3).fit(RMS(), full_batch_loader(8))
+    assert sum("RMSprop" in str(w.message) for w in record) == 1
+    assert monitor.latest.kinds == ("unknown",)
+    assert monitor.latest.thresholds == pytest.approx((2 / 0.01,))
+
+
+def test_trace_when_requested() -> None:
+    from lightning_rpe.curvature import HessianOperator
+
+    # dim = 19 parameters; Hutch++ with 60 products sketches 20 columns, so the estimate is exact
+    monitor = SharpnessMonitor(every_n_steps=1, trace=True, trace_hvps=60, dtype="float64", probe_size=8)
+    model = TinyMLP(hidden=2)
+    make_trainer([monitor], max_steps=1).fit(model, full_batch_loader(8))
+    op = HessianOperator(model, lambda mod, b: mod.compute_loss(b), monitor.probe_batches, dtype=torch.float64)
+    assert op.dim == 19
+    exact = float(torch.trace(op.to_dense()))
+    assert monitor.latest.trace == pytest.approx(exact, rel=1e-6)
+    assert "rpe/trace" in monitor.metrics(monitor.latest)
