@@ -94,11 +94,15 @@ def _basis(x: Tensor, name: str) -> Tensor:
     if x.dim() == 1:
         x = x.unsqueeze(1)
     if x.dim() != 2:
-        raise ValueError(f"{name} must be 1-D (one vector) or 2-D (n, k) with basis vectors as columns, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must be 1-D (one vector) or 2-D (n, k) with basis vectors as columns, got shape {tuple(x.shape)}"
+        )
     if x.shape[1] == 0 or x.shape[0] == 0:
         raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(x.shape)}")
     if x.shape[1] > x.shape[0]:
-        raise ValueError(f"{name} has more columns ({x.shape[1]}) than rows ({x.shape[0]}): columns cannot be independent")
+        raise ValueError(
+            f"{name} has more columns ({x.shape[1]}) than rows ({x.shape[0]}): columns cannot be independent"
+        )
     if x.is_complex():
         raise ValueError(f"{name} must be a real tensor, got dtype {x.dtype}")
     x = x.detach().to(torch.float64)
@@ -201,9 +205,10 @@ class PolarityTracker:
     1. align: ``v_t <- sign(<v_t, v_{t-1}>) v_t`` so that ``<v_t, v_{t-1}> >= 0``;
     2. displacement ``d_t = v_t / ||v_t|| - v_{t-1} / ||v_{t-1}||``;
     3. ``theta_t`` = rotation angle in degrees between v_{t-1} and v_t (:func:`rotation_angle`);
-    4. direction sign ``s_t = s_{t-1} * sign(<d_t, d_{t-1}>)`` with ``s_1 = +1``; when
-       ``||d_t|| <= min_displacement`` or ``||d_{t-1}|| <= min_displacement`` the sign is kept
-       (``s_t = s_{t-1}``), and a displacement that small does not replace ``d_{t-1}``;
+    4. direction sign ``s_t = s_{t-1} * sign(<d_t, d_prev>)`` with ``s_1 = +1``, where ``d_prev``
+       is the last displacement longer than ``min_displacement``; when
+       ``||d_t|| <= min_displacement`` the sign is kept (``s_t = s_{t-1}``) and ``d_prev`` is not
+       replaced (an exactly zero inner product also keeps the sign);
     5. ``polarity_t = s_t * theta_t`` (degrees); ``flips`` counts the t with ``s_t != s_{t-1}``.
 
     In two dimensions this is the rotation measured along a fixed orientation: an eigenvector
@@ -215,7 +220,8 @@ class PolarityTracker:
     """
 
     def __init__(self, min_displacement: float = 1e-6) -> None:
-        if not (isinstance(min_displacement, (int, float)) and math.isfinite(min_displacement) and min_displacement >= 0):
+        ok = isinstance(min_displacement, (int, float)) and math.isfinite(min_displacement) and min_displacement >= 0
+        if not ok:
             raise ValueError(f"min_displacement must be a finite float >= 0, got {min_displacement!r}")
         self.min_displacement = float(min_displacement)
         self.reset()
