@@ -83,7 +83,10 @@ class InstabilityController(Callback):
         param_groups: indices of the optimizer's param groups to scale (``None``: all). The ratio
             that drives the decision is the largest over these groups.
         initial_factor: factor at the first controlled step (> 0, default 1).
-        log: log ``rpe/lr_scale``, ``rpe/lr`` (per group) and ``rpe/controller_ratio``.
+        log: log ``rpe/lr_scale`` and the effective ``rpe/lr`` (``rpe/lr/pg1``, ``pg2``, ... with several
+            groups) at every optimizer step, and at every decision ``rpe/controller_ratio`` (the
+            predicted ratio the decision used) with ``rpe/band_low``/``rpe/band_high`` or
+            ``rpe/target_ratio``.
         enabled: ``False`` makes the callback a no-op: it registers nothing, keeps no state and
             training is bit-identical to a run without it.
     """
@@ -208,6 +211,7 @@ class InstabilityController(Callback):
         self._pending: list[tuple[int, Any, Any]] | None = None
         self._applied: tuple[int, float, tuple[float, ...], tuple[Any, ...]] | None = None
         self._logged_step: int | None = None
+        self._decision_to_log: float | None = None
         self._prefix = "rpe/"
 
     # ------------------------------------------------------------------ state
@@ -420,16 +424,57 @@ class InstabilityController(Callback):
         if not self.enabled:
             return
         self._maybe_decide(trainer)
-        if self.log and self._applied is not None and self._applied[0] != self._logged_step:
+        if not self.log:
+            return
+        p = self._prefix
+        if self._applied is not None and self._applied[0] != self._logged_step:
             step, factor, _, lrs = self._applied
             self._logged_step = step
-            p = self._prefix
-            pl_module.log(f"{p}lr_scale", float(factor), on_step=True, on_epoch=False, batch_size=1)
+            self._log(pl_module, f"{p}lr_scale", factor)
             if len(lrs) == 1:
-                pl_module.log(f"{p}lr", float(lrs[0]), on_step=True, on_epoch=False, batch_size=1)
-            else:
-                for i, lr in enumerate(lrs):
-                    pl_module.log(f"{p}lr/group_{i}", float(lr), on_step=True, on_epoch=False, batch_size=1)
+                self._log(pl_module, f"{p}lr", lrs[0])
+            else:  # the monitor's per-group suffix: pg1 is param group 0
+                for i, lr in enumerate(lrs, start=1):
+                    self._log(pl_module, f"{p}lr/pg{i}", lr)
+        if self._decision_to_log is not None:
+            ratio = self._decision_to_log
+            self._decision_to_log = None
+            self._log(pl_module, f"{p}controller_ratio", ratio)
+            if self.target_ratio is not None:
+                self._log(pl_module, f"{p}target_ratio", self.target_ratio)
+            elif self.band is not None:
+                self._log(pl_module, f"{p}band_low", self.band[0])
+                self._log(pl_module, f"{p}band_high", self.band[1])
+
+    @staticmethod
+    def _log(pl_module: pl.LightningModule, name: str, value: Any) -> None:
+        pl_module.log(name, float(value), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self.enabled and self.log and self._monitor is not None):
+            return
+        if getattr(self._monitor, "custom_scalars", False):
+            from lightning_rpe.callbacks import _logging
+
+            _logging.add_custom_scalars(trainer, self.layout())
+
+    def layout(self) -> dict[str, dict[str, list[str]]]:
+        """TensorBoard custom-scalars category of the controller (anchored tag regexes)."""
+        import re
+
+        from lightning_rpe.callbacks._logging import tag_regex
+
+        p = self._prefix
+        return {
+            f"{p}controller".rstrip("/"): {
+                "stability ratio and its goal": [
+                    f"^{re.escape(p)}stability_ratio$",
+                    tag_regex(f"{p}controller_ratio", f"{p}target_ratio", f"{p}band_low", f"{p}band_high"),
+                ],
+                "lr scale (controller factor)": [tag_regex(f"{p}lr_scale")],
+                "effective lr (inside optimizer.step)": [f"^{re.escape(p)}lr(/pg[0-9]+)?$"],
+            }
+        }
 
     def _maybe_decide(self, trainer: pl.Trainer) -> None:
         monitor = self._monitor
@@ -457,6 +502,8 @@ class InstabilityController(Callback):
             payload = self._decide(m, phase)
         payload = trainer.strategy.broadcast(payload, src=0)
         self._apply_payload(payload, key)
+        if payload["used"] and payload["ratio"] is not None:
+            self._decision_to_log = float(payload["ratio"])
         if payload.get("warning") and trainer.is_global_zero:
             rank_zero_warn(payload["warning"])
 
