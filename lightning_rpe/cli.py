@@ -1,0 +1,319 @@
+"""The ``lightning-rpe`` command (also ``python -m lightning_rpe``).
+
+Subcommands:
+
+* ``demo``: the embedded edge-of-stability demo (no arguments, no network needed).
+* ``fit`` / ``validate`` / ``test`` / ``predict``: LightningCLI with the package's models, data
+  modules and callbacks. Besides the usual ``trainer.callbacks`` list, two optional top-level
+  sections ``monitor:`` (a :class:`~lightning_rpe.SharpnessMonitor`) and ``controller:`` (an
+  :class:`~lightning_rpe.InstabilityController`) can be set and overridden from the command line,
+  e.g. ``--controller.enabled false``.
+* ``report``: figures and a summary from TensorBoard event files.
+
+Usage errors (unknown option, missing file, invalid value) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+__all__ = ["main", "RPELightningCLI"]
+
+PROG = "lightning-rpe"
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+_TOP_HELP = f"""usage: {PROG} COMMAND [options]
+
+Measure and steer training instabilities (sharpness, stability threshold, eigenvector rotation).
+
+commands:
+  demo       train a small network on bundled data with gradient descent and watch the sharpness
+             climb to the stability threshold 2/lr and stay there (edge of stability); no download
+  fit        train from a YAML config (LightningCLI), e.g.
+             {PROG} fit --config examples/configs/monitor.yaml
+  validate   evaluate on the validation set (same options as fit)
+  test       evaluate on the test set (same options as fit)
+  predict    run predictions (same options as fit)
+  report     draw figures and a summary table from the TensorBoard logs of one or more runs
+
+Run '{PROG} COMMAND --help' for the options of a command.
+"""
+
+
+class _UsageError(Exception):
+    """A usage error: the message is printed on one line and the exit code is 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer widths like 200,200, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive layer widths, got {text!r}")
+    return widths
+
+
+# -- demo ----------------------------------------------------------------------------------------
+def _demo_parser() -> _Parser:
+    p = _Parser(
+        prog=f"{PROG} demo",
+        description=(
+            "Train a 64-200-200-10 tanh network on scikit-learn's bundled handwritten digits (1000 training "
+            "images, no download) with full-batch gradient descent and measure the Hessian as it trains. "
+            "You should see progressive sharpening (the sharpness, the largest Hessian eigenvalue, rises) "
+            "until it reaches the stability threshold 2/lr, and then the edge of stability (it stays "
+            "there while the loss keeps falling). Writes TensorBoard logs and a report with figures to a "
+            "run folder and prints a summary. Takes about a minute on a laptop CPU."
+        ),
+    )
+    p.add_argument("--steps", type=_positive_int, default=2500,
+                   help="number of gradient-descent steps, each on all training images (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=0.05,
+                   help="learning rate; the sharpness should settle at 2/lr (default: %(default)s, threshold 40)")
+    p.add_argument("--every", type=_positive_int, default=25,
+                   help="measure the Hessian every this many steps; smaller = finer curves but slower (default: %(default)s)")
+    p.add_argument("--top-k", type=_positive_int, default=3, dest="top_k",
+                   help="how many of the largest Hessian eigenvalues to track (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the data split and the initial weights (default: %(default)s)")
+    p.add_argument("--n-train", type=_positive_int, default=1000, dest="n_train",
+                   help="number of training images; the other 1797 - N are the test set (default: %(default)s)")
+    p.add_argument("--hidden", type=_widths, default=(200, 200),
+                   help="hidden layer widths, comma-separated (default: 200,200)")
+    p.add_argument("--out", default=None,
+                   help="run folder for the logs and the report (default: runs/demo-DATE-TIME)")
+    p.add_argument("--no-report", action="store_true", help="skip the figures and summary.md")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _run_demo(argv: Sequence[str]) -> int:
+    from lightning_rpe.demo import format_summary, run_demo
+
+    args = _demo_parser().parse_args(list(argv))
+    if args.n_train >= 1797:
+        raise _UsageError(f"{PROG} demo: error: --n-train must be below 1797 (the rest is the test set), "
+                          f"got {args.n_train}")
+    _quiet_lightning()
+    try:
+        res = run_demo(steps=args.steps, lr=args.lr, out=args.out, seed=args.seed, every=args.every,
+                       top_k=args.top_k, n_train=args.n_train, hidden=args.hidden, report=not args.no_report,
+                       progress=not args.no_progress)
+    except (FileExistsError, ValueError) as err:
+        raise _UsageError(f"{PROG} demo: error: {err}") from err
+    print(format_summary(res))
+    return 0
+
+
+# -- report --------------------------------------------------------------------------------------
+def _report_parser() -> _Parser:
+    p = _Parser(
+        prog=f"{PROG} report",
+        description=(
+            "Read the TensorBoard logs of one or more runs and write figures (sharpness against the "
+            "stability threshold with the loss; the top eigenvalues with the most negative one; eigenvector "
+            "rotation and polarity; and, for several runs, final sharpness and test accuracy against the "
+            "learning rate) plus summary.md and summary.json with the numbers."
+        ),
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="a run folder (searched for TensorBoard event files, sub-folders included) or an event file")
+    p.add_argument("--out", default=None,
+                   help="folder for the figures and summary (default: RUN_DIR/report for one folder, else "
+                        "'report' in the folders' common parent)")
+    p.add_argument("--rotation-threshold", type=float, default=0.7, dest="rotation_threshold",
+                   help="a run counts as 'rotated' when the similarity between its first and final top-k "
+                        "eigenvector subspace is below this value; 1 = unchanged, 0 = orthogonal (default: %(default)s)")
+    return p
+
+
+def _run_report(argv: Sequence[str]) -> int:
+    from lightning_rpe.report import ReportError, write_report
+
+    args = _report_parser().parse_args(list(argv))
+    try:
+        res = write_report(args.run_dirs, out=args.out, rotation_threshold=args.rotation_threshold)
+    except (ReportError, ValueError) as err:
+        raise _UsageError(f"{PROG} report: error: {err}") from err
+    print(f"{len(res['summaries'])} run(s), {len(res['figures'])} figure(s) written to {res['out']}")
+    print(f"summary: {res['markdown']}")
+    return 0
+
+
+# -- LightningCLI ----------------------------------------------------------------------------------
+def _quiet_lightning() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda r: "litlogger" not in r.getMessage())
+
+
+def _make_cli_class() -> type:
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_rpe.callbacks import InstabilityController, SharpnessMonitor
+
+    class RPELightningCLI(LightningCLI):
+        """LightningCLI with the package's defaults: digits data, the tanh MLP, and optional
+        ``monitor:`` / ``controller:`` sections for the package's callbacks."""
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            from jsonargparse import lazy_instance
+
+            from lightning_rpe.data import DigitsDataModule
+            from lightning_rpe.models import MLPClassifier
+
+            parser.add_lightning_class_args(SharpnessMonitor, "monitor", subclass_mode=True, required=False)
+            parser.add_lightning_class_args(InstabilityController, "controller", subclass_mode=True, required=False)
+            parser.set_defaults({"model": lazy_instance(MLPClassifier), "data": lazy_instance(DigitsDataModule)})
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config.get(str(self.subcommand), self.config)
+            if cfg.get("lr_scheduler") is not None and cfg.get("optimizer") is None:
+                raise _UsageError(
+                    f"{PROG} {self.subcommand}: error: an lr_scheduler section needs a top-level optimizer section "
+                    "too (e.g. optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.05}}); the model's own "
+                    "optimizer argument cannot be combined with a scheduler from the config")
+            if cfg.get("controller") is not None and cfg.get("monitor") is None and not _has_monitor(cfg):
+                raise _UsageError(
+                    f"{PROG} {self.subcommand}: error: the controller section needs a SharpnessMonitor "
+                    "(add a monitor: section or a lightning_rpe.SharpnessMonitor in trainer.callbacks)")
+
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            keys = self._parser(self.subcommand).callback_keys
+            extra = [self._get(self.config_init, c) for c in keys]
+            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+            return self._instantiate_trainer(trainer_config, [c for c in extra if c is not None])
+
+    globals()["RPELightningCLI"] = RPELightningCLI
+    return RPELightningCLI
+
+
+def _has_monitor(cfg: Any) -> bool:
+    callbacks = (cfg.get("trainer") or {}).get("callbacks") or []
+    if not isinstance(callbacks, list):
+        callbacks = [callbacks]
+    for cb in callbacks:
+        path = cb.get("class_path", "") if hasattr(cb, "get") else type(cb).__name__
+        if str(path).endswith("SharpnessMonitor"):
+            return True
+    return False
+
+
+def _run_lightning(argv: Sequence[str]) -> int:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    cli_class = _make_cli_class()
+    _quiet_lightning()
+    parser_kwargs: dict[str, Any] = {"exit_on_error": False}
+    for sub in LIGHTNING_COMMANDS:
+        parser_kwargs[sub] = {"exit_on_error": False}
+    try:
+        cli_class(
+            args=list(argv),
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs=parser_kwargs,
+        )
+    except _UsageError:
+        raise
+    except SystemExit as err:  # --help and --print_config exit with code 0
+        return int(err.code or 0)
+    except (argparse.ArgumentError, MisconfigurationException, FileNotFoundError, ValueError, TypeError,
+            ImportError) as err:
+        sub = argv[0] if argv else ""
+        raise _UsageError(f"{PROG} {sub}: error: {_one_line(err)}") from err
+    return 0
+
+
+def _one_line(err: BaseException) -> str:
+    """The most specific reason in an exception chain, on one line.
+
+    jsonargparse wraps a model's or callback's own ``ValueError`` (e.g. "top_k must be an int >= 1")
+    in a generic "Does not validate against any of the Union subtypes" error; the original is the
+    innermost exception of the chain, or one of the "- ..." lines of the message.
+    """
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        chain.append(cur)
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    for exc in reversed(chain):
+        text = str(exc).strip()
+        if text and not text.startswith("Does not validate"):
+            return text.splitlines()[0].strip()
+    text = str(err).strip() or type(err).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    reasons = [ln[2:] for ln in lines if ln.startswith("- ") and "NoneType" not in ln]
+    return reasons[0] if reasons else lines[0]
+
+
+# -- entry point -------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lightning-rpe``; returns the exit code (0 ok, 2 usage error)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not args or args[0] in ("-h", "--help", "help"):
+            print(_TOP_HELP)
+            return 0
+        if args[0] in ("-V", "--version"):
+            from lightning_rpe import __version__
+
+            print(f"{PROG} {__version__}")
+            return 0
+        command, rest = args[0], args[1:]
+        if command == "demo":
+            return _run_demo(rest)
+        if command == "report":
+            return _run_report(rest)
+        if command in LIGHTNING_COMMANDS:
+            return _run_lightning(args)
+        raise _UsageError(f"{PROG}: error: unknown command {command!r}; choose from demo, "
+                          f"{', '.join(LIGHTNING_COMMANDS)}, report (see {PROG} --help)")
+    except _UsageError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

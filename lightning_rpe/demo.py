@@ -1,0 +1,235 @@
+"""The embedded edge-of-stability demo behind ``lightning-rpe demo``.
+
+Full-batch gradient descent on a 64-200-200-10 tanh MLP with MSE on one-hot targets, trained on
+1000 samples of scikit-learn's bundled digits data (no network). With ``lr = 0.05`` the sharpness
+rises from about 4 to the stability threshold ``2 / lr = 40`` within ~1500 steps (progressive
+sharpening) and then hovers around it (edge of stability) while the loss keeps falling
+non-monotonically. The :class:`~lightning_rpe.SharpnessMonitor` measures every ``every`` steps;
+logs go to TensorBoard in the run folder, followed by the figures and summary of
+:mod:`lightning_rpe.report`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["DemoResult", "run_demo", "default_run_dir"]
+
+
+def default_run_dir() -> Path:
+    """``runs/demo-YYYYmmdd-HHMMSS`` under the current directory."""
+    return Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+
+
+@dataclass
+class DemoResult:
+    """What the demo measured (numbers read back from its TensorBoard event files)."""
+
+    run_dir: Path
+    report_dir: Path | None
+    steps: int
+    lr: float
+    threshold: float | None
+    trajectory: list[tuple[int, float]]  # (step, sharpness) of every measurement
+    final_sharpness: float | None
+    final_ratio: float | None
+    max_ratio_after_crossing: float | None
+    min_ratio_after_crossing: float | None
+    first_crossing_step: int | None  # first measurement with ratio >= 0.95
+    measurements: int
+    hvps: int
+    measure_seconds: float
+    test_acc: float | None
+    final_train_loss: float | None
+    seconds: float
+
+
+class _StepProgress(Callback):
+    """One progress bar over optimizer steps (Lightning's own bar restarts every epoch, and with
+    full batches an epoch is one step)."""
+
+    def __init__(self, total: int, monitor: Any, stream: TextIO) -> None:
+        self.total, self.monitor, self.stream = total, monitor, stream
+        self.bar: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, desc="full-batch GD", unit="step", file=self.stream, dynamic_ncols=True,
+                        mininterval=0.5)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(trainer.global_step - self.bar.n)
+        m = self.monitor.latest
+        post = {}
+        loss = trainer.callback_metrics.get("train_loss")
+        if loss is not None:
+            post["loss"] = f"{float(loss):.4f}"
+        if m is not None:
+            post["sharpness"] = f"{m.sharpness:.2f}"
+            if m.stability_ratio is not None:
+                post["ratio"] = f"{m.stability_ratio:.3f}"
+        self.bar.set_postfix(post, refresh=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.update(trainer.global_step - self.bar.n)
+            self.bar.close()
+            self.bar = None
+
+
+def run_demo(
+    steps: int = 2500,
+    lr: float = 0.05,
+    out: str | Path | None = None,
+    seed: int = 0,
+    every: int = 25,
+    top_k: int = 3,
+    n_train: int = 1000,
+    hidden: tuple[int, ...] = (200, 200),
+    report: bool = True,
+    progress: bool = True,
+    stream: TextIO | None = None,
+) -> DemoResult:
+    """Train the demo network with the monitor on; return what was measured.
+
+    Args:
+        steps: optimizer steps (full batch: one step = one epoch).
+        lr: learning rate of plain gradient descent; the stability threshold is ``2 / lr``.
+        out: run folder for the TensorBoard files and the report (default
+            :func:`default_run_dir`).
+        seed: seed of the data split and of the weight initialisation.
+        every: measure the Hessian every ``every`` steps (plus at the start and the end).
+        top_k: number of leading eigenvalues/eigenvectors tracked.
+        n_train: training samples (the other ``1797 - n_train`` are the test set).
+        hidden: hidden layer widths of the tanh MLP.
+        report: write figures and ``summary.md`` into ``<out>/report``.
+        progress: show a progress bar on ``stream``.
+        stream: where the progress bar goes (default ``sys.stderr``).
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_rpe import SharpnessMonitor
+    from lightning_rpe.data import DigitsDataModule
+    from lightning_rpe.models import MLPClassifier
+    from lightning_rpe.report import load_run, write_report
+
+    for name, value in (("steps", steps), ("every", every), ("top_k", top_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    run_dir = Path(out) if out is not None else default_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if any(run_dir.glob("events.out.tfevents.*")):
+        raise FileExistsError(f"{run_dir} already holds a run; choose another --out folder or remove it")
+    stream = stream if stream is not None else sys.stderr
+
+    t0 = time.perf_counter()
+    pl.seed_everything(seed, verbose=False)
+    data = DigitsDataModule(n_train=n_train, seed=seed)
+    model = MLPClassifier(hidden=hidden, activation="tanh", loss="mse", optimizer="sgd", lr=lr)
+    monitor = SharpnessMonitor(every_n_steps=every, top_k=top_k, lambda_min=True)
+    callbacks: list[Callback] = [monitor]
+    if progress:
+        callbacks.append(_StepProgress(steps, monitor, stream))
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        log_every_n_steps=min(every, 10),
+        check_val_every_n_epoch=max(1, steps // 10),
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=data)
+    trainer.test(model, datamodule=data, verbose=False)
+    logger.experiment.flush()
+    seconds = time.perf_counter() - t0
+
+    run = load_run(run_dir)
+    sharp = run.get("rpe/sharpness")
+    ratio = run.get("rpe/stability_ratio")
+    thr = run.get("rpe/threshold")
+    hvps = run.get("rpe/hvps")
+    msec = run.get("rpe/measure_seconds")
+    acc = run.get("test_acc")
+    loss = run.get("train_loss")
+    trajectory = [(int(s), float(v)) for s, v in zip(sharp.steps, sharp.values)] if sharp is not None else []
+    crossing = max_after = min_after = None
+    if ratio is not None:
+        above = [i for i, r in enumerate(ratio.values) if r >= 0.95]
+        if above:
+            crossing = int(ratio.steps[above[0]])
+            after = ratio.values[above[0]:]
+            max_after, min_after = float(after.max()), float(after.min())
+    report_dir = None
+    if report:
+        report_dir = write_report([run_dir], out=run_dir / "report")["out"]
+    return DemoResult(
+        run_dir=run_dir,
+        report_dir=report_dir,
+        steps=int(trainer.global_step),
+        lr=float(lr),
+        threshold=thr.last if thr is not None else None,
+        trajectory=trajectory,
+        final_sharpness=sharp.last if sharp is not None else None,
+        final_ratio=ratio.last if ratio is not None else None,
+        max_ratio_after_crossing=max_after,
+        min_ratio_after_crossing=min_after,
+        first_crossing_step=crossing,
+        measurements=len(sharp) if sharp is not None else 0,
+        hvps=int(hvps.values.sum()) if hvps is not None else 0,
+        measure_seconds=float(msec.values.sum()) if msec is not None else 0.0,
+        test_acc=acc.last if acc is not None else None,
+        final_train_loss=loss.last if loss is not None else None,
+        seconds=seconds,
+    )
+
+
+def format_summary(res: DemoResult, points: int = 11) -> str:
+    """The closing summary printed by ``lightning-rpe demo``."""
+    lines = []
+    lines.append(f"Finished {res.steps} steps of full-batch gradient descent (lr = {res.lr:g}) in {res.seconds:.1f} s; "
+                 f"{res.measurements} Hessian measurements took {res.measure_seconds:.1f} s "
+                 f"and {res.hvps} Hessian-vector products.")
+    if res.trajectory:
+        n = len(res.trajectory)
+        idx = sorted({round(i * (n - 1) / (points - 1)) for i in range(points)}) if n > 1 else [0]
+        pts = [res.trajectory[i] for i in idx]
+        w = max(max(len(str(s)) for s, _ in pts), max(len(f"{v:.1f}") for _, v in pts))
+        lines.append("  step      " + " ".join(f"{s:>{w}}" for s, _ in pts))
+        lines.append("  sharpness " + " ".join(f"{v:>{w}.1f}" for _, v in pts))
+    if res.final_sharpness is not None and res.threshold is not None:
+        lines.append(f"Final sharpness {res.final_sharpness:.2f} against the threshold 2/lr = {res.threshold:.2f}: "
+                     f"stability ratio {res.final_ratio:.3f}.")
+    if res.first_crossing_step is not None:
+        lines.append(f"Progressive sharpening reached the edge of stability (ratio >= 0.95) at step "
+                     f"{res.first_crossing_step}; afterwards the ratio stayed in "
+                     f"[{res.min_ratio_after_crossing:.3f}, {res.max_ratio_after_crossing:.3f}].")
+    elif res.trajectory:
+        lines.append("The sharpness did not reach the threshold in this run (try more --steps or a larger --lr).")
+    if res.test_acc is not None:
+        lines.append(f"Test accuracy {res.test_acc:.3f}; final training loss {res.final_train_loss:.4f}.")
+    lines.append(f"Run folder: {res.run_dir}")
+    lines.append(f"  TensorBoard: tensorboard --logdir {res.run_dir}")
+    if res.report_dir is not None:
+        lines.append(f"  Report:      {res.report_dir / 'summary.md'}")
+    return "\n".join(lines)
