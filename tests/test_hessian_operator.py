@@ -124,6 +124,30 @@ def test_auto_uses_autograd_and_caches_small_graphs():
     assert op.cache_graphs is True and op.graph_bytes_estimate > 0
 
 
+def test_auto_rule_and_quiet_auto_fallback():
+    from lightning_rpe.curvature.hessian import _auto_backend
+
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1))
+    assert _auto_backend(cnn, torch.device("cuda")) == "func"
+    assert _auto_backend(cnn, torch.device("cpu")) == "autograd"
+    assert _auto_backend(mlp(), torch.device("cuda")) == "autograd"
+    # auto falls back without a warning when torch.func cannot trace (F.mse_loss on torch 2.13)
+    model, batches = mlp(), regression_batches()
+
+    def loss(m, b):
+        return F.mse_loss(m(b[0]), b[1])
+
+    op = HessianOperator(model, loss, batches, dtype=torch.float64, backend="auto")
+    op.backend = "func"  # what auto picks for a CNN on CUDA; forced here on CPU
+    v = unit(op.dim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = op.matvec(v)
+    if op.fallback_reason is not None:
+        assert op.backend == "autograd" and "ZeroTensor" in op.fallback_reason
+    assert rel(out, fd_hvp(model, loss, batches, v)) <= 1e-6
+
+
 def test_batch_size_weighting_with_unequal_batches():
     model = mlp()
     batches = regression_batches(sizes=(9, 2, 4))

@@ -13,6 +13,8 @@ Everything here is pure PyTorch. The product context (:func:`product_context`) i
 * scaled-dot-product attention is forced onto the math backend (the fused CPU/CUDA kernels
   implement neither forward-mode AD nor double backward), and the ``nn.MultiheadAttention`` /
   ``nn.TransformerEncoderLayer`` fast paths (fused kernels, nested tensors) are disabled;
+* TF32 is disabled for CUDA matmuls and cuDNN convolutions (float32 means IEEE float32; TF32
+  would limit products to about 1e-3 relative accuracy), and restored afterwards;
 * gradient mode is enabled, and inference mode is switched off, so products work from inside
   ``torch.no_grad()`` / ``torch.inference_mode()`` (e.g. a validation hook).
 """
@@ -127,6 +129,7 @@ def product_context(model: nn.Module, batchnorm: str, dropout: str) -> Iterator[
     fastpath_set = getattr(torch.backends.mha, "set_fastpath_enabled", None)
     fastpath = fastpath_get() if fastpath_get is not None else None
     devices = rng_devices()
+    tf32 = _get_tf32()
     try:
         for module, _, track in saved:
             if track is None:
@@ -138,6 +141,8 @@ def product_context(model: nn.Module, batchnorm: str, dropout: str) -> Iterator[
                 module.track_running_stats = False
         if fastpath_set is not None:
             fastpath_set(False)
+        if tf32 is not None:
+            _set_tf32((False, False))
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
@@ -148,12 +153,31 @@ def product_context(model: nn.Module, batchnorm: str, dropout: str) -> Iterator[
             stack.enter_context(torch.random.fork_rng(devices=devices))
             yield devices
     finally:
+        if tf32 is not None:
+            _set_tf32(tf32)
         if fastpath_set is not None and fastpath is not None:
             fastpath_set(fastpath)
         for module, training, track in saved:
             module.training = training
             if track is not None:
                 module.track_running_stats = track
+
+
+def _get_tf32() -> tuple[bool, bool] | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32), bool(torch.backends.cudnn.allow_tf32)
+    except (AttributeError, RuntimeError):  # pragma: no cover - flag API changed
+        return None
+
+
+def _set_tf32(flags: tuple[bool, bool]) -> None:
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = flags[0]
+        torch.backends.cudnn.allow_tf32 = flags[1]
+    except (AttributeError, RuntimeError):  # pragma: no cover - flag API changed
+        pass
 
 
 def _math_sdpa() -> contextlib.AbstractContextManager[Any]:
