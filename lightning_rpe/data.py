@@ -20,10 +20,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 __all__ = [
     "TensorDataModule",
+    "BatchedTensorDataset",
+    "collate_stacked",
     "DigitsDataModule",
     "FashionMNISTDataModule",
     "CIFAR10DataModule",
@@ -42,6 +44,30 @@ def standardize(train: Tensor, *others: Tensor, dims: tuple[int, ...] = (0,)) ->
     std = train.std(dim=dims, keepdim=True)
     std = torch.where(std > 0, std, torch.ones_like(std))
     return tuple((x - mean) / std for x in (train, *others))
+
+
+class _StackedBatch(tuple):
+    """A batch already gathered by :meth:`BatchedTensorDataset.__getitems__`."""
+
+
+class BatchedTensorDataset(TensorDataset):
+    """A :class:`~torch.utils.data.TensorDataset` whose ``__getitems__`` gathers a batch with one
+    index operation per tensor (the DataLoader then skips the per-sample collate).
+
+    ``dataset[i]`` is a tuple of tensors as usual; use it with ``collate_fn=collate_stacked``.
+    """
+
+    def __getitems__(self, indices: list[int]) -> _StackedBatch:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return _StackedBatch(t[idx] for t in self.tensors)
+
+
+def collate_stacked(data: Any) -> Any:
+    """Collate for :class:`BatchedTensorDataset`: gathered batches pass through (as a list, like
+    ``default_collate`` returns for tuple samples); lists of samples go to ``default_collate``."""
+    if isinstance(data, _StackedBatch):
+        return list(data)
+    return default_collate(data)
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -100,8 +126,8 @@ class TensorDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         x_train, y_train, x_test, y_test = self._load()
-        self.train_set = TensorDataset(x_train, y_train)
-        self.test_set = TensorDataset(x_test, y_test)
+        self.train_set = BatchedTensorDataset(x_train, y_train)
+        self.test_set = BatchedTensorDataset(x_test, y_test)
         self._generator = torch.Generator().manual_seed(self.seed)
 
     @property
@@ -116,17 +142,12 @@ class TensorDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: TensorDataset, batch_size: int | None, shuffle: bool, drop_last: bool) -> DataLoader:
         size = len(dataset) if batch_size is None else min(batch_size, len(dataset))
-        distributed = self.trainer is not None and getattr(self.trainer, "world_size", 1) > 1
-        if distributed:
-            # Plain per-sample loader so Lightning can insert its DistributedSampler.
-            return DataLoader(dataset, batch_size=size, shuffle=shuffle, drop_last=drop_last,
-                              generator=self._generator if shuffle else None)
-        # Fast path: the sampler yields whole index lists and TensorDataset indexes the tensors with
-        # them, so a batch is one gather instead of `size` __getitem__ calls plus a collate.
-        base = RandomSampler(dataset, generator=self._generator) if shuffle else SequentialSampler(dataset)
-        # The loader's own generator (worker base seed) keeps the global RNG untouched.
-        return DataLoader(dataset, sampler=BatchSampler(base, size, drop_last), batch_size=None,
-                          generator=torch.Generator().manual_seed(self.seed))
+        # A standard DataLoader (Lightning can insert its DistributedSampler, callbacks can read
+        # batch_size and collate_fn); the data set gathers a whole batch in one indexing operation.
+        # The private generator drives the shuffling and the workers' base seed, so iterating the
+        # loader neither reads nor advances the global random state.
+        return DataLoader(dataset, batch_size=size, shuffle=shuffle, drop_last=drop_last,
+                          collate_fn=collate_stacked, generator=self._generator)
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
