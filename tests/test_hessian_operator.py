@@ -148,6 +148,31 @@ def test_auto_rule_and_quiet_auto_fallback():
     assert rel(out, fd_hvp(model, loss, batches, v)) <= 1e-6
 
 
+def test_auto_cache_declines_graphs_that_do_not_fit(monkeypatch):
+    import lightning_rpe.curvature.hessian as hessian
+
+    model, batches = mlp(), regression_batches()
+    monkeypatch.setattr(hessian, "_available_bytes", lambda device: 1024)
+    op = HessianOperator(model, mse_loss, batches, dtype=torch.float64)
+    H = op.to_dense()
+    assert op.cache_graphs is False and op._graphs is None
+    assert op.graph_bytes_estimate > 256  # the first graph alone saves more than a quarter of 1 KiB
+    assert rel(H, dense_double_backward(model, mse_loss, batches)) <= 1e-12
+
+
+def test_loss_using_model_parameters_sees_the_snapshot():
+    """A penalty written with model.parameters() inside loss_fn is part of the Hessian."""
+    model, batches = mlp(), regression_batches()
+
+    def penalised(m, b):
+        return mse_loss(m, b) + 0.05 * sum((p**2).sum() for p in m.parameters())
+
+    for backend in BACKENDS:
+        op = HessianOperator(model, penalised, batches, dtype=torch.float64, backend=backend)
+        plain = HessianOperator(model, mse_loss, batches, dtype=torch.float64, backend=backend)
+        assert rel(op.to_dense(), plain.to_dense() + 0.1 * torch.eye(op.dim, dtype=torch.float64)) <= 1e-12
+
+
 def test_batch_size_weighting_with_unequal_batches():
     model = mlp()
     batches = regression_batches(sizes=(9, 2, 4))
@@ -401,6 +426,17 @@ def test_non_finite_loss_raises_in_loss_and_gradient_but_not_in_products():
         op.loss_and_gradient()
     out = op.matvec(torch.ones(op.dim))
     assert not bool(torch.isfinite(out).all())
+    # a "rank" whose own batches are finite still joins the reduction, then raises too
+    calls = []
+
+    def reduce_with_nan_peer(t):
+        calls.append(t.shape)
+        return t if t.ndim == 0 else t + float("nan")
+
+    peer = HessianOperator(model, mse_loss, [y], reduce=reduce_with_nan_peer)
+    with pytest.raises(ValueError, match="another process"):
+        peer.loss_and_gradient()
+    assert calls == [torch.Size([]), torch.Size([peer.dim + 1])]
 
 
 def test_non_scalar_loss_names_the_batch():

@@ -166,6 +166,8 @@ class HessianOperator(CurvatureOperator):
         backend: the AD path actually in use (``"autograd"`` or ``"func"``); ``fallback_reason``:
             why ``torch.func`` was abandoned (None if it was not).
         batch_sizes: ``n_b`` per probe batch; ``total_weight``: ``reduce(sum_b n_b)``.
+        cache_graphs: whether the autograd path keeps its graphs (decided at the first call when
+            constructed with None); ``graph_bytes_estimate``: the estimate it was decided on.
     """
 
     def __init__(
@@ -235,6 +237,7 @@ class HessianOperator(CurvatureOperator):
         self._wrapper = wrapper
         self._cache_request = cache_graphs
         self.cache_graphs: bool | None = cache_graphs
+        self.graph_bytes_estimate: int | None = None  # set when cache_graphs=None decides
         self._graphs: list[tuple[tuple[Tensor, ...], Tensor, tuple[Tensor | None, ...]]] | None = None
         self._batched_backward_ok = True
         self._warned: set[str] = set()
@@ -384,24 +387,32 @@ class HessianOperator(CurvatureOperator):
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """Mean loss ``L`` and flat mean gradient ``dL/dtheta`` at the snapshot (both reduced).
 
-        Counts no HVP. Raises ValueError naming the batch when a loss is non-scalar or non-finite.
+        Counts no HVP. Raises ValueError naming the batch when a loss is non-scalar or non-finite
+        (a non-finite loss is reported after the reduction, so that under DDP every process joins it
+        and every process raises).
         """
         with product_context(self.model, self.batchnorm, self.dropout) as devices:
             if self.backend == "autograd":
                 self._ensure_graphs(devices)
             total = torch.zeros(self.dim + 1, dtype=self.dtype, device=self.device)
+            bad: tuple[int, float] | None = None
             for i, n in enumerate(self.batch_sizes):
                 if self._graphs is not None:
                     _, loss, grads = self._graphs[i]
                 else:
                     seed_batch(i, devices)
                     _, loss, grads = self._build_graph(i, False)
-                if not bool(torch.isfinite(loss)):
-                    raise ValueError(f"loss_fn returned a non-finite loss ({float(loss)}) for batch {i}")
+                if bad is None and not bool(torch.isfinite(loss)):
+                    bad = (i, float(loss))
                 flat = self._join_block([None if g is None else g.detach().unsqueeze(0) for g in grads], 1)[:, 0]
                 total[0] += n * loss.to(self.dtype)
                 total[1:] += n * flat
+            # reduce first, raise after: under DDP every process must take part in the collective
             total = self._reduce(total) / self.total_weight
+        if bad is not None:
+            raise ValueError(f"loss_fn returned a non-finite loss ({bad[1]}) for batch {bad[0]}")
+        if not math.isfinite(float(total[0])):
+            raise ValueError(f"the reduced mean loss is non-finite ({float(total[0])}): a non-finite loss on another process")
         return float(total[0]), total[1:].clone()
 
     # ------------------------------------------------------------------ products
