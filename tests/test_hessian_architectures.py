@@ -388,3 +388,25 @@ def test_dict_batches_and_namedtuple_style_access(backend):
     assert float((op.matvec(v / v.norm()) - ref).norm() / ref.norm()) <= TOL
     assert op.batch_sizes == (7.0, 4.0)
     assert math.isclose(op.total_weight, 11.0)
+
+
+def test_lightning_module_whose_loss_calls_self():
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Regressor(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def compute_loss(self, batch):
+            x, y = batch
+            return F.mse_loss(self(x), y)
+
+    torch.manual_seed(0)
+    module = Regressor()
+    for backend in ALL:
+        check(module, lambda m, b: m.compute_loss(b), _regression(), backend=backend)
+    assert all(isinstance(p, nn.Parameter) for p in module.parameters())
