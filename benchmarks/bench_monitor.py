@@ -1,0 +1,275 @@
+"""Cost of SharpnessMonitor during training (issue 3, "Cost").
+
+Run::
+
+    python benchmarks/bench_monitor.py           # 200 GD steps, 3 runs with and 3 without
+    python benchmarks/bench_monitor.py --quick   # 60 steps
+
+The digits tanh MLP of :mod:`lightning_rpe.models` (``MLPClassifier()``: 64-200-200-10, MSE on
+one-hot targets, SGD at lr 0.05) is trained with full-batch gradient descent on the first 1000
+training samples of :class:`lightning_rpe.data.DigitsDataModule` for a fixed number of steps, with
+and without ``SharpnessMonitor(every_n_steps=10, top_k=1, lambda_min=True, probe="fixed",
+probe_size=1000)`` (all other options at their defaults: warm start on, gradient alignment on,
+measurements at fit start and fit end). Both runs log to TensorBoard in a temporary directory, so
+the logging cost of the training loss is in both.
+
+Reported (``torch.set_num_threads(2)``; runs alternate with/without, medians over runs):
+
+* wall-time ratio of the whole ``trainer.fit`` (with / without);
+* per measurement once warm (every measurement after the first one): median HVPs, median wall
+  time (the monitor's own ``Measurement.seconds``) and that time in gradient-equivalents, i.e.
+  divided by the median time of one gradient of the mean loss over the same 1000-sample probe set
+  (forward + backward, timed between the runs);
+* state memory: bytes of all tensors in the monitor's ``state_dict()`` against the parameter
+  bytes; goal ``<= (k + 3) x`` the parameter bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+GOAL_GRAD_EQUIV = 5.0
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested dict/list/tuple (storages counted once)."""
+    seen: set[tuple[int, int]] = set()
+
+    def walk(o: Any) -> int:
+        if isinstance(o, torch.Tensor):
+            key = (o.untyped_storage().data_ptr(), o.untyped_storage().nbytes())
+            if key in seen:
+                return 0
+            seen.add(key)
+            return o.untyped_storage().nbytes()
+        if isinstance(o, dict):
+            return sum(walk(v) for v in o.values())
+        if isinstance(o, (list, tuple)):
+            return sum(walk(v) for v in o)
+        return 0
+
+    return walk(obj)
+
+
+def make_model(hidden: Sequence[int], lr: float, seed: int) -> Any:
+    import lightning.pytorch as pl
+
+    from lightning_rpe.models import MLPClassifier
+
+    pl.seed_everything(seed, verbose=False)
+    return MLPClassifier(hidden=tuple(hidden), lr=lr)
+
+
+def make_data(n_train: int) -> Any:
+    from lightning_rpe.data import DigitsDataModule
+
+    dm = DigitsDataModule(n_train=n_train, batch_size=None)
+    dm.setup("fit")
+    return dm
+
+
+class _Recorder:
+    """Collects every new ``monitor.latest`` after each training batch."""
+
+    def __new__(cls, monitor: Any) -> Any:
+        import lightning.pytorch as pl
+
+        class Recorder(pl.Callback):
+            def __init__(self) -> None:
+                self.monitor = monitor
+                self.measurements: list[Any] = []
+
+            def _grab(self) -> None:
+                m = self.monitor.latest
+                if m is not None and (not self.measurements or self.measurements[-1] is not m):
+                    self.measurements.append(m)
+
+            def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+                self._grab()
+
+            def on_fit_end(self, *args: Any, **kwargs: Any) -> None:
+                self._grab()
+
+        return Recorder()
+
+
+def fit_once(steps: int, hidden: Sequence[int], lr: float, n_train: int, monitor_kwargs: dict | None,
+             seed: int = 0) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_rpe import SharpnessMonitor
+
+    model = make_model(hidden, lr, seed)
+    dm = make_data(n_train)
+    callbacks: list[Any] = []
+    monitor = recorder = None
+    if monitor_kwargs is not None:
+        monitor = SharpnessMonitor(**monitor_kwargs)
+        recorder = _Recorder(monitor)
+        callbacks = [monitor, recorder]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, callbacks=callbacks,
+            logger=TensorBoardLogger(tmp, name="bench"), enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            trainer.fit(model, datamodule=dm)
+            wall = time.perf_counter() - t0
+    out: dict[str, Any] = {"wall": wall, "steps": trainer.global_step, "model": model, "datamodule": dm}
+    if monitor is not None:
+        out["measurements"] = list(recorder.measurements)
+        out["state_bytes"] = tensor_bytes(monitor.state_dict())
+        out["n_skipped"] = monitor.n_skipped
+        out["top_k"] = monitor.top_k
+    return out
+
+
+def gradient_time(model: Any, dm: Any, n_probe: int, repeats: int = 20) -> float:
+    """Median time of one gradient of the mean loss over the first ``n_probe`` training samples."""
+    x, y = dm.train_dataloader().dataset.tensors if hasattr(dm.train_dataloader().dataset, "tensors") else (None, None)
+    if x is None:
+        batch = next(iter(dm.train_dataloader()))
+        x, y = batch[0], batch[1]
+    x, y = x[:n_probe], y[:n_probe]
+    params = [p for p in model.parameters() if p.requires_grad]
+    times = []
+    for i in range(repeats + 3):
+        t0 = time.perf_counter()
+        loss = model.compute_loss((x, y))
+        torch.autograd.grad(loss, params)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, every: int, probe_size: int,
+        verbose: bool = True) -> dict[str, Any]:
+    monitor_kwargs = dict(every_n_steps=every, top_k=1, lambda_min=True, probe="fixed", probe_size=probe_size)
+    walls_with, walls_without, grad_times, warm, first, states = [], [], [], [], [], []
+    skipped = 0
+    n_params = top_k = None
+    fit_once(min(steps, 20), hidden, lr, n_train, monitor_kwargs)  # warm-up: imports, allocator, threads
+    for r in range(runs):
+        base = fit_once(steps, hidden, lr, n_train, None)
+        mon = fit_once(steps, hidden, lr, n_train, monitor_kwargs)
+        walls_without.append(base["wall"])
+        walls_with.append(mon["wall"])
+        grad_times.append(gradient_time(mon["model"], mon["datamodule"], probe_size))
+        ms = mon["measurements"]
+        first.append(ms[0])
+        warm.extend(ms[1:])
+        states.append(mon["state_bytes"])
+        skipped += mon["n_skipped"]
+        top_k = mon["top_k"]
+        n_params = sum(p.numel() for p in mon["model"].parameters() if p.requires_grad)
+        param_bytes = sum(p.numel() * p.element_size() for p in mon["model"].parameters() if p.requires_grad)
+        if verbose:
+            print(f"[{time.strftime('%H:%M:%S')}] run {r}: without {base['wall']:.2f} s, with {mon['wall']:.2f} s, "
+                  f"{len(ms)} measurements, HVPs {[m.n_hvp for m in ms]}, gradient {grad_times[-1] * 1e3:.2f} ms",
+                  flush=True)
+    grad_t = statistics.median(grad_times)
+    warm_secs = [m.seconds for m in warm]
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "steps": steps, "runs": runs, "hidden": list(hidden), "lr": lr, "n_params": n_params,
+        "every_n_steps": every, "probe_size": probe_size, "top_k": top_k,
+        "wall_without": statistics.median(walls_without), "wall_with": statistics.median(walls_with),
+        "wall_ratio": statistics.median(a / b for a, b in zip(walls_with, walls_without)),
+        "n_measurements_per_run": (len(warm) + len(first)) / runs,
+        "first_hvp": statistics.median(m.n_hvp for m in first),
+        "first_seconds": statistics.median(m.seconds for m in first),
+        "warm_hvp_median": statistics.median(m.n_hvp for m in warm) if warm else None,
+        "warm_hvp_max": max((m.n_hvp for m in warm), default=None),
+        "warm_seconds_median": statistics.median(warm_secs) if warm else None,
+        "grad_time": grad_t,
+        "warm_grad_equiv_median": statistics.median(warm_secs) / grad_t if warm else None,
+        "skipped": skipped,
+        "state_bytes": max(states), "param_bytes": param_bytes,
+        "state_over_params": max(states) / param_bytes,
+        "state_goal": top_k + 3,
+        "load": os.getloadavg(),
+    }
+
+
+def format_table(r: dict[str, Any], markdown: bool = False) -> str:
+    ok_cost = r["warm_grad_equiv_median"] is not None and r["warm_grad_equiv_median"] <= GOAL_GRAD_EQUIV
+    ok_mem = r["state_over_params"] <= r["state_goal"]
+    rows = [
+        ["training wall time, with / without monitor",
+         f"{r['wall_with']:.2f} s / {r['wall_without']:.2f} s", f"{r['wall_ratio']:.2f}x", "(info)", "-"],
+        ["measurements per run (fit start, every 10 steps, fit end)", f"{r['n_measurements_per_run']:g}", "-",
+         "(info)", "-"],
+        ["first (cold) measurement", f"{r['first_hvp']:g} HVP, {r['first_seconds'] * 1e3:.1f} ms",
+         f"{r['first_seconds'] / r['grad_time']:.1f} grad-eq", "(info)", "-"],
+        ["warm measurement, median HVPs (max)", f"{r['warm_hvp_median']:g} ({r['warm_hvp_max']:g})", "-", "(info)",
+         "-"],
+        ["warm measurement, median cost",
+         f"{r['warm_seconds_median'] * 1e3:.1f} ms (gradient {r['grad_time'] * 1e3:.2f} ms)",
+         f"{r['warm_grad_equiv_median']:.1f} grad-eq", f"<= {GOAL_GRAD_EQUIV:g} grad-eq",
+         "PASS" if ok_cost else "MISS"],
+        ["monitor state memory (state_dict tensors)",
+         f"{r['state_bytes']:,} B vs params {r['param_bytes']:,} B", f"{r['state_over_params']:.2f}x",
+         f"<= (k + 3) = {r['state_goal']}x", "PASS" if ok_mem else "MISS"],
+    ]
+    header = ["measure", "value", "ratio", "goal", "status"]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*x) for x in rows])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="60 steps, 3 runs each")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--hidden", type=int, nargs="*", default=[200, 200])
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--probe-size", type=int, default=1000)
+    parser.add_argument("--n-train", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    if args.runs < 3:
+        parser.error("--runs must be >= 3 (the table reports medians)")
+    torch.set_num_threads(args.threads)
+    steps = args.steps or (60 if args.quick else 200)
+    r = run(steps, args.runs, args.hidden, args.lr, args.n_train, args.every, args.probe_size)
+    print()
+    print(f"SharpnessMonitor cost, {r['date']}, torch {r['torch']}, {r['threads']} threads; MLP 64-"
+          f"{'-'.join(map(str, r['hidden']))}-10 ({r['n_params']:,} parameters), full-batch GD lr {r['lr']}, "
+          f"{r['steps']} steps, median of {r['runs']} runs; measurements skipped: {r['skipped']}")
+    print(format_table(r))
+    if args.markdown:
+        print()
+        print(format_table(r, markdown=True))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Workloads shared by the benchmark scripts and their smoke test.
+
+All workloads use scikit-learn's bundled 8x8 digits (no download): the first ``n_samples``
+images (1000 by default), standardised per pixel with their own mean and standard deviation
+(constant pixels stay 0). Models are plain ``nn.Module`` objects so that every reference library
+can be called on them directly.
+
+==========  =========================================  ==========  =====================
+name        architecture                               parameters  loss
+==========  =========================================  ==========  =====================
+mlp_small   64-32-32-10, tanh                          3,466       MSE on one-hot
+cnn         conv3x3(16)-ReLU-conv3x3(32)-ReLU-maxpool  24,684      cross-entropy
+            -linear(512, 38)-ReLU-linear(38, 10)
+mlp_wide    64-512-512-10, tanh                        301,066     MSE on one-hot
+==========  =========================================  ==========  =====================
+
+The MSE convention is the one of :mod:`lightning_rpe.models`:
+``L = (1/N) sum_i ||f(x_i) - e_{y_i}||^2`` (squared error summed over classes, mean over samples). It is
+written with elementary operations, not ``F.mse_loss``, so that every library's
+forward-over-reverse path can differentiate it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "WORKLOADS",
+    "Workload",
+    "SquaredError",
+    "load_digits_tensors",
+    "build_workload",
+    "count_parameters",
+    "make_model",
+]
+
+WORKLOADS = ("mlp_small", "cnn", "mlp_wide")
+
+
+class SquaredError(nn.Module):
+    """``(1/N) sum_i ||output_i - onehot(y_i)||^2`` for integer class targets ``y``.
+
+    ``reduction = "mean"`` (over samples) is what curvlinops reads to weight batches.
+    """
+
+    reduction = "mean"
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, output: Tensor, target: Tensor) -> Tensor:
+        onehot = F.one_hot(target, self.num_classes).to(output.dtype)
+        return (output - onehot).pow(2).sum(dim=1).mean()
+
+
+class _Reshape(nn.Module):
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], *self.shape)
+
+
+def make_model(name: str, width: int | None = None) -> nn.Module:
+    """Build the (float32, seeded-by-caller) model of workload ``name``.
+
+    ``width`` shrinks the hidden widths for smoke tests (``None`` = the benchmark sizes).
+    """
+    if name == "mlp_small":
+        h = width or 32
+        return nn.Sequential(nn.Linear(64, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, 10))
+    if name == "mlp_wide":
+        h = width or 512
+        return nn.Sequential(nn.Linear(64, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, 10))
+    if name == "cnn":
+        c1, c2, fc = (16, 32, 38) if width is None else (max(2, width // 4), max(2, width // 2), width)
+        return nn.Sequential(
+            _Reshape(1, 8, 8),
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(c2 * 16, fc), nn.ReLU(), nn.Linear(fc, 10),
+        )
+    raise ValueError(f"workload must be one of {WORKLOADS}, got {name!r}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_digits_tensors(n_samples: int = 1000) -> tuple[Tensor, Tensor]:
+    """First ``n_samples`` digits as ``(x (n, 64) float32 standardised, y (n,) int64)``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.data[:n_samples], dtype=torch.float32)
+    y = torch.as_tensor(digits.target[:n_samples], dtype=torch.int64)
+    std = x.std(dim=0, keepdim=True)
+    x = (x - x.mean(dim=0, keepdim=True)) / torch.where(std > 0, std, torch.ones_like(std))
+    return x.contiguous(), y.contiguous()
+
+
+@dataclass
+class Workload:
+    """A model at a fixed point, its criterion and its probe batch ``(x, y)``.
+
+    ``loss_fn(model, batch)`` is the lightning-rpe loss signature; ``criterion(output, y)`` the
+    PyHessian / curvlinops one (the same function).
+    """
+
+    name: str
+    model: nn.Module
+    criterion: nn.Module
+    x: Tensor
+    y: Tensor
+    pretrain_steps: int
+    pretrain_lr: float
+
+    @property
+    def batch(self) -> tuple[Tensor, Tensor]:
+        return (self.x, self.y)
+
+    @property
+    def n_params(self) -> int:
+        return count_parameters(self.model)
+
+    def loss_fn(self, model: nn.Module, batch: Any) -> Tensor:
+        x, y = batch
+        return self.criterion(model(x), y)
+
+    def gradient(self) -> list[Tensor]:
+        """One gradient of the mean loss over the probe batch (the cost unit of the benchmarks)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        loss = self.loss_fn(self.model, self.batch)
+        return list(torch.autograd.grad(loss, params))
+
+    def to(self, dtype: torch.dtype) -> "Workload":
+        """A deep copy in ``dtype`` (model and inputs; targets stay integer)."""
+        return Workload(self.name, copy.deepcopy(self.model).to(dtype), self.criterion, self.x.to(dtype),
+                        self.y, self.pretrain_steps, self.pretrain_lr)
+
+
+PRETRAIN = {"mlp_small": (100, 0.05), "cnn": (50, 0.05), "mlp_wide": (100, 0.02)}
+
+
+def build_workload(name: str, n_samples: int = 1000, width: int | None = None, seed: int = 0,
+                   pretrain_steps: int | None = None) -> Workload:
+    """Seeded model, its digits probe batch, and a short full-batch GD warm-up.
+
+    The warm-up (``pretrain_steps`` GD steps, default 100, at a learning rate well below the
+    stability threshold) moves the model off its initialisation, so the spectra have the
+    outliers of a model in training rather than the degenerate ones at init.
+    """
+    if name not in WORKLOADS:
+        raise ValueError(f"workload must be one of {WORKLOADS}, got {name!r}")
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = make_model(name, width)
+    torch.random.set_rng_state(gen_state)
+    criterion: nn.Module = nn.CrossEntropyLoss() if name == "cnn" else SquaredError()
+    x, y = load_digits_tensors(n_samples)
+    steps, lr = PRETRAIN[name]
+    if pretrain_steps is not None:
+        steps = pretrain_steps
+    w = Workload(name, model, criterion, x, y, steps, lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(steps):
+        grads = w.gradient()
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(g, alpha=lr)
+    return w
+
+
+def workload_loss(w: Workload) -> Callable[[nn.Module, Any], Tensor]:
+    return w.loss_fn
