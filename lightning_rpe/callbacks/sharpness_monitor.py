@@ -140,6 +140,29 @@ def _distributed(trainer: "pl.Trainer") -> bool:
     return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+class _rank_zero_buffers:
+    """Temporarily give every rank the buffers of rank 0 (restored bit-exactly on exit)."""
+
+    def __init__(self, module: torch.nn.Module, enabled: bool) -> None:
+        self.module = module
+        self.enabled = enabled
+        self.saved: list[tuple[Tensor, Tensor]] = []
+
+    def __enter__(self) -> None:
+        if not self.enabled:
+            return
+        for buf in self.module.buffers():
+            self.saved.append((buf, buf.detach().clone()))
+            with torch.no_grad():
+                torch.distributed.broadcast(buf.data, src=0)
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for buf, value in self.saved:
+                buf.data.copy_(value)
+        self.saved = []
+
+
 class _MutedLogging:
     """Temporarily replace ``pl_module.log`` / ``log_dict`` by no-ops (training_step re-calls)."""
 
@@ -590,10 +613,13 @@ class SharpnessMonitor(Callback):
 
         reduce = _all_reduce_sum if _distributed(trainer) else None
         assert self._loss is not None
-        op = HessianOperator(
-            pl_module, self._loss, batches, dtype=_DTYPES[self.dtype], backend=self.backend,
-            batchnorm=self.batchnorm, dropout=self.dropout, reduce=reduce,
-        )
+        with _rank_zero_buffers(pl_module, enabled=reduce is not None):
+            # the operator snapshots parameters and buffers here; under DDP every rank uses rank 0's
+            # buffers (BatchNorm running statistics are updated locally by each rank's last forward)
+            op = HessianOperator(
+                pl_module, self._loss, batches, dtype=_DTYPES[self.dtype], backend=self.backend,
+                batchnorm=self.batchnorm, dropout=self.dropout, reduce=reduce,
+            )
         loss, grad = op.loss_and_gradient() if self.grad_alignment else (None, None)
         if loss is not None and not math.isfinite(loss):
             raise _Skip(f"the probe loss is {loss}")

@@ -1,0 +1,66 @@
+"""SharpnessMonitor under DDP (2 CPU processes, gloo), run as a subprocess so pytest stays clean."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_rpe.curvature import HessianOperator
+from lit_models import TinyMLP, make_dataset
+
+WORKER = Path(__file__).with_name("_monitor_ddp_worker.py")
+
+
+@pytest.mark.slow
+def test_ddp_products_are_all_reduced_and_only_rank_zero_logs(tmp_path: Path) -> None:
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("LOCAL_RANK", None)
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=str(WORKER.parent.parent))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["step"] == r1["step"] == 3 and r0["n_measurements"] == r1["n_measurements"] == 4
+
+    # both ranks hold identical measurements
+    assert r0["eigenvalues"] == r1["eigenvalues"] and r0["lambda_min"] == r1["lambda_min"]
+    assert r0["callback_metric"] == r1["callback_metric"]
+    # parameters agree; BatchNorm running statistics legitimately differ (each rank's last forward
+    # updated them locally), and the monitor measures with rank 0's buffers on every rank
+    for k in r0["model_state"]:
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(r0["model_state"][k], r1["model_state"][k]), k
+    assert not torch.equal(r0["model_state"]["net.1.running_mean"], r1["model_state"]["net.1.running_mean"])
+
+    # the probe set is split by stride: disjoint shares whose union is the first 10 samples
+    assert r0["probe_indices"] == r1["probe_indices"] == list(range(10))
+    x0 = torch.cat([b[0] for b in r0["probe"]])
+    x1 = torch.cat([b[0] for b in r1["probe"]])
+    data = make_dataset(24, seed=2)
+    assert torch.equal(x0, data.tensors[0][0:10:2]) and torch.equal(x1, data.tensors[0][1:10:2])
+
+    # single-process reference over the union of both ranks' probe data, at the final weights
+    model = TinyMLP(batchnorm=True, optimizer="momentum", hidden=6)
+    model.load_state_dict(r0["model_state"])
+    union = [tuple(b) for b in r0["probe"]] + [tuple(b) for b in r1["probe"]]
+    op = HessianOperator(model, lambda mod, b: mod.compute_loss(b), union, dtype=torch.float64)
+    evals = torch.linalg.eigvalsh(op.to_dense())
+    top = sorted(evals.tolist(), reverse=True)[:2]
+    assert r0["eigenvalues"] == pytest.approx(top, rel=1e-5)
+    assert r0["lambda_min"] == pytest.approx(float(evals[0]), rel=1e-5)
+    loss, _ = op.loss_and_gradient()
+    assert r0["probe_loss"] == pytest.approx(loss, rel=1e-6)
+
+    # only rank zero writes the measurements to the loggers (rank 1 still logs its train_loss calls,
+    # because the recording logger is deliberately not rank-zero-only)
+    assert r0["rpe_log_calls"] == 4 and r1["rpe_log_calls"] == 0
+    assert r1["train_loss_log_calls"] > 0
