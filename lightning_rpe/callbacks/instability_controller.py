@@ -370,8 +370,10 @@ class InstabilityController(Callback):
         effective rate ``param_group["lr"] * lr_scales()[i]``.
         """
         if not self.enabled or self._optimizer is None or self._trainer is None:
-            n = 0 if self._optimizer is None else len(self._optimizer.param_groups)
-            return [1.0] * n
+            optimizer = self._optimizer
+            if optimizer is None and self._trainer is not None and self._trainer.optimizers:
+                optimizer = self._trainer.optimizers[0]
+            return [1.0] * (0 if optimizer is None else len(optimizer.param_groups))
         return self._group_factors(self._trainer.global_step)
 
     # ------------------------------------------------------------------ step hooks
