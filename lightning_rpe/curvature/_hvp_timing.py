@@ -98,6 +98,14 @@ def main(argv: list[str] | None = None) -> None:
             torch.autograd.grad(loss_fn(model, batches[0]), params)
 
         t_grad = _best(gradient, args.repeats, device)
+        ieee = ""
+        if device.type == "cuda":  # products run with TF32 off: time an IEEE float32 gradient too
+            flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            try:
+                ieee = f"  (IEEE float32 gradient: {_best(gradient, args.repeats, device) * 1e3:.2f} ms)"
+            finally:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
         row = []
         dim = sum(p.numel() for p in params)
         v1 = torch.randn(dim, 1, generator=gen).to(device)
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         row.append(_best(lambda: func.matmat(v1), args.repeats, device))
         row.append(_best(lambda: func.matmat(v8), args.repeats, device) / 8)
         cells = " ".join(f"{t / t_grad:7.2f}" for t in row)
-        print(f"{name:26s} {dim:7d} {t_grad * 1e3:8.2f} {build / t_grad:6.2f} {cells}")
+        print(f"{name:26s} {dim:7d} {t_grad * 1e3:8.2f} {build / t_grad:6.2f} {cells}{ieee}")
 
 
 if __name__ == "__main__":

@@ -37,39 +37,43 @@ torch 2.13), an explicit ``backend="func"`` warns once and switches to ``"autogr
 ``"auto"`` (default) picks, per model and device (a fixed rule, so runs are reproducible):
 ``"func"`` when the parameters are on CUDA and the model contains a convolution, ``"autograd"``
 otherwise; where ``torch.func`` cannot trace the loss it switches to ``"autograd"`` silently (the
-reason is kept in :attr:`HessianOperator.fallback_reason`). Both paths agree with float64 finite
-differences at relative error <= 1e-6 on every architecture in the test suite (MLPs, CNN,
+reason is kept in :attr:`HessianOperator.fallback_reason`). Both paths (``func`` where it traces)
+agree with float64 finite differences at relative error <= 1e-6 on every architecture in the test
+suite (MLPs, CNN,
 BatchNorm in both policies, LayerNorm, RMSNorm, MultiheadAttention, TransformerEncoderLayer,
 causal SDPA, tied embeddings), so the rule is chosen for speed. Measured cost of one product in
 units of one gradient of the same loss (``python -m lightning_rpe.curvature._hvp_timing``;
-float32, 512 examples on CPU with one thread, 4096 on the GPU; ag-c = autograd with cached
+float32, 512 examples on CPU, 4096 on the GPU, best of 15 / 20 repeats; ag-c = autograd with cached
 graphs, ag = autograd rebuilding the graph per product, func = ``vmap(jvp(grad))``; "1" = one
 vector, "8" = per column of a block of 8; 2026-11-27):
 
 =============================  =======  ======  ======  ======  ======  ======  ======
 workload (params)              device   ag-c 1  ag-c 8  ag 1    ag 8    func 1  func 8
 =============================  =======  ======  ======  ======  ======  ======  ======
-tanh MLP + MSE (3.6k)          CPU      2.23    1.20    4.33    1.44    9.83    2.08
-CNN + CE (21.5k)               CPU      2.19    2.45    2.65    2.30    2.24    2.52
-MLP 64-512-512-10 + MSE (301k) CPU      1.80    2.69    3.38    2.80    3.60    2.70
-tanh MLP + MSE (3.6k)          H200     1.64    0.31    3.06    0.49    5.48    0.76
-CNN + CE (21.5k)               H200     9.70    9.24    11.94   9.48    6.70    1.77
-MLP 64-512-512-10 + MSE (301k) H200     1.62    0.53    2.94    0.68    4.56    0.69
+tanh MLP + MSE (3.6k)          CPU      1.91    0.92    3.55    1.12    8.19    1.63
+CNN + CE (21.5k)               CPU      2.12    2.08    2.05    1.98    1.86    1.65
+MLP 64-512-512-10 + MSE (301k) CPU      2.21    3.05    3.41    3.10    3.81    2.65
+tanh MLP + MSE (3.6k)          H200     1.50    0.22    1.96    0.35    3.80    0.56
+CNN + CE (21.5k)               H200     9.93    9.48    11.64   9.74    6.32    1.71
+MLP 64-512-512-10 + MSE (301k) H200     1.67    0.54    2.96    0.68    5.26    0.73
 =============================  =======  ======  ======  ======  ======  ======  ======
 
-CPU rows: torch 2.11.0 on an otherwise idle 16-core host, one thread (on the 2-core development
-machine with torch 2.13.0+cpu the same ordering held, with more noise: ag-c 1.47 / 2.07 / 2.58
-against func 7.07 / 2.44 / 5.86 for one vector). H200 rows: torch 2.11.0+cu130; the gradient
-uses the default TF32 convolutions, products run in IEEE float32 (TF32 off, see
-:mod:`~lightning_rpe.curvature._functional`). Double backward with cached graphs is the cheapest
-path on CPU everywhere and on the GPU for MLPs; on the GPU, the double backward of a convolution is
-slow (about 9x a gradient) while ``vmap(jvp(grad))`` over a block costs 1.8x, hence the rule.
+CPU rows: torch 2.11.0 on an otherwise idle 16-core host, one thread; a first run on the same
+host gave CNN ag-c 2.19 / 2.45 against func 2.24 / 2.52, so on the CPU the CNN is a tie and the
+MLPs favour double backward (on the loaded 2-core development machine with torch 2.13.0+cpu the
+ordering was the same: ag-c 1.47 / 2.07 / 2.58 against func 7.07 / 2.44 / 5.86 for one vector).
+H200 rows: torch 2.11.0+cu130; the gradient uses the default TF32 convolutions while products run
+in IEEE float32 (TF32 off, see :mod:`~lightning_rpe.curvature._functional`); an IEEE float32
+gradient of the CNN takes 1.5x the TF32 one (2.42 against 1.61 ms), so the CNN's double backward
+costs about 6.5 IEEE gradients and ``vmap(jvp(grad))`` over a block of 8 about 1.1. Hence the
+rule: double backward with cached graphs everywhere except convolutional models on CUDA.
 
 ``cache_graphs=None`` (auto): the bytes saved for backward while building the first batch's
 gradient graph are counted (identity ``saved_tensors_hooks``, storages counted once, the parameter
 leaves excluded), scaled to all probe batches by their sizes, and the graphs are cached when that
 estimate is at most a quarter of the memory currently available on the parameters' device
-(``torch.cuda.mem_get_info`` on CUDA, ``/proc``-free ``sysconf`` pages on CPU, 1 GiB when unknown).
+(``torch.cuda.mem_get_info`` on CUDA, the available physical pages from ``os.sysconf`` on CPU,
+1 GiB when unknown).
 """
 
 from __future__ import annotations
