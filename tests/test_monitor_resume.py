@@ -69,7 +69,9 @@ def test_resumed_run_logs_the_same_measurements(tmp_path: Path) -> None:
     _assert_plain(state)
     assert state["prev_top"].shape[1] == 2 and state["prev_min"] is not None and state["prev_pre"] is not None
     assert state["probe_indices"] == list(range(12)) and state["n_measurements"] == 3  # steps 0, 2, 4
-    assert state["polarity"]["reference"] is not None and state["latest"]["step"] == 4
+    # the polarity reference is +-v_1 of the last measurement: stored once, as prev_top[:, 0] and a sign
+    assert state["polarity"]["reference"] is None and state["polarity"]["reference_is_prev_top"] in (1, -1)
+    assert state["latest"]["step"] == 4
 
     pl.seed_everything(7, verbose=False)
     resumed_monitor = _monitor()
@@ -103,6 +105,8 @@ def test_state_dict_round_trip_through_weights_only_load(tmp_path: Path) -> None
     assert other.latest == monitor.latest
     assert torch.equal(other._prev_top, monitor._prev_top)
     assert other.state_dict()["polarity"]["flips"] == state["polarity"]["flips"]
+    assert torch.equal(other._polarity.reference, monitor._polarity.reference)
+    assert torch.equal(other._polarity.state_dict()["displacement"], monitor._polarity.state_dict()["displacement"])
     with pytest.raises(ValueError, match="state format"):
         other.load_state_dict({"format": 99})
 

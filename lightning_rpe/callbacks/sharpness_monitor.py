@@ -374,8 +374,7 @@ class SharpnessMonitor(Callback):
             "prev_top": None if self._prev_top is None else self._prev_top.detach().cpu().clone(),
             "prev_min": None if self._prev_min is None else self._prev_min.detach().cpu().clone(),
             "prev_pre": None if self._prev_pre is None else self._prev_pre.detach().cpu().clone(),
-            "polarity": {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v)
-                         for k, v in self._polarity.state_dict().items()},
+            "polarity": self._polarity_state(),
             "probe_indices": None if self._probe_indices is None else [int(i) for i in self._probe_indices],
             "probe_kind": self._probe_kind,
             "probe_fingerprint": self._probe_fingerprint,
@@ -386,13 +385,29 @@ class SharpnessMonitor(Callback):
             "warned": sorted(self._warned),
         }
 
+    def _polarity_state(self) -> dict[str, Any]:
+        state = {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in self._polarity.state_dict().items()}
+        ref, top = state.get("reference"), self._prev_top
+        if isinstance(ref, Tensor) and top is not None and ref.shape == top[:, 0].shape and ref.dtype == top.dtype:
+            for sign in (1, -1):
+                if torch.equal(ref, top[:, 0] * sign):
+                    state["reference"] = None
+                    state["reference_is_prev_top"] = sign
+                    break
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("format") != _STATE_FORMAT:
             raise ValueError(f"SharpnessMonitor: unknown state format {state_dict.get('format')!r}; expected {_STATE_FORMAT}")
         self._prev_top = state_dict["prev_top"]
         self._prev_min = state_dict["prev_min"]
         self._prev_pre = state_dict["prev_pre"]
-        self._polarity.load_state_dict(state_dict["polarity"])
+        polarity = dict(state_dict["polarity"])
+        sign = polarity.pop("reference_is_prev_top", None)
+        if sign is not None:
+            # the reference was stored as +-prev_top[:, 0] (bit-exact) to save one vector of state
+            polarity["reference"] = self._prev_top[:, 0].clone() * sign
+        self._polarity.load_state_dict(polarity)
         self._probe_indices = state_dict["probe_indices"]
         self._probe_kind = state_dict["probe_kind"]
         self._probe_fingerprint = state_dict["probe_fingerprint"]
