@@ -224,3 +224,38 @@ def test_trace_when_requested() -> None:
     exact = float(torch.trace(op.to_dense()))
     assert monitor.latest.trace == pytest.approx(exact, rel=1e-6)
     assert "rpe/trace" in monitor.metrics(monitor.latest)
+
+
+def test_user_dataloader_probe_is_read_once_and_invisible() -> None:
+    """A shuffled user loader is read once at fit start, inside isolate_rng."""
+    from lightning_rpe.curvature import HessianOperator
+
+    def run(monitor):
+        pl.seed_everything(11, verbose=False)
+        model = TinyMLP(dropout=0.1)
+        make_trainer([monitor] if monitor else [], max_steps=4).fit(model, make_loader(make_dataset(32), 8, shuffle=True))
+        return model
+
+    probe_loader = make_loader(make_dataset(20, seed=9), batch_size=6, shuffle=True)
+    monitor = SharpnessMonitor(every_n_steps=2, probe=probe_loader, probe_size=12, dtype="float64", tol=1e-8)
+    with_monitor, without = run(monitor), run(None)
+    assert all(torch.equal(a, b) for a, b in zip(with_monitor.state_dict().values(), without.state_dict().values()))
+    assert [len(b[0]) for b in monitor.probe_batches] == [6, 6]  # stops once 12 samples are read
+    op = HessianOperator(with_monitor, lambda mod, b: mod.compute_loss(b), monitor.probe_batches, dtype=torch.float64)
+    assert monitor.latest.sharpness == pytest.approx(float(torch.linalg.eigvalsh(op.to_dense()).max()), rel=1e-6)
+
+
+def test_fixed_probe_from_an_iterable_dataset() -> None:
+    from torch.utils.data import DataLoader, IterableDataset
+
+    data = make_dataset(24, seed=5)
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(zip(*data.tensors))
+
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=10, probe_batch_size=4)
+    make_trainer([monitor], max_steps=2).fit(TinyMLP(), DataLoader(Stream(), batch_size=8))
+    assert monitor.state_dict()["probe_kind"] == "iterable"
+    assert torch.equal(torch.cat([b[0] for b in monitor.probe_batches]), data.tensors[0][:10])
+    assert monitor.n_measurements == 3

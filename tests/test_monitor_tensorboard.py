@@ -133,3 +133,21 @@ def test_tensorboard_server_serves_the_tags_and_layout(run_dir) -> None:
         except subprocess.TimeoutExpired:  # pragma: no cover
             proc.kill()
             proc.wait(timeout=5)
+
+
+def test_custom_scalar_categories_of_several_callbacks_are_merged(tmp_path: Path) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from lightning_rpe.callbacks import _logging
+
+    class Other(pl.Callback):  # e.g. the InstabilityController registering its own chart
+        def on_train_start(self, trainer, pl_module):
+            _logging.add_custom_scalars(trainer, {"controller": {"lr factor": ["^ctrl/factor$"]}})
+
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer = make_trainer([SharpnessMonitor(every_n_steps=1, probe_size=8), Other()], max_steps=1, logger=logger)
+    trainer.fit(TinyMLP(), make_loader(make_dataset(8), 8))
+    events = _accumulator(Path(logger.log_dir)).Tensors(LAYOUT_TAG)
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events[-1].tensor_proto.string_val[0])
+    assert [c.title for c in layout.category] == ["rpe/curvature", "controller"]
