@@ -181,6 +181,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(lambda r: "litlogger" not in r.getMessage())
+    # The seed is recorded in the saved config.yaml; the log line would precede usage errors.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
 
 
 def _make_cli_class() -> type:

@@ -177,6 +177,8 @@ def load_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunDat
 
 def _run_name(run_dir: Path) -> str:
     parts = [p for p in run_dir.resolve().parts[-2:] if p]
+    if parts and not re.fullmatch(r"(version_\d+|\d+)", parts[-1]):
+        parts = parts[-1:]
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "_".join(parts)) or "run"
 
 
@@ -386,7 +388,7 @@ def _plot_rotation(run: RunData, out: Path, plt: Any) -> Path:
         if len(flip_idx):
             ax_p.plot(pol.steps[flip_idx], pol.values[flip_idx], "x", color="C3", ms=6,
                       label=f"sign flip ({len(flip_idx)})")
-        ax_p.set_ylabel("polarity")
+        ax_p.set_ylabel("polarity (signed angle, degrees)")
         handles, labels = ax_p.get_legend_handles_labels()
         if flips is not None:
             ax_f = ax_p.twinx()
