@@ -1,23 +1,20 @@
-"""Curvature engine: Hessian-vector products, eigen-solvers and trace estimators (pure PyTorch)."""
+"""Curvature engine: Hessian-vector products, eigen-solvers and trace estimators (pure PyTorch).
 
-from importlib import import_module
-from typing import Any
+Nothing here imports Lightning.
+"""
 
-_EXPORTS = {
-    "CurvatureOperator": "operator",
-    "DenseOperator": "operator",
-    "PreconditionedOperator": "operator",
-    "HessianOperator": "hessian",
-    "EigenResult": "eigen",
-    "eigenpairs": "eigen",
-    "TraceResult": "trace",
-    "trace": "trace",
-}
+from lightning_rpe.curvature.eigen import EigenResult, eigenpairs
+from lightning_rpe.curvature.hessian import HessianOperator
+from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator, PreconditionedOperator
+from lightning_rpe.curvature.trace import TraceResult, trace
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = [
+    "CurvatureOperator",
+    "DenseOperator",
+    "EigenResult",
+    "HessianOperator",
+    "PreconditionedOperator",
+    "TraceResult",
+    "eigenpairs",
+    "trace",
+]
