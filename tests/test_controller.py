@@ -16,7 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers.logger import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -427,7 +427,8 @@ def test_effective_lr_is_scheduled_lr_times_factor(name: str) -> None:
     controller = InstabilityController(target_ratio=1.2, max_change=1.5)
     recorder = FactorRecorder(controller)
     logger = CaptureLogger()
-    trainer = fit(model, [monitor, controller, recorder], max_steps=steps, logger=logger)
+    lr_monitor = LearningRateMonitor(logging_interval="step")
+    trainer = fit(model, [monitor, controller, recorder, lr_monitor], max_steps=steps, logger=logger)
     used = [u[0] for u in model.optimizers().optimizer.used]
     factors = [s[0] for s in recorder.scales]
     assert len(used) == len(factors) == steps
@@ -444,6 +445,9 @@ def test_effective_lr_is_scheduled_lr_times_factor(name: str) -> None:
     assert sorted(lr_scale) == list(range(steps))
     assert [lr_scale[s] for s in range(steps)] == pytest.approx(factors, rel=1e-6)
     assert [lr_eff[s] for s in range(steps)] == pytest.approx(used, rel=1e-6)
+    # LearningRateMonitor shows the scheduled rate, not the effective one
+    lr_monitor_values = logger.series("lr-RecordingSGD")
+    assert [lr_monitor_values[s] for s in range(steps)] == pytest.approx(scheduled, rel=1e-12)
 
 
 def test_hooks_are_on_the_torch_optimizer_and_removed_at_teardown() -> None:

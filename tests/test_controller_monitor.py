@@ -166,3 +166,24 @@ def test_logged_names_reach_a_real_logger(tmp_path: Any) -> None:
         assert row["rpe/lr/pg2"] == pytest.approx(0.02 * row["rpe/lr_scale"], rel=1e-6)
     assert len({by_step[s]["rpe/lr_scale"] for s in steps}) >= 2
     assert "rpe/lr_scale" in trainer.callback_metrics
+
+
+def test_tensorboard_layout_has_the_controller_category(tmp_path: Any) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    pl.seed_everything(0, verbose=False)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    mon = monitor(custom_scalars=True)
+    trainer = make_trainer([mon, InstabilityController(target_ratio=0.9)], max_steps=4, logger=logger)
+    trainer.fit(TinyMLP(hidden=8), full_batch_loader(n=32))
+    from lightning_rpe.callbacks._logging import _LAYOUT_ATTR
+
+    layout = getattr(logger.experiment, _LAYOUT_ATTR)  # the merged layout that was written
+    assert "rpe/curvature" in layout  # the monitor's category is kept
+    charts = layout["rpe/controller"]
+    assert set(charts) == {"stability ratio and its goal", "lr scale (controller factor)",
+                           "effective lr (inside optimizer.step)"}
+    import re
+
+    regexes = charts["effective lr (inside optimizer.step)"][1]
+    assert any(re.match(r, "rpe/lr") for r in regexes) and any(re.match(r, "rpe/lr/pg2") for r in regexes)
