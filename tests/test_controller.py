@@ -574,3 +574,29 @@ def test_gradient_accumulation_scales_each_optimizer_step() -> None:
     assert len(model.optimizers().optimizer.used) == 3  # 6 batches, 3 optimizer steps
     assert list(logger.series("rpe/lr_scale").values()) == pytest.approx([2.0, 2.0, 2.0])  # once per step
 
+
+
+class ManualModel(TinyModel):
+    """TinyModel with manual optimization: training_step calls opt.step() itself."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        loss = self.compute_loss(batch)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_manual_optimization_is_scaled_too() -> None:
+    lr = 0.1
+    model, monitor = ManualModel(lr=lr), StubMonitor(lambda s: 10.0)
+    controller = InstabilityController(target_ratio=1.0, max_change=4.0)
+    fit(model, [monitor, controller], max_steps=3)
+    used = [u[0] / lr for u in model.optimizers().optimizer.used]
+    assert used == pytest.approx([1.0, 2.0, 2.0])
+    assert model.optimizers().optimizer.param_groups[0]["lr"] == lr
