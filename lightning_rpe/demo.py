@@ -136,6 +136,11 @@ def run_demo(
         raise FileExistsError(f"{run_dir} already holds a run; choose another --out folder or remove it")
     stream = stream if stream is not None else sys.stderr
 
+    if progress:
+        # Lightning's start/stop notices would break the progress bar's line.
+        import logging
+
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
     data = DigitsDataModule(n_train=n_train, seed=seed)

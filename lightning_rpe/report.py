@@ -426,6 +426,7 @@ def _plot_sweep(summaries: Sequence[RunSummary], out: Path, plt: Any, rotation_t
             seen.add(s.rotated)
             axis.plot([s.lr], [y], ls="none", ms=8, label=label, **st)
         axis.set_xscale("log")
+        axis.xaxis.set_major_locator(_ticker().LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         axis.xaxis.set_major_formatter(_ticker().FormatStrFormatter("%g"))
         axis.xaxis.set_minor_formatter(_ticker().NullFormatter())
         axis.set_xlabel("learning rate")
