@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 
-__all__ = ["DemoResult", "run_demo", "default_run_dir"]
+__all__ = ["DemoResult", "StepProgressBar", "run_demo", "default_run_dir", "format_summary"]
 
 
 def default_run_dir() -> Path:
@@ -52,18 +52,47 @@ class DemoResult:
     seconds: float
 
 
-class _StepProgress(Callback):
-    """One progress bar over optimizer steps (Lightning's own bar restarts every epoch, and with
-    full batches an epoch is one step)."""
+class StepProgressBar(ProgressBar):
+    """A progress bar over optimizer steps, with the loss and the monitor's latest sharpness and
+    stability ratio.
 
-    def __init__(self, total: int, monitor: Any, stream: TextIO) -> None:
-        self.total, self.monitor, self.stream = total, monitor, stream
+    Lightning's own bars restart every epoch; with full batches an epoch is one step, so they show
+    nothing useful. Use this one instead (from YAML: ``trainer.callbacks: [{class_path:
+    lightning_rpe.demo.StepProgressBar}]``). The total is ``trainer.max_steps`` (or ``total``);
+    validation and test loops get no bar.
+
+    Args:
+        total: number of steps the bar counts to (default: ``trainer.max_steps``; unknown = no total).
+        stream: where the bar is drawn (default ``sys.stderr``).
+        description: text in front of the bar.
+    """
+
+    def __init__(self, total: int | None = None, stream: TextIO | None = None,
+                 description: str = "training") -> None:
+        super().__init__()
+        self.total, self.stream, self.description = total, stream, description
         self.bar: Any = None
+        self._enabled = True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _monitor(self, trainer: pl.Trainer) -> Any:
+        from lightning_rpe.callbacks import SharpnessMonitor
+
+        return next((c for c in trainer.callbacks if isinstance(c, SharpnessMonitor)), None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._enabled or not trainer.is_global_zero:
+            return
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self.total, desc="full-batch GD", unit="step", file=self.stream, dynamic_ncols=True,
+        total = self.total if self.total is not None else (trainer.max_steps if trainer.max_steps > 0 else None)
+        self.bar = tqdm(total=total, initial=trainer.global_step, desc=self.description, unit="step",
+                        file=self.stream if self.stream is not None else sys.stderr, dynamic_ncols=True,
                         mininterval=0.5)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -71,11 +100,12 @@ class _StepProgress(Callback):
         if self.bar is None:
             return
         self.bar.update(trainer.global_step - self.bar.n)
-        m = self.monitor.latest
         post = {}
         loss = trainer.callback_metrics.get("train_loss")
         if loss is not None:
             post["loss"] = f"{float(loss):.4f}"
+        monitor = self._monitor(trainer)
+        m = getattr(monitor, "latest", None)
         if m is not None:
             post["sharpness"] = f"{m.sharpness:.2f}"
             if m.stability_ratio is not None:
@@ -148,7 +178,7 @@ def run_demo(
     monitor = SharpnessMonitor(every_n_steps=every, top_k=top_k, lambda_min=True)
     callbacks: list[Callback] = [monitor]
     if progress:
-        callbacks.append(_StepProgress(steps, monitor, stream))
+        callbacks.append(StepProgressBar(total=steps, stream=stream, description="full-batch GD"))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     trainer = pl.Trainer(
         max_steps=steps,
@@ -161,7 +191,7 @@ def run_demo(
         check_val_every_n_epoch=max(1, steps // 10),
         num_sanity_val_steps=0,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=progress,
         enable_model_summary=False,
     )
     trainer.fit(model, datamodule=data)

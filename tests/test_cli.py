@@ -82,7 +82,7 @@ def test_demo_tiny_run(tmp_path, capsys):
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_fit_every_config(config, tmp_path):
     argv = ["fit", "--config", str(config), "--trainer.max_steps", "6", "--trainer.logger.init_args.save_dir",
-            str(tmp_path), "--model.init_args.hidden", "[16]", "--trainer.enable_progress_bar", "false",
+            str(tmp_path), "--model.init_args.hidden", "[16]",
             "--trainer.enable_model_summary", "false"]
     if config.stem == "monitor_controller":
         argv += ["--controller.enabled", "false"]
@@ -99,7 +99,7 @@ def test_controller_toggle_on_from_command_line(tmp_path):
     cfg = ROOT / "examples" / "configs" / "monitor_controller.yaml"
     argv = ["fit", "--config", str(cfg), "--trainer.max_steps", "4", "--trainer.logger.init_args.save_dir",
             str(tmp_path), "--model.init_args.hidden", "[8]", "--controller.warmup_steps", "0",
-            "--monitor.every_n_steps", "1", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
+            "--monitor.every_n_steps", "1", "--trainer.log_every_n_steps", "1"]
     assert main(argv) == 0
     (events_dir,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
     assert any(t.startswith("rpe/lr") for t in load_run(events_dir).scalars)
@@ -108,7 +108,7 @@ def test_controller_toggle_on_from_command_line(tmp_path):
 def test_validate_and_test_subcommands(tmp_path, capsys):
     cfg = ROOT / "examples" / "configs" / "monitor.yaml"
     common = ["--config", str(cfg), "--trainer.logger.init_args.save_dir", str(tmp_path),
-              "--model.init_args.hidden", "[8]", "--trainer.enable_progress_bar", "false"]
+              "--model.init_args.hidden", "[8]"]
     assert main(["validate", *common]) == 0
     assert main(["test", *common]) == 0
 
@@ -149,3 +149,16 @@ def test_console_script_and_module_entry_point(tmp_path):
         pytest.skip("console script not installed (pip install -e .)")
     res = subprocess.run([exe, "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and "demo" in res.stdout
+
+
+def test_step_progress_bar_counts_optimizer_steps(tmp_path):
+    import io
+
+    from lightning_rpe.demo import run_demo
+
+    stream = io.StringIO()
+    res = run_demo(steps=12, every=6, hidden=(8,), n_train=100, out=tmp_path / "d", report=False, progress=True,
+                   stream=stream)
+    text = stream.getvalue()
+    assert res.steps == 12 and "12/12" in text and "sharpness=" in text and "ratio=" in text
+    assert res.measurements == len(res.trajectory) >= 3
