@@ -161,6 +161,9 @@ class TensorDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
     def full_train_batch(self) -> tuple[Tensor, Tensor]:
         """The whole training set as one ``(x, y)`` batch (for probes and quick checks)."""
         self._require_setup()

@@ -167,6 +167,11 @@ class RPEClassifier(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "test")
 
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Predicted class indices of ``batch = (x, ...)``."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).argmax(dim=1)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.parameters(), self.optimizer_name, **self._optim_kwargs)
 

@@ -111,6 +111,7 @@ def test_validate_and_test_subcommands(tmp_path, capsys):
               "--model.init_args.hidden", "[8]"]
     assert main(["validate", *common]) == 0
     assert main(["test", *common]) == 0
+    assert main(["predict", *common]) == 0
 
 
 def test_scheduler_without_optimizer_is_refused(capsys, tmp_path):
