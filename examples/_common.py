@@ -143,6 +143,8 @@ def run_digits(
         "mean_rotation_angle": float(angle.values.mean()) if angle is not None else float("nan"),
         "max_rotation_angle": float(angle.values.max()) if angle is not None else float("nan"),
         "min_lambda_min": float(lam_min.values.min()) if lam_min is not None else float("nan"),
+        "min_lambda_min_after_init": float(lam_min.values[lam_min.steps > 0].min())
+        if lam_min is not None and (lam_min.steps > 0).any() else float("nan"),
         "similarity_to_first": drift_cb.similarity if drift_cb is not None and drift_cb.similarity is not None
         else float("nan"),
         "final_train_loss": loss.last if loss is not None else float("nan"),
