@@ -12,7 +12,6 @@ Under data parallelism the first ``size`` indices are split across ranks with a 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +139,3 @@ def move_batch(batch: Any, device: torch.device) -> Any:
 
     return move_data_to_device(batch, device)
 
-
-def isfinite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

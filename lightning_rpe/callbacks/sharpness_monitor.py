@@ -15,6 +15,7 @@ names and their definitions).
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -849,7 +850,7 @@ class SharpnessMonitor(Callback):
     def layout(self) -> dict[str, dict[str, list[str]]]:
         """TensorBoard custom-scalars categories of this monitor (anchored tag regexes)."""
         p = self.prefix
-        esc = __import__("re").escape
+        esc = re.escape
         return {
             f"{p}curvature".rstrip("/"): {
                 "sharpness vs stability threshold": [
