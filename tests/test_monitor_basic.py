@@ -62,6 +62,19 @@ def test_values_match_dense_hessian_on_first_probe_samples() -> None:
     assert 0.0 <= m.subspace_similarity <= 1.0 and m.grad_alignment is not None
 
 
+@pytest.mark.parametrize("solver", ["lanczos", "block"])
+def test_solver_choice_gives_the_same_values(solver: str) -> None:
+    def run(solver_name):
+        pl.seed_everything(0, verbose=False)
+        monitor = SharpnessMonitor(every_n_steps=2, top_k=2, dtype="float64", tol=1e-8, probe_size=16, solver=solver_name)
+        make_trainer([monitor], max_steps=4).fit(TinyMLP(), full_batch_loader(16))
+        return monitor.latest
+
+    auto, chosen = run("auto"), run(solver)
+    assert chosen.eigenvalues == pytest.approx(auto.eigenvalues, rel=1e-6)
+    assert chosen.lambda_min == pytest.approx(auto.lambda_min, rel=1e-5)
+
+
 def test_polarity_alternates_on_two_parameter_model() -> None:
     """L(a, b) = (a b)^2, eta = 0.011 from (-0.1, 10): above 2/eta, the polarity alternates in sign with
     growing magnitude while the sharpness falls and |lambda_min| grows (SCIENCE.md)."""

@@ -90,6 +90,7 @@ INVALID = [
     (dict(tol=-1.0), "tol must be a finite float >= 0"),
     (dict(tol=float("nan")), "tol must be a finite float >= 0"),
     (dict(max_hvp=0), "max_hvp must be a positive int or None"),
+    (dict(solver="arnoldi"), "solver must be one of 'auto', 'lanczos', 'block'"),
     (dict(dtype="float16"), "dtype must be one of 'float32', 'float64'"),
     (dict(batchnorm="train"), "batchnorm must be one of 'eval', 'batch'"),
     (dict(dropout="yes"), "dropout must be one of 'off', 'on'"),

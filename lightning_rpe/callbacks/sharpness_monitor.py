@@ -38,6 +38,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _BATCHNORM = ("eval", "batch")
 _DROPOUT = ("off", "on")
 _BACKENDS = ("auto", "func", "autograd")
+_SOLVERS = ("auto", "lanczos", "block")
 _STATE_FORMAT = 1
 
 
@@ -210,6 +211,8 @@ class SharpnessMonitor(Callback):
         trace_hvps: product budget of the trace estimate.
         tol: relative residual tolerance of the eigen-solver.
         max_hvp: product budget per eigen-solve (None = the solver's default).
+        solver: ``"auto"`` (block LOBPCG when warm-started, Lanczos otherwise), ``"lanczos"``
+            (warm start = a start vector built from the previous eigenvectors) or ``"block"``.
         dtype: ``"float32"`` or ``"float64"``: precision of the Hessian products.
         batchnorm: ``"eval"`` (running statistics) or ``"batch"`` (batch statistics).
         dropout: ``"off"`` or ``"on"`` (fixed masks per probe batch).
@@ -241,6 +244,7 @@ class SharpnessMonitor(Callback):
         trace_hvps: int = 60,
         tol: float = 1e-3,
         max_hvp: int | None = None,
+        solver: str = "auto",
         dtype: str = "float32",
         batchnorm: str = "eval",
         dropout: str = "off",
@@ -303,6 +307,9 @@ class SharpnessMonitor(Callback):
         if max_hvp is not None and (isinstance(max_hvp, bool) or not isinstance(max_hvp, int) or max_hvp < 1):
             raise ValueError(f"SharpnessMonitor: max_hvp must be a positive int or None; got {max_hvp!r}")
         self.max_hvp = max_hvp
+        if solver not in _SOLVERS:
+            raise _choice("solver", solver, _SOLVERS)
+        self.solver = solver
         if isinstance(dtype, torch.dtype):
             dtype = {v: k for k, v in _DTYPES.items()}.get(dtype, str(dtype))
         if dtype not in _DTYPES:
@@ -648,7 +655,8 @@ class SharpnessMonitor(Callback):
                 cols.append(self._prev_min.reshape(-1, 1))
             init = torch.cat(cols, dim=1).to(device=op.device, dtype=op.dtype)
         gen = self._generator(step)
-        res = eigenpairs(op, k=k, which=which, tol=self.tol, max_hvp=self.max_hvp, init=init, generator=gen)
+        res = eigenpairs(op, k=k, which=which, tol=self.tol, max_hvp=self.max_hvp, init=init, generator=gen,
+                         method=self.solver)
         if not bool(torch.isfinite(res.eigenvalues).all()):
             raise _Skip(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)")
         if not res.all_converged:
@@ -676,7 +684,8 @@ class SharpnessMonitor(Callback):
                 pinit = None
                 if self.warm_start and self._prev_pre is not None and self._prev_pre.shape[0] == op.dim:
                     pinit = self._prev_pre.reshape(-1, 1).to(device=op.device, dtype=op.dtype)
-                pres = eigenpairs(pop, k=1, which="largest", tol=self.tol, max_hvp=self.max_hvp, init=pinit, generator=gen)
+                pres = eigenpairs(pop, k=1, which="largest", tol=self.tol, max_hvp=self.max_hvp, init=pinit,
+                                  generator=gen, method=self.solver)
                 if not pres.all_converged:
                     raise _Skip(f"the preconditioned eigen-solve did not converge ({pres.reason or 'not converged'})")
                 pre_val = float(pres.eigenvalues[0])
