@@ -436,13 +436,14 @@ def _plot_sweep(summaries: Sequence[RunSummary], out: Path, plt: Any, rotation_t
     grid = np.geomspace(lrs.min() / 1.2, lrs.max() * 1.2, 50)
     ax.plot(grid, 2 / grid, "--", color="C3", lw=1, label="2 / lr (GD threshold)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(_ticker().LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(_ticker().FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(_ticker().FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(_ticker().NullFormatter())
     ax.set_title("flatness against the learning rate")
     ax_a.set_title("generalisation against the learning rate")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     if ax_a.get_legend_handles_labels()[0]:
-        ax_a.legend(fontsize=8)
+        ax_a.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = out / "sweep.png"
     fig.savefig(path, dpi=110)
