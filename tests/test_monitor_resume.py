@@ -127,3 +127,15 @@ def test_two_monitors_have_distinct_state_keys(tmp_path: Path) -> None:
     # Lightning refuses duplicate state keys when the Trainer is built; the monitor checks again at setup
     with pytest.raises((RuntimeError, ValueError), match="state_key"):
         make_trainer(same, max_steps=1).fit(TinyMLP(), _loader())
+
+
+def test_resume_with_different_probe_data_warns(tmp_path: Path) -> None:
+    monitor = _monitor()
+    trainer = make_trainer([monitor], max_steps=2)
+    trainer.fit(TinyMLP(), _loader())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    other_data = make_loader(make_dataset(16, seed=99), batch_size=16)
+    resumed = _monitor()
+    with pytest.warns(UserWarning, match="probe set rebuilt after resuming differs"):
+        make_trainer([resumed], max_steps=4).fit(TinyMLP(), other_data, ckpt_path=str(tmp_path / "a.ckpt"))
+    assert resumed.n_measurements == monitor.n_measurements + 1
