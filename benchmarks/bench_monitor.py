@@ -63,13 +63,13 @@ def tensor_bytes(obj: Any) -> int:
     return walk(obj)
 
 
-def make_model(hidden: Sequence[int], lr: float, seed: int) -> Any:
+def make_model(hidden: Sequence[int], lr: float, seed: int, optimizer: str = "sgd") -> Any:
     import lightning.pytorch as pl
 
     from lightning_rpe.models import MLPClassifier
 
     pl.seed_everything(seed, verbose=False)
-    return MLPClassifier(hidden=tuple(hidden), lr=lr)
+    return MLPClassifier(hidden=tuple(hidden), lr=lr, optimizer=optimizer)
 
 
 def make_data(n_train: int) -> Any:
@@ -105,14 +105,22 @@ class _Recorder:
         return Recorder()
 
 
+def _quiet_lightning() -> None:
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def fit_once(steps: int, hidden: Sequence[int], lr: float, n_train: int, monitor_kwargs: dict | None,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, optimizer: str = "sgd") -> dict[str, Any]:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_rpe import SharpnessMonitor
 
-    model = make_model(hidden, lr, seed)
+    _quiet_lightning()
+    model = make_model(hidden, lr, seed, optimizer)
     dm = make_data(n_train)
     callbacks: list[Any] = []
     monitor = recorder = None
@@ -159,15 +167,15 @@ def gradient_time(model: Any, dm: Any, n_probe: int, repeats: int = 20) -> float
 
 
 def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, every: int, probe_size: int,
-        verbose: bool = True) -> dict[str, Any]:
+        verbose: bool = True, optimizer: str = "sgd") -> dict[str, Any]:
     monitor_kwargs = dict(every_n_steps=every, top_k=1, lambda_min=True, probe="fixed", probe_size=probe_size)
     walls_with, walls_without, grad_times, warm, first, states = [], [], [], [], [], []
     skipped = 0
     n_params = top_k = None
-    fit_once(min(steps, 20), hidden, lr, n_train, monitor_kwargs)  # warm-up: imports, allocator, threads
+    fit_once(min(steps, 20), hidden, lr, n_train, monitor_kwargs, optimizer=optimizer)  # warm-up: imports, threads
     for r in range(runs):
-        base = fit_once(steps, hidden, lr, n_train, None)
-        mon = fit_once(steps, hidden, lr, n_train, monitor_kwargs)
+        base = fit_once(steps, hidden, lr, n_train, None, optimizer=optimizer)
+        mon = fit_once(steps, hidden, lr, n_train, monitor_kwargs, optimizer=optimizer)
         walls_without.append(base["wall"])
         walls_with.append(mon["wall"])
         grad_times.append(gradient_time(mon["model"], mon["datamodule"], probe_size))
@@ -188,7 +196,7 @@ def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, e
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "steps": steps, "runs": runs, "hidden": list(hidden), "lr": lr, "n_params": n_params,
+        "steps": steps, "runs": runs, "hidden": list(hidden), "lr": lr, "optimizer": optimizer, "n_params": n_params,
         "every_n_steps": every, "probe_size": probe_size, "top_k": top_k,
         "wall_without": statistics.median(walls_without), "wall_with": statistics.median(walls_with),
         "wall_ratio": statistics.median(a / b for a, b in zip(walls_with, walls_without)),
@@ -244,10 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--hidden", type=int, nargs="*", default=[200, 200])
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw", "clipped_adam"],
+                        help="sgd = full-batch GD (the issue's setting); adam adds the preconditioned solve")
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--probe-size", type=int, default=1000)
     parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (use 1 on a machine loaded by other processes)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
@@ -255,10 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--runs must be >= 3 (the table reports medians)")
     torch.set_num_threads(args.threads)
     steps = args.steps or (60 if args.quick else 200)
-    r = run(steps, args.runs, args.hidden, args.lr, args.n_train, args.every, args.probe_size)
+    r = run(steps, args.runs, args.hidden, args.lr, args.n_train, args.every, args.probe_size,
+            optimizer=args.optimizer)
     print()
     print(f"SharpnessMonitor cost, {r['date']}, torch {r['torch']}, {r['threads']} threads; MLP 64-"
-          f"{'-'.join(map(str, r['hidden']))}-10 ({r['n_params']:,} parameters), full-batch GD lr {r['lr']}, "
+          f"{'-'.join(map(str, r['hidden']))}-10 ({r['n_params']:,} parameters), full-batch {r['optimizer']} lr {r['lr']}, "
           f"{r['steps']} steps, median of {r['runs']} runs; measurements skipped: {r['skipped']}")
     print(format_table(r))
     if args.markdown:
