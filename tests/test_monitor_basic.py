@@ -272,3 +272,18 @@ def test_fixed_probe_from_an_iterable_dataset() -> None:
     assert monitor.state_dict()["probe_kind"] == "iterable"
     assert torch.equal(torch.cat([b[0] for b in monitor.probe_batches]), data.tensors[0][:10])
     assert monitor.n_measurements == 3
+
+
+def test_a_reused_monitor_starts_fresh_on_a_new_fit() -> None:
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=8)
+    make_trainer([monitor], max_steps=2).fit(TinyMLP(), full_batch_loader(8))
+    assert monitor.n_measurements == 3
+    first = []
+
+    class Record(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            first.append(monitor.latest)
+
+    make_trainer([monitor, Record()], max_steps=1).fit(TinyMLP(), full_batch_loader(8))
+    assert monitor.n_measurements == 2  # fit start + step 1 of the new fit only
+    assert first[0].step == 0 and first[0].rotation_cos is None and first[0].polarity is None

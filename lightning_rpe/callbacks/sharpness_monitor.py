@@ -438,6 +438,22 @@ class SharpnessMonitor(Callback):
                     "states stay apart"
                 )
         self._loss = self._resolve_loss(pl_module)
+        if trainer.global_step == 0:
+            # a fresh fit (a checkpoint, if any, is loaded after setup and restores the state)
+            self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.latest = None
+        self.n_measurements = 0
+        self.n_skipped = 0
+        self._last_attempt_step = None
+        self._prev_top = self._prev_min = self._prev_pre = None
+        self._probe = None
+        self._probe_indices = None
+        self._probe_fingerprint = None
+        self._probe_kind = None
+        self._polarity.reset()
+        self._last_batch = None
 
     @staticmethod
     def _check_strategy(trainer: "pl.Trainer") -> None:
