@@ -18,8 +18,9 @@ Reported (``torch.set_num_threads(2)``; runs alternate with/without, medians ove
 * wall-time ratio of the whole ``trainer.fit`` (with / without);
 * per measurement once warm (every measurement after the first one): median HVPs, median wall
   time (the monitor's own ``Measurement.seconds``) and that time in gradient-equivalents, i.e.
-  divided by the median time of one gradient of the mean loss over the same 1000-sample probe set
-  (forward + backward, timed between the runs);
+  divided by the time of one gradient of the mean loss over the same 1000-sample probe set
+  (forward + backward, median of 3, timed right after each measurement by a recorder callback
+  whose own time is subtracted from the wall time of the run);
 * state memory: bytes of all tensors in the monitor's ``state_dict()`` against the parameter
   bytes; goal ``<= (k + 3) x`` the parameter bytes.
 """
@@ -81,26 +82,41 @@ def make_data(n_train: int) -> Any:
 
 
 class _Recorder:
-    """Collects every new ``monitor.latest`` after each training batch."""
+    """Collects every new ``monitor.latest`` and, right after it, times one gradient of the mean
+    loss over the probe samples (median of 3), so each measurement has a paired gradient time.
+    The recorder's own time is reported so that it can be subtracted from the run's wall time."""
 
-    def __new__(cls, monitor: Any) -> Any:
+    def __new__(cls, monitor: Any, probe: tuple[torch.Tensor, torch.Tensor]) -> Any:
         import lightning.pytorch as pl
 
         class Recorder(pl.Callback):
             def __init__(self) -> None:
                 self.monitor = monitor
                 self.measurements: list[Any] = []
+                self.grad_times: list[float] = []
+                self.own_seconds = 0.0
 
-            def _grab(self) -> None:
+            def _grab(self, pl_module: Any) -> None:
                 m = self.monitor.latest
-                if m is not None and (not self.measurements or self.measurements[-1] is not m):
-                    self.measurements.append(m)
+                if m is None or (self.measurements and self.measurements[-1] is m):
+                    return
+                start = time.perf_counter()
+                self.measurements.append(m)
+                params = [p for p in pl_module.parameters() if p.requires_grad]
+                times = []
+                with torch.enable_grad():
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        torch.autograd.grad(pl_module.compute_loss(probe), params)
+                        times.append(time.perf_counter() - t0)
+                self.grad_times.append(statistics.median(times))
+                self.own_seconds += time.perf_counter() - start
 
-            def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-                self._grab()
+            def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+                self._grab(pl_module)
 
-            def on_fit_end(self, *args: Any, **kwargs: Any) -> None:
-                self._grab()
+            def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+                self._grab(pl_module)
 
         return Recorder()
 
@@ -126,7 +142,8 @@ def fit_once(steps: int, hidden: Sequence[int], lr: float, n_train: int, monitor
     monitor = recorder = None
     if monitor_kwargs is not None:
         monitor = SharpnessMonitor(**monitor_kwargs)
-        recorder = _Recorder(monitor)
+        x, y = probe_tensors(dm, monitor_kwargs.get("probe_size", 1000))
+        recorder = _Recorder(monitor, (x, y))
         callbacks = [monitor, recorder]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
@@ -141,34 +158,33 @@ def fit_once(steps: int, hidden: Sequence[int], lr: float, n_train: int, monitor
             wall = time.perf_counter() - t0
     out: dict[str, Any] = {"wall": wall, "steps": trainer.global_step, "model": model, "datamodule": dm}
     if monitor is not None:
+        out["wall"] = wall - recorder.own_seconds
         out["measurements"] = list(recorder.measurements)
+        out["grad_times"] = list(recorder.grad_times)
         out["state_bytes"] = tensor_bytes(monitor.state_dict())
         out["n_skipped"] = monitor.n_skipped
         out["top_k"] = monitor.top_k
     return out
 
 
-def gradient_time(model: Any, dm: Any, n_probe: int, repeats: int = 20) -> float:
-    """Median time of one gradient of the mean loss over the first ``n_probe`` training samples."""
-    x, y = dm.train_dataloader().dataset.tensors if hasattr(dm.train_dataloader().dataset, "tensors") else (None, None)
-    if x is None:
-        batch = next(iter(dm.train_dataloader()))
-        x, y = batch[0], batch[1]
-    x, y = x[:n_probe], y[:n_probe]
-    params = [p for p in model.parameters() if p.requires_grad]
-    times = []
-    for i in range(repeats + 3):
-        t0 = time.perf_counter()
-        loss = model.compute_loss((x, y))
-        torch.autograd.grad(loss, params)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def probe_tensors(dm: Any, n_probe: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n_probe`` training samples (what the fixed probe set holds)."""
+    xs, ys, n = [], [], 0
+    for batch in dm.train_dataloader():
+        xs.append(batch[0])
+        ys.append(batch[1])
+        n += len(batch[0])
+        if n >= n_probe:
+            break
+    return torch.cat(xs)[:n_probe], torch.cat(ys)[:n_probe]
 
 
 def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, every: int, probe_size: int,
-        verbose: bool = True, optimizer: str = "sgd") -> dict[str, Any]:
-    monitor_kwargs = dict(every_n_steps=every, top_k=1, lambda_min=True, probe="fixed", probe_size=probe_size)
+        verbose: bool = True, optimizer: str = "sgd", solver: str | None = None) -> dict[str, Any]:
+    monitor_kwargs: dict[str, Any] = dict(every_n_steps=every, top_k=1, lambda_min=True, probe="fixed",
+                                          probe_size=probe_size)
+    if solver is not None:
+        monitor_kwargs["solver"] = solver
     walls_with, walls_without, grad_times, warm, first, states = [], [], [], [], [], []
     skipped = 0
     n_params = top_k = None
@@ -178,10 +194,11 @@ def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, e
         mon = fit_once(steps, hidden, lr, n_train, monitor_kwargs, optimizer=optimizer)
         walls_without.append(base["wall"])
         walls_with.append(mon["wall"])
-        grad_times.append(gradient_time(mon["model"], mon["datamodule"], probe_size))
         ms = mon["measurements"]
-        first.append(ms[0])
-        warm.extend(ms[1:])
+        gts = mon["grad_times"]
+        grad_times.extend(gts)
+        first.append((ms[0], gts[0]))
+        warm.extend(zip(ms[1:], gts[1:]))
         states.append(mon["state_bytes"])
         skipped += mon["n_skipped"]
         top_k = mon["top_k"]
@@ -189,25 +206,31 @@ def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, e
         param_bytes = sum(p.numel() * p.element_size() for p in mon["model"].parameters() if p.requires_grad)
         if verbose:
             print(f"[{time.strftime('%H:%M:%S')}] run {r}: without {base['wall']:.2f} s, with {mon['wall']:.2f} s, "
-                  f"{len(ms)} measurements, HVPs {[m.n_hvp for m in ms]}, gradient {grad_times[-1] * 1e3:.2f} ms",
+                  f"{len(ms)} measurements, HVPs {[m.n_hvp for m in ms]}, "
+                  f"gradient {statistics.median(gts) * 1e3:.2f} ms",
                   flush=True)
     grad_t = statistics.median(grad_times)
-    warm_secs = [m.seconds for m in warm]
+    warm_secs = [m.seconds for m, _ in warm]
+    warm_eq = [m.seconds / g for m, g in warm]
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "steps": steps, "runs": runs, "hidden": list(hidden), "lr": lr, "optimizer": optimizer, "n_params": n_params,
+        "steps": steps, "runs": runs, "hidden": list(hidden), "lr": lr, "optimizer": optimizer, "solver": solver or "default", "n_params": n_params,
         "every_n_steps": every, "probe_size": probe_size, "top_k": top_k,
         "wall_without": statistics.median(walls_without), "wall_with": statistics.median(walls_with),
         "wall_ratio": statistics.median(a / b for a, b in zip(walls_with, walls_without)),
         "n_measurements_per_run": (len(warm) + len(first)) / runs,
-        "first_hvp": statistics.median(m.n_hvp for m in first),
-        "first_seconds": statistics.median(m.seconds for m in first),
-        "warm_hvp_median": statistics.median(m.n_hvp for m in warm) if warm else None,
-        "warm_hvp_max": max((m.n_hvp for m in warm), default=None),
+        "first_hvp": statistics.median(m.n_hvp for m, _ in first),
+        "first_seconds": statistics.median(m.seconds for m, _ in first),
+        "first_grad_equiv": statistics.median(m.seconds / g for m, g in first),
+        "warm_hvp_median": statistics.median(m.n_hvp for m, _ in warm) if warm else None,
+        "warm_hvp_max": max((m.n_hvp for m, _ in warm), default=None),
+        "warm_hvp_min": min((m.n_hvp for m, _ in warm), default=None),
         "warm_seconds_median": statistics.median(warm_secs) if warm else None,
         "grad_time": grad_t,
-        "warm_grad_equiv_median": statistics.median(warm_secs) / grad_t if warm else None,
+        "warm_grad_equiv_median": statistics.median(warm_eq) if warm else None,
+        "warm_grad_equiv_per_hvp_median": statistics.median(e / m.n_hvp for e, (m, _) in zip(warm_eq, warm))
+        if warm else None,
         "skipped": skipped,
         "state_bytes": max(states), "param_bytes": param_bytes,
         "state_over_params": max(states) / param_bytes,
@@ -225,9 +248,10 @@ def format_table(r: dict[str, Any], markdown: bool = False) -> str:
         ["measurements per run (fit start, every 10 steps, fit end)", f"{r['n_measurements_per_run']:g}", "-",
          "(info)", "-"],
         ["first (cold) measurement", f"{r['first_hvp']:g} HVP, {r['first_seconds'] * 1e3:.1f} ms",
-         f"{r['first_seconds'] / r['grad_time']:.1f} grad-eq", "(info)", "-"],
-        ["warm measurement, median HVPs (max)", f"{r['warm_hvp_median']:g} ({r['warm_hvp_max']:g})", "-", "(info)",
-         "-"],
+         f"{r['first_grad_equiv']:.1f} grad-eq", "(info)", "-"],
+        ["warm measurements, HVPs: median (min-max)",
+         f"{r['warm_hvp_median']:g} ({r['warm_hvp_min']:g}-{r['warm_hvp_max']:g})",
+         f"{r['warm_grad_equiv_per_hvp_median']:.2f} grad-eq per HVP", "(info)", "-"],
         ["warm measurement, median cost",
          f"{r['warm_seconds_median'] * 1e3:.1f} ms (gradient {r['grad_time'] * 1e3:.2f} ms)",
          f"{r['warm_grad_equiv_median']:.1f} grad-eq", f"<= {GOAL_GRAD_EQUIV:g} grad-eq",
@@ -255,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw", "clipped_adam"],
                         help="sgd = full-batch GD (the issue's setting); adam adds the preconditioned solve")
     parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--solver", default=None, choices=["auto", "lanczos", "block"],
+                        help="SharpnessMonitor(solver=...); default: the monitor's own default")
     parser.add_argument("--probe-size", type=int, default=1000)
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2,
@@ -267,11 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     steps = args.steps or (60 if args.quick else 200)
     r = run(steps, args.runs, args.hidden, args.lr, args.n_train, args.every, args.probe_size,
-            optimizer=args.optimizer)
+            optimizer=args.optimizer, solver=args.solver)
     print()
     print(f"SharpnessMonitor cost, {r['date']}, torch {r['torch']}, {r['threads']} threads; MLP 64-"
           f"{'-'.join(map(str, r['hidden']))}-10 ({r['n_params']:,} parameters), full-batch {r['optimizer']} lr {r['lr']}, "
-          f"{r['steps']} steps, median of {r['runs']} runs; measurements skipped: {r['skipped']}")
+          f"{r['steps']} steps, solver {r['solver']}, median of {r['runs']} runs; measurements skipped: {r['skipped']}")
     print(format_table(r))
     if args.markdown:
         print()
