@@ -172,3 +172,31 @@ def test_bad_arguments(matrix, kwargs, match):
 def test_bad_operator():
     with pytest.raises(ValueError, match="operator must be a CurvatureOperator"):
         eigenpairs(torch.eye(3))  # type: ignore[arg-type]
+
+
+def test_tol_smallest_loosens_only_the_smallest_pair():
+    # lambda_min sits in a cluster near 0, far below lambda_max: a looser tolerance for it alone
+    # saves products while the top pair still meets the tight one
+    g = torch.Generator().manual_seed(3)
+    n = 300
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    spec = torch.cat([torch.tensor([40.0, 35.0]), torch.linspace(-0.2, 0.2, n - 2, dtype=torch.float64)])
+    A = DenseOperator(Q @ torch.diag(spec) @ Q.T)
+    for method in ("lanczos", "block"):
+        noise = torch.randn(n, 2, generator=g, dtype=torch.float64)
+        init = None if method == "lanczos" else Q[:, [0, 2]] + 0.05 * noise / noise.norm(dim=0)
+        tight = eigenpairs(A, k=1, which="both", tol=1e-6, method=method, init=init, max_hvp=n)
+        loose = eigenpairs(A, k=1, which="both", tol=1e-6, tol_smallest=1e-2, method=method, init=init, max_hvp=n)
+        assert bool(tight.converged.all()) and bool(loose.converged.all())
+        assert loose.n_hvp < tight.n_hvp
+        assert loose.residuals[0] <= 1e-6 * 40.0
+        assert loose.residuals[-1] <= 1e-2 * 40.0
+        assert abs(loose.lambda_max - 40.0) < 1e-6
+
+
+def test_tol_smallest_validation():
+    A = DenseOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="tol_smallest applies to which='both'"):
+        eigenpairs(A, which="largest", tol_smallest=1e-2)
+    with pytest.raises(ValueError, match="tol_smallest must be a finite float"):
+        eigenpairs(A, which="both", tol_smallest=-1.0)

@@ -140,7 +140,7 @@ def lobpcg(
     *,
     k: int,
     which: str,
-    tol: float,
+    tol: float | Tensor,
     max_hvp: int,
     generator: torch.Generator,
     init: Tensor | None = None,
@@ -156,6 +156,7 @@ def lobpcg(
     """
     dim, dtype, device = operator.dim, operator.dtype, operator.device
     nw = n_wanted(k, which)
+    tol = torch.as_tensor(tol, dtype=torch.float64).reshape(-1).expand(nw)  # one per wanted pair
     if guard is None:
         bs = block_size(dim, k, which, init)
     else:
@@ -209,8 +210,10 @@ def lobpcg(
         idx = select_ritz(theta, k, which)
         wanted = torch.zeros(theta.shape[0], dtype=torch.bool)
         wanted[idx] = True
-        conv = rnorm <= tol * scale
-        if tol > 0 and bool(conv[wanted].all()):
+        limit = torch.zeros(theta.shape[0], dtype=torch.float64)
+        limit[idx] = tol * scale
+        conv = rnorm <= limit
+        if float(tol.min()) > 0 and bool(conv[wanted].all()):
             break
         remaining = max_hvp - spent()
         if remaining <= 0:
@@ -279,9 +282,10 @@ def lobpcg(
     threshold = tol * float(theta_all.abs().max())
     converged = residuals <= threshold
     if reason is None and not bool(converged.all()):
+        worst = int(torch.argmax(residuals / threshold))
         reason = (
             f"max_hvp={max_hvp} products reached before the tolerance "
-            f"(largest residual {float(residuals.max()):.3g} > tol * max|theta| = {threshold:.3g})"
+            f"(residual {float(residuals[worst]):.3g} > tol * max|theta| = {float(threshold[worst]):.3g})"
         )
     return SolverOutput(theta[idx].clone(), vectors, residuals, converged, reason)
 

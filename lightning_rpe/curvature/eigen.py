@@ -127,6 +127,7 @@ def eigenpairs(
     init: Tensor | None = None,
     generator: torch.Generator | None = None,
     method: str = "auto",
+    tol_smallest: float | None = None,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator, stopped on residuals.
 
@@ -145,6 +146,10 @@ def eigenpairs(
         generator: source of the random start vectors; default a private generator seeded with
             :data:`DEFAULT_SEED`, so repeated calls are reproducible. The global RNG is never used.
         method: ``"auto"`` (block when ``init`` is given, else Lanczos) | ``"lanczos"`` | ``"block"``.
+        tol_smallest: with ``which="both"``, the tolerance of the smallest pair (default ``tol``).
+            Its residual is still measured against ``max|theta|``: when ``lambda_min`` sits in a
+            cluster near 0 far below ``lambda_max``, a looser value here saves most of the products
+            while the top pairs keep ``tol``.
 
     Returns:
         :class:`EigenResult`. A non-finite product returns NaN values, ``converged`` all false and
@@ -169,6 +174,15 @@ def eigenpairs(
         raise ValueError(f"tol must be a finite float >= 0, got {tol!r}") from None
     if not math.isfinite(tol) or tol < 0:
         raise ValueError(f"tol must be a finite float >= 0, got {tol!r}")
+    if tol_smallest is not None:
+        if which != "both":
+            raise ValueError(f"tol_smallest applies to which='both' only; got which={which!r}")
+        try:
+            tol_smallest = float(tol_smallest)
+        except (TypeError, ValueError):
+            raise ValueError(f"tol_smallest must be a finite float >= 0 or None, got {tol_smallest!r}") from None
+        if not math.isfinite(tol_smallest) or tol_smallest < 0:
+            raise ValueError(f"tol_smallest must be a finite float >= 0 or None, got {tol_smallest!r}")
     init = _check_init(init, dim)
     generator = _check_generator(generator)
     if method == "auto":
@@ -191,15 +205,18 @@ def eigenpairs(
             f"{nw} pairs), got max_hvp={max_hvp}"
         )
 
+    tols = torch.full((nw,), tol, dtype=torch.float64)
+    if tol_smallest is not None:
+        tols[-1] = tol_smallest  # "both": the smallest pair comes last
     start_count = operator.n_hvp
     with torch.no_grad():
         if method == "block":
-            out = lobpcg(operator, k=k, which=which, tol=tol, max_hvp=max_hvp, generator=generator, init=init)
+            out = lobpcg(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, init=init)
         else:
             start = None
             if init is not None:
                 start = _warm_start_vector(init, generator, operator)
-            out = lanczos(operator, k=k, which=which, tol=tol, max_hvp=max_hvp, generator=generator, start=start)
+            out = lanczos(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, start=start)
     return EigenResult(
         eigenvalues=out.values,
         eigenvectors=out.vectors,

@@ -117,15 +117,15 @@ def lanczos(
     *,
     k: int,
     which: str,
-    tol: float,
+    tol: float | Tensor,
     max_hvp: int,
     generator: torch.Generator,
     start: Tensor | None = None,
 ) -> SolverOutput:
     """Extreme eigenpairs of ``operator`` by Lanczos with full re-orthogonalisation.
 
-    Runs until every wanted Ritz pair has ``|beta_m s_m| <= tol * max|theta|`` (max over all
-    current Ritz values), until ``max_hvp`` products were spent, or until the Krylov space is the
+    Runs until every wanted Ritz pair has ``|beta_m s_m| <= tol_i * max|theta|`` (max over all
+    current Ritz values; ``tol`` holds one float64 tolerance per wanted pair, in result order), until ``max_hvp`` products were spent, or until the Krylov space is the
     whole space (then the pairs are exact up to rounding and count as converged). One product per
     iteration; memory ``(max_hvp + 1) * dim`` entries for the basis.
 
@@ -134,6 +134,7 @@ def lanczos(
     """
     dim, dtype, device = operator.dim, operator.dtype, operator.device
     nw = n_wanted(k, which)
+    tol = torch.as_tensor(tol, dtype=torch.float64).reshape(-1).expand(nw)  # one per wanted pair
     m_max = min(int(max_hvp), dim)
     eps = torch.finfo(dtype).eps
     # beta below this (relative to the spectrum's scale seen so far) is an invariant subspace
@@ -174,7 +175,7 @@ def lanczos(
         if theta.shape[0] >= nw:
             idx = select_ritz(theta, k, which)
             # tol=0 runs to the budget (a Ritz residual can be exactly 0 by deflation in eigh)
-            if tol > 0 and bool((res[idx] <= tol * float(theta.abs().max())).all()):
+            if float(tol.min()) > 0 and bool((res[idx] <= tol * float(theta.abs().max())).all()):
                 break
         if exhausted or j + 1 == m_max:
             break
@@ -210,8 +211,9 @@ def lanczos(
         converged = torch.ones_like(converged)
     reason = None
     if not bool(converged.all()):
+        worst = int(torch.argmax(residuals / threshold))
         reason = (
             f"max_hvp={max_hvp} products reached before the tolerance "
-            f"(largest residual {float(residuals.max()):.3g} > tol * max|theta| = {threshold:.3g})"
+            f"(residual {float(residuals[worst]):.3g} > tol * max|theta| = {float(threshold[worst]):.3g})"
         )
     return SolverOutput(values, vectors, residuals, converged, reason)
