@@ -50,13 +50,16 @@ def test_event_file_tags_steps_and_layout(run_dir) -> None:
     expected = {"rpe/sharpness", "rpe/eig_1", "rpe/eig_2", "rpe/eig_3", "rpe/lambda_min", "rpe/threshold",
                 "rpe/stability_ratio", "rpe/threshold/pg1", "rpe/threshold/pg2", "rpe/stability_ratio/pg1",
                 "rpe/stability_ratio/pg2", "rpe/rotation_cos", "rpe/rotation_angle", "rpe/subspace_similarity",
-                "rpe/polarity", "rpe/polarity_flips", "rpe/grad_alignment", "rpe/hvps", "rpe/measure_seconds",
+                "rpe/subspace_similarity_to_first", "rpe/polarity", "rpe/polarity_flips", "rpe/grad_alignment", "rpe/hvps", "rpe/measure_seconds",
                 "rpe/probe_loss"}
     assert expected <= tags, expected - tags
     # fit start (x 0) and after steps 2, 4, 6 (x 1, 3, 5): the same x values as train_loss
     assert [e.step for e in acc.Scalars("train_loss")] == [1, 3, 5]
     assert [e.step for e in acc.Scalars("rpe/sharpness")] == [0, 1, 3, 5]
     assert [e.step for e in acc.Scalars("rpe/rotation_cos")] == [1, 3, 5]
+    # similarity to the first (fit-start) subspace: 1 at the first measurement, then in [0, 1]
+    to_first = [e.value for e in acc.Scalars("rpe/subspace_similarity_to_first")]
+    assert len(to_first) == 4 and to_first[0] == pytest.approx(1.0) and all(0.0 <= v <= 1.0 + 1e-6 for v in to_first)
     assert acc.Scalars("rpe/eig_3")[-1].value == pytest.approx(monitor.latest.eigenvalues[2], rel=1e-6)
 
     events = acc.Tensors(LAYOUT_TAG)
@@ -76,7 +79,7 @@ def test_event_file_tags_steps_and_layout(run_dir) -> None:
     assert matched("spectrum: top-k and lambda_min") == {"rpe/eig_1", "rpe/eig_2", "rpe/eig_3", "rpe/lambda_min"}
     assert matched("rotation and polarity (degrees)") == {"rpe/rotation_angle", "rpe/polarity"}
     assert matched("rotation cosines and alignment") == {"rpe/rotation_cos", "rpe/subspace_similarity",
-                                                         "rpe/grad_alignment"}
+                                                         "rpe/subspace_similarity_to_first", "rpe/grad_alignment"}
     assert matched("stability ratio") == {"rpe/stability_ratio", "rpe/stability_ratio/pg1", "rpe/stability_ratio/pg2"}
 
 
