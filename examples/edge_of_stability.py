@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lrs", type=parse_floats, default=[0.05, 0.1, 0.2], help="comma-separated learning rates")
     p.add_argument("--steps", type=int, default=2000, help="gradient-descent steps per run")
     p.add_argument("--seeds", type=parse_ints, default=[0], help="comma-separated seeds")
-    p.add_argument("--every", type=int, default=25, help="measure every this many steps")
+    p.add_argument("--every", type=int, default=50, help="measure every this many steps")
     p.add_argument("--out", default="runs/edge_of_stability", help="folder for the runs' logs and results.md")
     p.add_argument("--smoke", action="store_true", help="tiny configuration that finishes in seconds")
     args = p.parse_args(argv)
