@@ -111,6 +111,11 @@ class StepProgressBar(ProgressBar):
             if m.stability_ratio is not None:
                 post["ratio"] = f"{m.stability_ratio:.3f}"
         self.bar.set_postfix(post, refresh=False)
+        if self.bar.total is not None and self.bar.n >= self.bar.total:
+            # Close now, before Lightning prints its "stopped: max_steps reached" notice.
+            self.bar.refresh()
+            self.bar.close()
+            self.bar = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.bar is not None:
