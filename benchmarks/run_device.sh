@@ -2,6 +2,10 @@
 # Runs the benchmarks on a lent accelerator machine's CPU (a quiet 16-core box), pinned to 2 threads.
 # The reference libraries travel as plain copies in .benchlibs/ (see docs/benchmarks.md); the GPU is hidden.
 # Usage: bash benchmarks/run_device.sh OUTDIR [quick|full]
+# Prepare .benchlibs/ once on the machine where benchmarks/install.sh ran (pure-Python packages):
+#   sp=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); mkdir -p .benchlibs
+#   for d in pyhessian hessian_eigenthings curvlinops backpack unfoldNd einconv; do cp -r "$sp/$d" .benchlibs/; done
+#   echo /.benchlibs/ >> .git/info/exclude
 set -uo pipefail
 out=${1:?output directory}; mode=${2:-quick}
 export PYTHONPATH="$PWD/.benchlibs:$PWD" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 CUDA_VISIBLE_DEVICES=""
