@@ -287,3 +287,21 @@ def test_a_reused_monitor_starts_fresh_on_a_new_fit() -> None:
     make_trainer([monitor, Record()], max_steps=1).fit(TinyMLP(), full_batch_loader(8))
     assert monitor.n_measurements == 2  # fit start + step 1 of the new fit only
     assert first[0].step == 0 and first[0].rotation_cos is None and first[0].polarity is None
+
+
+def test_similarity_to_first_uses_the_reference_step() -> None:
+    history: list[Measurement] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            history.append(monitor.latest)
+
+    monitor = SharpnessMonitor(every_n_steps=1, top_k=2, dtype="float64", tol=1e-8, probe_size=16, reference_step=3,
+                               on_fit_start=False)
+    make_trainer([monitor, Record()], max_steps=6).fit(TinyMLP(), full_batch_loader(16))
+    sims = [m.subspace_similarity_to_first for m in history]
+    assert sims[:2] == [None, None]  # steps 1, 2: before the reference
+    assert sims[2] == pytest.approx(1.0)  # step 3: the reference itself
+    assert all(s is not None and 0.0 <= s <= 1.0 + 1e-9 for s in sims[3:])
+    with pytest.raises(ValueError, match="reference_step must be an int >= 0"):
+        SharpnessMonitor(reference_step=-1)

@@ -67,7 +67,8 @@ class Measurement:
         rotation_angle: the same rotation as an angle in degrees, in [0, 90].
         subspace_similarity: principal-angle similarity of the top-k subspaces, in [0, 1].
         subspace_similarity_to_first: the same similarity between the current top-k subspace and
-            the first one this fit measured (below 0.7: the subspace "rotated", as in the paper).
+            the reference one: the first measured at or after ``reference_step`` (below 0.7: the
+            subspace "rotated", as in the paper). None before the reference exists.
         polarity: signed rotation angle of the leading eigenvector in degrees (see
             :class:`lightning_rpe.geometry.PolarityTracker`).
         polarity_flips: cumulative number of polarity sign changes.
@@ -240,6 +241,8 @@ class SharpnessMonitor(Callback):
         prefix: prefix of every logged name.
         seed: seed of the solver's private random generator (combined with the step).
         custom_scalars: write the TensorBoard custom-scalars layout.
+        reference_step: the top-k subspace of the first measurement at or after this optimizer
+            step is the reference of ``subspace_similarity_to_first``.
     """
 
     def __init__(
@@ -271,6 +274,7 @@ class SharpnessMonitor(Callback):
         prefix: str = "rpe/",
         seed: int = 0,
         custom_scalars: bool = True,
+        reference_step: int = 0,
     ) -> None:
         super().__init__()
         self.every_n_steps = _positive_int_or_none("every_n_steps", every_n_steps)
@@ -359,6 +363,9 @@ class SharpnessMonitor(Callback):
             raise ValueError(f"SharpnessMonitor: seed must be an int >= 0; got {seed!r}")
         self.seed = seed
         self.custom_scalars = custom_scalars
+        if isinstance(reference_step, bool) or not isinstance(reference_step, int) or reference_step < 0:
+            raise ValueError(f"SharpnessMonitor: reference_step must be an int >= 0; got {reference_step!r}")
+        self.reference_step = reference_step
 
         #: Set by an InstabilityController: effective lr = param-group lr * scale (per group).
         self.lr_scale_provider: Callable[[], Sequence[float]] | None = None
@@ -823,9 +830,10 @@ class SharpnessMonitor(Callback):
             rot_angle = _safe(lambda: geometry.rotation_angle(prev[:, 0], v1))
             sub_sim = _safe(lambda: geometry.subspace_similarity(top, prev))
         first = self._first_top
-        if first is None or first.shape != top.shape:
+        if (first is None or first.shape != top.shape) and step >= self.reference_step:
             self._first_top = first = top
-        sub_first = _safe(lambda: geometry.subspace_similarity(top, first.to(top)))
+        if first is not None and first.shape == top.shape:
+            sub_first = _safe(lambda: geometry.subspace_similarity(top, first.to(top)))
         ref = self._polarity.reference
         if ref is not None and ref.numel() != v1.numel():
             self._polarity.reset()
