@@ -15,63 +15,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_rpe import SharpnessMonitor
-from lightning_rpe.curvature import HessianOperator, eigenpairs
 from lightning_rpe.data import DigitsDataModule
-from lightning_rpe.geometry import subspace_similarity
 from lightning_rpe.models import MLPClassifier
 from lightning_rpe.report import load_run
-
-SIMILARITY_TAG = "rpe/subspace_similarity_to_first"
-
-
-class SubspaceDrift(Callback):
-    """Similarity between an early and the final top-k Hessian eigenvector subspace.
-
-    At optimizer step ``early_step`` and at the end of training it computes the top-``k``
-    eigenvectors of the Hessian of ``pl_module.compute_loss`` over ``probe`` (public curvature API:
-    :class:`~lightning_rpe.curvature.HessianOperator` and
-    :func:`~lightning_rpe.curvature.eigenpairs`), and logs
-    ``subspace_similarity(V_early, V_final)`` (1 = same subspace, 0 = orthogonal) as
-    ``rpe/subspace_similarity_to_first`` at the final step, the tag ``lightning-rpe report`` uses to
-    mark a run as rotated. The global RNG is left untouched (private generator).
-    """
-
-    def __init__(self, probe: Any, k: int = 3, early_step: int = 0, tol: float = 1e-3) -> None:
-        self.probe, self.k, self.early_step, self.tol = probe, k, early_step, tol
-        self.early: torch.Tensor | None = None
-        self.similarity: float | None = None
-
-    def _vectors(self, pl_module: pl.LightningModule) -> torch.Tensor | None:
-        op = HessianOperator(pl_module, lambda m, b: m.compute_loss(b), [self.probe])
-        res = eigenpairs(op, k=self.k, which="largest", tol=self.tol, generator=torch.Generator().manual_seed(0))
-        if not bool(res.converged.all()):
-            return None
-        return res.eigenvectors
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.early_step == 0 and self.early is None:
-            self.early = self._vectors(pl_module)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self.early is None and self.early_step > 0 and trainer.global_step == self.early_step:
-            self.early = self._vectors(pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.early is None:
-            return
-        final = self._vectors(pl_module)
-        if final is None:
-            return
-        self.similarity = float(subspace_similarity(self.early, final))
-        for logger in trainer.loggers:
-            logger.log_metrics({SIMILARITY_TAG: self.similarity}, step=max(0, trainer.global_step - 1))
-            logger.save()
-
 
 def run_digits(
     out_dir: Path,
@@ -84,12 +33,13 @@ def run_digits(
     early_step: int = 0,
     n_train: int = 1000,
     hidden: Sequence[int] = (200, 200),
-    drift: bool = True,
 ) -> dict[str, Any]:
     """Train the digits tanh MLP (MSE, plain SGD/GD at ``lr``) with the monitor; return its numbers.
 
     ``batch_size=None`` is full-batch gradient descent. The monitor measures on a fixed probe set
-    (the whole training set) every ``every`` optimizer steps, at the start and at the end.
+    (the whole training set) every ``every`` optimizer steps, at the start and at the end; its
+    top-k subspace measured first at or after ``early_step`` is the reference of
+    ``rpe/subspace_similarity_to_first`` (the early -> final similarity in the tables).
     """
     out_dir = Path(out_dir)
     pl.seed_everything(seed, verbose=False)
@@ -97,15 +47,10 @@ def run_digits(
     data.setup()
     model = MLPClassifier(hidden=tuple(hidden), lr=lr)
     monitor = SharpnessMonitor(every_n_steps=every, top_k=top_k, lambda_min=True, probe_size=n_train,
-                               probe_batch_size=n_train)
-    callbacks: list[Callback] = [monitor]
-    drift_cb = None
-    if drift:
-        drift_cb = SubspaceDrift(list(data.full_train_batch()), k=top_k, early_step=early_step)
-        callbacks.append(drift_cb)
+                               probe_batch_size=n_train, reference_step=early_step)
     logger = TensorBoardLogger(save_dir=str(out_dir), name="", version="", default_hp_metric=False)
     trainer = pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=logger,
-                         callbacks=callbacks, log_every_n_steps=10, check_val_every_n_epoch=10**9,
+                         callbacks=[monitor], log_every_n_steps=10, check_val_every_n_epoch=10**9,
                          num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     t0 = time.perf_counter()
@@ -118,6 +63,7 @@ def run_digits(
     lam_min = run.get("rpe/lambda_min")
     loss = run.get("train_loss")
     probe_loss = run.get("rpe/probe_loss")
+    to_first = run.get("rpe/subspace_similarity_to_first")
     crossing = None
     after: list[float] = []
     if ratio is not None:
@@ -145,8 +91,7 @@ def run_digits(
         "min_lambda_min": float(lam_min.values.min()) if lam_min is not None else float("nan"),
         "min_lambda_min_after_init": float(lam_min.values[lam_min.steps > 0].min())
         if lam_min is not None and (lam_min.steps > 0).any() else float("nan"),
-        "similarity_to_first": drift_cb.similarity if drift_cb is not None and drift_cb.similarity is not None
-        else float("nan"),
+        "similarity_to_first": to_first.last if to_first is not None else float("nan"),
         "final_train_loss": loss.last if loss is not None else float("nan"),
         "final_probe_loss": probe_loss.last if probe_loss is not None else float("nan"),
         "test_acc": float(test["test_acc"]),

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         every = max(1, steps // args.measurements)
         for seed in args.seeds:
             r = run_digits(out / f"bs{b}_lr{lr:g}_seed{seed}", lr=lr, steps=steps, seed=seed,
-                           batch_size=None if b >= N_TRAIN else b, every=every, top_k=1, drift=False,
+                           batch_size=None if b >= N_TRAIN else b, every=every, top_k=1,
                            hidden=(200, 200) if not args.smoke else (16,))
             r["batch"] = b
             results.append(r)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     for lr in args.lrs:
         for seed in args.seeds:
             r = run_digits(out / f"lr{lr:g}_seed{seed}", lr=lr, steps=args.steps, seed=seed, every=args.every,
-                           top_k=1, hidden=(200, 200) if not args.smoke else (16,), drift=False)
+                           top_k=1, hidden=(200, 200) if not args.smoke else (16,))
             results.append(r)
             print(f"lr={lr:g} seed={seed}: final sharpness {r['final_sharpness']:.2f} (2/lr = {2 / lr:.1f}), "
                   f"ratio {r['final_ratio']:.3f}, crossing step {r['crossing_step']}, {r['seconds']:.0f} s",
