@@ -180,11 +180,14 @@ def probe_tensors(dm: Any, n_probe: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, every: int, probe_size: int,
-        verbose: bool = True, optimizer: str = "sgd", solver: str | None = None) -> dict[str, Any]:
+        verbose: bool = True, optimizer: str = "sgd", solver: str | None = None,
+        lambda_min_tol: float | None = None) -> dict[str, Any]:
     monitor_kwargs: dict[str, Any] = dict(every_n_steps=every, top_k=1, lambda_min=True, probe="fixed",
                                           probe_size=probe_size)
     if solver is not None:
         monitor_kwargs["solver"] = solver
+    if lambda_min_tol is not None:
+        monitor_kwargs["lambda_min_tol"] = lambda_min_tol
     walls_with, walls_without, grad_times, warm, first, states = [], [], [], [], [], []
     skipped = 0
     n_params = top_k = None
@@ -215,7 +218,8 @@ def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, e
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "steps": steps, "runs": runs, "hidden": list(hidden), "lr": lr, "optimizer": optimizer, "solver": solver or "default", "n_params": n_params,
+        "steps": steps, "runs": runs, "hidden": list(hidden), "lr": lr, "optimizer": optimizer, "solver": solver or "default",
+        "lambda_min_tol": "default" if lambda_min_tol is None else lambda_min_tol, "n_params": n_params,
         "every_n_steps": every, "probe_size": probe_size, "top_k": top_k,
         "wall_without": statistics.median(walls_without), "wall_with": statistics.median(walls_with),
         "wall_ratio": statistics.median(a / b for a, b in zip(walls_with, walls_without)),
@@ -281,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--solver", default=None, choices=["auto", "lanczos", "block"],
                         help="SharpnessMonitor(solver=...); default: the monitor's own default")
+    parser.add_argument("--lambda-min-tol", type=float, default=None,
+                        help="SharpnessMonitor(lambda_min_tol=...); default: the monitor's own default")
     parser.add_argument("--probe-size", type=int, default=1000)
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2,
@@ -293,11 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     steps = args.steps or (60 if args.quick else 200)
     r = run(steps, args.runs, args.hidden, args.lr, args.n_train, args.every, args.probe_size,
-            optimizer=args.optimizer, solver=args.solver)
+            optimizer=args.optimizer, solver=args.solver, lambda_min_tol=args.lambda_min_tol)
     print()
     print(f"SharpnessMonitor cost, {r['date']}, torch {r['torch']}, {r['threads']} threads; MLP 64-"
           f"{'-'.join(map(str, r['hidden']))}-10 ({r['n_params']:,} parameters), full-batch {r['optimizer']} lr {r['lr']}, "
-          f"{r['steps']} steps, solver {r['solver']}, median of {r['runs']} runs; measurements skipped: {r['skipped']}")
+          f"{r['steps']} steps, solver {r['solver']}, lambda_min_tol {r['lambda_min_tol']}, median of {r['runs']} runs; measurements skipped: {r['skipped']}")
     print(format_table(r))
     if args.markdown:
         print()

@@ -686,9 +686,8 @@ class SharpnessMonitor(Callback):
                 pl_module, self._loss, batches, dtype=_DTYPES[self.dtype], backend=self.backend,
                 batchnorm=self.batchnorm, dropout=self.dropout, reduce=reduce,
             )
+        # raises ValueError on a non-finite probe loss: reported and skipped by the caller
         loss, grad = op.loss_and_gradient() if self.grad_alignment else (None, None)
-        if loss is not None and not math.isfinite(loss):
-            raise _Skip(f"the probe loss is {loss}")
         which = "both" if self.lambda_min else "largest"
         k = min(self.top_k, op.dim - 1 if which == "both" else op.dim)
         init = None
