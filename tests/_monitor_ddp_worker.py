@@ -72,6 +72,9 @@ def main(out_dir: str) -> None:
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+    # tear the gloo group down before exit: otherwise its threads can abort the process at shutdown
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -75,6 +75,10 @@ with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
     json.dump({{"used": probe.used, "factor": controller.factor, "n_decisions": controller.n_decisions,
                "world_size": trainer.world_size, "weights": state,
                "ratios": [list(m.ratios) for m in getattr(monitor, "history", [])]}}, f)
+# tear the gloo group down before exit: otherwise its threads can abort the process at shutdown
+# ("terminate called without an active exception")
+if dist.is_initialized():
+    dist.destroy_process_group()
 '''
 
 
