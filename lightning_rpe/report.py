@@ -139,13 +139,24 @@ def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return unique
 
 
+def _hparams_loader() -> Any:
+    """A safe YAML loader that also reads the ``!!python/tuple`` tags Lightning writes for tuples."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: tuple(loader.construct_sequence(node)))
+    return Loader
+
+
 def _read_hparams(run_dir: Path) -> dict[str, Any]:
     for candidate in (run_dir / "hparams.yaml", run_dir.parent / "hparams.yaml"):
         if candidate.is_file():
             try:
                 import yaml
 
-                data = yaml.safe_load(candidate.read_text())
+                data = yaml.load(candidate.read_text(), Loader=_hparams_loader())  # noqa: S506 - safe loader
             except Exception:  # a broken hparams file must not stop the report
                 return {}
             return data if isinstance(data, dict) else {}

@@ -152,3 +152,12 @@ def test_errors(tmp_path):
         _synthetic_run(tmp_path / "x", 0.1, n=2)
         write_report([tmp_path / "x"], rotation_threshold=0)
     assert not math.isnan(0.0)
+
+
+def test_lr_read_from_hparams_with_python_tuple_tags(tmp_path):
+    # Lightning writes tuples (e.g. Adam betas) as !!python/tuple, which a plain safe_load refuses
+    run = tmp_path / "lr_0.2"
+    _synthetic_run(run, 0.2, hparams=False)
+    (run / "hparams.yaml").write_text("betas: !!python/tuple\n- 0.9\n- 0.999\nlr: 0.2\n")
+    s = summarize(load_run(run))
+    assert s.lr == 0.2 and s.lr_source == "hparams.yaml:lr"

@@ -8,6 +8,8 @@ differences of the gradient. Then Lanczos, the block solver and Hutch++ running 
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,7 @@ class TiedFrozen(nn.Module):
 
 
 def make_case(name: str):
-    g = torch.Generator().manual_seed(hash(name) % 1000)
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)  # stable across processes
     torch.manual_seed(1234)  # module initialisation only; the solvers never touch the global RNG
     if name == "tanh_mlp":
         model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3))
