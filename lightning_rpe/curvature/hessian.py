@@ -103,6 +103,12 @@ BACKENDS = ("auto", "func", "autograd")
 DTYPES = (torch.float32, torch.float64)
 _CACHE_FRACTION = 0.25
 _CACHE_FALLBACK_BYTES = 1 << 30
+# Blocks on the double-backward path: the batched backward (``is_grads_batched``, a vmap over the
+# backward) is faster per column than a loop of backward passes on CUDA and for small CPU models,
+# slower for larger CPU models. Measured per column of a block of 6, in gradients, batched / loop
+# (benchmarks/block_products.py, 1 thread, 2026-11-27): 25k CNN 2.3-2.7 / 1.6-1.7, 301k MLP
+# 2.2-2.3 / 1.8-2.0; bench_engine.py row (c): 3.5k MLP batched 0.9-1.1 against 1.4-1.8 single.
+_BATCHED_BACKWARD_MAX_DIM_CPU = 20_000
 
 
 class _LossModule(nn.Module):
@@ -243,7 +249,8 @@ class HessianOperator(CurvatureOperator):
         self.cache_graphs: bool | None = cache_graphs
         self.graph_bytes_estimate: int | None = None  # set when cache_graphs=None decides
         self._graphs: list[tuple[tuple[Tensor, ...], Tensor, tuple[Tensor | None, ...]]] | None = None
-        self._batched_backward_ok = True
+        # a fixed rule rather than a timing, so runs are reproducible bit for bit
+        self._batched_backward_ok = device.type != "cpu" or self.dim <= _BATCHED_BACKWARD_MAX_DIM_CPU
         self._warned: set[str] = set()
 
         with torch.no_grad(), torch.inference_mode(False):
