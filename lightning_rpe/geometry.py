@@ -278,12 +278,14 @@ class PolarityTracker:
         big = float(torch.linalg.vector_norm(d)) > self.min_displacement
         prev = self._displacement
         if big and prev is not None:
-            dot = float(d @ prev.to(d.device))
+            dot = float(d @ prev.to(device=d.device, dtype=d.dtype))
             if dot < 0.0:
                 self._sign = -self._sign
                 self._flips += 1
         if big:
-            self._displacement = d
+            # kept in the eigenvector's dtype: only the sign of the next dot product uses it, and a
+            # float32 run's checkpoint state stays one vector (the memory budget of the monitor)
+            self._displacement = d.to(v.dtype)
         self._reference = aligned.clone()
         self._updates += 1
         return PolarityStep(
@@ -316,7 +318,7 @@ class PolarityTracker:
             raise ValueError(f"state['sign'] must be 1 or -1, got {state['sign']!r}")
         ref, disp = state["reference"], state["displacement"]
         self._reference = None if ref is None else ref.detach().clone()
-        self._displacement = None if disp is None else disp.detach().to(torch.float64).clone()
+        self._displacement = None if disp is None else disp.detach().clone()
         self._sign = int(state["sign"])
         self._flips = int(state["flips"])
         self._updates = int(state["updates"])

@@ -139,3 +139,29 @@ def test_resume_with_different_probe_data_warns(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="probe set rebuilt after resuming differs"):
         make_trainer([resumed], max_steps=4).fit(TinyMLP(), other_data, ckpt_path=str(tmp_path / "a.ckpt"))
     assert resumed.n_measurements == monitor.n_measurements + 1
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+@pytest.mark.parametrize("top_k, reference_step, budget", [(1, 0, 4), (3, None, 6), (3, 0, 9)])
+def test_state_memory_budget_in_parameter_vectors(top_k: int, reference_step, budget: int) -> None:
+    # issue 3's budget for plain GD, (k + 3) float32 parameter vectors: previous top-k, the
+    # lambda_min vector, the polarity displacement and (top-1 default, or reference_step=None) the
+    # reference subspace of rpe/subspace_similarity_to_first; with k > 1 that reference costs k vectors
+    from lit_models import full_batch_loader
+
+    model = TinyMLP(hidden=8)
+    monitor = SharpnessMonitor(every_n_steps=1, top_k=top_k, lambda_min=True, probe_size=32,
+                               reference_step=reference_step)
+    make_trainer([monitor], max_steps=4).fit(model, full_batch_loader(32))
+    assert monitor.latest is not None and monitor.latest.polarity is not None
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert _tensor_bytes(monitor.state_dict()) <= budget * param_bytes

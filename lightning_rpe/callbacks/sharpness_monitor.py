@@ -242,7 +242,8 @@ class SharpnessMonitor(Callback):
         seed: seed of the solver's private random generator (combined with the step).
         custom_scalars: write the TensorBoard custom-scalars layout.
         reference_step: the top-k subspace of the first measurement at or after this optimizer
-            step is the reference of ``subspace_similarity_to_first``.
+            step is the reference of ``subspace_similarity_to_first``; None turns that metric off
+            and saves its k vectors of state.
     """
 
     def __init__(
@@ -274,7 +275,7 @@ class SharpnessMonitor(Callback):
         prefix: str = "rpe/",
         seed: int = 0,
         custom_scalars: bool = True,
-        reference_step: int = 0,
+        reference_step: int | None = 0,
     ) -> None:
         super().__init__()
         self.every_n_steps = _positive_int_or_none("every_n_steps", every_n_steps)
@@ -363,8 +364,10 @@ class SharpnessMonitor(Callback):
             raise ValueError(f"SharpnessMonitor: seed must be an int >= 0; got {seed!r}")
         self.seed = seed
         self.custom_scalars = custom_scalars
-        if isinstance(reference_step, bool) or not isinstance(reference_step, int) or reference_step < 0:
-            raise ValueError(f"SharpnessMonitor: reference_step must be an int >= 0; got {reference_step!r}")
+        if reference_step is not None and (
+            isinstance(reference_step, bool) or not isinstance(reference_step, int) or reference_step < 0
+        ):
+            raise ValueError(f"SharpnessMonitor: reference_step must be an int >= 0 or None; got {reference_step!r}")
         self.reference_step = reference_step
 
         #: Set by an InstabilityController: effective lr = param-group lr * scale (per group).
@@ -829,7 +832,7 @@ class SharpnessMonitor(Callback):
             rot_angle = _safe(lambda: geometry.rotation_angle(prev[:, 0], v1))
             sub_sim = _safe(lambda: geometry.subspace_similarity(top, prev))
         first = self._first_top
-        if (first is None or first.shape != top.shape) and step >= self.reference_step:
+        if self.reference_step is not None and (first is None or first.shape != top.shape) and step >= self.reference_step:
             self._first_top = first = top
         if first is not None and first.shape == top.shape:
             sub_first = _safe(lambda: geometry.subspace_similarity(top, first.to(top)))
