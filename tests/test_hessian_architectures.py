@@ -8,7 +8,6 @@ right; ``backend="auto"`` must never pick a path that gives a wrong answer.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -17,44 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _reference import fd_hvp
 from lightning_rpe.curvature.hessian import HessianOperator
 
 TOL = 1e-6
 
 
 # ----------------------------------------------------------------------------- reference
-def _cast(batch, dtype):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    return type(batch)(_cast(b, dtype) for b in batch)
-
-
-def _flat(grads, params):
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
-
-
-def fd_hvp(model, loss_fn, batches, v, mode, h=1e-4):
-    """Richardson-extrapolated central difference of the float64 gradient along ``v``."""
-    ref = copy.deepcopy(model).double()
-    mode(ref)
-    params = [p for p in ref.parameters() if p.requires_grad]
-    theta = [p.detach().clone() for p in params]
-    sizes = [float(b[0].shape[0]) for b in batches]
-    parts = torch.split(v.double(), [p.numel() for p in params])
-
-    def grad_at(step):
-        with torch.no_grad():
-            for p, t, d in zip(params, theta, parts):
-                p.copy_(t + step * d.view_as(t))
-        total = sum(n * loss_fn(ref, _cast(b, torch.float64)) for n, b in zip(sizes, batches)) / sum(sizes)
-        return _flat(torch.autograd.grad(total, params, allow_unused=True), params)
-
-    def central(step):
-        return (grad_at(step) - grad_at(-step)) / (2 * step)
-
-    return (4 * central(h / 2) - central(h)) / 3
-
-
 def eval_mode(m):
     m.eval()
 

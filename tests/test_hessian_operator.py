@@ -11,53 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _reference import cast_batch, fd_hvp, flat_grads
 from lightning_rpe.curvature.hessian import HessianOperator
 
 BACKENDS = ["autograd", "func"]
 
 
 # ----------------------------------------------------------------------------- references
-def _cast_batch(batch, dtype):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    return type(batch)(_cast_batch(b, dtype) for b in batch)
-
-
-def _flat(grads, params):
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
-
-
-def fd_hvp(model, loss_fn, batches, v, *, mode=lambda m: m.eval(), h=1e-4):
-    """Richardson-extrapolated central difference of the float64 gradient along ``v``: O(h^4)."""
-    ref = copy.deepcopy(model).double()
-    mode(ref)
-    params = [p for p in ref.parameters() if p.requires_grad]
-    theta = [p.detach().clone() for p in params]
-    sizes = [float(b[0].shape[0]) for b in batches]
-    parts = torch.split(v.double(), [p.numel() for p in params])
-
-    def grad_at(step):
-        with torch.no_grad():
-            for p, t, d in zip(params, theta, parts):
-                p.copy_(t + step * d.view_as(t))
-        total = sum(n * loss_fn(ref, _cast_batch(b, torch.float64)) for n, b in zip(sizes, batches)) / sum(sizes)
-        return _flat(torch.autograd.grad(total, params, allow_unused=True), params)
-
-    def central(step):
-        return (grad_at(step) - grad_at(-step)) / (2 * step)
-
-    return (4 * central(h / 2) - central(h)) / 3
-
-
 def dense_double_backward(model, loss_fn, batches, *, mode=lambda m: m.eval()):
     """Dense float64 Hessian built row by row with double backward on a float64 copy."""
     ref = copy.deepcopy(model).double()
     mode(ref)
     params = [p for p in ref.parameters() if p.requires_grad]
     sizes = [float(b[0].shape[0]) for b in batches]
-    total = sum(n * loss_fn(ref, _cast_batch(b, torch.float64)) for n, b in zip(sizes, batches)) / sum(sizes)
-    g = _flat(torch.autograd.grad(total, params, create_graph=True), params)
-    rows = [_flat(torch.autograd.grad(g[i], params, retain_graph=True, allow_unused=True), params) for i in range(g.numel())]
+    total = sum(n * loss_fn(ref, cast_batch(b, torch.float64)) for n, b in zip(sizes, batches)) / sum(sizes)
+    g = flat_grads(torch.autograd.grad(total, params, create_graph=True), params)
+    rows = [flat_grads(torch.autograd.grad(g[i], params, retain_graph=True, allow_unused=True), params) for i in range(g.numel())]
     return torch.stack(rows)
 
 
@@ -271,8 +240,8 @@ def test_loss_and_gradient(cache):
     op = HessianOperator(model, mse_loss, batches, dtype=torch.float64, cache_graphs=cache)
     loss, grad = op.loss_and_gradient()
     ref = copy.deepcopy(model).double()
-    total = sum(n * mse_loss(ref, _cast_batch(b, torch.float64)) for n, b in zip((6, 3), batches)) / 9
-    expected = _flat(torch.autograd.grad(total, list(ref.parameters())), list(ref.parameters()))
+    total = sum(n * mse_loss(ref, cast_batch(b, torch.float64)) for n, b in zip((6, 3), batches)) / 9
+    expected = flat_grads(torch.autograd.grad(total, list(ref.parameters())), list(ref.parameters()))
     assert loss == pytest.approx(float(total.detach()), rel=1e-12)
     assert grad.dtype == torch.float64 and grad.shape == (op.dim,)
     assert rel(grad, expected) <= 1e-12
@@ -318,14 +287,14 @@ def test_bf16_model_and_autocast_give_float32_products_of_a_float32_copy():
     ref = HessianOperator(ref_model, mse_loss, batches)
     V = torch.randn(ref.dim, 2)
     expected = ref.matmat(V)
-    op16 = HessianOperator(model16, mse_loss, [_cast_batch(b, torch.bfloat16) for b in batches])
+    op16 = HessianOperator(model16, mse_loss, [cast_batch(b, torch.bfloat16) for b in batches])
     assert op16.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = op16.matmat(V)
         loss, grad = op16.loss_and_gradient()
     assert out.dtype == torch.float32 and grad.dtype == torch.float32
     # inputs were bf16 (cast to float32 inside), so compare with the float32 copy on bf16-rounded inputs
-    ref_rounded = HessianOperator(ref_model, mse_loss, [_cast_batch(_cast_batch(b, torch.bfloat16), torch.float32) for b in batches])
+    ref_rounded = HessianOperator(ref_model, mse_loss, [cast_batch(cast_batch(b, torch.bfloat16), torch.float32) for b in batches])
     assert torch.equal(out, ref_rounded.matmat(V))  # the same float32 computation, bit for bit
     assert rel(out, expected) < 0.05
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,0 +1,39 @@
+"""Ground truth for Hessian-vector products in tests: float64 finite differences of gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def cast_batch(batch, dtype):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    return type(batch)(cast_batch(b, dtype) for b in batch)
+
+
+def flat_grads(grads, params):
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+
+
+def fd_hvp(model, loss_fn, batches, v, mode=lambda m: m.eval(), h=1e-4):
+    """Richardson-extrapolated central difference of the float64 gradient along ``v``: O(h^4)."""
+    ref = copy.deepcopy(model).double()
+    mode(ref)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    theta = [p.detach().clone() for p in params]
+    sizes = [float(b[0].shape[0]) for b in batches]
+    parts = torch.split(v.double(), [p.numel() for p in params])
+
+    def grad_at(step):
+        with torch.no_grad():
+            for p, t, d in zip(params, theta, parts):
+                p.copy_(t + step * d.view_as(t))
+        total = sum(n * loss_fn(ref, cast_batch(b, torch.float64)) for n, b in zip(sizes, batches)) / sum(sizes)
+        return flat_grads(torch.autograd.grad(total, params, allow_unused=True), params)
+
+    def central(step):
+        return (grad_at(step) - grad_at(-step)) / (2 * step)
+
+    return (4 * central(h / 2) - central(h)) / 3
