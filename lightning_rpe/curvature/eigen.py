@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -118,6 +119,16 @@ def _check_init(init: Tensor | None, dim: int) -> Tensor | None:
     return init
 
 
+def _check_tol(name: str, value: Any, alternatives: str = "") -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = math.nan
+    if not math.isfinite(out) or out < 0:
+        raise ValueError(f"{name} must be a finite float >= 0{alternatives}, got {value!r}")
+    return out
+
+
 def eigenpairs(
     operator: CurvatureOperator,
     k: int = 1,
@@ -168,21 +179,11 @@ def eigenpairs(
     if not 1 <= k <= kmax:
         extra = " (which='both' also returns the smallest, so k + 1 <= dim)" if which == "both" else ""
         raise ValueError(f"k must satisfy 1 <= k <= {kmax} for dim={dim}{extra}, got k={k}")
-    try:
-        tol = float(tol)
-    except (TypeError, ValueError):
-        raise ValueError(f"tol must be a finite float >= 0, got {tol!r}") from None
-    if not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol must be a finite float >= 0, got {tol!r}")
+    tol = _check_tol("tol", tol)
     if tol_smallest is not None:
         if which != "both":
             raise ValueError(f"tol_smallest applies to which='both' only; got which={which!r}")
-        try:
-            tol_smallest = float(tol_smallest)
-        except (TypeError, ValueError):
-            raise ValueError(f"tol_smallest must be a finite float >= 0 or None, got {tol_smallest!r}") from None
-        if not math.isfinite(tol_smallest) or tol_smallest < 0:
-            raise ValueError(f"tol_smallest must be a finite float >= 0 or None, got {tol_smallest!r}")
+        tol_smallest = _check_tol("tol_smallest", tol_smallest, " or None")
     init = _check_init(init, dim)
     generator = _check_generator(generator)
     if method == "auto":
