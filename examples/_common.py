@@ -6,6 +6,7 @@ returns the numbers the examples tabulate, read back from those event files.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -18,6 +19,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_rpe import SharpnessMonitor
+from lightning_rpe.curvature import HessianOperator, eigenpairs
 from lightning_rpe.data import DigitsDataModule
 from lightning_rpe.models import MLPClassifier
 from lightning_rpe.report import load_run
@@ -126,6 +128,27 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def dict_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+    """A Markdown table of the ``cols`` of each row dict (floats to 4 significant digits)."""
+    return markdown_table(cols, [[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows])
+
+
+def write_results(out: Path, header: str, table: str, results: Any) -> None:
+    """Write ``results.md`` (header and table) and ``results.json`` to ``out`` and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(header + "\n\n" + table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(header)
+    print(table)
+
+
+def final_sharpness(model: MLPClassifier, batch: Any) -> float:
+    """lambda_max of the Hessian of the training loss on ``batch`` (float64 Lanczos, tol 1e-6)."""
+    op = HessianOperator(model, lambda m, b: m.compute_loss(b), [batch], dtype=torch.float64)
+    res = eigenpairs(op, k=1, tol=1e-6, generator=torch.Generator().manual_seed(0))
+    return float(res.eigenvalues[0])
 
 
 def parse_floats(text: str) -> list[float]:

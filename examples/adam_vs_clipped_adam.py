@@ -36,26 +36,21 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import dict_table, final_sharpness  # noqa: E402
 from lightning_rpe import SharpnessMonitor
-from lightning_rpe.curvature.eigen import eigenpairs
-from lightning_rpe.curvature.hessian import HessianOperator
 from lightning_rpe.data import DigitsDataModule
 from lightning_rpe.models import MLPClassifier
 from lightning_rpe.optim import ClippedAdam
-
-
-def final_sharpness(model: MLPClassifier, batch: Any) -> float:
-    """lambda_max of the Hessian of the training loss on ``batch`` (float64 Lanczos, tol 1e-6)."""
-    op = HessianOperator(model, lambda m, b: m.compute_loss(b), [batch], dtype=torch.float64)
-    res = eigenpairs(op, k=1, tol=1e-6, generator=torch.Generator().manual_seed(0))
-    return float(res.eigenvalues[0])
 
 
 def clip_binding(optimizer: torch.optim.Optimizer) -> float | None:
@@ -128,17 +123,6 @@ def run(name: str, optimizer: str, lr: float, clip: float, seed: int, args: argp
     }
 
 
-def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r[c]
-            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -170,7 +154,7 @@ def main() -> None:
                   flush=True)
     cols = ["run", "seed", "test_acc", "train_loss", "lambda_max", "final_ratio", "frac_unstable", "clip_binding"]
     print("\n## Per seed\n")
-    print(table(rows, cols))
+    print(dict_table(rows, cols))
     summary = []
     for name, *_ in configs:
         rs = [r for r in rows if r["run"] == name]
@@ -186,7 +170,7 @@ def main() -> None:
         summary.append(row)
     print("\n## Mean +- std over seeds\n")
     print("(over the runs that did not diverge; diverged = final training loss not finite)\n")
-    print(table(summary, ["run", "seeds", "diverged", "test_acc", "lambda_max", "final_ratio", "frac_unstable",
+    print(dict_table(summary, ["run", "seeds", "diverged", "test_acc", "lambda_max", "final_ratio", "frac_unstable",
                           "clip_binding"]))
     print(f"\nsettings: steps={args.steps} hidden={args.hidden} n_train={args.n_train} loss={args.loss} "
           f"sgd_lr={args.sgd_lr} adam_lr={args.adam_lr} betas=(0.9, 0.99) full batch")

@@ -18,13 +18,12 @@ samples) about 20 times per run. Table: mean ± std over seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, mean_std, parse_floats, parse_ints, quiet, run_digits  # noqa: E402
+from _common import markdown_table, mean_std, parse_ints, quiet, run_digits, write_results  # noqa: E402
 
 N_TRAIN = 1000
 
@@ -72,11 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Batch-size sweep: {time.strftime('%Y-%m-%d')}, command: python examples/batch_size_sweep.py "
               f"{' '.join(argv if argv is not None else sys.argv[1:])}; seeds {args.seeds}; {args.epochs} epochs; "
               f"lr = {args.base_lr:g} * B / 1000; total {time.perf_counter() - t0:.0f} s")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(header + "\n\n" + table + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(header)
-    print(table)
+    write_results(out, header, table, results)
     return 0
 
 

@@ -27,25 +27,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import dict_table, final_sharpness  # noqa: E402
 from lightning_rpe import InstabilityController, SharpnessMonitor
-from lightning_rpe.curvature.eigen import eigenpairs
-from lightning_rpe.curvature.hessian import HessianOperator
 from lightning_rpe.data import DigitsDataModule
 from lightning_rpe.models import MLPClassifier
-
-
-def final_sharpness(model: MLPClassifier, batch: Any) -> float:
-    """lambda_max of the Hessian of the training loss on ``batch`` (float64 Lanczos, tol 1e-6)."""
-    op = HessianOperator(model, lambda m, b: m.compute_loss(b), [batch], dtype=torch.float64)
-    res = eigenpairs(op, k=1, tol=1e-6, generator=torch.Generator().manual_seed(0))
-    return float(res.eigenvalues[0])
 
 
 class Record(pl.Callback):
@@ -103,13 +98,6 @@ def run(arm: str, band: tuple[float, float] | None, seed: int, args: argparse.Na
     }
 
 
-def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -137,7 +125,7 @@ def main() -> None:
                   f"lambda_max {r['lambda_max']:.4g} mean lr {r['mean_lr']:.3g} "
                   f"in band {r['in_band']:.2f} ({r['seconds']:.0f} s)", flush=True)
     print("\n## Per seed (in_band: fraction of measurements in the arm's band; for 'none' the 'above' band)\n")
-    print(table(rows, ["arm", "seed", "test_acc", "train_loss", "lambda_max", "mean_lr", "ratio_median", "in_band"]))
+    print(dict_table(rows, ["arm", "seed", "test_acc", "train_loss", "lambda_max", "mean_lr", "ratio_median", "in_band"]))
     summary = []
     for arm, _ in arms:
         rs = [r for r in rows if r["arm"] == arm]
@@ -148,7 +136,7 @@ def main() -> None:
             row[c] = f"{statistics.mean(vals):.4g} +- {sd:.2g}"
         summary.append(row)
     print("\n## Mean +- std over seeds\n")
-    print(table(summary, ["arm", "seeds", "test_acc", "train_loss", "lambda_max", "mean_lr", "in_band"]))
+    print(dict_table(summary, ["arm", "seeds", "test_acc", "train_loss", "lambda_max", "mean_lr", "in_band"]))
     print(f"\nsettings: steps={args.steps} lr={args.lr} hidden={args.hidden} n_train={args.n_train} "
           f"every={args.every} settle={args.settle} above={args.above} below={args.below} "
           f"max_change={args.max_change}; full-batch GD, MSE, tanh")

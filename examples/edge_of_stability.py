@@ -15,13 +15,12 @@ from then on (mean ± std over seeds).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, mean_std, parse_floats, parse_ints, quiet, run_digits  # noqa: E402
+from _common import markdown_table, mean_std, parse_floats, parse_ints, quiet, run_digits, write_results  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,11 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Edge of stability: {time.strftime('%Y-%m-%d')}, command: python examples/edge_of_stability.py "
               f"{' '.join(argv if argv is not None else sys.argv[1:])}; seeds {args.seeds}; {args.steps} steps; "
               f"measured every {args.every} steps; total {time.perf_counter() - t0:.0f} s")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(header + "\n\n" + table + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(header)
-    print(table)
+    write_results(out, header, table, results)
     return 0
 
 

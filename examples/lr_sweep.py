@@ -23,14 +23,13 @@ top-3 eigenvector subspace early in training (after --early-fraction of the step
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, mean_std, parse_floats, parse_ints, quiet, run_digits  # noqa: E402
+from _common import markdown_table, mean_std, parse_floats, parse_ints, quiet, run_digits, write_results  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,15 +82,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{' '.join(argv if argv is not None else sys.argv[1:])}; seeds {args.seeds}; {args.steps} steps; "
               f"measured every {args.every} steps; early subspace at step {early}; "
               f"total {time.perf_counter() - t0:.0f} s")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(header + "\n\n" + table + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_results(out, header, table, results)
     if not args.no_report:
         from lightning_rpe.report import write_report
 
         write_report([out / f"lr{lr:g}_seed{s}" for lr in args.lrs for s in args.seeds], out=out / "report")
-    print(header)
-    print(table)
     return 0
 
 
