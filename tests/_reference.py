@@ -1,4 +1,4 @@
-"""Ground truth for Hessian-vector products in tests: float64 finite differences of gradients."""
+"""Ground truth for tests: float64 finite differences of gradients, matrices with known spectra."""
 
 from __future__ import annotations
 
@@ -37,3 +37,12 @@ def fd_hvp(model, loss_fn, batches, v, mode=lambda m: m.eval(), h=1e-4):
         return (grad_at(step) - grad_at(-step)) / (2 * step)
 
     return (4 * central(h / 2) - central(h)) / 3
+
+
+def spectrum_matrix(eigenvalues: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = Q diag(l) Q^T with a random orthogonal Q; returns (A, Q)."""
+    n = eigenvalues.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = (Q * eigenvalues.double()) @ Q.T
+    return (A + A.T) / 2, Q

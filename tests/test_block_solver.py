@@ -5,17 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _reference import spectrum_matrix
 from lightning_rpe.curvature.block import block_size, lobpcg
 from lightning_rpe.curvature.eigen import eigenpairs
 from lightning_rpe.curvature.operator import DenseOperator
-
-
-def spectrum_matrix(eigenvalues: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    n = eigenvalues.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    A = (Q * eigenvalues.double()) @ Q.T
-    return (A + A.T) / 2, Q
 
 
 def f64(*values):

@@ -8,19 +8,12 @@ import math
 import pytest
 import torch
 
+from _reference import spectrum_matrix
 from lightning_rpe.curvature import EigenResult, eigenpairs
 from lightning_rpe.curvature.eigen import default_max_hvp
 from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator
 
 METHODS = ["lanczos", "block"]
-
-
-def spectrum_matrix(eigenvalues: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    n = eigenvalues.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    A = (Q * eigenvalues.double()) @ Q.T
-    return (A + A.T) / 2, Q
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,10 @@ import math
 import pytest
 import torch
 
+from _reference import spectrum_matrix
 from lightning_rpe.curvature.eigen import eigenpairs
 from lightning_rpe.curvature.lanczos import lanczos
 from lightning_rpe.curvature.operator import DenseOperator
-
-
-def spectrum_matrix(eigenvalues: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = Q diag(l) Q^T with a random orthogonal Q; returns (A, Q)."""
-    n = eigenvalues.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    A = (Q * eigenvalues.double()) @ Q.T
-    return (A + A.T) / 2, Q
 
 
 def true_residuals(A: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
