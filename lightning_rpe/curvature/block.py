@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .lanczos import SolverOutput, _failure, n_wanted, random_block, select_ritz
+from .lanczos import SolverOutput, _failure, budget_reason, n_wanted, random_block, select_ritz
 from .operator import CurvatureOperator
 
 __all__ = ["lobpcg", "block_size", "DEFAULT_GUARD"]
@@ -282,10 +282,6 @@ def lobpcg(
     threshold = tol * float(theta_all.abs().max())
     converged = residuals <= threshold
     if reason is None and not bool(converged.all()):
-        worst = int(torch.argmax(residuals / threshold))
-        reason = (
-            f"max_hvp={max_hvp} products reached before the tolerance "
-            f"(residual {float(residuals[worst]):.3g} > tol * max|theta| = {float(threshold[worst]):.3g})"
-        )
+        reason = budget_reason(max_hvp, residuals, threshold)
     return SolverOutput(theta[idx].clone(), vectors, residuals, converged, reason)
 

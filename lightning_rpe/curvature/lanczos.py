@@ -211,9 +211,14 @@ def lanczos(
         converged = torch.ones_like(converged)
     reason = None
     if not bool(converged.all()):
-        worst = int(torch.argmax(residuals / threshold))
-        reason = (
-            f"max_hvp={max_hvp} products reached before the tolerance "
-            f"(residual {float(residuals[worst]):.3g} > tol * max|theta| = {float(threshold[worst]):.3g})"
-        )
+        reason = budget_reason(max_hvp, residuals, threshold)
     return SolverOutput(values, vectors, residuals, converged, reason)
+
+
+def budget_reason(max_hvp: int, residuals: Tensor, threshold: Tensor) -> str:
+    """Why a solve stopped unconverged: the pair furthest above its tolerance, relative to it."""
+    worst = int(torch.argmax(residuals / threshold))
+    return (
+        f"max_hvp={max_hvp} products reached before the tolerance "
+        f"(residual {float(residuals[worst]):.3g} > tol * max|theta| = {float(threshold[worst]):.3g})"
+    )
