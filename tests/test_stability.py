@@ -176,7 +176,7 @@ def _run_and_check_last_step(opt, params, steps=4, seed=0):
 def test_preconditioner_reproduces_the_step_the_optimizer_took(make):
     params = [_p(3), _p(2)]
     opt = make(params)
-    P = _run_and_check_last_step(opt, params)
+    _run_and_check_last_step(opt, params)
     if isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["amsgrad"]:
         st = opt.state[params[0]]
         assert not torch.equal(st["max_exp_avg_sq"], st["exp_avg_sq"])  # the amsgrad branch matters
