@@ -3,18 +3,21 @@
 Nothing here imports Lightning.
 """
 
+from lightning_rpe.curvature.batch_sharpness import BatchSharpnessResult, batch_sharpness
 from lightning_rpe.curvature.eigen import EigenResult, eigenpairs
 from lightning_rpe.curvature.hessian import HessianOperator
 from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator, PreconditionedOperator
 from lightning_rpe.curvature.trace import TraceResult, trace
 
 __all__ = [
+    "BatchSharpnessResult",
     "CurvatureOperator",
     "DenseOperator",
     "EigenResult",
     "HessianOperator",
     "PreconditionedOperator",
     "TraceResult",
+    "batch_sharpness",
     "eigenpairs",
     "trace",
 ]

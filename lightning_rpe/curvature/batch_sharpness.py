@@ -1,0 +1,175 @@
+"""Batch sharpness: the curvature of each mini-batch loss along that mini-batch's own gradient.
+
+For a mini-batch ``B`` with mean loss ``L_B``, gradient ``g_B = dL_B/dtheta`` and Hessian
+``H_B = d^2 L_B / dtheta^2`` the batch sharpness is the mean over mini-batches of the training batch
+size of the Rayleigh quotient
+
+    BS = E_B [ g_B^T H_B g_B / ||g_B||^2 ]
+
+(Andreyev & Beneventano, "Edge of Stochastic Stability: Revisiting the Edge of Stability for SGD",
+arXiv 2412.20553). Under minibatch SGD it is this quantity, not the full-batch ``lambda_max``, that
+settles at the stability threshold ``2 / lr``: one SGD step along ``-lr g_B`` changes ``L_B`` by
+``-lr ||g_B||^2 (1 - lr q_B / 2)`` to second order, with ``q_B`` the quotient above, so the step
+increases the batch's own loss exactly when ``lr q_B > 2``.
+
+With a positive diagonal preconditioner ``P`` (Adam's ``sqrt(v_hat) + eps``) the quotient is taken
+for the preconditioned operator ``P^-1/2 H_B P^-1/2`` along the preconditioned gradient
+``w = P^-1/2 g_B``:
+
+    q_B = w^T (P^-1/2 H_B P^-1/2) w / ||w||^2 = u^T H_B u / (g_B^T u),    u = P^-1 g_B,
+
+the directional curvature the update ``-lr P^-1 g_B`` sees, in the units of the preconditioned
+sharpness (compared with the Adam thresholds of :mod:`lightning_rpe.stability`).
+
+Cost: per mini-batch one loss and gradient and one Hessian-vector product (``n_hvp`` counts the
+products). Each product uses :class:`~lightning_rpe.curvature.HessianOperator` on that mini-batch
+alone, so the dtype, BatchNorm, dropout and AD-backend policies are the operator's. Under data
+parallelism each process passes its own mini-batches; ``reduce`` (a SUM across processes) is
+applied once to ``(sum q, sum q^2, count)``, so every process's batches count and every process
+gets the same mean and standard error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .hessian import HessianOperator
+
+__all__ = ["BatchSharpnessResult", "batch_sharpness"]
+
+
+@dataclass(frozen=True)
+class BatchSharpnessResult:
+    """Batch sharpness over the mini-batches of all processes.
+
+    Attributes:
+        mean: ``BS``, the mean quotient ``q_B`` over the usable mini-batches of all processes (the
+            loss's units per parameter^2, or the preconditioned units with a preconditioner).
+        std_error: standard error of that mean, ``std(q_B) / sqrt(n)`` with the ``n - 1``
+            (unbiased) variance; NaN when ``n_batches < 2``.
+        n_batches: usable mini-batches over all processes (after ``reduce``).
+        values: this process's quotients ``q_B`` in the order of its usable batches.
+        n_hvp: Hessian-vector products spent on this process.
+        n_skipped: this process's batches skipped (non-finite loss or quotient, zero gradient).
+        preconditioned: whether a preconditioner was applied.
+    """
+
+    mean: float
+    std_error: float
+    n_batches: int
+    values: tuple[float, ...]
+    n_hvp: int
+    n_skipped: int
+    preconditioned: bool
+
+
+def batch_sharpness(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Sequence[Any],
+    *,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    batchnorm: str = "eval",
+    dropout: str = "off",
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    preconditioner: Tensor | None = None,
+) -> BatchSharpnessResult:
+    """Mean and standard error of ``g_B^T H_B g_B / ||g_B||^2`` over ``batches``.
+
+    Args:
+        model: the network (never modified; see :class:`~lightning_rpe.curvature.HessianOperator`).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of a batch.
+        batches: this process's mini-batches, each of the training batch size (non-empty sequence).
+        dtype, backend, batchnorm, dropout: as for :class:`~lightning_rpe.curvature.HessianOperator`.
+        reduce: SUM across processes applied once to a float64 tensor of shape ``(3,)``; identity
+            by default. Every process must call this function (the collective runs even when all
+            of a process's batches are skipped).
+        preconditioner: optional positive diagonal ``P`` as a flat tensor of length ``dim`` in the
+            operator's parameter order; the quotient is then the preconditioned one (module docstring).
+
+    Returns:
+        A :class:`BatchSharpnessResult`.
+
+    Raises:
+        ValueError: empty ``batches``, an invalid policy argument, a preconditioner of the wrong
+            length or not finite and positive, or no usable batch on any process (after ``reduce``,
+            so that every process raises together).
+    """
+    if batches is None or isinstance(batches, (Tensor, str, bytes)):
+        raise ValueError("batch_sharpness: batches must be a non-empty sequence of mini-batches")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batch_sharpness: batches must be a non-empty sequence of mini-batches (got an empty list)")
+    if reduce is not None and not callable(reduce):
+        raise ValueError("batch_sharpness: reduce must be a callable Tensor -> Tensor (a SUM across processes) or None")
+    values: list[float] = []
+    n_hvp = 0
+    skipped = 0
+    device: torch.device | None = None
+    for batch in batches:
+        op = HessianOperator(
+            model, loss_fn, [batch], dtype=dtype, backend=backend, batchnorm=batchnorm, dropout=dropout
+        )
+        device = op.device
+        if preconditioner is not None:
+            if preconditioner.ndim != 1 or preconditioner.shape[0] != op.dim:
+                raise ValueError(
+                    f"batch_sharpness: preconditioner must be a flat tensor of length dim={op.dim}, "
+                    f"got shape {tuple(preconditioner.shape)}"
+                )
+            diag = preconditioner.to(dtype=op.dtype, device=op.device)
+            if not bool(torch.isfinite(diag).all()) or bool((diag <= 0).any()):
+                raise ValueError("batch_sharpness: preconditioner must be finite and strictly positive")
+        try:
+            _, grad = op.loss_and_gradient()
+        except ValueError:  # non-finite loss of this batch
+            skipped += 1
+            continue
+        u = grad if preconditioner is None else grad / diag
+        denominator = float(grad @ u)
+        if not (math.isfinite(denominator) and denominator > 0):
+            skipped += 1
+            continue
+        hu = op.matvec(u)
+        n_hvp += op.n_hvp
+        q = float(u @ hu) / denominator
+        if not math.isfinite(q):
+            skipped += 1
+            continue
+        values.append(q)
+    stats = torch.tensor(
+        [math.fsum(values), math.fsum(v * v for v in values), float(len(values))],
+        dtype=torch.float64,
+        device=device,
+    )
+    if reduce is not None:
+        stats = reduce(stats)
+    total, total_sq, count = (float(x) for x in stats.cpu())
+    n = round(count)
+    if n < 1:
+        raise ValueError(
+            "batch_sharpness: no usable mini-batch on any process (non-finite losses, non-finite quotients "
+            "or zero gradients)"
+        )
+    mean = total / n
+    if n >= 2:
+        var = max(total_sq - n * mean * mean, 0.0) / (n - 1)
+        std_error = math.sqrt(var / n)
+    else:
+        std_error = math.nan
+    return BatchSharpnessResult(
+        mean=mean,
+        std_error=std_error,
+        n_batches=n,
+        values=tuple(values),
+        n_hvp=n_hvp,
+        n_skipped=skipped,
+        preconditioned=preconditioner is not None,
+    )

@@ -1,0 +1,157 @@
+"""batch_sharpness: closed forms on linear least squares, a direct loop on an MLP, reduce, skips."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_rpe.curvature import HessianOperator, batch_sharpness
+
+torch.set_num_threads(1)
+
+
+def _least_squares(n_batches: int = 5, batch: int = 8, dim: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(dim, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, dim, generator=g, dtype=torch.float64))
+    batches = [
+        (torch.randn(batch, dim, generator=g, dtype=torch.float64), torch.randn(batch, 1, generator=g, dtype=torch.float64))
+        for _ in range(n_batches)
+    ]
+    return model, batches
+
+
+def _half_mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return 0.5 * ((model(x) - y) ** 2).mean()
+
+
+def _closed_form(model: nn.Linear, batches, precond: torch.Tensor | None = None) -> list[float]:
+    """L_B = |X_B w - y_B|^2 / (2 n_B): g_B = X_B^T r / n_B, H_B = X_B^T X_B / n_B (exact)."""
+    w = model.weight.detach().reshape(-1)
+    out = []
+    for x, y in batches:
+        n = x.shape[0]
+        r = x @ w - y.reshape(-1)
+        g = x.T @ r / n
+        h = x.T @ x / n
+        u = g if precond is None else g / precond
+        out.append(float(u @ h @ u / (g @ u)))
+    return out
+
+
+def test_least_squares_matches_the_closed_form() -> None:
+    model, batches = _least_squares()
+    expected = _closed_form(model, batches)
+    result = batch_sharpness(model, _half_mse, batches, dtype=torch.float64)
+    assert result.values == pytest.approx(expected, rel=1e-12)
+    assert result.mean == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+    mean = sum(expected) / len(expected)
+    var = sum((q - mean) ** 2 for q in expected) / (len(expected) - 1)
+    assert result.std_error == pytest.approx(math.sqrt(var / len(expected)), rel=1e-10)
+    assert result.n_batches == len(batches) and result.n_hvp == len(batches) and result.n_skipped == 0
+    assert not result.preconditioned
+    # a Rayleigh quotient: between the smallest and largest eigenvalue of each H_B
+    for q, (x, _) in zip(result.values, batches):
+        eig = torch.linalg.eigvalsh(x.T @ x / x.shape[0])
+        assert float(eig[0]) - 1e-12 <= q <= float(eig[-1]) + 1e-12
+
+
+def test_preconditioned_quotient_matches_the_closed_form() -> None:
+    model, batches = _least_squares(seed=1)
+    precond = torch.tensor([0.5, 2.0, 1.0, 4.0], dtype=torch.float64)
+    result = batch_sharpness(model, _half_mse, batches, dtype=torch.float64, preconditioner=precond)
+    assert result.values == pytest.approx(_closed_form(model, batches, precond), rel=1e-12)
+    assert result.preconditioned
+    # identity preconditioner = the plain quotient
+    ones = batch_sharpness(model, _half_mse, batches, dtype=torch.float64, preconditioner=torch.ones(4))
+    plain = batch_sharpness(model, _half_mse, batches, dtype=torch.float64)
+    assert ones.values == pytest.approx(plain.values, rel=1e-12)
+
+
+def test_mlp_matches_a_direct_double_backward_loop() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    batches = [(torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(4)]
+
+    def ce(m: nn.Module, batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    params = list(model.parameters())
+    expected = []
+    for batch in batches:
+        grads = torch.autograd.grad(ce(model, batch), params, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        hg = torch.autograd.grad(flat, params, grad_outputs=flat.detach())
+        hg_flat = torch.cat([h.reshape(-1) for h in hg])
+        expected.append(float(flat.detach() @ hg_flat / (flat.detach() @ flat.detach())))
+    before = [p.detach().clone() for p in params]
+    result = batch_sharpness(model, ce, batches, dtype=torch.float64)
+    assert result.values == pytest.approx(expected, rel=1e-10)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    # the float32 default agrees to float32 accuracy
+    result32 = batch_sharpness(model, ce, batches)
+    assert result32.mean == pytest.approx(result.mean, rel=1e-4)
+
+
+def test_reduce_pools_the_batches_of_all_processes() -> None:
+    """Two 'ranks' holding different batches: the reduced result equals one process holding all."""
+    model, batches = _least_squares(n_batches=6, seed=2)
+    first, second = batches[:2], batches[2:]
+    seen: list[torch.Tensor] = []
+
+    def record(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.clone())
+        return t
+
+    batch_sharpness(model, _half_mse, second, dtype=torch.float64, reduce=record)
+    other = seen[-1]
+    assert other.dtype == torch.float64 and other.shape == (3,)
+    pooled = batch_sharpness(model, _half_mse, first, dtype=torch.float64, reduce=lambda t: t + other)
+    alone = batch_sharpness(model, _half_mse, batches, dtype=torch.float64)
+    assert pooled.n_batches == 6 and len(pooled.values) == 2
+    assert pooled.mean == pytest.approx(alone.mean, rel=1e-12)
+    assert pooled.std_error == pytest.approx(alone.std_error, rel=1e-9)
+
+
+def test_unusable_batches_are_skipped_and_all_unusable_raises() -> None:
+    model, batches = _least_squares(n_batches=3, seed=4)
+    w = model.weight.detach().reshape(-1)
+    x0 = batches[0][0]
+    zero_grad_batch = (x0, (x0 @ w).reshape(-1, 1))  # residual 0: gradient 0
+    nan_batch = (batches[1][0], torch.full_like(batches[1][1], math.nan))
+    result = batch_sharpness(model, _half_mse, [zero_grad_batch, nan_batch, batches[2]], dtype=torch.float64)
+    assert result.n_batches == 1 and result.n_skipped == 2 and math.isnan(result.std_error)
+    assert result.values == pytest.approx(_closed_form(model, [batches[2]]), rel=1e-12)
+    with pytest.raises(ValueError, match="no usable mini-batch"):
+        batch_sharpness(model, _half_mse, [zero_grad_batch, nan_batch], dtype=torch.float64)
+
+
+def test_bad_arguments_name_the_function_and_parameter() -> None:
+    model, batches = _least_squares()
+    with pytest.raises(ValueError, match="batch_sharpness: batches"):
+        batch_sharpness(model, _half_mse, [])
+    with pytest.raises(ValueError, match="batch_sharpness: preconditioner must be a flat tensor of length dim=4"):
+        batch_sharpness(model, _half_mse, batches, preconditioner=torch.ones(3))
+    with pytest.raises(ValueError, match="batch_sharpness: preconditioner must be finite and strictly positive"):
+        batch_sharpness(model, _half_mse, batches, preconditioner=torch.zeros(4))
+    with pytest.raises(ValueError, match="batchnorm"):
+        batch_sharpness(model, _half_mse, batches, batchnorm="train")
+
+
+def test_batchnorm_policy_is_the_operators() -> None:
+    """With batch-statistics BatchNorm each quotient is the operator's Rayleigh quotient on that batch."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).double()
+    batches = [(torch.randn(12, 5, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)) for _ in range(3)]
+    result = batch_sharpness(model, _half_mse, batches, dtype=torch.float64, batchnorm="batch")
+    for q, batch in zip(result.values, batches):
+        op = HessianOperator(model, _half_mse, [batch], dtype=torch.float64, batchnorm="batch")
+        _, g = op.loss_and_gradient()
+        assert q == pytest.approx(float(g @ op.matvec(g) / (g @ g)), rel=1e-12)
+    assert model[1].running_mean.abs().max() == 0  # running statistics untouched
