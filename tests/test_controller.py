@@ -205,6 +205,17 @@ class FactorRecorder(Callback):
         self.scales.append(list(self.controller.lr_scales()))
 
 
+def legacy_controller(**kwargs: Any) -> InstabilityController:
+    """The controller with the options these tests were written for: no warm-up, no bound on the total
+    factor, max_change 2, no loss-spike rollback and the sharpness gauge (the behaviour before the safe
+    defaults of issue 9).
+    Tests of the new defaults and of the divergence guard are in test_controller_safety.py."""
+    options: dict[str, Any] = {"warmup_steps": 0, "max_factor": None, "max_change": 2.0, "spike_factor": None,
+                               "gauge": "sharpness"}
+    options.update(kwargs)
+    return InstabilityController(**options)
+
+
 # --------------------------------------------------------------------------------------------------
 # options
 # --------------------------------------------------------------------------------------------------
@@ -255,18 +266,18 @@ def test_disabled_needs_no_goal_and_accepts_band_list() -> None:
 
 def test_missing_monitor_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"needs a SharpnessMonitor.*SharpnessMonitor\(") as err:
-        fit(TinyModel(), [InstabilityController(target_ratio=1.0)], max_steps=2)
+        fit(TinyModel(), [legacy_controller(target_ratio=1.0)], max_steps=2)
     assert "enabled=False" in str(err.value)
 
 
 def test_two_monitors_is_a_clear_error() -> None:
-    callbacks = [StubMonitor(lambda s: 1.0), StubMonitor(lambda s: 1.0), InstabilityController(target_ratio=1.0)]
+    callbacks = [StubMonitor(lambda s: 1.0), StubMonitor(lambda s: 1.0), legacy_controller(target_ratio=1.0)]
     with pytest.raises(ValueError, match="exactly one SharpnessMonitor, found 2"):
         fit(TinyModel(), callbacks, max_steps=2)
 
 
 def test_param_group_index_out_of_range() -> None:
-    callbacks = [StubMonitor(lambda s: 1.0), InstabilityController(target_ratio=1.0, param_groups=[1])]
+    callbacks = [StubMonitor(lambda s: 1.0), legacy_controller(target_ratio=1.0, param_groups=[1])]
     with pytest.raises(ValueError, match=r"param_groups must be indices in \[0, 0\]"):
         fit(TinyModel(), callbacks, max_steps=2)
 
@@ -288,7 +299,7 @@ def _expected_target_factors(c: float, lr: float, target: float, max_change: flo
 def test_target_rule_matches_hand_computation(controller_first: bool) -> None:
     c, lr, target, max_change = 4.0, 0.05, 1.3, 2.0  # start ratio 0.1: needs x13, reached in 4 decisions
     model, monitor = TinyModel(lr=lr), StubMonitor(lambda s: c)
-    controller = InstabilityController(target_ratio=target, max_change=max_change)
+    controller = legacy_controller(target_ratio=target, max_change=max_change)
     recorder = FactorRecorder(controller)
     order = [controller, monitor] if controller_first else [monitor, controller]
     fit(model, [*order, recorder], max_steps=8)
@@ -307,7 +318,7 @@ def test_band_rule_moves_only_outside_the_band(band_goal: str, goal: float) -> N
     lr = 0.1
     # ratio 0.5 at factor 1: below the band; one decision moves it to the goal, then it stays inside
     model, monitor = TinyModel(lr=lr), StubMonitor(lambda s: 10.0)
-    controller = InstabilityController(band=(1.1, 1.5), band_goal=band_goal, max_change=4.0)
+    controller = legacy_controller(band=(1.1, 1.5), band_goal=band_goal, max_change=4.0)
     fit(model, [monitor, controller], max_steps=6)
     f = goal / 0.5
     used = [u[0] / lr for u in model.optimizers().optimizer.used]
@@ -315,7 +326,7 @@ def test_band_rule_moves_only_outside_the_band(band_goal: str, goal: float) -> N
     assert controller.n_decisions == 1
     # above the band: falls to the goal from the top
     model, monitor = TinyModel(lr=lr), StubMonitor(lambda s: 40.0)  # ratio 2.0
-    controller = InstabilityController(band=(1.1, 1.5), band_goal=band_goal, max_change=4.0)
+    controller = legacy_controller(band=(1.1, 1.5), band_goal=band_goal, max_change=4.0)
     fit(model, [monitor, controller], max_steps=3)
     goal_above = math.sqrt(1.1 * 1.5) if band_goal == "center" else 1.5
     used = [u[0] / lr for u in model.optimizers().optimizer.used]
@@ -325,13 +336,13 @@ def test_band_rule_moves_only_outside_the_band(band_goal: str, goal: float) -> N
 def test_max_change_and_lr_bounds() -> None:
     lr = 0.01
     model, monitor = TinyModel(lr=lr), StubMonitor(lambda s: 1.0)  # ratio 0.005 at factor 1
-    controller = InstabilityController(target_ratio=1.0, max_change=1.5, max_lr=0.04)
+    controller = legacy_controller(target_ratio=1.0, max_change=1.5, max_lr=0.04)
     fit(model, [monitor, controller], max_steps=8)
     used = [u[0] for u in model.optimizers().optimizer.used]
     assert used == pytest.approx([0.01, 0.015, 0.0225, 0.03375, 0.04, 0.04, 0.04, 0.04], rel=1e-12)
     # min_lr lifts a tiny ratio's target-seeking decrease
     model, monitor = TinyModel(lr=lr), StubMonitor(lambda s: 1000.0)  # ratio 5 at factor 1
-    controller = InstabilityController(target_ratio=1.0, max_change=10.0, min_lr=0.005)
+    controller = legacy_controller(target_ratio=1.0, max_change=10.0, min_lr=0.005)
     fit(model, [monitor, controller], max_steps=3)
     assert [u[0] for u in model.optimizers().optimizer.used] == pytest.approx([0.01, 0.005, 0.005], rel=1e-12)
 
@@ -340,7 +351,7 @@ def test_lr_bounds_hold_at_every_step_under_a_scheduler() -> None:
     lr = 0.1
     sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 + 0.5 * s)  # noqa: E731
     model, monitor = TinyModel(lr=lr, scheduler=sched), StubMonitor(lambda s: 30.0, every=5)
-    controller = InstabilityController(target_ratio=1.0, max_change=4.0, max_lr=0.2)
+    controller = legacy_controller(target_ratio=1.0, max_change=4.0, max_lr=0.2)
     fit(model, [monitor, controller], max_steps=15)
     used = [u[0] for u in model.optimizers().optimizer.used]
     assert max(used) <= 0.2 + 1e-15
@@ -351,7 +362,7 @@ def test_smoothing_is_an_ema_of_the_curvature() -> None:
     lr, beta = 0.1, 0.5
     curv = [10.0, 30.0, 10.0, 30.0]
     model, monitor = TinyModel(lr=lr), StubMonitor(lambda s: curv[s - 1] if s <= 4 else 10.0)
-    controller = InstabilityController(target_ratio=1.0, smoothing=beta, max_change=100.0)
+    controller = legacy_controller(target_ratio=1.0, smoothing=beta, max_change=100.0)
     fit(model, [monitor, controller], max_steps=4)
     ema, expected = None, []
     for c in curv:
@@ -366,7 +377,7 @@ def test_warmup_start_stop_and_after_stop() -> None:
     lr = 0.1
     for after_stop in ("reset", "hold"):
         model, monitor = TinyModel(lr=lr), StubMonitor(lambda s: 10.0)  # ratio 0.5 at factor 1
-        controller = InstabilityController(target_ratio=1.0, start_step=3, warmup_steps=2, stop_step=8,
+        controller = legacy_controller(target_ratio=1.0, start_step=3, warmup_steps=2, stop_step=8,
                                            after_stop=after_stop, max_change=4.0)
         fit(model, [monitor, controller], max_steps=11)
         used = [u[0] / lr for u in model.optimizers().optimizer.used]
@@ -380,13 +391,13 @@ def test_warmup_start_stop_and_after_stop() -> None:
 
 def test_param_groups_selects_groups_and_uses_the_least_stable() -> None:
     model, monitor = TinyModel(groups=2, lrs=(0.1, 0.05)), StubMonitor(lambda s: 10.0)
-    controller = InstabilityController(target_ratio=1.0, max_change=4.0)
+    controller = legacy_controller(target_ratio=1.0, max_change=4.0)
     fit(model, [monitor, controller], max_steps=3)
     used = model.optimizers().optimizer.used
     # ratios at factor 1: 0.5 and 0.25; the larger one drives: factor 2 for both groups
     assert used == [(0.1, 0.05), (0.2, 0.1), (0.2, 0.1)]
     model, monitor = TinyModel(groups=2, lrs=(0.1, 0.05)), StubMonitor(lambda s: 10.0)
-    controller = InstabilityController(target_ratio=1.0, max_change=8.0, param_groups=[1])
+    controller = legacy_controller(target_ratio=1.0, max_change=8.0, param_groups=[1])
     fit(model, [monitor, controller], max_steps=3)
     used = model.optimizers().optimizer.used
     assert used == [(0.1, 0.05), (0.1, 0.2), (0.1, 0.2)]
@@ -395,7 +406,7 @@ def test_param_groups_selects_groups_and_uses_the_least_stable() -> None:
 def test_unusable_measurement_is_skipped_with_a_warning() -> None:
     lr = 0.1
     model, monitor = TinyModel(lr=lr), StubMonitor(lambda s: 10.0 if s != 2 else float("nan"))
-    controller = InstabilityController(target_ratio=1.0, max_change=4.0)
+    controller = legacy_controller(target_ratio=1.0, max_change=4.0)
     with pytest.warns(UserWarning, match="no usable stability ratio"):
         fit(model, [monitor, controller], max_steps=4)
     assert controller.n_skipped == 1
@@ -424,7 +435,7 @@ def test_effective_lr_is_scheduled_lr_times_factor(name: str) -> None:
 
     model = TinyModel(lr=0.1, scheduler=SCHEDULERS[name])
     monitor = StubMonitor(lambda s: 30.0 + s, every=3)  # sharpening: the factor keeps moving
-    controller = InstabilityController(target_ratio=1.2, max_change=1.5)
+    controller = legacy_controller(target_ratio=1.2, max_change=1.5)
     recorder = FactorRecorder(controller)
     logger = CaptureLogger()
     lr_monitor = LearningRateMonitor(logging_interval="step")
@@ -452,7 +463,7 @@ def test_effective_lr_is_scheduled_lr_times_factor(name: str) -> None:
 
 def test_hooks_are_on_the_torch_optimizer_and_removed_at_teardown() -> None:
     model, monitor = TinyModel(), StubMonitor(lambda s: 10.0)
-    controller = InstabilityController(target_ratio=1.0)
+    controller = legacy_controller(target_ratio=1.0)
     trainer = fit(model, [monitor, controller], max_steps=3)
     opt = trainer.optimizers[0]
     assert isinstance(opt, torch.optim.Optimizer)
@@ -477,7 +488,7 @@ class _FailAt(Callback):
 
 def test_exception_inside_step_restores_the_scheduled_lr_and_removes_hooks() -> None:
     model, monitor = TinyModel(lr=0.1), StubMonitor(lambda s: 10.0)
-    controller = InstabilityController(target_ratio=1.0, max_change=4.0)
+    controller = legacy_controller(target_ratio=1.0, max_change=4.0)
     trainer = make_trainer([monitor, controller, _FailAt(3)], max_steps=6)
     with pytest.raises(_Boom):
         trainer.fit(model, train_dataloaders=tiny_loader())
@@ -500,7 +511,7 @@ def test_disabled_is_a_bit_identical_no_op() -> None:
     fit(plain, [StubMonitor(lambda s: 10.0)], max_steps=6, loader=tiny_loader(batch_size=8))
     pl.seed_everything(3, verbose=False)
     model, monitor = TinyModel(lr=0.1), StubMonitor(lambda s: 10.0)
-    controller = InstabilityController(band=(1.1, 1.5), enabled=False)
+    controller = legacy_controller(band=(1.1, 1.5), enabled=False)
     trainer = fit(model, [monitor, controller], max_steps=6, loader=tiny_loader(batch_size=8), ckpt=False)
     for k, v in _weights(plain).items():
         assert torch.equal(v, _weights(model)[k])
@@ -509,7 +520,7 @@ def test_disabled_is_a_bit_identical_no_op() -> None:
     assert controller.state_dict() == {}
     assert not trainer.optimizers[0]._optimizer_step_pre_hooks
     # no monitor needed when disabled
-    fit(TinyModel(), [InstabilityController(enabled=False)], max_steps=2)
+    fit(TinyModel(), [legacy_controller(enabled=False)], max_steps=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -517,7 +528,7 @@ def test_disabled_is_a_bit_identical_no_op() -> None:
 # --------------------------------------------------------------------------------------------------
 def test_state_dict_is_plain_and_round_trips() -> None:
     model, monitor = TinyModel(lr=0.1), StubMonitor(lambda s: 10.0 + s)
-    controller = InstabilityController(target_ratio=1.0, smoothing=0.3)
+    controller = legacy_controller(target_ratio=1.0, smoothing=0.3)
     fit(model, [monitor, controller], max_steps=5)
     state = controller.state_dict()
 
@@ -529,7 +540,7 @@ def test_state_dict_is_plain_and_round_trips() -> None:
         return x is None or isinstance(x, (bool, int, float, str))
 
     assert plain(state), state
-    other = InstabilityController(target_ratio=1.0, smoothing=0.3)
+    other = legacy_controller(target_ratio=1.0, smoothing=0.3)
     other.load_state_dict(state)
     assert other.state_dict() == state
     assert state["factor"] == controller.factor and state["n_measurements"] == 5
@@ -540,7 +551,7 @@ def test_resume_equals_uninterrupted(tmp_path: Any) -> None:
         pl.seed_everything(0, verbose=False)
         model = TinyModel(lr=0.05, scheduler=SCHEDULERS["CosineAnnealingLR"])
         monitor = StubMonitor(lambda s: 20.0 + 2.0 * s, every=2)
-        controller = InstabilityController(band=(1.1, 1.5), smoothing=0.5, max_change=1.7, warmup_steps=2)
+        controller = legacy_controller(band=(1.1, 1.5), smoothing=0.5, max_change=1.7, warmup_steps=2)
         trainer = make_trainer([monitor, controller], max_steps=max_steps)
         trainer.fit(model, train_dataloaders=tiny_loader(), ckpt_path=ckpt_path)
         if save:
@@ -563,7 +574,7 @@ def test_resume_equals_uninterrupted(tmp_path: Any) -> None:
 def test_gradient_accumulation_scales_each_optimizer_step() -> None:
     lr = 0.1
     model, monitor = TinyModel(lr=lr), StubMonitor(lambda s: 10.0)
-    controller = InstabilityController(target_ratio=1.0, max_change=4.0)
+    controller = legacy_controller(target_ratio=1.0, max_change=4.0)
     logger = CaptureLogger()
     fit(model, [monitor, controller], max_steps=3, loader=tiny_loader(batch_size=8), logger=logger,
         accumulate_grad_batches=2)
@@ -595,7 +606,7 @@ class ManualModel(TinyModel):
 def test_manual_optimization_is_scaled_too() -> None:
     lr = 0.1
     model, monitor = ManualModel(lr=lr), StubMonitor(lambda s: 10.0)
-    controller = InstabilityController(target_ratio=1.0, max_change=4.0)
+    controller = legacy_controller(target_ratio=1.0, max_change=4.0)
     fit(model, [monitor, controller], max_steps=3)
     used = [u[0] / lr for u in model.optimizers().optimizer.used]
     assert used == pytest.approx([1.0, 2.0, 2.0])

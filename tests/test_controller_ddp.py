@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import lightning.pytorch as pl
 from lightning_rpe import InstabilityController, SharpnessMonitor
-from test_controller import StubMonitor, TinyModel, tiny_loader
+from test_controller import StubMonitor, TinyModel, legacy_controller, tiny_loader
 from lit_models import TinyMLP, full_batch_loader
 
 torch.set_num_threads(1)
@@ -56,13 +56,13 @@ probe = LrProbe()
 if mode == "stub":
     model = TinyModel(lr=0.1)
     monitor = StubMonitor(lambda step: 10.0 + 5.0 * dist.get_rank(), every=2)
-    controller = InstabilityController(target_ratio=1.0, max_change=4.0)
+    controller = legacy_controller(target_ratio=1.0, max_change=4.0)
     loader, steps = tiny_loader(n=32, batch_size=8), 6
 else:
     model = TinyMLP(hidden=16, lr=0.05)
     monitor = SharpnessMonitor(every_n_steps=3, top_k=1, lambda_min=False, grad_alignment=False,
                                on_fit_start=False, on_fit_end=False, custom_scalars=False, dtype="float64")
-    controller = InstabilityController(target_ratio=0.9, max_change=3.0)
+    controller = legacy_controller(target_ratio=0.9, max_change=3.0)
     loader, steps = full_batch_loader(n=64), 15
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=steps,
                      callbacks=[monitor, controller, probe], logger=False, enable_checkpointing=False,

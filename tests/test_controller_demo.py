@@ -56,7 +56,9 @@ def digits_run(band: tuple[float, float] | None) -> History:
     history = History(monitor)
     callbacks: list[pl.Callback] = [monitor, history]
     if band is not None:
-        callbacks.insert(1, InstabilityController(band=band, max_change=2.0))
+        # the bound on the total factor (default 4) and the warm-up (default 100 steps) are lifted: the
+        # band needs about 10x the initial lr here, and the test looks at the steps from 50 on
+        callbacks.insert(1, InstabilityController(band=band, max_change=2.0, max_factor=None, warmup_steps=0))
     trainer = pl.Trainer(max_steps=STEPS, callbacks=callbacks, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0, accelerator="cpu", devices=1)

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_rpe.callbacks.instability_controller import InstabilityController
 from lightning_rpe.callbacks.sharpness_monitor import Measurement, SharpnessMonitor
+from test_controller import legacy_controller
 
 torch.set_num_threads(1)
 
@@ -47,7 +48,7 @@ def test_thresholds_use_the_effective_lr() -> None:
     pl.seed_everything(0, verbose=False)
     model = TinyMLP(hidden=16, lr=0.05)
     mon = monitor()
-    ctrl = InstabilityController(target_ratio=0.9, max_change=3.0)
+    ctrl = legacy_controller(target_ratio=0.9, max_change=3.0)
     history = History(mon)
     make_trainer([mon, ctrl, history], max_steps=24).fit(model, full_batch_loader(n=64))
     ms = history.measurements
@@ -88,7 +89,7 @@ def test_adam_preconditioned_ratio_is_steered() -> None:
     pl.seed_everything(0, verbose=False)
     model = TinyMLP(hidden=16, optimizer="adam", lr=1e-3)
     mon = monitor(every_n_steps=5, dtype="float32", tol=1e-4)
-    ctrl = InstabilityController(target_ratio=0.5, max_change=4.0)
+    ctrl = legacy_controller(target_ratio=0.5, max_change=4.0)
     history = History(mon)
     make_trainer([mon, ctrl, history], max_steps=40).fit(model, full_batch_loader(n=64))
     ms = [m for m in history.measurements if m.preconditioned_sharpness is not None]
@@ -106,7 +107,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path: Any) -> None:
         pl.seed_everything(0, verbose=False)
         model = TinyMLP(hidden=16, lr=0.05)
         mon = monitor(every_n_steps=4)
-        ctrl = InstabilityController(band=(0.6, 0.9), smoothing=0.3, max_change=1.8, warmup_steps=4)
+        ctrl = legacy_controller(band=(0.6, 0.9), smoothing=0.3, max_change=1.8, warmup_steps=4)
         history = History(mon)
         callbacks: list[pl.Callback] = [mon, ctrl, history]
         kwargs: dict[str, Any] = {}
@@ -143,7 +144,7 @@ def test_logged_names_reach_a_real_logger(tmp_path: Any) -> None:
     pl.seed_everything(0, verbose=False)
     model = TinyMLP(hidden=16, group_lrs=(0.05, 0.02))
     mon = monitor(every_n_steps=4)
-    ctrl = InstabilityController(band=(0.5, 0.8), max_change=3.0)
+    ctrl = legacy_controller(band=(0.5, 0.8), max_change=3.0)
     logger = CSVLogger(tmp_path, name="run")
     trainer = make_trainer([mon, ctrl], max_steps=12, logger=logger, log_every_n_steps=1)
     trainer.fit(model, full_batch_loader(n=64))
@@ -174,7 +175,7 @@ def test_tensorboard_layout_has_the_controller_category(tmp_path: Any) -> None:
     pl.seed_everything(0, verbose=False)
     logger = TensorBoardLogger(tmp_path, name="tb")
     mon = monitor(custom_scalars=True)
-    trainer = make_trainer([mon, InstabilityController(target_ratio=0.9)], max_steps=4, logger=logger)
+    trainer = make_trainer([mon, legacy_controller(target_ratio=0.9)], max_steps=4, logger=logger)
     trainer.fit(TinyMLP(hidden=8), full_batch_loader(n=32))
     from lightning_rpe.callbacks._logging import _LAYOUT_ATTR
 

@@ -1,94 +1,134 @@
-"""InstabilityController: steer the stability ratio by scaling the learning rate.
+"""InstabilityController: steer the stability ratio by scaling the learning rate, safely.
 
 The controller follows the :class:`~lightning_rpe.callbacks.sharpness_monitor.SharpnessMonitor` in
-the same Trainer. After each new measurement it chooses a factor ``f`` so that the stability ratio
-(sharpness / threshold of the optimizer in use, preconditioned for the Adam family) at the next
-optimizer step lands in a band ``[low, high]`` or at a target. The optimizer then steps with
+the same Trainer. After each new measurement it chooses a factor ``f`` (the pure control law in
+:mod:`lightning_rpe.control`) so that the ratio of a gauge (the sharpness, or the batch sharpness
+under minibatch training) to the optimizer's threshold lands in a band or at a target, and the
+optimizer steps with
 
     effective lr = scheduled lr * f
 
 The multiplication happens only inside ``optimizer.step`` (a torch step pre-hook multiplies the
 controlled groups' ``lr``, a post-hook puts the scheduled values back), so learning-rate schedulers,
-``LearningRateMonitor`` and checkpoints always see the scheduled rate. See ``docs/controller.md``.
+``LearningRateMonitor`` and checkpoints always see the scheduled rate.
 
-Update rule (one decision per new measurement). For each controlled group ``i`` the measurement
-gives the ratio ``r_i`` at the effective rate ``lr_i`` it used. Every supported threshold is
-proportional to ``1 / lr`` (``2 / lr`` for GD, ``38 / lr`` for Adam at beta1 = 0.9), so the
-curvature the ratio compares is ``c_i = r_i * threshold_i`` and ``K_i = threshold_i * lr_i`` is a
-constant of the optimizer. With ``c_i`` smoothed by an exponential moving average and ``s_i`` the
-scheduled rate now, the ratio at factor 1 is ``rho_i = c_i * s_i / K_i`` and the ratio at factor
-``f`` is ``rho * f`` with ``rho = max_i rho_i`` (the least stable controlled group). Then
-
-    f <- f * clamp(goal / (rho * f), 1 / max_change, max_change)
-
-clamped afterwards so that ``min_lr <= s_i * f <= max_lr``. ``goal`` is ``target_ratio``; in band
-mode there is no change while ``low <= rho * f <= high``, else ``goal`` is the band's geometric
-centre ``sqrt(low * high)`` (``band_goal="center"``) or the edge that was crossed (``"edge"``).
+This module holds only what needs Lightning: finding the monitor, the step hooks, the divergence
+guard's snapshot and rollback (model and optimizer state kept in host memory), DDP agreement
+(rank zero decides and broadcasts; a rollback happens on every rank when any rank sees a bad
+loss) and logging. See ``docs/controller.md``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_rpe import control
+from lightning_rpe.callbacks import _logging
 from lightning_rpe.callbacks.sharpness_monitor import Measurement, SharpnessMonitor
+from lightning_rpe.control import (
+    AfterStop,
+    BandGoal,
+    ControlSettings,
+    ControlState,
+    Gauge,
+)
 
 __all__ = ["InstabilityController"]
 
-_BAND_GOALS = ("center", "edge")
-_AFTER_STOP = ("reset", "hold")
-_STATE_VERSION = 1
+_STATE_ATTRS = tuple(f.name for f in fields(ControlState))
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _host_copy(obj: Any) -> Any:
+    """A deep copy of nested dicts/lists/tuples of tensors with every tensor cloned to the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
+
+
+def _nbytes(obj: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _loss_of(outputs: Any) -> float | None:
+    """The training loss in ``training_step``'s output (a tensor or a dict with ``"loss"``), or None."""
+    if isinstance(outputs, dict):
+        outputs = outputs.get("loss")
+    if isinstance(outputs, Tensor) and outputs.numel() == 1:
+        return float(outputs.detach())
+    return None
 
 
 class InstabilityController(Callback):
-    r"""Scale the learning rate so the stability ratio stays in a band or at a target.
+    r"""Scale the learning rate so a stability ratio stays in a band or at a target; never wreck the run.
 
-    The stability ratio is the one the ``SharpnessMonitor`` reports (``rpe/stability_ratio``):
-    sharpness / threshold, for example ``lambda_max * lr / 2`` for plain GD and
-    ``lambda_max(P^-1/2 H P^-1/2) * lr * (1 - beta1) / (2 + 2 beta1)`` for Adam. Above 1 the step
-    is unstable along the top eigendirection. Exactly one of ``target_ratio`` and ``band`` is
+    The ratio is a gauge over the threshold of the optimizer in use at the effective lr: with
+    ``gauge="sharpness"`` the monitor's ``rpe/stability_ratio`` (``lambda_max * lr / 2`` for plain
+    GD, the preconditioned sharpness for the Adam family), with ``gauge="batch_sharpness"`` its
+    ``rpe/batch_sharpness_ratio`` (the batch sharpness of Andreyev & Beneventano, arXiv 2412.20553,
+    over the same threshold). ``"auto"`` (default) takes the sharpness for full-batch training and
+    the batch sharpness for minibatch training. Exactly one of ``target_ratio`` and ``band`` is
     required while ``enabled``.
 
     Args:
         target_ratio: ratio to steer to after every measurement (> 0).
         band: ``(low, high)`` with ``0 < low < high``; the factor is left alone while the predicted
             ratio is inside.
-        band_goal: where a band decision aims: ``"center"`` (geometric centre
-            ``sqrt(low * high)``, the default) or ``"edge"`` (the crossed edge: minimal change).
-        max_change: largest factor change per decision (> 1): the new factor lies in
-            ``[f / max_change, f * max_change]``.
-        min_lr, max_lr: bounds on every controlled group's effective rate (same units as the
-            optimizer's ``lr``); enforced at every step. When they conflict ``max_lr`` wins. A
-            scheduled rate of exactly 0 stays 0.
-        smoothing: EMA coefficient ``beta`` in ``[0, 1)`` for the measured curvature,
-            ``c <- beta * c + (1 - beta) * c_new``; 0 (default) uses each measurement as it is.
+        band_goal: ``"center"`` (geometric centre ``sqrt(low * high)``, default) or ``"edge"``
+            (the crossed edge: minimal change).
+        gauge: ``"sharpness"``, ``"batch_sharpness"`` or ``"auto"`` (above). The batch sharpness
+            needs ``SharpnessMonitor(batch_sharpness=...)``.
+        max_change: largest factor change per decision (> 1, default 1.5).
+        max_factor: bound on the total factor, ``1 / max_factor <= f <= max_factor`` (>= 1,
+            default 4; None: unbounded).
+        min_lr, max_lr: bounds on every controlled group's effective rate, enforced at every step
+            (``max_lr`` wins when they conflict; a scheduled rate of exactly 0 stays 0).
+        smoothing: EMA coefficient ``beta`` in ``[0, 1)`` of the measured curvature.
         warmup_steps: optimizer steps after ``start_step`` during which the controller only
-            observes (fills the EMA) and the factor stays 1.
-        start_step: first optimizer step (``trainer.global_step``) the controller takes part in;
-            before it, measurements are ignored and the factor is 1.
-        stop_step: first optimizer step it no longer controls (``None``: never stops).
-        after_stop: ``"reset"`` (factor back to 1 from ``stop_step`` on, the default) or
-            ``"hold"`` (keep the last factor, make no further decisions).
-        param_groups: indices of the optimizer's param groups to scale (``None``: all). The ratio
-            that drives the decision is the largest over these groups.
-        initial_factor: factor at the first controlled step (> 0, default 1).
-        log: log ``rpe/lr_scale`` and the effective ``rpe/lr`` (``rpe/lr/pg1``, ``pg2``, ... with several
-            groups) at every optimizer step, and at every decision ``rpe/controller_ratio`` (the
-            predicted ratio the decision used) with ``rpe/band_low``/``rpe/band_high`` or
-            ``rpe/target_ratio``.
-        enabled: ``False`` makes the callback a no-op: it registers nothing, keeps no state and
-            training is bit-identical to a run without it.
+            observes (factor 1; default 100).
+        start_step: first optimizer step the controller takes part in.
+        stop_step: first optimizer step it no longer controls (None: never stops).
+        after_stop: ``"reset"`` (factor 1 from ``stop_step`` on, default) or ``"hold"``.
+        param_groups: indices of the param groups to scale (None: all); the least stable decides.
+        initial_factor: factor at the first controlled step (> 0).
+        spike_factor: divergence guard: a training loss above ``spike_factor`` times the median of
+            the last ``spike_window`` losses rolls back (> 1, default 4; None: only a non-finite
+            loss does).
+        spike_window: number of recent losses the spike test compares with (>= 2, default 20).
+        rollback_factor: the factor is multiplied by this at a rollback (in (0, 1), default 0.5).
+        hold_steps: after a rollback the factor may not rise for this many steps (default 100).
+        log: log ``rpe/lr_scale``, ``rpe/lr`` and ``rpe/rollbacks`` every step and
+            ``rpe/controller_ratio`` with the goal at every decision.
+        enabled: ``False``: the callback registers nothing, keeps no state, and training is
+            bit-identical to a run without it.
+
+    Raises:
+        ValueError: an invalid option (naming it and the accepted values); at setup, no or several
+            monitors, or a batch-sharpness gauge with a monitor that does not measure it.
     """
 
     def __init__(
@@ -96,151 +136,90 @@ class InstabilityController(Callback):
         target_ratio: float | None = None,
         band: tuple[float, float] | None = None,
         *,
-        band_goal: str = "center",
-        max_change: float = 2.0,
+        band_goal: BandGoal = "center",
+        gauge: Gauge = "auto",
+        max_change: float = 1.5,
+        max_factor: float | None = 4.0,
         min_lr: float | None = None,
         max_lr: float | None = None,
         smoothing: float = 0.0,
-        warmup_steps: int = 0,
+        warmup_steps: int = 100,
         start_step: int = 0,
         stop_step: int | None = None,
-        after_stop: str = "reset",
+        after_stop: AfterStop = "reset",
         param_groups: Sequence[int] | None = None,
         initial_factor: float = 1.0,
+        spike_factor: float | None = 4.0,
+        spike_window: int = 20,
+        rollback_factor: float = 0.5,
+        hold_steps: int = 100,
         log: bool = True,
         enabled: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(enabled, bool):
-            raise ValueError(f"enabled must be True or False, got {enabled!r}")
-        if target_ratio is not None and band is not None:
-            raise ValueError("give either target_ratio (a float > 0) or band ((low, high)), not both")
-        if enabled and target_ratio is None and band is None:
-            raise ValueError(
-                "InstabilityController needs target_ratio (a float > 0, e.g. 1.2) or "
-                "band ((low, high) with 0 < low < high, e.g. (1.1, 1.5)); or set enabled=False"
-            )
-        if target_ratio is not None and not (
-            _is_number(target_ratio) and math.isfinite(target_ratio) and target_ratio > 0
-        ):
-            raise ValueError(f"target_ratio must be a finite float > 0, got {target_ratio!r}")
-        band_t: tuple[float, float] | None = None
-        if band is not None:
-            try:
-                low, high = band  # type: ignore[misc]
-            except (TypeError, ValueError):
-                raise ValueError(f"band must be (low, high) with 0 < low < high, got {band!r}") from None
-            if not (
-                _is_number(low) and _is_number(high) and math.isfinite(low) and math.isfinite(high)
-                and 0 < low < high
-            ):
-                raise ValueError(f"band must be (low, high) with 0 < low < high, got {band!r}")
-            band_t = (float(low), float(high))
-        if band_goal not in _BAND_GOALS:
-            raise ValueError(f"band_goal must be one of {_BAND_GOALS}, got {band_goal!r}")
-        if not (_is_number(max_change) and math.isfinite(max_change) and max_change > 1):
-            raise ValueError(f"max_change must be a finite float > 1, got {max_change!r}")
-        for name, value in (("min_lr", min_lr), ("max_lr", max_lr)):
-            if value is not None and not (_is_number(value) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be None or a finite float >= 0, got {value!r}")
-        if min_lr is not None and max_lr is not None and min_lr > max_lr:
-            raise ValueError(f"min_lr must be <= max_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
-        if not (_is_number(smoothing) and 0 <= smoothing < 1):
-            raise ValueError(f"smoothing must be a float in [0, 1), got {smoothing!r}")
-        for name, value in (("warmup_steps", warmup_steps), ("start_step", start_step)):
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if stop_step is not None and not (
-            isinstance(stop_step, int) and not isinstance(stop_step, bool) and stop_step > start_step
-        ):
-            raise ValueError(f"stop_step must be None or an int > start_step ({start_step}), got {stop_step!r}")
-        if after_stop not in _AFTER_STOP:
-            raise ValueError(f"after_stop must be one of {_AFTER_STOP}, got {after_stop!r}")
-        groups: tuple[int, ...] | None = None
-        if param_groups is not None:
-            try:
-                groups = tuple(param_groups)
-            except TypeError:
-                raise ValueError(
-                    f"param_groups must be None (all groups) or a non-empty list of group indices, got {param_groups!r}"
-                ) from None
-            if (
-                not groups
-                or any(not isinstance(g, int) or isinstance(g, bool) or g < 0 for g in groups)
-                or len(set(groups)) != len(groups)
-            ):
-                raise ValueError(
-                    "param_groups must be None (all groups) or a non-empty list of distinct group indices >= 0, "
-                    f"got {param_groups!r}"
-                )
-        if not (_is_number(initial_factor) and math.isfinite(initial_factor) and initial_factor > 0):
-            raise ValueError(f"initial_factor must be a finite float > 0, got {initial_factor!r}")
+        self.settings = ControlSettings(
+            target_ratio=target_ratio, band=band, band_goal=band_goal, gauge=gauge, max_change=max_change,
+            max_factor=max_factor, min_lr=min_lr, max_lr=max_lr, smoothing=smoothing, warmup_steps=warmup_steps,
+            start_step=start_step, stop_step=stop_step, after_stop=after_stop,
+            param_groups=None if param_groups is None else param_groups,  # type: ignore[arg-type]
+            initial_factor=initial_factor, spike_factor=spike_factor, spike_window=spike_window,
+            rollback_factor=rollback_factor, hold_steps=hold_steps, enabled=enabled,
+        )
         if not isinstance(log, bool):
-            raise ValueError(f"log must be True or False, got {log!r}")
-
-        self.target_ratio = None if target_ratio is None else float(target_ratio)
-        self.band = band_t
-        self.band_goal = band_goal
-        self.max_change = float(max_change)
-        self.min_lr = None if min_lr is None else float(min_lr)
-        self.max_lr = None if max_lr is None else float(max_lr)
-        self.smoothing = float(smoothing)
-        self.warmup_steps = warmup_steps
-        self.start_step = start_step
-        self.stop_step = stop_step
-        self.after_stop = after_stop
-        self.param_groups = groups
-        self.initial_factor = float(initial_factor)
+            raise ValueError(f"InstabilityController: log must be True or False, got {log!r}")  # noqa: TRY004
         self.log = log
-        self.enabled = enabled
-
-        # state saved in checkpoints (plain Python types)
-        self.factor: float = self.initial_factor
-        self.smoothed: list[float | None] = []  # EMA of the curvature per optimizer group
-        self.n_measurements = 0  # measurements used (EMA updated)
-        self.n_decisions = 0  # decisions that changed the factor
-        self.n_skipped = 0  # measurements that could not be used
-        self.last_ratio: float | None = None  # predicted ratio at the last decision (before it)
-        self._last_key: tuple[int, int, float] | None = None
-
+        self.state = ControlState(factor=self.settings.initial_factor)
         # runtime only
+        self.active_gauge: str | None = None  # what "auto" resolved to at train start
+        self.snapshot_bytes: int | None = None  # host memory of the rollback snapshot
+        self._snapshot: tuple[dict[str, Any], dict[Any, Any]] | None = None
+        self._candidate: tuple[dict[str, Any], dict[Any, Any]] | None = None
+        self._snapshot_due = False
         self._monitor: SharpnessMonitor | None = None
         self._trainer: pl.Trainer | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._handles: list[RemovableHandle] = []
         self._pending: list[tuple[int, Any, Any]] | None = None
-        self._applied: tuple[int, float, tuple[float, ...], tuple[Any, ...]] | None = None
+        self._applied: tuple[int, float, tuple[float, ...]] | None = None
         self._logged_step: int | None = None
         self._decision_to_log: float | None = None
+        self._step_at_batch_start: int | None = None
         self._prefix = "rpe/"
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ options and state
+    def __getattr__(self, name: str) -> Any:
+        # options read through the settings (controller.band, controller.max_change, ...) and the
+        # state's fields (controller.factor, controller.n_decisions, ...)
+        if name in ("settings", "state"):
+            raise AttributeError(name)
+        if name in _STATE_ATTRS:
+            return getattr(self.state, name)
+        settings = self.__dict__.get("settings")
+        if settings is not None and hasattr(settings, name):
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """False: a no-op callback."""
+        return self.settings.enabled
+
     def state_dict(self) -> dict[str, Any]:
-        if not self.enabled:
-            return {}
-        return {
-            "version": _STATE_VERSION,
-            "factor": float(self.factor),
-            "smoothed": [None if c is None else float(c) for c in self.smoothed],
-            "n_measurements": int(self.n_measurements),
-            "n_decisions": int(self.n_decisions),
-            "n_skipped": int(self.n_skipped),
-            "last_ratio": None if self.last_ratio is None else float(self.last_ratio),
-            "last_key": None if self._last_key is None else list(self._last_key),
-        }
+        return self.state.state_dict() if self.enabled else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self.enabled or not state_dict:
-            return
-        self.factor = float(state_dict["factor"])
-        self.smoothed = [None if c is None else float(c) for c in state_dict["smoothed"]]
-        self.n_measurements = int(state_dict["n_measurements"])
-        self.n_decisions = int(state_dict["n_decisions"])
-        self.n_skipped = int(state_dict["n_skipped"])
-        lr = state_dict.get("last_ratio")
-        self.last_ratio = None if lr is None else float(lr)
-        key = state_dict.get("last_key")
-        self._last_key = None if key is None else (int(key[0]), int(key[1]), float(key[2]))
+        if self.enabled and state_dict:
+            self.state = ControlState.from_state_dict(state_dict)
+
+    def reset(self) -> None:
+        """Forget everything learnt in a previous fit (called at the start of every fresh fit)."""
+        self.state = ControlState(factor=self.settings.initial_factor)
+        self._snapshot = self._candidate = None
+        self._snapshot_due = False
+        self.snapshot_bytes = None
+        self._applied = self._pending = None
+        self._logged_step = None
+        self._decision_to_log = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -269,6 +248,11 @@ class InstabilityController(Callback):
         self._trainer = trainer
         self._prefix = str(getattr(monitor, "prefix", "rpe/"))
         monitor.lr_scale_provider = self.lr_scales
+        listeners = getattr(monitor, "listeners", None)
+        if isinstance(listeners, list) and self.on_measurement not in listeners:
+            listeners.append(self.on_measurement)
+        if trainer.global_step == 0:  # a fresh fit (a checkpoint, if any, is loaded after setup)
+            self.reset()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
@@ -285,19 +269,36 @@ class InstabilityController(Callback):
             )
         optimizer = optimizers[0]
         n_groups = len(optimizer.param_groups)
-        if self.param_groups is not None and max(self.param_groups) >= n_groups:
+        groups = self.settings.param_groups
+        if groups is not None and max(groups) >= n_groups:
             raise ValueError(
                 f"param_groups must be indices in [0, {n_groups - 1}] for this optimizer "
-                f"({n_groups} param groups), got {list(self.param_groups)}"
+                f"({n_groups} param groups), got {list(groups)}"
             )
-        if len(self.smoothed) != n_groups:
-            self.smoothed = (self.smoothed + [None] * n_groups)[:n_groups]
+        if len(self.state.smoothed) != n_groups:
+            self.state.smoothed = (self.state.smoothed + [None] * n_groups)[:n_groups]
         self._remove_hooks()
         self._optimizer = optimizer
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
         ]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or self._monitor is None:
+            return
+        full_batch = int(getattr(trainer, "num_training_batches", 0) or 0) == 1
+        self.active_gauge = control.resolve_gauge(self.settings.gauge, full_batch)
+        if self.active_gauge == "batch_sharpness" and not getattr(self._monitor, "batch_sharpness", False):
+            raise ValueError(
+                f"InstabilityController(gauge={self.settings.gauge!r}) steers the batch sharpness"
+                + (" (auto: minibatch training)" if self.settings.gauge == "auto" else "")
+                + ", which this SharpnessMonitor does not measure: set SharpnessMonitor(batch_sharpness=True), "
+                "or InstabilityController(gauge='sharpness')"
+            )
+        self._snapshot_due = True
+        if self.log and getattr(self._monitor, "custom_scalars", False):
+            _logging.add_custom_scalars(trainer, self.layout())
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -309,59 +310,27 @@ class InstabilityController(Callback):
     def _cleanup(self) -> None:
         self._restore_pending()
         self._remove_hooks()
-        if self._monitor is not None and getattr(self._monitor.lr_scale_provider, "__self__", None) is self:
-            self._monitor.lr_scale_provider = None
+        monitor = self._monitor
+        if monitor is not None:
+            if getattr(monitor.lr_scale_provider, "__self__", None) is self:
+                monitor.lr_scale_provider = None
+            listeners = getattr(monitor, "listeners", None)
+            if isinstance(listeners, list) and self.on_measurement in listeners:
+                listeners.remove(self.on_measurement)
         self._monitor = None
         self._trainer = None
         self._optimizer = None
+        self._snapshot = self._candidate = None
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
-    # ------------------------------------------------------------------ phases
-    def _phase(self, step: int) -> str:
-        """``"before"``, ``"warmup"``, ``"active"`` or ``"after"`` for the optimizer step index ``step``."""
-        if step < self.start_step:
-            return "before"
-        if self.stop_step is not None and step >= self.stop_step:
-            return "after"
-        if step < self.start_step + self.warmup_steps:
-            return "warmup"
-        return "active"
-
-    def _factor_at(self, step: int) -> float:
-        phase = self._phase(step)
-        if phase == "active" or (phase == "after" and self.after_stop == "hold"):
-            return self.factor
-        return 1.0
-
-    def _controlled(self, n_groups: int) -> tuple[int, ...]:
-        return tuple(range(n_groups)) if self.param_groups is None else self.param_groups
-
-    def _bounded(self, factor: float, scheduled: float) -> float:
-        """The factor applied to one group: ``factor`` limited so that ``min_lr <= lr * f <= max_lr``."""
-        if scheduled <= 0:
-            return factor
-        if self.min_lr is not None:
-            factor = max(factor, self.min_lr / scheduled)
-        if self.max_lr is not None:
-            factor = min(factor, self.max_lr / scheduled)
-        return factor
-
-    def _group_factors(self, step: int) -> list[float]:
+    # ------------------------------------------------------------------ factors and step hooks
+    def _scheduled(self) -> list[float]:
         assert self._optimizer is not None
-        groups = self._optimizer.param_groups
-        factor = self._factor_at(step)
-        out = [1.0] * len(groups)
-        if factor == 1.0 and self.min_lr is None and self.max_lr is None:
-            return out
-        phase = self._phase(step)
-        bounded = phase == "active" or (phase == "after" and self.after_stop == "hold")
-        for i in self._controlled(len(groups)):
-            out[i] = self._bounded(factor, float(groups[i]["lr"])) if bounded else factor
-        return out
+        return [float(g["lr"]) for g in self._optimizer.param_groups]
 
     def lr_scales(self) -> list[float]:
         """Per param group factor the next optimizer step uses (1.0 for groups not controlled).
@@ -374,14 +343,13 @@ class InstabilityController(Callback):
             if optimizer is None and self._trainer is not None and self._trainer.optimizers:
                 optimizer = self._trainer.optimizers[0]
             return [1.0] * (0 if optimizer is None else len(optimizer.param_groups))
-        return self._group_factors(self._trainer.global_step)
+        return control.group_factors(self.settings, self.state, self._scheduled(), self._trainer.global_step)
 
-    # ------------------------------------------------------------------ step hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._restore_pending()  # a previous step raised before its post-hook ran
         assert self._trainer is not None
         step = self._trainer.global_step
-        factors = self._group_factors(step)
+        factors = control.group_factors(self.settings, self.state, self._scheduled(), step)
         pending: list[tuple[int, Any, Any]] = []
         for i, f in enumerate(factors):
             if f == 1.0:
@@ -392,8 +360,8 @@ class InstabilityController(Callback):
             group["lr"] = effective
             pending.append((i, scheduled, effective))
         self._pending = pending
-        effective_lrs = tuple(g["lr"] for g in optimizer.param_groups)
-        self._applied = (step, self._factor_at(step), tuple(factors), effective_lrs)
+        self._applied = (step, control.factor_at(self.settings, self.state, step),
+                         tuple(g["lr"] for g in optimizer.param_groups))
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._restore_pending()
@@ -414,25 +382,141 @@ class InstabilityController(Callback):
         self._pending = None
 
     # ------------------------------------------------------------------ decisions
+    def on_measurement(self, trainer: pl.Trainer, measurement: Measurement) -> None:
+        """Listener the monitor calls with each new measurement before logging it: decide now, so
+        that the ratio the monitor logs is the one at the lr the next step uses."""
+        if self.enabled:
+            self._consider(trainer, measurement)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.enabled:
-            self._maybe_decide(trainer)
+        if not self.enabled:
+            return
+        self._step_at_batch_start = trainer.global_step
+        self._poll(trainer)
+        if self._snapshot_due and self._candidate is None:
+            self._candidate = self._copy_state(pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self.enabled:
             return
-        self._maybe_decide(trainer)
-        if not self.log:
+        stepped = self._step_at_batch_start is not None and trainer.global_step > self._step_at_batch_start
+        if stepped:
+            self._guard(trainer, pl_module, _loss_of(outputs))
+        self._poll(trainer)
+        if self.log:
+            self._log_step(pl_module)
+
+    def _poll(self, trainer: pl.Trainer) -> None:
+        """Use ``monitor.latest`` if it is new (a monitor that does not call its listeners)."""
+        if self._monitor is not None and self._monitor.latest is not None:
+            self._consider(trainer, self._monitor.latest)
+
+    def _reading(self, m: Measurement) -> control.Reading:
+        if self.active_gauge == "batch_sharpness":
+            ratios = tuple(getattr(m, "batch_sharpness_ratios", None) or ())
+            value = float(getattr(m, "batch_sharpness", None) or math.nan)
+        else:
+            ratios, value = tuple(m.ratios), float(m.sharpness)
+        return control.Reading(step=int(m.step), key=(int(m.step), int(m.epoch), value), ratios=ratios,
+                               thresholds=tuple(m.thresholds), lrs=tuple(m.lrs))
+
+    def _consider(self, trainer: pl.Trainer, m: Measurement) -> None:
+        if self._monitor is None or self._optimizer is None:
             return
+        reading = self._reading(m)
+        last = self.state.last_key
+        if last is not None and last[0] == reading.key[0] and last[1] == reading.key[1] and (
+            last[2] == reading.key[2] or (math.isnan(last[2]) and math.isnan(reading.key[2]))
+        ):
+            return
+        # decide on rank zero only, then broadcast the whole new state so that ranks cannot drift
+        decision: control.Decision | None = None
+        if trainer.is_global_zero:
+            decision = control.decide(self.settings, self.state, reading, self._scheduled(), trainer.global_step)
+        decision = trainer.strategy.broadcast(decision, src=0)
+        assert decision is not None
+        self.state = decision.state
+        if decision.used and decision.ratio is not None:
+            self._decision_to_log = float(decision.ratio)
+            self._snapshot_due = True  # keep the state at the next batch whose loss passes the guard
+        if decision.warning and trainer.is_global_zero:
+            rank_zero_warn(decision.warning)
+
+    # ------------------------------------------------------------------ divergence guard
+    def _copy_state(self, pl_module: pl.LightningModule) -> tuple[dict[str, Any], dict[Any, Any]] | None:
+        if self._optimizer is None:
+            return None
+        return _host_copy(pl_module.state_dict()), _host_copy(self._optimizer.state_dict()["state"])
+
+    def _commit_snapshot(self) -> None:
+        """The candidate (taken at the start of a batch whose loss then passed the guard) becomes the
+        state a rollback restores, if all its floating-point values are finite."""
+        candidate, self._candidate = self._candidate, None
+        if candidate is None:
+            return
+        tensors = [t for part in candidate for t in _tensors(part) if t.is_floating_point()]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            return
+        self._snapshot = candidate
+        self._snapshot_due = False
+        size = _nbytes(candidate)
+        if self.snapshot_bytes is None or size > self.snapshot_bytes:
+            self.snapshot_bytes = size
+            rank_zero_info(
+                "InstabilityController: the rollback snapshot (model and optimizer state, host memory) "
+                f"takes {size} bytes"
+            )
+
+    def _guard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: float | None) -> None:
+        """Check the loss of the batch that just stepped; roll back when it is non-finite or spikes."""
+        alarm = None
+        if control.controls(self.settings, trainer.global_step - 1):
+            alarm = None if loss is None else control.loss_alarm(self.settings, self.state.losses, loss)
+            if trainer.world_size > 1:  # every rank rolls back when any rank sees a bad loss
+                flag = torch.tensor(0.0 if alarm is None else 1.0, device=pl_module.device)
+                flag = trainer.strategy.reduce(flag, reduce_op="sum")
+                if float(flag) > 0 and alarm is None:
+                    alarm = "a non-finite or spiking training loss on another process"
+        if alarm is not None:
+            self._candidate = None
+            self._rollback(trainer, pl_module, alarm)
+            return
+        if loss is not None and math.isfinite(loss):
+            control.record_loss(self.settings, self.state, loss)
+        self._commit_snapshot()
+
+    def _rollback(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+        old = self.state.factor
+        self.state = control.after_rollback(self.settings, self.state, trainer.global_step)
+        restored = self._snapshot is not None and self._optimizer is not None
+        if restored:
+            assert self._snapshot is not None and self._optimizer is not None
+            model_state, optim_state = self._snapshot
+            pl_module.load_state_dict(model_state)
+            current = self._optimizer.state_dict()
+            current["state"] = optim_state
+            self._optimizer.load_state_dict(current)  # keeps the scheduled lrs (param_groups) as they are
+        rank_zero_warn(
+            f"InstabilityController: {reason} at step {trainer.global_step}: "
+            + ("rolled the model and optimizer back to the last good state, " if restored else "")
+            + f"factor {old:.4g} -> {self.state.factor:.4g}, no increase before step {self.state.hold_until} "
+            f"(rollback {self.state.n_rollbacks})"
+        )
+        if self.log:
+            self._log(pl_module, f"{self._prefix}rollbacks", self.state.n_rollbacks)
+
+    # ------------------------------------------------------------------ logging
+    def _log_step(self, pl_module: pl.LightningModule) -> None:
         p = self._prefix
         if self._applied is not None and self._applied[0] != self._logged_step:
-            step, factor, _, lrs = self._applied
+            step, factor, lrs = self._applied
             self._logged_step = step
             self._log(pl_module, f"{p}lr_scale", factor)
+            self._log(pl_module, f"{p}rollbacks", self.state.n_rollbacks)
             if len(lrs) == 1:
                 self._log(pl_module, f"{p}lr", lrs[0])
             else:  # the monitor's per-group suffix: pg1 is param group 0
@@ -442,162 +526,32 @@ class InstabilityController(Callback):
             ratio = self._decision_to_log
             self._decision_to_log = None
             self._log(pl_module, f"{p}controller_ratio", ratio)
-            if self.target_ratio is not None:
-                self._log(pl_module, f"{p}target_ratio", self.target_ratio)
-            elif self.band is not None:
-                self._log(pl_module, f"{p}band_low", self.band[0])
-                self._log(pl_module, f"{p}band_high", self.band[1])
+            if self.settings.target_ratio is not None:
+                self._log(pl_module, f"{p}target_ratio", self.settings.target_ratio)
+            elif self.settings.band is not None:
+                self._log(pl_module, f"{p}band_low", self.settings.band[0])
+                self._log(pl_module, f"{p}band_high", self.settings.band[1])
 
     @staticmethod
     def _log(pl_module: pl.LightningModule, name: str, value: Any) -> None:
         pl_module.log(name, float(value), on_step=True, on_epoch=False, batch_size=1)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not (self.enabled and self.log and self._monitor is not None):
-            return
-        if getattr(self._monitor, "custom_scalars", False):
-            from lightning_rpe.callbacks import _logging
-
-            _logging.add_custom_scalars(trainer, self.layout())
-
     def layout(self) -> dict[str, dict[str, list[str]]]:
         """TensorBoard custom-scalars category of the controller (anchored tag regexes)."""
-        import re
-
-        from lightning_rpe.callbacks._logging import tag_regex
-
         p = self._prefix
         return {
             f"{p}controller".rstrip("/"): {
                 "stability ratio and its goal": [
-                    f"^{re.escape(p)}stability_ratio$",
-                    tag_regex(f"{p}controller_ratio", f"{p}target_ratio", f"{p}band_low", f"{p}band_high"),
+                    f"^{re.escape(p)}(batch_sharpness_ratio|stability_ratio)$",
+                    _logging.tag_regex(f"{p}controller_ratio", f"{p}target_ratio", f"{p}band_low", f"{p}band_high"),
                 ],
-                "lr scale (controller factor)": [tag_regex(f"{p}lr_scale")],
+                "lr scale (controller factor)": [_logging.tag_regex(f"{p}lr_scale", f"{p}rollbacks")],
                 "effective lr (inside optimizer.step)": [f"^{re.escape(p)}lr(/pg[0-9]+)?$"],
             }
         }
 
-    def _maybe_decide(self, trainer: pl.Trainer) -> None:
-        monitor = self._monitor
-        if monitor is None or self._optimizer is None:
-            return
-        m = monitor.latest
-        if m is None:
-            return
-        key = (int(m.step), int(m.epoch), float(m.sharpness))
-        if key == self._last_key or (
-            self._last_key is not None
-            and key[0] == self._last_key[0]
-            and math.isnan(key[2])
-            and math.isnan(self._last_key[2])
-        ):
-            return
-        step = trainer.global_step
-        phase = self._phase(step)
-        if phase in ("before", "after"):
-            self._last_key = key  # not ours to use; do not reconsider it later
-            return
-        # decide on rank zero only, then broadcast the whole new state so that ranks cannot drift
-        payload: dict[str, Any] | None = None
-        if trainer.is_global_zero:
-            payload = self._decide(m, phase)
-        payload = trainer.strategy.broadcast(payload, src=0)
-        self._apply_payload(payload, key)
-        if payload["used"] and payload["ratio"] is not None:
-            self._decision_to_log = float(payload["ratio"])
-        if payload.get("warning") and trainer.is_global_zero:
-            rank_zero_warn(payload["warning"])
-
-    def _decide(self, m: Measurement, phase: str) -> dict[str, Any]:
-        """Return the new state after measurement ``m`` (pure: does not modify ``self``)."""
-        assert self._optimizer is not None
-        groups = self._optimizer.param_groups
-        n = len(groups)
-        smoothed = list(self.smoothed) if len(self.smoothed) == n else [None] * n
-        out: dict[str, Any] = {
-            "factor": self.factor,
-            "smoothed": smoothed,
-            "used": False,
-            "changed": False,
-            "ratio": self.last_ratio,
-            "warning": None,
-        }
-        ratios, thresholds, lrs = tuple(m.ratios), tuple(m.thresholds), tuple(m.lrs)
-        if not (len(ratios) == len(thresholds) == len(lrs) == n):
-            out["warning"] = (
-                f"InstabilityController: measurement at step {m.step} has {len(ratios)} ratios for an optimizer "
-                f"with {n} param groups; skipped"
-            )
-            return out
-        rho = -math.inf
-        for i in self._controlled(n):
-            r, t, lr = float(ratios[i]), float(thresholds[i]), float(lrs[i])
-            if not (math.isfinite(r) and math.isfinite(t) and math.isfinite(lr) and t > 0 and lr > 0):
-                continue
-            c = r * t  # the (preconditioned) sharpness this group's ratio compares, units 1/lr
-            prev = smoothed[i]
-            c = c if prev is None else self.smoothing * prev + (1.0 - self.smoothing) * c
-            smoothed[i] = c
-            scheduled = float(groups[i]["lr"])
-            k = t * lr  # threshold * lr: a constant of the optimizer (2 for GD)
-            rho = max(rho, c * scheduled / k)
-        if not math.isfinite(rho) or rho <= 0:
-            out["smoothed"] = list(self.smoothed) if len(self.smoothed) == n else [None] * n
-            out["warning"] = (
-                f"InstabilityController: measurement at step {m.step} gives no usable stability ratio "
-                f"(ratios={ratios}, thresholds={thresholds}, lrs={lrs}); the factor stays {self.factor:.6g}"
-            )
-            return out
-        out["used"] = True
-        if phase != "active":  # warm-up: observe only
-            out["ratio"] = rho
-            return out
-        f = self.factor
-        current = rho * f
-        out["ratio"] = current
-        goal: float | None
-        if self.target_ratio is not None:
-            goal = self.target_ratio
-        else:
-            assert self.band is not None
-            low, high = self.band
-            if low <= current <= high:
-                goal = None
-            elif self.band_goal == "center":
-                goal = math.sqrt(low * high)
-            else:
-                goal = low if current < low else high
-        new = f
-        if goal is not None:
-            step_factor = min(max(goal / current, 1.0 / self.max_change), self.max_change)
-            new = f * step_factor
-        # absolute bounds on the effective rate of every controlled group (max_lr wins)
-        lo, hi = 0.0, math.inf
-        for i in self._controlled(n):
-            scheduled = float(groups[i]["lr"])
-            if scheduled > 0:
-                if self.min_lr is not None:
-                    lo = max(lo, self.min_lr / scheduled)
-                if self.max_lr is not None:
-                    hi = min(hi, self.max_lr / scheduled)
-        new = min(max(new, lo), hi)
-        out["factor"] = new
-        out["changed"] = new != f
-        return out
-
-    def _apply_payload(self, payload: dict[str, Any], key: tuple[int, int, float]) -> None:
-        self._last_key = key
-        self.smoothed = list(payload["smoothed"])
-        self.last_ratio = payload["ratio"]
-        if payload["used"]:
-            self.n_measurements += 1
-        else:
-            self.n_skipped += 1
-        if payload["changed"]:
-            self.n_decisions += 1
-        self.factor = float(payload["factor"])
-
     def __repr__(self) -> str:
-        goal = f"target_ratio={self.target_ratio}" if self.target_ratio is not None else f"band={self.band}"
-        return f"{type(self).__name__}({goal}, max_change={self.max_change}, enabled={self.enabled})"
+        s = self.settings
+        goal = f"target_ratio={s.target_ratio}" if s.target_ratio is not None else f"band={s.band}"
+        return (f"{type(self).__name__}({goal}, gauge={s.gauge!r}, max_change={s.max_change}, "
+                f"max_factor={s.max_factor}, enabled={s.enabled})")

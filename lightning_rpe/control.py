@@ -1,0 +1,481 @@
+"""The InstabilityController's control law: settings, state and one pure decision per measurement.
+
+Nothing here imports Lightning: :class:`ControlSettings` validates the options,
+:class:`ControlState` holds what changes during training (and round-trips through a checkpoint as
+plain Python types), :func:`decide` maps ``(settings, state, reading, scheduled lrs, step)`` to a
+:class:`Decision` carrying the new state, and :func:`loss_alarm` / :func:`after_rollback` are the
+divergence guard's law. The callback (:mod:`lightning_rpe.callbacks.instability_controller`) only
+applies decisions: it scales the lr inside ``optimizer.step``, keeps the snapshot to roll back to,
+and does the DDP plumbing.
+
+Update rule (derivation). For each controlled param group ``i`` a reading gives the ratio ``r_i``
+of the gauge (a curvature ``c_i``) to the threshold ``T_i`` of the optimizer at the effective rate
+``lr_i`` it used. Every supported threshold is proportional to ``1 / lr`` (``2 / lr`` for GD,
+``(2 + 2 beta) / lr`` for heavy ball, ``(2 + 2 beta1) / ((1 - beta1) lr)`` for Adam; see
+:mod:`lightning_rpe.stability`), so ``c_i = r_i T_i`` and ``K_i = T_i lr_i`` is a constant of the
+optimizer. With ``c_i`` smoothed by an exponential moving average and ``s_i`` the scheduled rate
+now, the ratio at factor 1 is ``rho_i = c_i s_i / K_i``; at factor ``f`` it is ``f rho`` with
+``rho = max_i rho_i`` (the least stable controlled group). Then
+
+    f <- f * clamp(goal / (rho f), 1 / max_change, max_change)
+
+followed by ``1 / max_factor <= f <= max_factor`` and ``min_lr <= s_i f <= max_lr`` (``max_lr``
+wins). ``goal`` is ``target_ratio``; in band mode there is no change while
+``low <= rho f <= high``, else the band's geometric centre (``band_goal="center"``) or the crossed
+edge (``"edge"``). For ``hold_steps`` steps after a rollback the factor may fall but not rise.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_args
+
+__all__ = [
+    "AfterStop",
+    "BandGoal",
+    "ControlSettings",
+    "ControlState",
+    "Decision",
+    "Gauge",
+    "Phase",
+    "Reading",
+    "after_rollback",
+    "decide",
+    "factor_at",
+    "loss_alarm",
+    "phase",
+    "resolve_gauge",
+]
+
+Gauge = Literal["sharpness", "batch_sharpness", "auto"]
+BandGoal = Literal["center", "edge"]
+AfterStop = Literal["reset", "hold"]
+Phase = Literal["before", "warmup", "active", "after"]
+
+_OWNER = "InstabilityController"
+STATE_VERSION = 2
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{_OWNER}: {message}")
+
+
+def _choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
+    _check(value in accepted, f"{name} must be one of {', '.join(repr(a) for a in accepted)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """Validated options of the control law (see :class:`~lightning_rpe.InstabilityController`).
+
+    Raises ``ValueError`` naming ``InstabilityController``, the option and the accepted values.
+    ``band`` is stored as a tuple of floats and ``param_groups`` as a tuple of ints (lists, as YAML
+    gives them, are accepted).
+    """
+
+    target_ratio: float | None = None
+    band: tuple[float, float] | None = None
+    band_goal: BandGoal = "center"
+    gauge: Gauge = "auto"
+    max_change: float = 1.5
+    max_factor: float | None = 4.0
+    min_lr: float | None = None
+    max_lr: float | None = None
+    smoothing: float = 0.0
+    warmup_steps: int = 100
+    start_step: int = 0
+    stop_step: int | None = None
+    after_stop: AfterStop = "reset"
+    param_groups: tuple[int, ...] | None = None
+    initial_factor: float = 1.0
+    spike_factor: float | None = 4.0
+    spike_window: int = 20
+    rollback_factor: float = 0.5
+    hold_steps: int = 100
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.enabled, bool), f"enabled must be True or False, got {self.enabled!r}")
+        _check(
+            self.target_ratio is None or self.band is None,
+            "give either target_ratio (a float > 0) or band ((low, high)), not both",
+        )
+        _check(
+            not self.enabled or self.target_ratio is not None or self.band is not None,
+            "needs target_ratio (a float > 0, e.g. 1.2) or band ((low, high) with 0 < low < high, "
+            "e.g. (1.1, 1.5)); or set enabled=False",
+        )
+        if self.target_ratio is not None:
+            _check(
+                _number(self.target_ratio) and self.target_ratio > 0,
+                f"target_ratio must be a finite float > 0, got {self.target_ratio!r}",
+            )
+            object.__setattr__(self, "target_ratio", float(self.target_ratio))
+        if self.band is not None:
+            low: Any = None
+            high: Any = None
+            try:
+                low, high = self.band
+            except (TypeError, ValueError):
+                pass
+            _check(
+                _number(low) and _number(high) and 0 < low < high,
+                f"band must be (low, high) with 0 < low < high, got {self.band!r}",
+            )
+            object.__setattr__(self, "band", (float(low), float(high)))
+        _choice("band_goal", self.band_goal, get_args(BandGoal))
+        _choice("gauge", self.gauge, get_args(Gauge))
+        _choice("after_stop", self.after_stop, get_args(AfterStop))
+        _check(
+            _number(self.max_change) and self.max_change > 1,
+            f"max_change must be a finite float > 1, got {self.max_change!r}",
+        )
+        _check(
+            self.max_factor is None or (_number(self.max_factor) and self.max_factor >= 1),
+            f"max_factor must be None (unbounded) or a finite float >= 1, got {self.max_factor!r}",
+        )
+        for name in ("min_lr", "max_lr"):
+            value = getattr(self, name)
+            _check(
+                value is None or (_number(value) and value >= 0),
+                f"{name} must be None or a finite float >= 0, got {value!r}",
+            )
+        if self.min_lr is not None and self.max_lr is not None:
+            _check(
+                self.min_lr <= self.max_lr,
+                f"min_lr must be <= max_lr, got min_lr={self.min_lr!r}, max_lr={self.max_lr!r}",
+            )
+        _check(
+            _number(self.smoothing) and 0 <= self.smoothing < 1,
+            f"smoothing must be a float in [0, 1), got {self.smoothing!r}",
+        )
+        for name in ("warmup_steps", "start_step", "hold_steps"):
+            value = getattr(self, name)
+            _check(_int(value) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
+        _check(
+            self.stop_step is None or (_int(self.stop_step) and self.stop_step > self.start_step),
+            f"stop_step must be None or an int > start_step ({self.start_step}), got {self.stop_step!r}",
+        )
+        if self.param_groups is not None:
+            try:
+                groups = tuple(self.param_groups)
+            except TypeError:
+                groups = ()
+            _check(
+                bool(groups) and all(_int(g) and g >= 0 for g in groups) and len(set(groups)) == len(groups),
+                "param_groups must be None (all groups) or a non-empty list of distinct group indices >= 0, "
+                f"got {self.param_groups!r}",
+            )
+            object.__setattr__(self, "param_groups", groups)
+        _check(
+            _number(self.initial_factor) and self.initial_factor > 0,
+            f"initial_factor must be a finite float > 0, got {self.initial_factor!r}",
+        )
+        _check(
+            self.spike_factor is None or (_number(self.spike_factor) and self.spike_factor > 1),
+            f"spike_factor must be None (non-finite losses only) or a finite float > 1, got {self.spike_factor!r}",
+        )
+        _check(
+            _int(self.spike_window) and self.spike_window >= 2,
+            f"spike_window must be an int >= 2, got {self.spike_window!r}",
+        )
+        _check(
+            _number(self.rollback_factor) and 0 < self.rollback_factor < 1,
+            f"rollback_factor must be a float in (0, 1), got {self.rollback_factor!r}",
+        )
+
+    def controlled(self, n_groups: int) -> tuple[int, ...]:
+        """Indices of the controlled param groups of an optimizer with ``n_groups`` groups."""
+        return tuple(range(n_groups)) if self.param_groups is None else self.param_groups
+
+
+@dataclass
+class ControlState:
+    """What the control law changes during training (checkpointed as plain Python types).
+
+    Attributes:
+        factor: the lr factor of the controlled phase.
+        smoothed: per param group the (EMA of the) curvature ``c_i`` (1 / lr units), or None.
+        n_measurements, n_decisions, n_skipped, n_rollbacks: counters (readings used, readings
+            that changed the factor, readings skipped, rollbacks).
+        last_ratio: the predicted ratio at the last used reading, before its decision.
+        last_key: identity ``(step, epoch, value)`` of the last reading considered.
+        hold_until: no factor increase before this optimizer step (set by a rollback).
+        losses: the recent finite training losses (at most ``spike_window``).
+    """
+
+    factor: float = 1.0
+    smoothed: list[float | None] = field(default_factory=list)
+    n_measurements: int = 0
+    n_decisions: int = 0
+    n_skipped: int = 0
+    n_rollbacks: int = 0
+    last_ratio: float | None = None
+    last_key: tuple[int, int, float] | None = None
+    hold_until: int = -1
+    losses: list[float] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python types only (loads with ``torch.load(weights_only=True)``)."""
+        return {
+            "version": STATE_VERSION,
+            "factor": float(self.factor),
+            "smoothed": [None if c is None else float(c) for c in self.smoothed],
+            "n_measurements": int(self.n_measurements),
+            "n_decisions": int(self.n_decisions),
+            "n_skipped": int(self.n_skipped),
+            "n_rollbacks": int(self.n_rollbacks),
+            "last_ratio": None if self.last_ratio is None else float(self.last_ratio),
+            "last_key": None if self.last_key is None else list(self.last_key),
+            "hold_until": int(self.hold_until),
+            "losses": [float(x) for x in self.losses],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> ControlState:
+        """Inverse of :meth:`state_dict`; version-1 states (no rollback fields) load too."""
+        ratio = state.get("last_ratio")
+        key = state.get("last_key")
+        return cls(
+            factor=float(state["factor"]),
+            smoothed=[None if c is None else float(c) for c in state["smoothed"]],
+            n_measurements=int(state["n_measurements"]),
+            n_decisions=int(state["n_decisions"]),
+            n_skipped=int(state["n_skipped"]),
+            n_rollbacks=int(state.get("n_rollbacks", 0)),
+            last_ratio=None if ratio is None else float(ratio),
+            last_key=None if key is None else (int(key[0]), int(key[1]), float(key[2])),
+            hold_until=int(state.get("hold_until", -1)),
+            losses=[float(x) for x in state.get("losses", [])],
+        )
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One gauge reading per param group, as the monitor reports it.
+
+    Attributes:
+        step: optimizer steps completed when it was measured.
+        key: identity of the measurement (so that it is used once).
+        ratios: per group gauge / threshold at the effective lr ``lrs[i]`` (dimensionless).
+        thresholds: per group stability threshold at ``lrs[i]`` (1 / lr units).
+        lrs: per group effective lr the ratio was computed at.
+    """
+
+    step: int
+    key: tuple[int, int, float]
+    ratios: tuple[float, ...]
+    thresholds: tuple[float, ...]
+    lrs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of :func:`decide`: the new state and what happened.
+
+    Attributes:
+        state: the new :class:`ControlState` (the input state is not modified).
+        used: the reading gave a usable ratio (the EMA was updated).
+        changed: the factor changed.
+        ratio: the predicted ratio before the decision (None when not used).
+        warning: a message to show (an unusable reading), or None.
+    """
+
+    state: ControlState
+    used: bool
+    changed: bool
+    ratio: float | None
+    warning: str | None = None
+
+
+def phase(settings: ControlSettings, step: int) -> Phase:
+    """``"before"``, ``"warmup"``, ``"active"`` or ``"after"`` for the optimizer step index ``step``."""
+    if step < settings.start_step:
+        return "before"
+    if settings.stop_step is not None and step >= settings.stop_step:
+        return "after"
+    if step < settings.start_step + settings.warmup_steps:
+        return "warmup"
+    return "active"
+
+
+def controls(settings: ControlSettings, step: int) -> bool:
+    """Whether the factor (rather than 1) applies at ``step``: active, or after ``stop_step`` with ``"hold"``."""
+    p = phase(settings, step)
+    return p == "active" or (p == "after" and settings.after_stop == "hold")
+
+
+def factor_at(settings: ControlSettings, state: ControlState, step: int) -> float:
+    """The factor used at optimizer step ``step`` (before the per-group lr bounds)."""
+    return state.factor if controls(settings, step) else 1.0
+
+
+def _bounds(settings: ControlSettings, scheduled: Sequence[float], groups: Sequence[int]) -> tuple[float, float]:
+    lo, hi = 0.0, math.inf
+    if settings.max_factor is not None:
+        lo, hi = 1.0 / settings.max_factor, settings.max_factor
+    for i in groups:
+        s = float(scheduled[i])
+        if s > 0:
+            if settings.min_lr is not None:
+                lo = max(lo, settings.min_lr / s)
+            if settings.max_lr is not None:
+                hi = min(hi, settings.max_lr / s)
+    return lo, hi
+
+
+def decide(
+    settings: ControlSettings, state: ControlState, reading: Reading, scheduled: Sequence[float], step: int
+) -> Decision:
+    """Apply the update rule (module docstring) to one reading; pure (``state`` is not modified).
+
+    Args:
+        settings: the options.
+        state: the state before the reading.
+        reading: the gauge per param group.
+        scheduled: the scheduled lr of every param group now (length = number of groups).
+        step: the optimizer step the new factor will first apply to.
+
+    Returns:
+        A :class:`Decision`. Readings of the wrong length or without a usable ratio are skipped
+        (``used=False``, a warning) and never change the factor; in the warm-up they only update
+        the EMA.
+    """
+    n = len(scheduled)
+    new = replace(state, smoothed=list(state.smoothed) if len(state.smoothed) == n else [None] * n,
+                  last_key=reading.key, losses=list(state.losses))
+    p = phase(settings, step)
+    if p in ("before", "after"):
+        return Decision(new, used=False, changed=False, ratio=None)
+    ratios, thresholds, lrs = reading.ratios, reading.thresholds, reading.lrs
+    if not (len(ratios) == len(thresholds) == len(lrs) == n):
+        new.n_skipped += 1
+        return Decision(new, False, False, None, (
+            f"{_OWNER}: measurement at step {reading.step} has {len(ratios)} ratios for an optimizer with "
+            f"{n} param groups; skipped"))
+    smoothed = list(new.smoothed)
+    rho = -math.inf
+    for i in settings.controlled(n):
+        r, t, lr = float(ratios[i]), float(thresholds[i]), float(lrs[i])
+        if not (math.isfinite(r) and math.isfinite(t) and math.isfinite(lr) and t > 0 and lr > 0):
+            continue
+        c = r * t  # the curvature this group's ratio compares, units 1/lr
+        prev = smoothed[i]
+        c = c if prev is None else settings.smoothing * prev + (1.0 - settings.smoothing) * c
+        smoothed[i] = c
+        rho = max(rho, c * float(scheduled[i]) / (t * lr))  # t * lr: a constant of the optimizer
+    if not math.isfinite(rho) or rho <= 0:
+        new.n_skipped += 1
+        return Decision(new, False, False, None, (
+            f"{_OWNER}: measurement at step {reading.step} gives no usable stability ratio "
+            f"(ratios={ratios}, thresholds={thresholds}, lrs={lrs}); the factor stays {state.factor:.6g}"))
+    new.smoothed = smoothed
+    new.n_measurements += 1
+    if p == "warmup":
+        new.last_ratio = rho
+        return Decision(new, True, False, rho)
+    f = state.factor
+    current = rho * f
+    new.last_ratio = current
+    goal: float | None
+    if settings.target_ratio is not None:
+        goal = settings.target_ratio
+    else:
+        assert settings.band is not None
+        low, high = settings.band
+        if low <= current <= high:
+            goal = None
+        elif settings.band_goal == "center":
+            goal = math.sqrt(low * high)
+        else:
+            goal = low if current < low else high
+    proposed = f
+    if goal is not None:
+        proposed = f * min(max(goal / current, 1.0 / settings.max_change), settings.max_change)
+    if step < state.hold_until:
+        proposed = min(proposed, f)  # after a rollback: may fall, may not rise
+    lo, hi = _bounds(settings, scheduled, settings.controlled(n))
+    proposed = min(max(proposed, lo), hi)  # max_lr / max_factor win
+    new.factor = proposed
+    changed = proposed != f
+    if changed:
+        new.n_decisions += 1
+    return Decision(new, True, changed, current)
+
+
+def group_factors(settings: ControlSettings, state: ControlState, scheduled: Sequence[float], step: int) -> list[float]:
+    """Per param group factor used at ``step``: the factor within the lr bounds, 1 for other groups."""
+    out = [1.0] * len(scheduled)
+    factor = factor_at(settings, state, step)
+    bounded = controls(settings, step)
+    if factor == 1.0 and not bounded:
+        return out
+    for i in settings.controlled(len(scheduled)):
+        f = factor
+        s = float(scheduled[i])
+        if bounded and s > 0:
+            if settings.min_lr is not None:
+                f = max(f, settings.min_lr / s)
+            if settings.max_lr is not None:
+                f = min(f, settings.max_lr / s)
+        out[i] = f
+    return out
+
+
+def loss_alarm(settings: ControlSettings, losses: Sequence[float], loss: float) -> str | None:
+    """Why ``loss`` calls for a rollback, or None.
+
+    A non-finite loss always does; a finite one when ``spike_factor`` is set, at least
+    ``spike_window // 2`` recent losses are known and ``loss > spike_factor * median(losses)``.
+    """
+    if not math.isfinite(loss):
+        return f"non-finite training loss ({loss})"
+    if settings.spike_factor is None or len(losses) < settings.spike_window // 2:
+        return None
+    level = statistics.median(losses)
+    if level > 0 and loss > settings.spike_factor * level:
+        return (
+            f"training loss {loss:.6g} is more than spike_factor={settings.spike_factor:g} times its recent "
+            f"median {level:.6g}"
+        )
+    return None
+
+
+def record_loss(settings: ControlSettings, state: ControlState, loss: float) -> None:
+    """Append a finite loss to ``state.losses`` (keeps the last ``spike_window``)."""
+    state.losses.append(float(loss))
+    del state.losses[: -settings.spike_window]
+
+
+def after_rollback(settings: ControlSettings, state: ControlState, step: int) -> ControlState:
+    """The state after a rollback at ``step``: factor times ``rollback_factor`` (within
+    ``1 / max_factor``), no increase before ``step + hold_steps``, EMA and loss history cleared."""
+    floor = 0.0 if settings.max_factor is None else 1.0 / settings.max_factor
+    return replace(
+        state,
+        factor=max(state.factor * settings.rollback_factor, floor),
+        smoothed=[None] * len(state.smoothed),
+        n_rollbacks=state.n_rollbacks + 1,
+        hold_until=step + settings.hold_steps,
+        losses=[],
+    )
+
+
+def resolve_gauge(gauge: Gauge, full_batch: bool) -> Literal["sharpness", "batch_sharpness"]:
+    """What ``gauge="auto"`` measures: ``"sharpness"`` for full-batch training (one batch per
+    optimizer step covers the training set), ``"batch_sharpness"`` for minibatch training."""
+    if gauge != "auto":
+        return gauge
+    return "sharpness" if full_batch else "batch_sharpness"
