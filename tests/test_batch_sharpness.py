@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_rpe.curvature import HessianOperator, batch_sharpness
+from lightning_rpe.curvature import HessianOperator, batch_sharpness, sample_minibatches
 
 torch.set_num_threads(1)
 
@@ -155,3 +155,20 @@ def test_batchnorm_policy_is_the_operators() -> None:
         _, g = op.loss_and_gradient()
         assert q == pytest.approx(float(g @ op.matvec(g) / (g @ g)), rel=1e-12)
     assert model[1].running_mean.abs().max() == 0  # running statistics untouched
+
+
+def test_sample_minibatches_draws_distinct_examples_reproducibly() -> None:
+    x = torch.arange(40.0).reshape(20, 2)
+    y = torch.arange(20)
+    probe = [(x[:12], y[:12]), (x[12:], y[12:])]
+    a = sample_minibatches(probe, 5, 3, torch.Generator().manual_seed(0))
+    b = sample_minibatches(probe, 5, 3, torch.Generator().manual_seed(0))
+    assert len(a) == 3
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert xa.shape == (5, 2) and len(set(ya.tolist())) == 5  # distinct examples
+        assert torch.equal(xa[:, 0], 2.0 * ya)  # inputs and targets stay paired
+    (full,) = sample_minibatches(probe, 20, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(full[0], x) and torch.equal(full[1], y)
+    with pytest.raises(ValueError, match="sample_minibatches: batch_size"):
+        sample_minibatches(probe, 0, 3, torch.Generator())

@@ -3,7 +3,7 @@
 Nothing here imports Lightning.
 """
 
-from lightning_rpe.curvature.batch_sharpness import BatchSharpnessResult, batch_sharpness
+from lightning_rpe.curvature.batch_sharpness import BatchSharpnessResult, batch_sharpness, sample_minibatches
 from lightning_rpe.curvature.eigen import EigenResult, eigenpairs
 from lightning_rpe.curvature.hessian import HessianOperator
 from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator, PreconditionedOperator
@@ -19,5 +19,6 @@ __all__ = [
     "TraceResult",
     "batch_sharpness",
     "eigenpairs",
+    "sample_minibatches",
     "trace",
 ]

@@ -39,9 +39,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._functional import default_batch_size, map_tensors
 from .hessian import HessianOperator
 
-__all__ = ["BatchSharpnessResult", "batch_sharpness"]
+__all__ = ["BatchSharpnessResult", "batch_sharpness", "sample_minibatches"]
 
 
 @dataclass(frozen=True)
@@ -173,3 +174,52 @@ def batch_sharpness(
         n_skipped=skipped,
         preconditioned=preconditioner is not None,
     )
+
+
+def _concat(batches: Sequence[Any]) -> Any:
+    """Concatenate batches of the same structure along dim 0 of every tensor."""
+    first = batches[0]
+    if isinstance(first, Tensor):
+        return torch.cat(list(batches), dim=0)
+    if isinstance(first, dict):
+        return type(first)({k: _concat([b[k] for b in batches]) for k in first})
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(_concat([b[i] for b in batches]) for i in range(len(first))))
+    if isinstance(first, (list, tuple)):
+        return type(first)(_concat([b[i] for b in batches]) for i in range(len(first)))
+    return first
+
+
+def sample_minibatches(
+    batches: Sequence[Any], batch_size: int, n_batches: int, generator: torch.Generator
+) -> list[Any]:
+    """``n_batches`` mini-batches of ``batch_size`` examples drawn from the examples in ``batches``.
+
+    The examples of all ``batches`` (tensors, tuples, lists or dicts of tensors with the examples
+    along dim 0; non-tensor leaves are taken from the first batch) are pooled; each mini-batch is a
+    uniformly random subset of distinct examples (``torch.randperm`` with ``generator``), the
+    mini-batches independent of each other. When ``batch_size`` is at least the pooled size there is
+    one mini-batch: all examples (full-batch training).
+
+    Raises:
+        ValueError: ``batch_size`` or ``n_batches`` not a positive int, or no batches.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"sample_minibatches: batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+        raise ValueError(f"sample_minibatches: n_batches must be an int >= 1, got {n_batches!r}")
+    if not batches:
+        raise ValueError("sample_minibatches: batches must be a non-empty sequence")
+    pooled = _concat(list(batches))
+    total = default_batch_size(pooled)
+    if batch_size >= total:
+        return [pooled]
+    out = []
+    for _ in range(n_batches):
+        index = torch.randperm(total, generator=generator)[:batch_size]
+
+        def take(t: Tensor, _index: Tensor = index) -> Tensor:
+            return t[_index.to(t.device)] if t.ndim > 0 and t.shape[0] == total else t
+
+        out.append(map_tensors(pooled, take))
+    return out

@@ -1,0 +1,281 @@
+"""InstabilityController safety (issue 9): the pure control law, safe defaults, the divergence guard
+with rollback, reset on a fresh fit, the listener entry point, the gauge choice."""
+
+from __future__ import annotations
+
+import math
+import typing
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from test_controller import CaptureLogger, RecordingSGD, StubMonitor, TinyModel, fit
+
+from lightning_rpe import control
+from lightning_rpe.callbacks.instability_controller import InstabilityController
+from lightning_rpe.control import ControlSettings, ControlState, Reading
+
+torch.set_num_threads(1)
+
+
+def _reading(step: int, ratio: float, lr: float = 0.1) -> Reading:
+    return Reading(step=step, key=(step, 0, ratio), ratios=(ratio,), thresholds=(2.0 / lr,), lrs=(lr,))
+
+
+# --------------------------------------------------------------------------------------------------
+# the pure control law
+# --------------------------------------------------------------------------------------------------
+def test_defaults_bound_the_change_and_the_total_factor() -> None:
+    s = ControlSettings(band=(1.1, 1.5))
+    assert (s.max_change, s.max_factor, s.warmup_steps, s.gauge) == (1.5, 4.0, 100, "auto")
+    state = ControlState()
+    factors = []
+    for k in range(10):  # the system stays far below the band: the factor rises by 1.5 per decision to 4
+        step = 100 + 10 * k
+        d = control.decide(s, state, _reading(step, 0.05 * state.factor), [0.1], step)
+        state = d.state
+        factors.append(state.factor)
+    assert factors[:3] == pytest.approx([1.5, 2.25, 3.375])
+    assert factors[3:] == pytest.approx([4.0] * 7)
+    # far above the band it falls, at most by 1.5 per decision, not below 1 / max_factor
+    for k in range(10):
+        step = 300 + 10 * k
+        state = control.decide(s, state, _reading(step, 50.0 * state.factor), [0.1], step).state
+    assert state.factor == pytest.approx(0.25)
+
+
+def test_warmup_observes_only_and_skipped_readings_never_change_the_factor() -> None:
+    s = ControlSettings(target_ratio=1.0, warmup_steps=50)
+    d = control.decide(s, ControlState(), _reading(20, 0.1), [0.1], 20)
+    assert d.used and not d.changed and d.state.factor == 1.0 and d.state.smoothed == [pytest.approx(2.0)]
+    state = ControlState(factor=2.0, smoothed=[3.0])
+    for bad in (math.nan, math.inf, -1.0, 0.0):
+        d = control.decide(s, state, _reading(60, bad), [0.1], 60)
+        assert not d.used and d.state.factor == 2.0 and d.state.n_skipped == 1 and d.warning
+        assert d.state.smoothed == [3.0]  # the EMA is not touched either
+    d = control.decide(s, state, Reading(60, (60, 0, 1.0), (1.0, 1.0), (20.0, 20.0), (0.1, 0.1)), [0.1], 60)
+    assert not d.used and d.state.factor == 2.0 and "2 ratios for an optimizer with 1 param groups" in d.warning
+
+
+def test_rollback_lowers_the_factor_and_holds_it() -> None:
+    s = ControlSettings(band=(1.1, 1.5), warmup_steps=0, hold_steps=30, rollback_factor=0.5)
+    state = ControlState(factor=3.0, smoothed=[5.0], losses=[1.0, 2.0])
+    state = control.after_rollback(s, state, step=40)
+    assert state.factor == 1.5 and state.hold_until == 70 and state.n_rollbacks == 1
+    assert state.smoothed == [None] and state.losses == []
+    # during the hold a reading below the band does not raise the factor; one above it lowers it
+    d = control.decide(s, state, _reading(50, 0.2), [0.1], 50)
+    assert d.used and d.state.factor == 1.5 and not d.changed
+    d = control.decide(s, state, _reading(50, 3.0), [0.1], 50)
+    assert d.state.factor < 1.5
+    d = control.decide(s, state, _reading(70, 0.2), [0.1], 70)  # hold over
+    assert d.state.factor == pytest.approx(2.25)
+    # the floor is 1 / max_factor
+    low = control.after_rollback(s, ControlState(factor=0.3), 0)
+    assert low.factor == pytest.approx(0.25)
+
+
+def test_loss_alarm() -> None:
+    s = ControlSettings(band=(1.1, 1.5), spike_factor=4.0, spike_window=10)
+    assert "non-finite" in control.loss_alarm(s, [], math.nan)
+    assert "non-finite" in control.loss_alarm(s, [], math.inf)
+    assert control.loss_alarm(s, [1.0] * 4, 100.0) is None  # fewer than spike_window // 2 losses known
+    assert control.loss_alarm(s, [1.0] * 5, 3.9) is None
+    assert "spike_factor=4" in control.loss_alarm(s, [1.0] * 5, 4.1)
+    assert control.loss_alarm(ControlSettings(band=(1.1, 1.5), spike_factor=None), [1.0] * 20, 1e9) is None
+    state = ControlState()
+    for i in range(25):
+        control.record_loss(s, state, float(i))
+    assert state.losses == [float(i) for i in range(15, 25)]
+
+
+def test_state_round_trips_and_version_1_states_load() -> None:
+    state = ControlState(factor=2.0, smoothed=[1.0, None], n_measurements=3, n_decisions=2, n_skipped=1,
+                         n_rollbacks=1, last_ratio=1.2, last_key=(10, 0, 4.0), hold_until=50, losses=[0.5])
+    d = state.state_dict()
+    assert ControlState.from_state_dict(d) == state
+    v1 = {"version": 1, "factor": 2.0, "smoothed": [1.0], "n_measurements": 1, "n_decisions": 1, "n_skipped": 0,
+          "last_ratio": None, "last_key": None}
+    assert ControlState.from_state_dict(v1).n_rollbacks == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"gauge": "lambda_max"}, "gauge must be one of 'sharpness', 'batch_sharpness', 'auto'"),
+        ({"max_factor": 0.5}, "max_factor"),
+        ({"max_factor": math.inf}, "max_factor"),
+        ({"spike_factor": 1.0}, "spike_factor"),
+        ({"spike_window": 1}, "spike_window"),
+        ({"rollback_factor": 1.0}, "rollback_factor"),
+        ({"hold_steps": -1}, "hold_steps"),
+    ],
+)
+def test_new_options_are_validated(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=f"InstabilityController: {match}"):
+        InstabilityController(band=(1.1, 1.5), **kwargs)
+
+
+def test_choices_are_literal_types_for_the_cli() -> None:
+    hints = typing.get_type_hints(InstabilityController.__init__)
+    assert typing.get_args(hints["gauge"]) == ("sharpness", "batch_sharpness", "auto")
+    assert typing.get_args(hints["band_goal"]) == ("center", "edge")
+    assert typing.get_args(hints["after_stop"]) == ("reset", "hold")
+
+
+def test_control_module_does_not_import_lightning() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, lightning_rpe.control; print(any(m.split('.')[0] == 'lightning' for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------------------------------
+# the divergence guard in training
+# --------------------------------------------------------------------------------------------------
+class FaultyModel(TinyModel):
+    """TinyModel whose loss at the given optimizer steps is multiplied by ``scale`` (NaN or a spike)."""
+
+    def __init__(self, faults: dict[int, float], momentum: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.faults = faults
+        self.momentum = momentum
+        self.params_at_start: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self.params_at_start.append({k: v.detach().clone() for k, v in self.state_dict().items()})
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch) * self.faults.get(self.trainer.global_step, 1.0)
+        self.log("train_loss", loss, on_step=True, batch_size=len(batch[0]))
+        return loss
+
+    def configure_optimizers(self):
+        if not self.momentum:
+            return super().configure_optimizers()
+        return RecordingSGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def _guarded(**kwargs: Any) -> InstabilityController:
+    options: dict[str, Any] = {"target_ratio": 1.0, "warmup_steps": 0, "gauge": "sharpness", "hold_steps": 5}
+    options.update(kwargs)
+    return InstabilityController(**options)
+
+
+def test_nan_loss_rolls_back_model_and_optimizer_lowers_and_holds_the_factor() -> None:
+    torch.manual_seed(0)
+    model = FaultyModel({12: math.nan}, momentum=0.9, lr=0.01)
+    monitor = StubMonitor(lambda s: 10.0, every=4)  # ratio 0.05 at factor 1: the controller raises the lr
+    controller = _guarded(max_change=1.5, max_factor=4.0)
+    logger = CaptureLogger()
+    with pytest.warns(UserWarning, match=r"non-finite training loss \(nan\) at step 13: rolled the model"):
+        fit(model, [monitor, controller], max_steps=20, logger=logger)
+    assert controller.state.n_rollbacks == 1
+    weights = [v for v in model.state_dict().values()]
+    assert all(bool(torch.isfinite(w).all()) for w in weights)
+    # the parameters after the rollback (at the start of step 13) are those at the start of an earlier
+    # step whose loss passed the guard: the last snapshot
+    restored = model.params_at_start[13]
+    assert any(all(torch.equal(restored[k], p[k]) for k in restored) for p in model.params_at_start[:12])
+    momentum = model.trainer.optimizers[0].state
+    assert all(bool(torch.isfinite(s["momentum_buffer"]).all()) for s in momentum.values())
+    # the factor: 1.5 at step 4, 2.25 at 8, 3.375 at 12; halved at the rollback, held for 5 steps
+    used = [u[0] / 0.01 for u in model.optimizers().optimizer.used]
+    assert used[12] == pytest.approx(3.375)
+    assert used[13:16] == pytest.approx([1.6875] * 3)
+    assert max(used[13:18]) == pytest.approx(1.6875)  # no increase before step 18
+    assert logger.series("rpe/rollbacks")[13] == 1.0
+    assert controller.snapshot_bytes == sum(p.numel() * 4 for p in model.parameters()) * 2  # weights + momentum
+
+
+def test_loss_spike_rolls_back_and_an_ordinary_run_never_does() -> None:
+    model = FaultyModel({15: 50.0}, lr=0.01)
+    controller = _guarded(spike_window=6)
+    with pytest.warns(UserWarning, match="more than spike_factor=4 times its recent median"):
+        fit(model, [StubMonitor(lambda s: 10.0, every=4), controller], max_steps=20)
+    assert controller.state.n_rollbacks == 1
+    quiet = FaultyModel({}, lr=0.01)
+    controller = _guarded(spike_window=6)
+    fit(quiet, [StubMonitor(lambda s: 10.0, every=4), controller], max_steps=20)
+    assert controller.state.n_rollbacks == 0
+
+
+def test_no_rollback_while_the_controller_does_not_act() -> None:
+    model = FaultyModel({3: 50.0}, lr=0.01)
+    controller = _guarded(warmup_steps=10, spike_window=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", ".*treespec.*")
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        fit(model, [StubMonitor(lambda s: 10.0, every=4), controller], max_steps=8)
+    assert controller.state.n_rollbacks == 0
+
+
+def test_rollback_keeps_the_scheduled_lr() -> None:
+    def sched(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+
+    model = FaultyModel({9: math.nan}, lr=0.01, scheduler=sched)
+    controller = _guarded(max_factor=4.0)
+    with pytest.warns(UserWarning, match="rolled the model"):
+        fit(model, [StubMonitor(lambda s: 10.0, every=4), controller], max_steps=14)
+    scheduled = [s[0] for s in model.scheduled_at_start]
+    assert scheduled == pytest.approx([0.01 * 0.9**k for k in range(14)], rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# reuse, listener, gauge
+# --------------------------------------------------------------------------------------------------
+def test_a_reused_controller_resets_on_a_fresh_fit() -> None:
+    def run(controller: InstabilityController) -> tuple[dict[str, torch.Tensor], list[tuple[float, ...]]]:
+        torch.manual_seed(1)
+        model = TinyModel(lr=0.01)
+        fit(model, [StubMonitor(lambda s: 10.0, every=2), controller], max_steps=12)
+        return {k: v.clone() for k, v in model.state_dict().items()}, model.optimizers().optimizer.used
+
+    reused = _guarded(max_factor=None, max_change=2.0)
+    run(reused)
+    assert reused.state.factor > 8
+    w_again, used_again = run(reused)
+    w_fresh, used_fresh = run(_guarded(max_factor=None, max_change=2.0))
+    assert used_again == used_fresh
+    for k in w_fresh:
+        assert torch.equal(w_again[k], w_fresh[k])
+
+
+class ListeningStub(StubMonitor):
+    """A stub that, like the real monitor, calls its listeners before publishing, then rescales."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.listeners: list[Any] = []
+        self.scale_seen_by_listener_after: list[float] = []
+
+    def measure(self, trainer: Any) -> None:
+        super().measure(trainer)
+        for listener in self.listeners:
+            listener(trainer, self.latest)
+        self.scale_seen_by_listener_after.append(self.lr_scale_provider()[0])
+
+
+def test_listener_decides_before_the_monitor_publishes() -> None:
+    monitor = ListeningStub(lambda s: 10.0, every=4)
+    controller = _guarded(max_change=2.0, max_factor=None)
+    fit(TinyModel(lr=0.01), [monitor, controller], max_steps=9)
+    assert controller.on_measurement in monitor.listeners or controller._monitor is None
+    # right after each listener call the scale is already the new factor
+    assert monitor.scale_seen_by_listener_after == pytest.approx([2.0, 4.0])
+    assert monitor.listeners == []  # removed at teardown
+
+
+def test_batch_sharpness_gauge_needs_the_monitor_to_measure_it() -> None:
+    controller = InstabilityController(band=(1.1, 1.5), gauge="batch_sharpness")
+    with pytest.raises(ValueError, match=r"SharpnessMonitor\(batch_sharpness=True\)"):
+        fit(TinyModel(), [StubMonitor(lambda s: 1.0), controller], max_steps=2)
+    auto = InstabilityController(band=(1.1, 1.5))
+    fit(TinyModel(), [StubMonitor(lambda s: 1.0), auto], max_steps=2)  # full batch: the sharpness
+    assert auto.active_gauge == "sharpness"
