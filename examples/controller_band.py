@@ -71,7 +71,8 @@ def run(arm: str, band: tuple[float, float] | None, seed: int, args: argparse.Na
     record = Record(monitor)
     callbacks: list[pl.Callback] = [monitor]
     if band is not None:
-        callbacks.append(InstabilityController(band=band, max_change=args.max_change))
+        callbacks.append(InstabilityController(band=band, max_change=args.max_change,
+                                               max_factor=args.max_factor or None, warmup_steps=args.warmup_steps))
     callbacks.append(record)
     logger: Any = False
     if args.logdir:
@@ -110,6 +111,11 @@ def main() -> None:
     p.add_argument("--above", type=float, nargs=2, default=[1.1, 1.5])
     p.add_argument("--below", type=float, nargs=2, default=[0.5, 0.8])
     p.add_argument("--max-change", type=float, default=2.0)
+    p.add_argument("--max-factor", type=float, default=0.0, dest="max_factor",
+                   help="bound on the controller's total factor (0: unbounded; the controller's default is 4, "
+                        "and this full-batch run needs about 10)")
+    p.add_argument("--warmup-steps", type=int, default=0, dest="warmup_steps",
+                   help="controller warm-up (the controller's default is 100)")
     p.add_argument("--logdir", default=None)
     args = p.parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")

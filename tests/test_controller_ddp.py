@@ -7,6 +7,7 @@ registered after the controller's) and writes it to a JSON file.
 * ``stub``: a synthetic monitor that reports a *different* curvature on each rank (10 on rank 0,
   15 on rank 1). Deciding locally would give the ranks different factors; with the decision made
   on rank zero and broadcast, both ranks use rank zero's factor at every step.
+* ``guard``: a loss spike on rank 1 only: both ranks roll back at the same step and stay identical.
 * ``real``: the real SharpnessMonitor (all-reduced Hessian products) on a tiny MLP: both ranks use
   the same factors, which change during the run, and end with identical weights.
 """
@@ -58,6 +59,14 @@ if mode == "stub":
     monitor = StubMonitor(lambda step: 10.0 + 5.0 * dist.get_rank(), every=2)
     controller = legacy_controller(target_ratio=1.0, max_change=4.0)
     loader, steps = tiny_loader(n=32, batch_size=8), 6
+elif mode == "guard":
+    from test_controller_safety import FaultyModel
+    # a loss spike on rank 1 only, at step 5: both ranks must roll back together
+    model = FaultyModel({{5: 50.0}} if int(os.environ.get("LOCAL_RANK", 0)) == 1 else {{}}, lr=0.01)
+    monitor = StubMonitor(lambda step: 10.0, every=2)
+    controller = InstabilityController(target_ratio=1.0, warmup_steps=0, gauge="sharpness", spike_window=4,
+                                       hold_steps=3)
+    loader, steps = tiny_loader(n=32, batch_size=8), 8
 else:
     model = TinyMLP(hidden=16, lr=0.05)
     monitor = SharpnessMonitor(every_n_steps=3, top_k=1, lambda_min=False, grad_alignment=False,
@@ -73,7 +82,7 @@ rank = trainer.global_rank
 state = {{k: v.detach().flatten().tolist() for k, v in model.state_dict().items()}}
 with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
     json.dump({{"used": probe.used, "factor": controller.factor, "n_decisions": controller.n_decisions,
-               "world_size": trainer.world_size, "weights": state,
+               "world_size": trainer.world_size, "weights": state, "rollbacks": controller.n_rollbacks,
                "ratios": [list(m.ratios) for m in getattr(monitor, "history", [])]}}, f)
 # tear the gloo group down before exit: otherwise its threads can abort the process at shutdown
 # ("terminate called without an active exception")
@@ -114,4 +123,12 @@ def test_ddp_with_the_real_monitor_keeps_ranks_identical(tmp_path: Path) -> None
     assert r1["used"] == r0["used"]
     assert len({round(u[0], 12) for u in r0["used"]}) >= 3  # the factor changed during the run
     assert r0["factor"] == r1["factor"] and r0["n_decisions"] == r1["n_decisions"] >= 2
+    assert r0["weights"] == r1["weights"]
+
+
+def test_ddp_a_spike_on_one_rank_rolls_back_every_rank(tmp_path: Path) -> None:
+    r0, r1 = run_ddp(tmp_path, "guard")
+    assert r0["rollbacks"] == r1["rollbacks"] == 1
+    assert r1["used"] == r0["used"]
+    assert r0["factor"] == r1["factor"]
     assert r0["weights"] == r1["weights"]
