@@ -23,15 +23,20 @@ sharpness (compared with the Adam thresholds of :mod:`lightning_rpe.stability`).
 
 Cost: per mini-batch one loss and gradient and one Hessian-vector product (``n_hvp`` counts the
 products). Each product uses :class:`~lightning_rpe.curvature.HessianOperator` on that mini-batch
-alone, so the dtype, BatchNorm, dropout and AD-backend policies are the operator's. Under data
-parallelism each process passes its own mini-batches; ``reduce`` (a SUM across processes) is
-applied once to ``(sum q, sum q^2, count)``, so every process's batches count and every process
-gets the same mean and standard error.
+alone, so the dtype, BatchNorm, dropout and AD-backend policies are the operator's.
+
+Data parallelism: an SGD step under DDP uses the gradient of the union of the processes' local
+batches, so the mini-batch whose quotient matters is that union (``world_size`` times the local
+batch size). Each process passes the same number of local mini-batches; ``reduce`` (a SUM across
+processes) is handed to the operator, so mini-batch ``k`` is the union of every process's ``k``-th
+local batch: its gradient and its product are summed over the processes (every process's examples
+count), and every process computes the same quotients, mean and standard error.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,14 +55,14 @@ class BatchSharpnessResult:
     """Batch sharpness over the mini-batches of all processes.
 
     Attributes:
-        mean: ``BS``, the mean quotient ``q_B`` over the usable mini-batches of all processes (the
-            loss's units per parameter^2, or the preconditioned units with a preconditioner).
+        mean: ``BS``, the mean quotient ``q_B`` over the usable mini-batches (the loss's units per
+            parameter^2, or the preconditioned units with a preconditioner).
         std_error: standard error of that mean, ``std(q_B) / sqrt(n)`` with the ``n - 1``
             (unbiased) variance; NaN when ``n_batches < 2``.
-        n_batches: usable mini-batches over all processes (after ``reduce``).
-        values: this process's quotients ``q_B`` in the order of its usable batches.
-        n_hvp: Hessian-vector products spent on this process.
-        n_skipped: this process's batches skipped (non-finite loss or quotient, zero gradient).
+        n_batches: usable mini-batches.
+        values: the quotients ``q_B`` in the order of the usable mini-batches.
+        n_hvp: Hessian-vector products spent (on this process).
+        n_skipped: mini-batches skipped (non-finite loss or quotient, zero gradient).
         preconditioned: whether a preconditioner was applied.
     """
 
@@ -89,9 +94,9 @@ def batch_sharpness(
         loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of a batch.
         batches: this process's mini-batches, each of the training batch size (non-empty sequence).
         dtype, backend, batchnorm, dropout: as for :class:`~lightning_rpe.curvature.HessianOperator`.
-        reduce: SUM across processes applied once to a float64 tensor of shape ``(3,)``; identity
-            by default. Every process must call this function (the collective runs even when all
-            of a process's batches are skipped).
+        reduce: SUM across processes for the operator's products, gradients and batch weights
+            (module docstring); identity by default. Every process must call this function with
+            the same number of batches.
         preconditioner: optional positive diagonal ``P`` as a flat tensor of length ``dim`` in the
             operator's parameter order; the quotient is then the preconditioned one (module docstring).
 
@@ -100,8 +105,8 @@ def batch_sharpness(
 
     Raises:
         ValueError: empty ``batches``, an invalid policy argument, a preconditioner of the wrong
-            length or not finite and positive, or no usable batch on any process (after ``reduce``,
-            so that every process raises together).
+            length or not finite and positive, or no usable mini-batch (the decision is made on
+            reduced quantities, so under DDP every process raises together).
     """
     if batches is None or isinstance(batches, (Tensor, str, bytes)):
         raise ValueError("batch_sharpness: batches must be a non-empty sequence of mini-batches")
@@ -113,12 +118,11 @@ def batch_sharpness(
     values: list[float] = []
     n_hvp = 0
     skipped = 0
-    device: torch.device | None = None
     for batch in batches:
         op = HessianOperator(
-            model, loss_fn, [batch], dtype=dtype, backend=backend, batchnorm=batchnorm, dropout=dropout
+            model, loss_fn, [batch], dtype=dtype, backend=backend, batchnorm=batchnorm, dropout=dropout,
+            reduce=reduce,
         )
-        device = op.device
         if preconditioner is not None:
             if preconditioner.ndim != 1 or preconditioner.shape[0] != op.dim:
                 raise ValueError(
@@ -130,7 +134,7 @@ def batch_sharpness(
                 raise ValueError("batch_sharpness: preconditioner must be finite and strictly positive")
         try:
             _, grad = op.loss_and_gradient()
-        except ValueError:  # non-finite loss of this batch
+        except ValueError:  # non-finite (reduced) loss of this mini-batch
             skipped += 1
             continue
         u = grad if preconditioner is None else grad / diag
@@ -145,26 +149,13 @@ def batch_sharpness(
             skipped += 1
             continue
         values.append(q)
-    stats = torch.tensor(
-        [math.fsum(values), math.fsum(v * v for v in values), float(len(values))],
-        dtype=torch.float64,
-        device=device,
-    )
-    if reduce is not None:
-        stats = reduce(stats)
-    total, total_sq, count = (float(x) for x in stats.cpu())
-    n = round(count)
+    n = len(values)
     if n < 1:
         raise ValueError(
-            "batch_sharpness: no usable mini-batch on any process (non-finite losses, non-finite quotients "
-            "or zero gradients)"
+            "batch_sharpness: no usable mini-batch (non-finite losses, non-finite quotients or zero gradients)"
         )
-    mean = total / n
-    if n >= 2:
-        var = max(total_sq - n * mean * mean, 0.0) / (n - 1)
-        std_error = math.sqrt(var / n)
-    else:
-        std_error = math.nan
+    mean = math.fsum(values) / n
+    std_error = math.sqrt(statistics.variance(values) / n) if n >= 2 else math.nan
     return BatchSharpnessResult(
         mean=mean,
         std_error=std_error,
