@@ -18,8 +18,8 @@ training set; the Adam preconditioner applied for Adam). Three experiments:
 Each finished run is appended to ``<out>/runs.jsonl`` (so several processes can share the work with
 ``--part k/n``); ``--table`` reads that file and writes ``<out>/results.md``.
 
-    python examples/controller_sweep.py --experiment trajectories --seeds 0,1,2
-    python examples/controller_sweep.py --experiment controller --seeds 0,1,2 --part 1/2
+    python examples/controller_sweep.py --experiment trajectories --seeds 0,1,2 --part 1/2   # and 2/2
+    python examples/controller_sweep.py --experiment controller --seeds 0,1,2 --part 1/2     # and 2/2
     python examples/controller_sweep.py --experiment snippet --seeds 0,1,2
     python examples/controller_sweep.py --table
     python examples/controller_sweep.py --smoke
@@ -51,6 +51,7 @@ from lightning_rpe.stability import adam_preconditioner
 N_TRAIN = 1000
 BAND = (1.1, 1.5)
 BATCHES = (16, 32, 64, 128, 1000)
+OTHER_OPTIMIZERS = (("momentum", 0.01), ("adam", 0.01))  # SGD + momentum 0.9 (effective lr 0.1), Adam (issue 9)
 
 
 def scaled_lr(batch: int) -> float:
@@ -161,9 +162,15 @@ def configs(experiment: str, seeds: list[int], steps: int, gauges: list[str]) ->
                 for gauge in (["none"] if experiment == "trajectories" else gauges):
                     out.append({"experiment": experiment, "batch": b, "lr": lr, "optimizer": "sgd", "seed": seed,
                                 "steps": steps, "gauge": gauge})
+        if experiment == "controller":  # which gauge for momentum and Adam (twins: the snippet's runs)
+            for seed in seeds:
+                for opt, lr in OTHER_OPTIMIZERS:
+                    for gauge in gauges:
+                        out.append({"experiment": experiment, "batch": 32, "lr": lr, "optimizer": opt, "seed": seed,
+                                    "steps": steps, "gauge": gauge})
     elif experiment == "snippet":
         for seed in seeds:
-            for opt, lr in (("sgd", 0.1), ("momentum", 0.01), ("adam", 0.01)):
+            for opt, lr in (("sgd", 0.1), *OTHER_OPTIMIZERS):
                 for gauge in ("none", "auto"):
                     out.append({"experiment": experiment, "batch": 32, "lr": lr, "optimizer": opt, "seed": seed,
                                 "steps": steps, "gauge": gauge})
@@ -183,7 +190,7 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _twin(r: dict[str, Any], done: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    for experiment in (r["experiment"], "trajectories"):
+    for experiment in (r["experiment"], "trajectories", "snippet", "controller"):
         key = _key({**r, "experiment": experiment, "gauge": "none"})
         if key in done:
             return done[key]
@@ -199,9 +206,9 @@ def _series_stats(rs: list[dict[str, Any]], key: str, start: int) -> list[float]
     return out
 
 
-def tables(out: Path) -> str:
+def tables(out: Path, steps: int) -> str:
     done = _done(out / "runs.jsonl")
-    runs = list(done.values())
+    runs = [r for r in done.values() if r["steps"] == steps]
     parts = []
     traj = [r for r in runs if r["experiment"] == "trajectories"]
     if traj:
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", choices=("trajectories", "controller", "snippet"), default="trajectories")
     p.add_argument("--seeds", type=parse_ints, default=[0])
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--every", type=int, default=25, help="measurement interval (optimizer steps)")
     p.add_argument("--bs-batches", type=int, default=16, dest="bs_batches",
                    help="mini-batches per batch-sharpness estimate")
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.table:
-        print(tables(out))
+        print(tables(out, args.steps))
         return 0
     if args.smoke:
         args.seeds, args.steps, args.every, args.bs_batches = [0], 30, 10, 2
