@@ -28,6 +28,7 @@ Each finished run is appended to ``<out>/runs.jsonl`` (so several processes can 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, mean_std, parse_ints, quiet
 
 from lightning_rpe import InstabilityController, SharpnessMonitor
+from lightning_rpe.callbacks.sharpness_monitor import Measurement
 from lightning_rpe.curvature import batch_sharpness, sample_minibatches
 from lightning_rpe.data import DigitsDataModule
 from lightning_rpe.models import MLPClassifier
@@ -58,6 +60,50 @@ def scaled_lr(batch: int) -> float:
     """lr proportional to B: 0.2 * B / 128 up to B = 128; 0.2 at B = 1000 (linear scaling would give
     1.56 there, above 2 / the initial sharpness of about 8: divergence at the first steps)."""
     return 0.2 if batch >= N_TRAIN else 0.2 * batch / 128
+
+
+@dataclasses.dataclass(frozen=True)
+class _BSMeasurement(Measurement):
+    batch_sharpness: float | None = None
+    batch_sharpness_se: float | None = None
+    batch_sharpness_ratios: tuple[float, ...] = ()
+
+
+def _batch_sharpness_of(pl_module: Any, optimizer: Any, probe: Any, batch: int, n_bs: int, seed: int,
+                        step: int) -> tuple[float, float]:
+    """Batch sharpness at ``step`` on ``n_bs`` mini-batches of size ``batch`` from ``probe`` (Adam: preconditioned)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + step)
+    batches = sample_minibatches([probe], batch, n_bs, g)
+    pre = adam_preconditioner(optimizer) if isinstance(optimizer, torch.optim.Adam) else None
+    flat = None
+    if pre is not None:
+        flat = torch.cat([pre[p].reshape(-1) for p in pl_module.parameters() if p.requires_grad])
+    r = batch_sharpness(pl_module, lambda mod, b: mod.compute_loss(b), batches, preconditioner=flat)
+    return r.mean, r.std_error
+
+
+class _MonitorWithBatchSharpness(SharpnessMonitor):
+    """Stand-in used only while the SharpnessMonitor had no ``batch_sharpness`` option: the same
+    function on the same kind of mini-batches, attached to each measurement."""
+
+    def __init__(self, bs_probe: Any, batch: int, n_bs: int, seed: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.batch_sharpness = n_bs
+        self._bs_args = (bs_probe, batch, n_bs, seed)
+
+    def _commit(self, trainer, p, step, trigger, seconds):  # type: ignore[no-untyped-def]
+        m = super()._commit(trainer, p, step, trigger, seconds)
+        probe, batch, n_bs, seed = self._bs_args
+        try:
+            bs, se = _batch_sharpness_of(trainer.lightning_module, trainer.optimizers[0], probe, batch, n_bs, seed,
+                                         step)
+        except ValueError:
+            return m
+        fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(Measurement)}
+        m = _BSMeasurement(**fields, batch_sharpness=bs, batch_sharpness_se=se,
+                           batch_sharpness_ratios=tuple(bs / t for t in m.thresholds))
+        self.latest = m
+        return m
 
 
 class Recorder(pl.Callback):
@@ -84,16 +130,10 @@ class Recorder(pl.Callback):
         if bs is not None:
             row.update(bs=bs, bs_se=m.batch_sharpness_se, bs_ratio=m.batch_sharpness_ratios[0])
         else:  # the monitor does not measure it: the same function on the same kind of mini-batches
-            g = torch.Generator().manual_seed(self.seed * 100_003 + m.step)
-            batches = sample_minibatches([self.probe], self.batch, self.n_bs, g)
-            optimizer = trainer.optimizers[0]
-            pre = adam_preconditioner(optimizer) if isinstance(optimizer, torch.optim.Adam) else None
-            flat = None
-            if pre is not None:
-                flat = torch.cat([pre[p].reshape(-1) for p in pl_module.parameters() if p.requires_grad])
             try:
-                r = batch_sharpness(pl_module, lambda mod, b: mod.compute_loss(b), batches, preconditioner=flat)
-                row.update(bs=r.mean, bs_se=r.std_error, bs_ratio=r.mean / m.thresholds[0])
+                bs, se = _batch_sharpness_of(pl_module, trainer.optimizers[0], self.probe, self.batch, self.n_bs,
+                                             self.seed, m.step)
+                row.update(bs=bs, bs_se=se, bs_ratio=bs / m.thresholds[0])
             except ValueError:
                 row.update(bs=math.nan, bs_se=math.nan, bs_ratio=math.nan)
         self.rows.append(row)
@@ -113,7 +153,11 @@ def run(cfg: dict[str, Any], every: int, n_bs: int) -> dict[str, Any]:
                                       "on_fit_end": False, "custom_scalars": False, "probe": [dm.full_train_batch()]}
     if "batch_sharpness" in SharpnessMonitor.__init__.__code__.co_varnames:
         monitor_kwargs["batch_sharpness"] = n_bs
-    monitor = SharpnessMonitor(**monitor_kwargs)
+        monitor = SharpnessMonitor(**monitor_kwargs)
+    elif cfg["gauge"] != "none" and (cfg["gauge"] == "batch_sharpness" or batch < N_TRAIN):
+        monitor = _MonitorWithBatchSharpness(dm.full_train_batch(), min(batch, N_TRAIN), n_bs, seed, **monitor_kwargs)
+    else:
+        monitor = SharpnessMonitor(**monitor_kwargs)
     recorder = Recorder(monitor, dm.full_train_batch(), min(batch, N_TRAIN), n_bs, seed)
     callbacks: list[pl.Callback] = [monitor]
     controller = None
