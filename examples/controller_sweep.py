@@ -222,8 +222,10 @@ def configs(experiment: str, seeds: list[int], steps: int, gauges: list[str]) ->
 
 
 def _key(cfg: dict[str, Any]) -> str:
-    return json.dumps({k: cfg[k] for k in ("experiment", "batch", "lr", "optimizer", "seed", "steps", "gauge")},
-                      sort_keys=True)
+    key = {k: cfg[k] for k in ("experiment", "batch", "lr", "optimizer", "seed", "steps", "gauge")}
+    if cfg.get("options"):
+        key["options"] = cfg["options"]
+    return json.dumps(key, sort_keys=True)
 
 
 def _done(path: Path) -> dict[str, dict[str, Any]]:
@@ -235,7 +237,7 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
 
 def _twin(r: dict[str, Any], done: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     for experiment in (r["experiment"], "trajectories", "snippet", "controller"):
-        key = _key({**r, "experiment": experiment, "gauge": "none"})
+        key = _key({**r, "experiment": experiment, "gauge": "none", "options": None})
         if key in done:
             return done[key]
     return None
@@ -277,13 +279,16 @@ def tables(out: Path, steps: int) -> str:
         if not ctl:
             continue
         rows = []
-        groups = sorted({(r["optimizer"], r["batch"], r["lr"], r["gauge"]) for r in ctl})
-        for opt, b, lr, gauge in groups:
-            rs = [r for r in ctl if (r["optimizer"], r["batch"], r["lr"], r["gauge"]) == (opt, b, lr, gauge)]
+        groups = sorted({(r["optimizer"], r["batch"], r["lr"], r["gauge"], json.dumps(r.get("options") or {}))
+                         for r in ctl})
+        for opt, b, lr, gauge, options in groups:
+            rs = [r for r in ctl if (r["optimizer"], r["batch"], r["lr"], r["gauge"],
+                                     json.dumps(r.get("options") or {})) == (opt, b, lr, gauge, options)]
             twins = [_twin(r, done) for r in rs]
             delta = [100 * (r["test_acc"] - t["test_acc"]) for r, t in zip(rs, twins) if t is not None]
             steered = ["in_band_bs" if r["active_gauge"] == "batch_sharpness" else "in_band_sharpness" for r in rs]
-            rows.append([opt, str(b), f"{lr:g}", gauge, "/".join(sorted({str(r["active_gauge"]) for r in rs})),
+            extra = ", ".join(f"{k}={v}" for k, v in json.loads(options).items())
+            rows.append([opt, str(b), f"{lr:g}", gauge + (f" ({extra})" if extra else ""), "/".join(sorted({str(r["active_gauge"]) for r in rs})),
                          str(len(rs)),
                          mean_std([r[k] for r, k in zip(rs, steered)]),
                          mean_std([r["in_band_sharpness"] for r in rs]), mean_std([r["in_band_bs"] for r in rs]),
@@ -312,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bs-batches", type=int, default=16, dest="bs_batches",
                    help="mini-batches per batch-sharpness estimate")
     p.add_argument("--gauges", default="sharpness,batch_sharpness", help="gauges of the controller experiment")
+    p.add_argument("--max-factor", type=float, default=None, dest="max_factor",
+                   help="controller runs with this max_factor instead of the default")
     p.add_argument("--part", default="1/1", help="k/n: run every n-th configuration starting at the k-th")
     p.add_argument("--out", default="runs/controller_sweep")
     p.add_argument("--table", action="store_true", help="only write the tables of the runs in <out>/runs.jsonl")
@@ -328,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.steps, args.every, args.bs_batches = [0], 30, 10, 2
     k, n = (int(x) for x in args.part.split("/"))
     todo = configs(args.experiment, args.seeds, args.steps, args.gauges.split(","))
+    if args.max_factor is not None:
+        todo = [{**c, "options": {"max_factor": args.max_factor}} for c in todo if c["gauge"] != "none"]
     if args.smoke:
         todo = [c for c in todo if c["batch"] in (32, 1000)][:4]
     todo = todo[k - 1::n]
