@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bs-batches", type=int, default=16, dest="bs_batches",
                    help="mini-batches per batch-sharpness estimate")
     p.add_argument("--gauges", default="sharpness,batch_sharpness", help="gauges of the controller experiment")
+    p.add_argument("--optimizers", default="", help="comma-separated subset of sgd,momentum,adam (default: all)")
     p.add_argument("--max-factor", type=float, default=None, dest="max_factor",
                    help="controller runs with this max_factor instead of the default")
     p.add_argument("--part", default="1/1", help="k/n: run every n-th configuration starting at the k-th")
@@ -335,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.steps, args.every, args.bs_batches = [0], 30, 10, 2
     k, n = (int(x) for x in args.part.split("/"))
     todo = configs(args.experiment, args.seeds, args.steps, args.gauges.split(","))
+    if args.optimizers:
+        todo = [c for c in todo if c["optimizer"] in args.optimizers.split(",")]
     if args.max_factor is not None:
         todo = [{**c, "options": {"max_factor": args.max_factor}} for c in todo if c["gauge"] != "none"]
     if args.smoke:
