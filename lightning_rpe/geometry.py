@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "EigenvectorTracker",
     "PolarityStep",
     "PolarityTracker",
+    "Rotation",
     "abs_cosine",
     "align_sign",
     "gradient_alignment",
@@ -324,3 +326,153 @@ class PolarityTracker:
         self._updates = int(state["updates"])
         if "min_displacement" in state:
             self.min_displacement = float(state["min_displacement"])
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """How the tracked eigenvectors moved since the previous measurement (see :class:`EigenvectorTracker`).
+
+    Every field is None when it cannot be computed (first measurement, a changed parameter
+    space, or a degenerate vector).
+
+    Attributes:
+        rotation_cos: ``|cos(v_1, v_1_prev)|`` in [0, 1].
+        rotation_angle: the same rotation in degrees, in [0, 90].
+        subspace_similarity: :func:`subspace_similarity` of the current and previous top-k subspaces.
+        subspace_similarity_to_first: the same against the reference subspace.
+        polarity: signed rotation of the leading eigenvector in degrees (:class:`PolarityTracker`).
+        polarity_flips: cumulative number of polarity sign changes.
+    """
+
+    rotation_cos: float | None = None
+    rotation_angle: float | None = None
+    subspace_similarity: float | None = None
+    subspace_similarity_to_first: float | None = None
+    polarity: float | None = None
+    polarity_flips: int | None = None
+
+
+def _or_none(fn: Any) -> Any:
+    try:
+        return fn()
+    except ValueError:
+        return None
+
+
+class EigenvectorTracker:
+    """The eigenvectors of past measurements and what is computed against them.
+
+    Holds the previous top-k eigenvectors ``(dim, k)``, the previous lambda_min and preconditioned
+    eigenvectors ``(dim,)`` (warm starts), the reference top-k subspace (the first one measured at or
+    after ``reference_step``; None disables it) and a :class:`PolarityTracker` of ``v_1``.
+    :meth:`update` feeds a new measurement and returns its :class:`Rotation`.
+
+    The state (:meth:`state_dict`) holds tensors and plain Python values only; the polarity
+    reference, which is always ``+-v_1`` of the previous measurement, is stored as that sign
+    instead of a second copy of the vector.
+    """
+
+    def __init__(self, reference_step: int | None = 0) -> None:
+        self.reference_step = reference_step
+        self.polarity = PolarityTracker()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every vector and the polarity history."""
+        self.previous_top: Tensor | None = None
+        self.reference_top: Tensor | None = None
+        self.previous_min: Tensor | None = None
+        self.previous_preconditioned: Tensor | None = None
+        self.polarity.reset()
+
+    def warm_start(self, dim: int, with_min: bool) -> Tensor | None:
+        """The previous ``(dim, k [+ 1])`` block to start the next solve from, or None."""
+        if self.previous_top is None or self.previous_top.shape[0] != dim:
+            return None
+        cols = [self.previous_top]
+        if with_min and self.previous_min is not None:
+            cols.append(self.previous_min.reshape(-1, 1))
+        return torch.cat(cols, dim=1)
+
+    def preconditioned_warm_start(self, dim: int) -> Tensor | None:
+        """The previous ``(dim, 1)`` preconditioned eigenvector, or None."""
+        v = self.previous_preconditioned
+        return None if v is None or v.shape[0] != dim else v.reshape(-1, 1)
+
+    def update(
+        self, step: int, top: Tensor, minimum: Tensor | None = None, preconditioned: Tensor | None = None
+    ) -> Rotation:
+        """Feed the eigenvectors of a new measurement at optimizer step ``step``.
+
+        Args:
+            step: optimizer step of the measurement (decides the reference subspace).
+            top: ``(dim, k)`` unit top-k eigenvectors, descending eigenvalues.
+            minimum: ``(dim,)`` eigenvector of lambda_min, or None.
+            preconditioned: ``(dim,)`` top eigenvector of the preconditioned operator, or None
+                (the previous one is then kept for the next warm start).
+        """
+        v1 = top[:, 0]
+        rot_cos = rot_angle = sub_sim = sub_first = polarity = None
+        flips = None
+        prev = self.previous_top
+        if prev is not None and prev.shape[0] == top.shape[0]:
+            prev = prev.to(top)
+            rot_cos = _or_none(lambda: abs_cosine(v1, prev[:, 0]))
+            rot_angle = _or_none(lambda: rotation_angle(prev[:, 0], v1))
+            sub_sim = _or_none(lambda: subspace_similarity(top, prev))
+        first = self.reference_top
+        if self.reference_step is not None and (first is None or first.shape != top.shape) and step >= self.reference_step:
+            self.reference_top = first = top
+        if first is not None and first.shape == top.shape:
+            sub_first = _or_none(lambda: subspace_similarity(top, first.to(top)))
+        ref = self.polarity.reference
+        if ref is not None and ref.numel() != v1.numel():
+            self.polarity.reset()
+        pstep = _or_none(lambda: self.polarity.update(v1))
+        if pstep is not None:
+            polarity, flips = float(pstep.polarity), int(pstep.flips)
+        self.previous_top = top
+        self.previous_min = minimum
+        if preconditioned is not None:
+            self.previous_preconditioned = preconditioned
+        return Rotation(rot_cos, rot_angle, sub_sim, sub_first, polarity, flips)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors (on the CPU) and plain Python values; loads with ``torch.load(weights_only=True)``."""
+
+        def cpu(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().cpu().clone()
+
+        return {
+            "prev_top": cpu(self.previous_top),
+            "first_top": cpu(self.reference_top),
+            "prev_min": cpu(self.previous_min),
+            "prev_pre": cpu(self.previous_preconditioned),
+            "polarity": self._polarity_state(),
+        }
+
+    def _polarity_state(self) -> dict[str, Any]:
+        state = {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in self.polarity.state_dict().items()}
+        ref, top = state.get("reference"), self.previous_top
+        if isinstance(ref, Tensor) and top is not None and ref.shape == top[:, 0].shape and ref.dtype == top.dtype:
+            for sign in (1, -1):
+                if torch.equal(ref, top[:, 0].cpu() * sign):
+                    state["reference"] = None
+                    state["reference_is_prev_top"] = sign
+                    break
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`."""
+        self.previous_top = state["prev_top"]
+        self.reference_top = state.get("first_top")
+        self.previous_min = state["prev_min"]
+        self.previous_preconditioned = state["prev_pre"]
+        polarity = dict(state["polarity"])
+        sign = polarity.pop("reference_is_prev_top", None)
+        if sign is not None:
+            if self.previous_top is None:
+                raise ValueError("state['polarity'] refers to prev_top, but state['prev_top'] is None")
+            polarity["reference"] = self.previous_top[:, 0].clone() * sign
+        self.polarity.load_state_dict(polarity)

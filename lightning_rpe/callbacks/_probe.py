@@ -16,13 +16,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
-__all__ = ["ProbeSet", "capture_dataset_probe", "capture_loader_probe", "fingerprint", "move_batch"]
+from lightning_rpe.curvature._functional import default_batch_size
+
+__all__ = ["ProbeSet", "capture_dataset_probe", "capture_loader_probe", "capture_probe", "fingerprint", "physical_batch_size"]
 
 
 @dataclass
@@ -133,9 +136,48 @@ def capture_loader_probe(
     return ProbeSet(batches=batches, indices=[], kind="loader", fingerprint=fingerprint(batches), n_samples=n)
 
 
-def move_batch(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a nested batch to ``device`` (detached)."""
-    from lightning.fabric.utilities.apply_func import move_data_to_device
+def physical_batch_size(loader: Any, requested: int | None) -> int:
+    """``requested``, else the training loader's batch size, else 256."""
+    if requested is not None:
+        return requested
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        sampler = getattr(loader, "batch_sampler", None)
+        size = getattr(sampler, "batch_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else 256
 
-    return move_data_to_device(batch, device)
 
+def capture_probe(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    probe: Any,
+    size: int,
+    batch_size: int | None,
+    indices: Sequence[int] | None,
+    rank: int,
+    world_size: int,
+) -> ProbeSet:
+    """This rank's probe batches on the module's device, through the module's batch-transfer hooks.
+
+    ``probe`` is ``"fixed"`` (the first ``size`` samples of the training DataLoader's data set, or
+    the saved global ``indices`` after a restart) or a user iterable of batches.
+    """
+    device = pl_module.device
+
+    def transfer(batch: Any) -> Any:
+        batch = pl_module.on_before_batch_transfer(batch, 0)
+        batch = pl_module.transfer_batch_to_device(batch, device, 0)
+        return pl_module.on_after_batch_transfer(batch, 0)
+
+    if probe == "fixed":
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                "SharpnessMonitor: probe='fixed' reads the data set of the training DataLoader, but the "
+                f"train dataloader is a {type(loader).__name__}; pass probe=<a DataLoader of probe batches> "
+                "or probe='batch'"
+            )
+        return capture_dataset_probe(
+            loader, size, physical_batch_size(loader, batch_size), rank, world_size, indices=indices, transfer=transfer
+        )
+    return capture_loader_probe(probe, size, transfer=transfer, count=default_batch_size)

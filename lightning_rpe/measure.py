@@ -1,0 +1,433 @@
+"""The measurement itself, without Lightning: settings in, a frozen :class:`Measurement` out.
+
+:func:`solve` builds a :class:`~lightning_rpe.curvature.HessianOperator` of a loss over probe
+batches, computes the top-k eigenvalues, lambda_min, the trace, the preconditioned sharpness of the
+Adam family and the stability ratio of every param group of the optimizer in use, and returns a
+typed :class:`Solve` (eigenvectors included). :func:`assemble` combines a solve with the
+:class:`~lightning_rpe.geometry.Rotation` an :class:`~lightning_rpe.geometry.EigenvectorTracker`
+computed from it into the public :class:`Measurement`.
+
+The split lets a distributed caller compute on every process, agree on success, broadcast one
+process's :class:`Solve`, and update the tracker identically everywhere; the SharpnessMonitor does
+exactly that. Definitions of every quantity: ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_rpe.curvature import HessianOperator, PreconditionedOperator, eigenpairs
+from lightning_rpe.curvature.trace import trace as trace_estimate
+from lightning_rpe.geometry import Rotation, gradient_alignment
+from lightning_rpe.names import STABILITY_RATIO, THRESHOLD, MetricNames
+from lightning_rpe.stability import GroupThreshold, adam_preconditioner, group_thresholds, stability_ratio
+from lightning_rpe.validation import check_bool, check_choice, check_float, check_int
+
+__all__ = [
+    "Measurement",
+    "MeasureSettings",
+    "MeasurementSkipped",
+    "Solve",
+    "assemble",
+    "measurement_metrics",
+    "solve",
+]
+
+Solver = Literal["auto", "lanczos", "block"]
+DType = Literal["float32", "float64"]
+BatchNormPolicy = Literal["eval", "batch"]
+DropoutPolicy = Literal["off", "on"]
+Backend = Literal["auto", "func", "autograd"]
+
+SOLVERS: tuple[Solver, ...] = ("auto", "lanczos", "block")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+BATCHNORM_POLICIES: tuple[BatchNormPolicy, ...] = ("eval", "batch")
+DROPOUT_POLICIES: tuple[DropoutPolicy, ...] = ("off", "on")
+BACKENDS: tuple[Backend, ...] = ("auto", "func", "autograd")
+
+
+class MeasurementSkipped(Exception):
+    """A measurement that cannot be trusted (non-finite loss or eigenvalues, a solve that did not converge)."""
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """What one measurement computes and how (validated on construction).
+
+    Attributes:
+        top_k: number of leading eigenpairs (>= 1).
+        lambda_min: also compute the most negative eigenvalue (same Lanczos run).
+        trace: also estimate ``tr(H)`` with Hutch++ using ``trace_hvps`` (>= 3) products.
+        tol: relative residual tolerance of the top-k pairs, ``||H v - lambda v|| <= tol * lambda_max``.
+        lambda_min_tol: the same for the lambda_min pair (None: ``10 * tol``).
+        max_hvp: product budget per eigen-solve (None: the solver's default).
+        solver: ``"lanczos"``, ``"block"`` or ``"auto"``.
+        dtype: ``"float32"`` or ``"float64"``, precision of the products.
+        batchnorm, dropout, backend: the :class:`~lightning_rpe.curvature.HessianOperator` policies.
+        preconditioned: compute ``lambda_max(P^-1/2 H P^-1/2)`` for Adam-family groups.
+        grad_alignment: compute the probe gradient and ``|cos(g, v_1)|``.
+        warm_start: start each solve from the previous eigenvectors.
+        seed: seed of the solver's private generator (combined with the step), >= 0.
+        owner: class name used in error messages.
+
+    Raises:
+        ValueError: naming ``owner``, the option and its accepted values.
+    """
+
+    top_k: int = 1
+    lambda_min: bool = True
+    trace: bool = False
+    trace_hvps: int = 60
+    tol: float = 1e-3
+    lambda_min_tol: float | None = None
+    max_hvp: int | None = None
+    solver: Solver = "lanczos"
+    dtype: DType = "float32"
+    batchnorm: BatchNormPolicy = "eval"
+    dropout: DropoutPolicy = "off"
+    backend: Backend = "auto"
+    preconditioned: bool = True
+    grad_alignment: bool = True
+    warm_start: bool = True
+    seed: int = 0
+    owner: str = "SharpnessMonitor"
+
+    def __post_init__(self) -> None:
+        o = self.owner
+        check_int(o, "top_k", self.top_k, minimum=1)
+        for name in ("lambda_min", "trace", "preconditioned", "grad_alignment", "warm_start"):
+            check_bool(o, name, getattr(self, name))
+        check_int(o, "trace_hvps", self.trace_hvps, minimum=3)
+        object.__setattr__(self, "tol", check_float(o, "tol", self.tol, minimum=0.0))
+        tol_min = check_float(o, "lambda_min_tol", self.lambda_min_tol, minimum=0.0, allow_none=True)
+        object.__setattr__(self, "lambda_min_tol", 10.0 * self.tol if tol_min is None else tol_min)
+        check_int(o, "max_hvp", self.max_hvp, minimum=1, allow_none=True)
+        check_choice(o, "solver", self.solver, SOLVERS)
+        if isinstance(self.dtype, torch.dtype):
+            object.__setattr__(self, "dtype", {v: k for k, v in DTYPES.items()}.get(self.dtype, str(self.dtype)))
+        check_choice(o, "dtype", self.dtype, tuple(DTYPES))
+        check_choice(o, "batchnorm", self.batchnorm, BATCHNORM_POLICIES)
+        check_choice(o, "dropout", self.dropout, DROPOUT_POLICIES)
+        check_choice(o, "backend", self.backend, BACKENDS)
+        check_int(o, "seed", self.seed, minimum=0)
+
+    def generator(self, step: int) -> torch.Generator:
+        """The solver's private CPU generator for a measurement at ``step`` (reproducible, global RNG untouched)."""
+        return torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + step) % (2**63 - 1))
+
+
+@dataclass(frozen=True)
+class Solve:
+    """What one process computes at one step, before the geometry against earlier measurements.
+
+    Attributes:
+        eigenvalues: top-k eigenvalues of ``H``, descending (loss units per parameter unit squared).
+        lambda_min: most negative eigenvalue, or None when not requested.
+        trace: Hutch++ estimate of ``tr(H)``, or None.
+        preconditioned_sharpness: ``lambda_max(P^-1/2 H P^-1/2)``, or None.
+        groups: the stability threshold of every param group at its effective lr.
+        ratios: per group ``(preconditioned) sharpness / threshold`` (NaN where unavailable).
+        n_hvp: products spent (solvers and trace).
+        probe_loss: mean probe loss, or None when ``grad_alignment`` is off.
+        grad_alignment: ``|cos(g, v_1)|``, or None.
+        top_vectors: ``(dim, k)`` unit eigenvectors on the CPU; ``min_vector``, ``preconditioned_vector``:
+            ``(dim,)`` or None.
+        notes: ``(key, message)`` pairs a caller should warn about once per key.
+    """
+
+    eigenvalues: tuple[float, ...]
+    lambda_min: float | None
+    trace: float | None
+    preconditioned_sharpness: float | None
+    groups: tuple[GroupThreshold, ...]
+    ratios: tuple[float, ...]
+    n_hvp: int
+    probe_loss: float | None
+    grad_alignment: float | None
+    top_vectors: Tensor
+    min_vector: Tensor | None
+    preconditioned_vector: Tensor | None
+    notes: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One successful measurement (all floats in the loss's units per parameter^2 unless noted).
+
+    Attributes:
+        step: ``trainer.global_step`` at measurement (optimizer steps completed): the parameters
+            measured are those after ``step`` optimizer steps.
+        epoch: ``trainer.current_epoch``.
+        sharpness: ``lambda_max(H)`` of the probe loss.
+        eigenvalues: top-k eigenvalues of ``H``, descending.
+        lambda_min: smallest (most negative) eigenvalue of ``H``, or None when not requested.
+        trace: Hutch++ estimate of ``tr(H)``, or None when not requested.
+        preconditioned_sharpness: ``lambda_max(P^-1/2 H P^-1/2)`` with Adam's preconditioner
+            (Adam family only, None otherwise or before the optimizer's first step).
+        thresholds: stability threshold per param group at its effective lr (1 / lr units).
+        ratios: per param group ``(preconditioned) sharpness / threshold`` (NaN when the
+            preconditioned sharpness is unavailable for a preconditioned group).
+        lrs: effective lr per group (param-group lr times the ``lr_scale_provider`` factor).
+        n_hvp: Hessian-vector products spent (solver, preconditioned solver and trace).
+        seconds: wall time of the measurement.
+        rotation_cos: ``|cos(v_1, v_1_prev)|`` of the leading eigenvector vs the previous
+            measurement (None at the first measurement).
+        rotation_angle: the same rotation as an angle in degrees, in [0, 90].
+        subspace_similarity: principal-angle similarity of the top-k subspaces, in [0, 1].
+        subspace_similarity_to_first: the same similarity between the current top-k subspace and
+            the reference one: the first measured at or after ``reference_step`` (below 0.7: the
+            subspace "rotated", as in the paper). None before the reference exists.
+        polarity: signed rotation angle of the leading eigenvector in degrees (see
+            :class:`lightning_rpe.geometry.PolarityTracker`).
+        polarity_flips: cumulative number of polarity sign changes.
+        grad_alignment: ``|cos(g, v_1)|`` between the probe-loss gradient and the leading eigenvector.
+        probe_loss: mean loss over the probe set at the measured parameters.
+        kinds: optimizer kind per param group (``"gd"``, ``"heavy_ball"``, ``"nesterov"``,
+            ``"adam"``, ``"clipped_adam"``, ``"unknown"``).
+        trigger: what caused the measurement: ``"fit_start"``, ``"step"``, ``"epoch"``, ``"fit_end"``.
+    """
+
+    step: int
+    epoch: int
+    sharpness: float
+    eigenvalues: tuple[float, ...]
+    lambda_min: float | None
+    trace: float | None
+    preconditioned_sharpness: float | None
+    thresholds: tuple[float, ...]
+    ratios: tuple[float, ...]
+    lrs: tuple[float, ...]
+    n_hvp: int
+    seconds: float
+    rotation_cos: float | None = None
+    rotation_angle: float | None = None
+    subspace_similarity: float | None = None
+    subspace_similarity_to_first: float | None = None
+    polarity: float | None = None
+    polarity_flips: int | None = None
+    grad_alignment: float | None = None
+    probe_loss: float | None = None
+    kinds: tuple[str, ...] = ()
+    trigger: str = "step"
+
+    @property
+    def stability_ratio(self) -> float | None:
+        """Largest finite per-group ratio (the least stable group), or None."""
+        finite = [r for r in self.ratios if math.isfinite(r)]
+        return max(finite) if finite else None
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain-Python form (tuples as lists) for checkpoints."""
+        out = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Measurement:
+        """Inverse of :meth:`to_state` (unknown keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in state.items() if k in names}
+        return cls(**kwargs)
+
+
+def _preconditioner(op: HessianOperator, optimizer: torch.optim.Optimizer, notes: list[tuple[str, str]]) -> Tensor | None:
+    """The flat Adam-family preconditioner over the operator's parameters, or None (with a note)."""
+    pre = adam_preconditioner(optimizer)
+    if pre is None:
+        return None
+    try:
+        flat = op.flatten(pre)
+    except ValueError as exc:
+        notes.append((
+            "precond-missing",
+            f"the Adam preconditioner does not cover every trainable parameter ({exc}); "
+            "preconditioned sharpness is not computed",
+        ))
+        return None
+    if not bool(torch.isfinite(flat).all()) or bool((flat <= 0).any()):
+        notes.append((
+            "precond-invalid",
+            "the Adam preconditioner has zero or non-finite entries (eps=0?); preconditioned sharpness is not computed",
+        ))
+        return None
+    return flat
+
+
+def _unknown_optimizer_note(optimizer: torch.optim.Optimizer, groups: Sequence[GroupThreshold]) -> tuple[str, str] | None:
+    unknown = [g.index for g in groups if g.kind == "unknown"]
+    if not unknown:
+        return None
+    return (
+        "unknown-optimizer",
+        f"no stability threshold is known for {type(optimizer).__name__} (param groups {unknown}); assuming plain "
+        "gradient descent, threshold = 2 / lr on the unpreconditioned sharpness. Supported: SGD (plain, heavy-ball "
+        "momentum, Nesterov), Adam, AdamW, ClippedAdam.",
+    )
+
+
+def solve(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Sequence[Any],
+    settings: MeasureSettings,
+    *,
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scales: Sequence[float] | None = None,
+    warm: Any = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Solve:
+    """Measure the Hessian of ``loss_fn`` over ``batches`` at the model's current parameters.
+
+    Args:
+        model: the network (never modified: see :class:`~lightning_rpe.curvature.HessianOperator`).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of a batch.
+        batches: the probe batches of this process.
+        settings: what to compute.
+        step: optimizer step (seeds the solver's generator).
+        optimizer: the optimizer in use (thresholds, Adam preconditioner); None: no thresholds.
+        lr_scales: per param group factor on the lr (e.g. an InstabilityController's), or None.
+        warm: an :class:`~lightning_rpe.geometry.EigenvectorTracker` whose previous vectors start
+            the solves (used only with ``settings.warm_start``), or None.
+        reduce: SUM across processes of every product (None: one process).
+
+    Raises:
+        MeasurementSkipped: non-finite loss or eigenvalues, or a solve that did not converge.
+    """
+    op = HessianOperator(
+        model, loss_fn, batches, dtype=DTYPES[settings.dtype], backend=settings.backend,
+        batchnorm=settings.batchnorm, dropout=settings.dropout, reduce=reduce,
+    )
+    notes: list[tuple[str, str]] = []
+    loss, grad = None, None
+    if settings.grad_alignment:
+        try:
+            loss, grad = op.loss_and_gradient()
+        except ValueError as exc:  # non-finite loss: numerical, skipped
+            raise MeasurementSkipped(str(exc)) from exc
+    which = "both" if settings.lambda_min else "largest"
+    k = min(settings.top_k, op.dim - 1 if which == "both" else op.dim)
+    use_warm = settings.warm_start and warm is not None
+    init = warm.warm_start(op.dim, which == "both") if use_warm else None
+    if init is not None:
+        init = init.to(device=op.device, dtype=op.dtype)
+    gen = settings.generator(step)
+    res = eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.max_hvp, init=init, generator=gen,
+                     method=settings.solver, tol_smallest=settings.lambda_min_tol if which == "both" else None)
+    if not bool(torch.isfinite(res.eigenvalues).all()):
+        raise MeasurementSkipped(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)")
+    if not res.all_converged:
+        raise MeasurementSkipped(
+            f"the eigen-solver did not converge ({res.reason or 'not converged'}; residuals "
+            f"{[float(r) for r in res.residuals]}, tol={settings.tol}, {res.n_hvp} products)"
+        )
+    top_vals = tuple(float(v) for v in res.eigenvalues[:k])
+    top_vecs = res.eigenvectors[:, :k].detach().clone()
+    lam_min = float(res.eigenvalues[k]) if which == "both" else None
+    min_vec = res.eigenvectors[:, k].detach().clone() if which == "both" else None
+
+    tr = None
+    if settings.trace:
+        tr = float(trace_estimate(op, n_hvp=settings.trace_hvps, method="hutch++", generator=gen).estimate)
+
+    groups: list[GroupThreshold] = []
+    if optimizer is not None:
+        groups = list(group_thresholds(optimizer, None if lr_scales is None else [float(s) for s in lr_scales]))
+        note = _unknown_optimizer_note(optimizer, groups)
+        if note is not None:
+            notes.append(note)
+    pre_val, pre_vec = None, None
+    if settings.preconditioned and optimizer is not None and any(g.preconditioned for g in groups):
+        pre = _preconditioner(op, optimizer, notes)
+        if pre is not None:
+            pop = PreconditionedOperator(op, pre)
+            pinit = warm.preconditioned_warm_start(op.dim) if use_warm else None
+            if pinit is not None:
+                pinit = pinit.to(device=op.device, dtype=op.dtype)
+            pres = eigenpairs(pop, k=1, which="largest", tol=settings.tol, max_hvp=settings.max_hvp, init=pinit,
+                              generator=gen, method=settings.solver)
+            if not pres.all_converged:
+                raise MeasurementSkipped(f"the preconditioned eigen-solve did not converge ({pres.reason or 'not converged'})")
+            pre_val = float(pres.eigenvalues[0])
+            pre_vec = pres.eigenvectors[:, 0].detach().clone()
+
+    sharp = top_vals[0]
+    ratios = tuple(
+        stability_ratio((pre_val if pre_val is not None else math.nan) if g.preconditioned else sharp, g.threshold)
+        for g in groups
+    )
+    align = None
+    if grad is not None:
+        try:
+            align = gradient_alignment(grad, top_vecs[:, 0])
+        except ValueError:
+            align = None
+        if align is not None and not math.isfinite(align):
+            align = None
+    return Solve(
+        eigenvalues=top_vals, lambda_min=lam_min, trace=tr, preconditioned_sharpness=pre_val, groups=tuple(groups),
+        ratios=ratios, n_hvp=int(op.n_hvp), probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
+        min_vector=None if min_vec is None else min_vec.cpu(),
+        preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
+    )
+
+
+def assemble(s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: float, trigger: str) -> Measurement:
+    """The public :class:`Measurement` of a solve and its rotation against earlier measurements."""
+    return Measurement(
+        step=step,
+        epoch=epoch,
+        sharpness=s.eigenvalues[0],
+        eigenvalues=s.eigenvalues,
+        lambda_min=s.lambda_min,
+        trace=s.trace,
+        preconditioned_sharpness=s.preconditioned_sharpness,
+        thresholds=tuple(float(g.threshold) for g in s.groups),
+        ratios=s.ratios,
+        lrs=tuple(float(g.lr) for g in s.groups),
+        n_hvp=s.n_hvp,
+        seconds=float(seconds),
+        rotation_cos=rotation.rotation_cos,
+        rotation_angle=rotation.rotation_angle,
+        subspace_similarity=rotation.subspace_similarity,
+        subspace_similarity_to_first=rotation.subspace_similarity_to_first,
+        polarity=rotation.polarity,
+        polarity_flips=rotation.polarity_flips,
+        grad_alignment=s.grad_alignment,
+        probe_loss=s.probe_loss,
+        kinds=tuple(str(g.kind) for g in s.groups),
+        trigger=trigger,
+    )
+
+
+def measurement_metrics(m: Measurement, names: MetricNames) -> dict[str, float]:
+    """The logged tags and values of a measurement (finite values only; tags from ``names``)."""
+    out: dict[str, float | None] = {names.sharpness: m.sharpness, names.lambda_min: m.lambda_min}
+    for i, value in enumerate(m.eigenvalues, start=1):
+        out[names.eig(i)] = value
+    if m.thresholds:
+        finite_ratios = [r for r in m.ratios if math.isfinite(r)]
+        out[names.threshold] = min(m.thresholds)
+        out[names.stability_ratio] = max(finite_ratios) if finite_ratios else None
+        if len(set(m.thresholds)) > 1:
+            for i, (th, r) in enumerate(zip(m.thresholds, m.ratios), start=1):
+                out[names.group(THRESHOLD, i)] = th
+                out[names.group(STABILITY_RATIO, i)] = r
+    out[names.preconditioned_sharpness] = m.preconditioned_sharpness
+    out[names.trace] = m.trace
+    out[names.rotation_cos] = m.rotation_cos
+    out[names.rotation_angle] = m.rotation_angle
+    out[names.subspace_similarity] = m.subspace_similarity
+    out[names.subspace_similarity_to_first] = m.subspace_similarity_to_first
+    out[names.polarity] = m.polarity
+    out[names.polarity_flips] = None if m.polarity_flips is None else float(m.polarity_flips)
+    out[names.grad_alignment] = m.grad_alignment
+    out[names.probe_loss] = m.probe_loss
+    out[names.hvps] = float(m.n_hvp)
+    out[names.measure_seconds] = m.seconds
+    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
