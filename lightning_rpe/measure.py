@@ -134,6 +134,9 @@ class Solve:
         groups: the stability threshold of every param group at its effective lr.
         ratios: per group ``(preconditioned) sharpness / threshold`` (NaN where unavailable).
         n_hvp: products spent (solvers and trace).
+        residuals: ``||H v_i - lambda_i v_i||`` of the top-k pairs (same units as the eigenvalues; by
+            the Bauer-Fike theorem each eigenvalue is within its residual of an exact eigenvalue).
+        lambda_min_residual: the same for the lambda_min pair, or None.
         probe_loss: mean probe loss, or None when ``grad_alignment`` is off.
         grad_alignment: ``|cos(g, v_1)|``, or None.
         top_vectors: ``(dim, k)`` unit eigenvectors on the CPU; ``min_vector``, ``preconditioned_vector``:
@@ -148,6 +151,8 @@ class Solve:
     groups: tuple[GroupThreshold, ...]
     ratios: tuple[float, ...]
     n_hvp: int
+    residuals: tuple[float, ...]
+    lambda_min_residual: float | None
     probe_loss: float | None
     grad_alignment: float | None
     top_vectors: Tensor
@@ -191,6 +196,9 @@ class Measurement:
         kinds: optimizer kind per param group (``"gd"``, ``"heavy_ball"``, ``"nesterov"``,
             ``"adam"``, ``"clipped_adam"``, ``"unknown"``).
         trigger: what caused the measurement: ``"fit_start"``, ``"step"``, ``"epoch"``, ``"fit_end"``.
+        residuals: ``||H v_i - lambda_i v_i||`` of the top-k pairs: each reported eigenvalue is within
+            its residual of an eigenvalue of ``H`` (Bauer-Fike); the error bars of the report.
+        lambda_min_residual: the same for lambda_min, or None.
     """
 
     step: int
@@ -215,6 +223,8 @@ class Measurement:
     probe_loss: float | None = None
     kinds: tuple[str, ...] = ()
     trigger: str = "step"
+    residuals: tuple[float, ...] = ()
+    lambda_min_residual: float | None = None
 
     @property
     def stability_ratio(self) -> float | None:
@@ -371,7 +381,8 @@ def solve(
             align = None
     return Solve(
         eigenvalues=top_vals, lambda_min=lam_min, trace=tr, preconditioned_sharpness=pre_val, groups=tuple(groups),
-        ratios=ratios, n_hvp=int(op.n_hvp), probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
+        ratios=ratios, n_hvp=int(op.n_hvp), residuals=tuple(float(r) for r in res.residuals[:k]),
+        lambda_min_residual=float(res.residuals[k]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
     )
@@ -402,6 +413,8 @@ def assemble(s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: fl
         probe_loss=s.probe_loss,
         kinds=tuple(str(g.kind) for g in s.groups),
         trigger=trigger,
+        residuals=s.residuals,
+        lambda_min_residual=s.lambda_min_residual,
     )
 
 
@@ -428,6 +441,8 @@ def measurement_metrics(m: Measurement, names: MetricNames) -> dict[str, float]:
     out[names.polarity_flips] = None if m.polarity_flips is None else float(m.polarity_flips)
     out[names.grad_alignment] = m.grad_alignment
     out[names.probe_loss] = m.probe_loss
+    out[names.sharpness_residual] = m.residuals[0] if m.residuals else None
+    out[names.lambda_min_residual] = m.lambda_min_residual
     out[names.hvps] = float(m.n_hvp)
     out[names.measure_seconds] = m.seconds
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}

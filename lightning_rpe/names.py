@@ -35,6 +35,16 @@ GRAD_ALIGNMENT = "grad_alignment"
 PROBE_LOSS = "probe_loss"
 HVPS = "hvps"
 MEASURE_SECONDS = "measure_seconds"
+SHARPNESS_RESIDUAL = "sharpness_residual"  # ||H v_1 - lambda_1 v_1||: bounds |error| of sharpness
+LAMBDA_MIN_RESIDUAL = "lambda_min_residual"
+EIGENVALUE_CROSSINGS = "eigenvalue_crossings"  # cumulative top-k order swaps (eigenvectors matched by overlap)
+BATCH_SHARPNESS = "batch_sharpness"
+BATCH_SHARPNESS_SE = "batch_sharpness_se"
+BATCH_SHARPNESS_RATIO = "batch_sharpness_ratio"
+FINITE_DIFFERENCE = "finite_difference"  # 1 when the finite-difference backend produced the measurement
+VERIFY_ERROR = "verify_error"  # relative error of an exact product against finite differences
+CLIP_FRACTION = "clip_fraction"  # ClippedAdam: fraction of coordinates whose denominator was clipped
+CLIP_LEVEL = "clip_level"
 # controller (InstabilityController)
 LR_SCALE = "lr_scale"
 LR = "lr"
@@ -42,6 +52,7 @@ CONTROLLER_RATIO = "controller_ratio"
 TARGET_RATIO = "target_ratio"
 BAND_LOW = "band_low"
 BAND_HIGH = "band_high"
+ROLLBACKS = "rollbacks"
 
 
 @dataclass(frozen=True)
