@@ -22,11 +22,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_rpe.curvature import HessianOperator, PreconditionedOperator, eigenpairs
+from lightning_rpe.curvature import HessianOperator, ScaledOperator, eigenpairs
 from lightning_rpe.curvature.trace import trace as trace_estimate
 from lightning_rpe.geometry import Rotation, gradient_alignment
 from lightning_rpe.names import STABILITY_RATIO, THRESHOLD, MetricNames
-from lightning_rpe.stability import GroupThreshold, adam_preconditioner, group_thresholds, stability_ratio
+from lightning_rpe.stability import GroupThreshold, StepScales, group_thresholds, stability_ratio, step_scales
 from lightning_rpe.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = [
@@ -133,6 +133,9 @@ class Solve:
         preconditioned_sharpness: ``lambda_max(P^-1/2 H P^-1/2)``, or None.
         groups: the stability threshold of every param group at its effective lr.
         ratios: per group ``(preconditioned) sharpness / threshold`` (NaN where unavailable).
+        stability_ratio: ``lambda_max(S^1/2 H S^1/2)`` with ``S`` the per-coordinate step sizes of
+            :func:`~lightning_rpe.stability.step_scales` (exact for any set of groups sharing an
+            update rule), or None without an optimizer or preconditioner.
         n_hvp: products spent (solvers and trace).
         residuals: ``||H v_i - lambda_i v_i||`` of the top-k pairs (same units as the eigenvalues; by
             the Bauer-Fike theorem each eigenvalue is within its residual of an exact eigenvalue).
@@ -150,6 +153,7 @@ class Solve:
     preconditioned_sharpness: float | None
     groups: tuple[GroupThreshold, ...]
     ratios: tuple[float, ...]
+    stability_ratio: float | None
     n_hvp: int
     residuals: tuple[float, ...]
     lambda_min_residual: float | None
@@ -199,6 +203,10 @@ class Measurement:
         residuals: ``||H v_i - lambda_i v_i||`` of the top-k pairs: each reported eigenvalue is within
             its residual of an eigenvalue of ``H`` (Bauer-Fike); the error bars of the report.
         lambda_min_residual: the same for lambda_min, or None.
+        stability_ratio: the exact stability ratio ``lambda_max(S^1/2 H S^1/2)`` of the optimizer
+            in use (``S``: each coordinate's lr over its rule's dimensionless threshold, divided by
+            ``P`` for the Adam family; see :func:`lightning_rpe.stability.step_scales`); with one
+            learning rate it equals the largest of ``ratios``. Above 1 the step is unstable.
     """
 
     step: int
@@ -225,12 +233,7 @@ class Measurement:
     trigger: str = "step"
     residuals: tuple[float, ...] = ()
     lambda_min_residual: float | None = None
-
-    @property
-    def stability_ratio(self) -> float | None:
-        """Largest finite per-group ratio (the least stable group), or None."""
-        finite = [r for r in self.ratios if math.isfinite(r)]
-        return max(finite) if finite else None
+    stability_ratio: float | None = None
 
     def to_state(self) -> dict[str, Any]:
         """Plain-Python form (tuples as lists) for checkpoints."""
@@ -245,27 +248,25 @@ class Measurement:
         return cls(**kwargs)
 
 
-def _preconditioner(op: HessianOperator, optimizer: torch.optim.Optimizer, notes: list[tuple[str, str]]) -> Tensor | None:
-    """The flat Adam-family preconditioner over the operator's parameters, or None (with a note)."""
-    pre = adam_preconditioner(optimizer)
-    if pre is None:
-        return None
-    try:
-        flat = op.flatten(pre)
-    except ValueError as exc:
-        notes.append((
-            "precond-missing",
-            f"the Adam preconditioner does not cover every trainable parameter ({exc}); "
-            "preconditioned sharpness is not computed",
-        ))
-        return None
-    if not bool(torch.isfinite(flat).all()) or bool((flat <= 0).any()):
-        notes.append((
-            "precond-invalid",
-            "the Adam preconditioner has zero or non-finite entries (eps=0?); preconditioned sharpness is not computed",
-        ))
-        return None
-    return flat
+def _top_eigenpair(op: Any, settings: MeasureSettings, gen: torch.Generator, init: Tensor | None, what: str) -> Any:
+    """The converged top eigenpair of ``op`` or :class:`MeasurementSkipped`."""
+    if init is not None:
+        init = init.to(device=op.device, dtype=op.dtype)
+    res = eigenpairs(op, k=1, which="largest", tol=settings.tol, max_hvp=settings.max_hvp, init=init,
+                     generator=gen, method=settings.solver)
+    if not res.all_converged or not bool(torch.isfinite(res.eigenvalues).all()):
+        raise MeasurementSkipped(f"the {what} eigen-solve did not converge ({res.reason or 'not converged'})")
+    return res
+
+
+def _frozen_note(scales: StepScales, dim: int) -> tuple[str, str]:
+    missing = f" (no optimizer state for {', '.join(scales.no_state[:5])}{', ...' if len(scales.no_state) > 5 else ''})"
+    return (
+        "frozen-coordinates",
+        f"{scales.frozen} of {dim} coordinates take no optimizer step{missing if scales.no_state else ''} "
+        "(not in the optimizer, lr 0, no optimizer state or a zero second moment): they are left out of the "
+        "preconditioned operator and of the stability ratio",
+    )
 
 
 def _unknown_optimizer_note(optimizer: torch.optim.Optimizer, groups: Sequence[GroupThreshold]) -> tuple[str, str] | None:
@@ -351,20 +352,24 @@ def solve(
         note = _unknown_optimizer_note(optimizer, groups)
         if note is not None:
             notes.append(note)
-    pre_val, pre_vec = None, None
-    if settings.preconditioned and optimizer is not None and any(g.preconditioned for g in groups):
-        pre = _preconditioner(op, optimizer, notes)
-        if pre is not None:
-            pop = PreconditionedOperator(op, pre)
-            pinit = warm.preconditioned_warm_start(op.dim) if use_warm else None
-            if pinit is not None:
-                pinit = pinit.to(device=op.device, dtype=op.dtype)
-            pres = eigenpairs(pop, k=1, which="largest", tol=settings.tol, max_hvp=settings.max_hvp, init=pinit,
-                              generator=gen, method=settings.solver)
-            if not pres.all_converged:
-                raise MeasurementSkipped(f"the preconditioned eigen-solve did not converge ({pres.reason or 'not converged'})")
-            pre_val = float(pres.eigenvalues[0])
-            pre_vec = pres.eigenvectors[:, 0].detach().clone()
+    pre_val, pre_vec, ratio = None, None, None
+    if optimizer is not None:
+        scales = step_scales(optimizer, op.parameters, groups, op.names)
+        if scales.no_state or scales.frozen:
+            notes.append(_frozen_note(scales, op.dim))
+        preconditioned = scales.inverse_preconditioner is not None
+        if preconditioned and settings.preconditioned:
+            inverse = op.flatten(list(scales.inverse_preconditioner))  # type: ignore[arg-type]
+            pres = _top_eigenpair(ScaledOperator(op, inverse), settings, gen,
+                                  warm.preconditioned_warm_start(op.dim) if use_warm else None, "preconditioned")
+            pre_val, pre_vec = float(pres.eigenvalues[0]), pres.eigenvectors[:, 0].detach().clone()
+        if scales.uniform is not None:
+            base = pre_val if preconditioned else top_vals[0]
+            ratio = None if base is None else scales.uniform * base
+        else:  # several learning rates or rules: the lr-scaled operator has a spectrum of its own
+            flat = op.flatten(list(scales.scales))
+            init = None if pre_vec is None else pre_vec.reshape(-1, 1)
+            ratio = float(_top_eigenpair(ScaledOperator(op, flat), settings, gen, init, "lr-scaled").eigenvalues[0])
 
     sharp = top_vals[0]
     ratios = tuple(
@@ -381,7 +386,7 @@ def solve(
             align = None
     return Solve(
         eigenvalues=top_vals, lambda_min=lam_min, trace=tr, preconditioned_sharpness=pre_val, groups=tuple(groups),
-        ratios=ratios, n_hvp=int(op.n_hvp), residuals=tuple(float(r) for r in res.residuals[:k]),
+        ratios=ratios, stability_ratio=ratio, n_hvp=int(op.n_hvp), residuals=tuple(float(r) for r in res.residuals[:k]),
         lambda_min_residual=float(res.residuals[k]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
@@ -415,6 +420,7 @@ def assemble(s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: fl
         trigger=trigger,
         residuals=s.residuals,
         lambda_min_residual=s.lambda_min_residual,
+        stability_ratio=s.stability_ratio,
     )
 
 
@@ -424,9 +430,8 @@ def measurement_metrics(m: Measurement, names: MetricNames) -> dict[str, float]:
     for i, value in enumerate(m.eigenvalues, start=1):
         out[names.eig(i)] = value
     if m.thresholds:
-        finite_ratios = [r for r in m.ratios if math.isfinite(r)]
         out[names.threshold] = min(m.thresholds)
-        out[names.stability_ratio] = max(finite_ratios) if finite_ratios else None
+        out[names.stability_ratio] = m.stability_ratio
         if len(set(m.thresholds)) > 1:
             for i, (th, r) in enumerate(zip(m.thresholds, m.ratios), start=1):
                 out[names.group(THRESHOLD, i)] = th

@@ -5,7 +5,7 @@ Nothing here imports Lightning.
 
 from lightning_rpe.curvature.eigen import EigenResult, eigenpairs
 from lightning_rpe.curvature.hessian import HessianOperator
-from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator, PreconditionedOperator
+from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator, PreconditionedOperator, ScaledOperator
 from lightning_rpe.curvature.trace import TraceResult, trace
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "EigenResult",
     "HessianOperator",
     "PreconditionedOperator",
+    "ScaledOperator",
     "TraceResult",
     "eigenpairs",
     "trace",
