@@ -89,7 +89,7 @@ class MeasureSettings:
     max_hvp: int | None = None
     solver: Solver = "lanczos"
     dtype: DType = "float32"
-    batchnorm: BatchNormPolicy = "eval"
+    batchnorm: BatchNormPolicy = "batch"
     dropout: DropoutPolicy = "off"
     backend: Backend = "auto"
     preconditioned: bool = True
@@ -248,6 +248,10 @@ class Measurement:
         return cls(**kwargs)
 
 
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.training for m in model.modules())
+
+
 def _top_eigenpair(op: Any, settings: MeasureSettings, gen: torch.Generator, init: Tensor | None, what: str) -> Any:
     """The converged top eigenpair of ``op`` or :class:`MeasurementSkipped`."""
     if init is not None:
@@ -358,6 +362,14 @@ def solve(
         if scales.no_state or scales.frozen:
             notes.append(_frozen_note(scales, op.dim))
         preconditioned = scales.inverse_preconditioner is not None
+        if preconditioned and settings.batchnorm == "eval" and _has_batchnorm(model):
+            notes.append((
+                "eval-batchnorm-adam",
+                "batchnorm='eval' measures the loss with running statistics, which training does not "
+                "differentiate; with an Adam-family optimizer a parameter whose training gradient is 0 (a bias "
+                "followed by BatchNorm) has P ~ eps and can dominate the preconditioned sharpness. The default "
+                "batchnorm='batch' measures the loss training differentiates.",
+            ))
         if preconditioned and settings.preconditioned:
             inverse = op.flatten(list(scales.inverse_preconditioner))  # type: ignore[arg-type]
             pres = _top_eigenpair(ScaledOperator(op, inverse), settings, gen,

@@ -242,7 +242,8 @@ class StepScales:
             takes no step), None otherwise.
         uniform: ``c`` when ``s = c * 1`` (or ``s = c * P^-1``) on every coordinate: the ratio is then
             ``c`` times the (preconditioned) sharpness and needs no solve of its own; else None.
-        frozen: number of coordinates that take no step.
+        frozen: number of coordinates that take no step (for the Adam family also those whose
+            gradient RMS ``sqrt(v_hat)`` is at most ``eps``, see :func:`_moves`).
         no_state: names of trainable parameters left out because the optimizer has no state for them.
     """
 
@@ -299,8 +300,7 @@ def step_scales(
                     no_state.append(label)
                 inv = torch.zeros_like(p, dtype=torch.float64)
             else:
-                # a zero second moment means every gradient so far was 0: Adam's step is 0 there
-                inv = torch.where(_second_moment(optimizer, p) > 0, 1.0 / denom.double(), 0.0)
+                inv = torch.where(_moves(optimizer, p), 1.0 / denom.double(), 0.0)
             inverses.append(inv)
             s = c * inv
             if bool((inv != 0).any()):
@@ -315,10 +315,19 @@ def step_scales(
     return StepScales(tuple(scales), tuple(inverses) if preconditioned else None, uniform, frozen, tuple(no_state))
 
 
-def _second_moment(optimizer: Optimizer, p: nn.Parameter) -> Tensor:
-    state = optimizer.state[p]
-    v = state["exp_avg_sq"]
+def _moves(optimizer: Optimizer, p: nn.Parameter) -> Tensor:
+    """Coordinates of ``p`` whose Adam-family step responds to the gradient: ``sqrt(v_hat) > eps``.
+
+    ``v_hat = v / (1 - beta2^t)`` is the running mean of squared gradients. Where it is 0 every
+    gradient so far was 0 and the step is 0; where ``sqrt(v_hat) <= eps`` the gradients are below
+    the optimizer's own resolution (in practice rounding noise of a gradient that is 0 in exact
+    arithmetic, such as a bias followed by batch-statistics BatchNorm), and ``P ~ eps`` would make
+    ``P^-1`` about ``1 / eps``: such coordinates take no curvature-driven step and are left out.
+    """
     group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
-    if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
-        v = state["max_exp_avg_sq"]
-    return v.detach()
+    state = optimizer.state[p]
+    v = state["max_exp_avg_sq"] if group.get("amsgrad", False) and "max_exp_avg_sq" in state else state["exp_avg_sq"]
+    t = _scalar(state["step"], "state['step']")
+    beta2 = _scalar(group["betas"][1], "betas[1]")
+    eps = _scalar(group["eps"], "eps")
+    return (v.detach().double() / (1.0 - beta2**t)).sqrt() > eps

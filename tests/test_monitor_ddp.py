@@ -52,7 +52,8 @@ def test_ddp_products_are_all_reduced_and_only_rank_zero_logs(tmp_path: Path) ->
     model = TinyMLP(batchnorm=True, optimizer="momentum", hidden=6)
     model.load_state_dict(r0["model_state"])
     union = [tuple(b) for b in r0["probe"]] + [tuple(b) for b in r1["probe"]]
-    op = HessianOperator(model, lambda mod, b: mod.compute_loss(b), union, dtype=torch.float64)
+    # the monitor's default: batch statistics over each physical probe batch (the training loss)
+    op = HessianOperator(model, lambda mod, b: mod.compute_loss(b), union, dtype=torch.float64, batchnorm="batch")
     evals = torch.linalg.eigvalsh(op.to_dense())
     top = sorted(evals.tolist(), reverse=True)[:2]
     assert r0["eigenvalues"] == pytest.approx(top, rel=1e-5)

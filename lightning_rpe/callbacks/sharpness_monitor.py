@@ -86,7 +86,9 @@ class SharpnessMonitor(Callback):
             eigenvectors; the default, see docs/monitor.md), ``"block"`` (LOBPCG started from the
             previous eigenvectors) or ``"auto"`` (block when warm-started, Lanczos otherwise).
         dtype: ``"float32"`` or ``"float64"``: precision of the Hessian products.
-        batchnorm: ``"eval"`` (running statistics) or ``"batch"`` (batch statistics).
+        batchnorm: ``"batch"`` (the default: batch statistics over each physical probe batch of the
+            training batch size, running statistics untouched: the loss training differentiates) or
+            ``"eval"`` (running statistics, as in most published research code; a different function).
         dropout: ``"off"`` or ``"on"`` (fixed masks per probe batch).
         backend: ``"auto"``, ``"func"`` or ``"autograd"`` (see HessianOperator).
         probe: ``"fixed"`` (first ``probe_size`` training samples, captured once), ``"batch"``
@@ -125,7 +127,7 @@ class SharpnessMonitor(Callback):
         max_hvp: int | None = None,
         solver: Solver = "lanczos",
         dtype: DType = "float32",
-        batchnorm: BatchNormPolicy = "eval",
+        batchnorm: BatchNormPolicy = "batch",
         dropout: DropoutPolicy = "off",
         backend: Backend = "auto",
         probe: Literal["fixed", "batch"] | Iterable[Any] = "fixed",
