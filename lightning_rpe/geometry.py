@@ -11,6 +11,7 @@ against the previous eigenvector on purpose.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "abs_cosine",
     "align_sign",
     "gradient_alignment",
+    "match_eigenvectors",
     "principal_angles",
     "rotation_angle",
     "subspace_similarity",
@@ -299,6 +301,14 @@ class PolarityTracker:
             aligned=aligned,
         )
 
+    def rebase(self, reference: Tensor) -> None:
+        """Continue from another eigenvector (after a crossing): it becomes the reference, with its
+        sign aligned to the current reference; the last displacement (of the other vector) is dropped,
+        the sign and the flip count are kept."""
+        old = self._reference
+        self._reference = reference.detach().clone() if old is None else align_sign(reference.detach(), old.to(reference.device))
+        self._displacement = None
+
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors / floats / ints / None (loadable with ``torch.load(weights_only=True)``)."""
         return {
@@ -342,6 +352,9 @@ class Rotation:
         subspace_similarity_to_first: the same against the reference subspace.
         polarity: signed rotation of the leading eigenvector in degrees (:class:`PolarityTracker`).
         polarity_flips: cumulative number of polarity sign changes.
+        crossed: True when the eigenvalue order of the tracked vectors changed since the previous
+            measurement (matched by overlap, see :func:`match_eigenvectors`); None at the first.
+        crossings: cumulative number of measurements with ``crossed``.
     """
 
     rotation_cos: float | None = None
@@ -350,6 +363,40 @@ class Rotation:
     subspace_similarity_to_first: float | None = None
     polarity: float | None = None
     polarity_flips: int | None = None
+    crossed: bool | None = None
+    crossings: int | None = None
+
+
+def match_eigenvectors(previous: Tensor, current: Tensor) -> tuple[int, ...]:
+    """Which previous eigenvector each current one continues: ``match[j]`` is the column of ``previous``.
+
+    The assignment maximises the total overlap ``sum_j |<previous[:, match[j]], current[:, j]>|``
+    over all one-to-one assignments (exhaustive for up to 7 columns, greedy by largest overlap
+    beyond), so that eigenvectors are followed by their direction, not by their eigenvalue order:
+    when two eigenvalues swap order between measurements (a crossing), ``match`` is not the identity.
+
+    Args:
+        previous: ``(dim, k)`` unit eigenvectors of the previous measurement.
+        current: ``(dim, k)`` unit eigenvectors of this measurement.
+
+    Raises:
+        ValueError: the blocks differ in shape.
+    """
+    if previous.shape != current.shape or previous.ndim != 2:
+        raise ValueError(f"previous and current must be (dim, k) blocks of one shape, got {tuple(previous.shape)} and {tuple(current.shape)}")
+    overlap = (previous.detach().to(torch.float64).T @ current.detach().to(previous.device, torch.float64)).abs()
+    k = overlap.shape[0]
+    if k <= 7:
+        best = max(itertools.permutations(range(k)), key=lambda perm: sum(float(overlap[perm[j], j]) for j in range(k)))
+        return tuple(best)
+    match = [-1] * k
+    used: set[int] = set()
+    for flat in torch.argsort(overlap.reshape(-1), descending=True).tolist():
+        i, j = divmod(flat, k)
+        if match[j] < 0 and i not in used:
+            match[j] = i
+            used.add(i)
+    return tuple(match)
 
 
 def _or_none(fn: Any) -> Any:
@@ -379,6 +426,7 @@ class EigenvectorTracker:
 
     def reset(self) -> None:
         """Forget every vector and the polarity history."""
+        self.crossings = 0
         self.previous_top: Tensor | None = None
         self.reference_top: Tensor | None = None
         self.previous_min: Tensor | None = None
@@ -400,34 +448,52 @@ class EigenvectorTracker:
         return None if v is None or v.shape[0] != dim else v.reshape(-1, 1)
 
     def update(
-        self, step: int, top: Tensor, minimum: Tensor | None = None, preconditioned: Tensor | None = None
+        self, step: int, top: Tensor, minimum: Tensor | None = None, preconditioned: Tensor | None = None,
+        k: int | None = None,
     ) -> Rotation:
         """Feed the eigenvectors of a new measurement at optimizer step ``step``.
 
+        The previous eigenvectors are matched to the new ones by overlap
+        (:func:`match_eigenvectors`): the rotation and the polarity are those of the previous
+        vector that the new ``v_1`` continues, and a change of order counts as a crossing.
+
         Args:
             step: optimizer step of the measurement (decides the reference subspace).
-            top: ``(dim, k)`` unit top-k eigenvectors, descending eigenvalues.
+            top: ``(dim, m)`` unit eigenvectors, descending eigenvalues (``m >= k``: extra columns
+                are tracked for matching only).
             minimum: ``(dim,)`` eigenvector of lambda_min, or None.
             preconditioned: ``(dim,)`` top eigenvector of the preconditioned operator, or None
                 (the previous one is then kept for the next warm start).
+            k: the number of leading vectors whose subspace is compared (default: all ``m``).
         """
+        k = top.shape[1] if k is None else k
         v1 = top[:, 0]
         rot_cos = rot_angle = sub_sim = sub_first = polarity = None
-        flips = None
+        flips = crossed = crossings = None
         prev = self.previous_top
-        if prev is not None and prev.shape[0] == top.shape[0]:
+        matched = None
+        if prev is not None and prev.shape == top.shape:
             prev = prev.to(top)
-            rot_cos = _or_none(lambda: abs_cosine(v1, prev[:, 0]))
-            rot_angle = _or_none(lambda: rotation_angle(prev[:, 0], v1))
-            sub_sim = _or_none(lambda: subspace_similarity(top, prev))
+            match = _or_none(lambda: match_eigenvectors(prev, top))
+            if match is not None:
+                matched = prev[:, match[0]]
+                crossed = match != tuple(range(len(match)))
+                self.crossings += int(crossed)
+                crossings = self.crossings
+                rot_cos = _or_none(lambda: abs_cosine(v1, matched))
+                rot_angle = _or_none(lambda: rotation_angle(matched, v1))
+            sub_sim = _or_none(lambda: subspace_similarity(top[:, :k], prev[:, :k]))
         first = self.reference_top
-        if self.reference_step is not None and (first is None or first.shape != top.shape) and step >= self.reference_step:
-            self.reference_top = first = top
-        if first is not None and first.shape == top.shape:
-            sub_first = _or_none(lambda: subspace_similarity(top, first.to(top)))
+        if self.reference_step is not None and (first is None or first.shape != top[:, :k].shape) and step >= self.reference_step:
+            self.reference_top = first = top[:, :k]
+        if first is not None and first.shape == top[:, :k].shape:
+            sub_first = _or_none(lambda: subspace_similarity(top[:, :k], first.to(top)))
         ref = self.polarity.reference
         if ref is not None and ref.numel() != v1.numel():
             self.polarity.reset()
+        if matched is not None and crossed and self.polarity.reference is not None:
+            # v_1 now continues another eigenvector: follow that one (its sign fixed by the old reference)
+            self.polarity.rebase(matched)
         pstep = _or_none(lambda: self.polarity.update(v1))
         if pstep is not None:
             polarity, flips = float(pstep.polarity), int(pstep.flips)
@@ -435,7 +501,7 @@ class EigenvectorTracker:
         self.previous_min = minimum
         if preconditioned is not None:
             self.previous_preconditioned = preconditioned
-        return Rotation(rot_cos, rot_angle, sub_sim, sub_first, polarity, flips)
+        return Rotation(rot_cos, rot_angle, sub_sim, sub_first, polarity, flips, crossed, crossings)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -450,6 +516,7 @@ class EigenvectorTracker:
             "prev_min": cpu(self.previous_min),
             "prev_pre": cpu(self.previous_preconditioned),
             "polarity": self._polarity_state(),
+            "crossings": int(self.crossings),
         }
 
     def _polarity_state(self) -> dict[str, Any]:
@@ -476,3 +543,4 @@ class EigenvectorTracker:
                 raise ValueError("state['polarity'] refers to prev_top, but state['prev_top'] is None")
             polarity["reference"] = self.previous_top[:, 0].clone() * sign
         self.polarity.load_state_dict(polarity)
+        self.crossings = int(state.get("crossings", 0))

@@ -142,7 +142,8 @@ class Solve:
         lambda_min_residual: the same for the lambda_min pair, or None.
         probe_loss: mean probe loss, or None when ``grad_alignment`` is off.
         grad_alignment: ``|cos(g, v_1)|``, or None.
-        top_vectors: ``(dim, k)`` unit eigenvectors on the CPU; ``min_vector``, ``preconditioned_vector``:
+        top_vectors: ``(dim, m)`` unit eigenvectors on the CPU, ``m = max(k, 2)`` (the extra
+            column is tracked to tell crossings from rotations); ``min_vector``, ``preconditioned_vector``:
             ``(dim,)`` or None.
         notes: ``(key, message)`` pairs a caller should warn about once per key.
     """
@@ -207,6 +208,10 @@ class Measurement:
             in use (``S``: each coordinate's lr over its rule's dimensionless threshold, divided by
             ``P`` for the Adam family; see :func:`lightning_rpe.stability.step_scales`); with one
             learning rate it equals the largest of ``ratios``. Above 1 the step is unstable.
+        eigenvalue_crossings: cumulative number of measurements at which the leading eigenvalues
+            changed order (eigenvectors matched by overlap; see
+            :func:`lightning_rpe.geometry.match_eigenvectors`). ``rotation_cos`` and ``polarity`` follow
+            the matched vector, so a crossing is not reported as a rotation.
     """
 
     step: int
@@ -234,6 +239,7 @@ class Measurement:
     residuals: tuple[float, ...] = ()
     lambda_min_residual: float | None = None
     stability_ratio: float | None = None
+    eigenvalue_crossings: int | None = None
 
     def to_state(self) -> dict[str, Any]:
         """Plain-Python form (tuples as lists) for checkpoints."""
@@ -326,13 +332,17 @@ def solve(
         except ValueError as exc:  # non-finite loss: numerical, skipped
             raise MeasurementSkipped(str(exc)) from exc
     which = "both" if settings.lambda_min else "largest"
-    k = min(settings.top_k, op.dim - 1 if which == "both" else op.dim)
+    room = op.dim - 1 if which == "both" else op.dim
+    k = min(settings.top_k, room)
+    # at least two leading vectors are solved for, so that a crossing of lambda_1 and lambda_2 is
+    # seen as a crossing (vectors matched by overlap), not reported as a 90-degree rotation of v_1
+    k_solve = min(max(k, 2), room)
     use_warm = settings.warm_start and warm is not None
     init = warm.warm_start(op.dim, which == "both") if use_warm else None
     if init is not None:
         init = init.to(device=op.device, dtype=op.dtype)
     gen = settings.generator(step)
-    res = eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.max_hvp, init=init, generator=gen,
+    res = eigenpairs(op, k=k_solve, which=which, tol=settings.tol, max_hvp=settings.max_hvp, init=init, generator=gen,
                      method=settings.solver, tol_smallest=settings.lambda_min_tol if which == "both" else None)
     if not bool(torch.isfinite(res.eigenvalues).all()):
         raise MeasurementSkipped(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)")
@@ -342,9 +352,9 @@ def solve(
             f"{[float(r) for r in res.residuals]}, tol={settings.tol}, {res.n_hvp} products)"
         )
     top_vals = tuple(float(v) for v in res.eigenvalues[:k])
-    top_vecs = res.eigenvectors[:, :k].detach().clone()
-    lam_min = float(res.eigenvalues[k]) if which == "both" else None
-    min_vec = res.eigenvectors[:, k].detach().clone() if which == "both" else None
+    top_vecs = res.eigenvectors[:, :k_solve].detach().clone()
+    lam_min = float(res.eigenvalues[k_solve]) if which == "both" else None
+    min_vec = res.eigenvectors[:, k_solve].detach().clone() if which == "both" else None
 
     tr = None
     if settings.trace:
@@ -399,7 +409,7 @@ def solve(
     return Solve(
         eigenvalues=top_vals, lambda_min=lam_min, trace=tr, preconditioned_sharpness=pre_val, groups=tuple(groups),
         ratios=ratios, stability_ratio=ratio, n_hvp=int(op.n_hvp), residuals=tuple(float(r) for r in res.residuals[:k]),
-        lambda_min_residual=float(res.residuals[k]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
+        lambda_min_residual=float(res.residuals[k_solve]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
     )
@@ -433,6 +443,7 @@ def assemble(s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: fl
         residuals=s.residuals,
         lambda_min_residual=s.lambda_min_residual,
         stability_ratio=s.stability_ratio,
+        eigenvalue_crossings=rotation.crossings,
     )
 
 
@@ -456,6 +467,7 @@ def measurement_metrics(m: Measurement, names: MetricNames) -> dict[str, float]:
     out[names.subspace_similarity_to_first] = m.subspace_similarity_to_first
     out[names.polarity] = m.polarity
     out[names.polarity_flips] = None if m.polarity_flips is None else float(m.polarity_flips)
+    out[names.eigenvalue_crossings] = None if m.eigenvalue_crossings is None else float(m.eigenvalue_crossings)
     out[names.grad_alignment] = m.grad_alignment
     out[names.probe_loss] = m.probe_loss
     out[names.sharpness_residual] = m.residuals[0] if m.residuals else None

@@ -429,7 +429,8 @@ class SharpnessMonitor(Callback):
             result = trainer.strategy.broadcast(result, src=0)
         for key, message in result.notes:
             self._warn_once(key, f"SharpnessMonitor: {message}")
-        rotation = self._tracker.update(step, result.top_vectors, result.min_vector, result.preconditioned_vector)
+        rotation = self._tracker.update(step, result.top_vectors, result.min_vector, result.preconditioned_vector,
+                                        k=len(result.eigenvalues))
         self.n_measurements += 1
         self.latest = assemble(result, rotation, step=step, epoch=int(trainer.current_epoch),
                                seconds=time.perf_counter() - start, trigger=trigger)
