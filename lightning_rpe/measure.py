@@ -30,11 +30,13 @@ from lightning_rpe.stability import GroupThreshold, StepScales, group_thresholds
 from lightning_rpe.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = [
+    "LossFunctionError",
     "Measurement",
     "MeasureSettings",
     "MeasurementSkipped",
     "Solve",
     "assemble",
+    "checked_loss",
     "measurement_metrics",
     "solve",
 ]
@@ -54,6 +56,33 @@ BACKENDS: tuple[Backend, ...] = ("auto", "func", "autograd")
 
 class MeasurementSkipped(Exception):
     """A measurement that cannot be trusted (non-finite loss or eigenvalues, a solve that did not converge)."""
+
+
+class LossFunctionError(TypeError):
+    """The loss function is wrong (a programming error, not a numerical failure): it raised a
+    TypeError, AttributeError, KeyError, IndexError or NameError, or returned no scalar tensor."""
+
+
+_PROGRAMMING_ERRORS = (TypeError, AttributeError, KeyError, IndexError, NameError)
+
+
+def checked_loss(loss_fn: Callable[[nn.Module, Any], Tensor]) -> Callable[[nn.Module, Any], Tensor]:
+    """``loss_fn`` that raises :class:`LossFunctionError` for programming errors (see that class)."""
+
+    def loss(model: nn.Module, batch: Any) -> Tensor:
+        try:
+            out = loss_fn(model, batch)
+        except LossFunctionError:
+            raise
+        except _PROGRAMMING_ERRORS as exc:
+            raise LossFunctionError(f"the loss raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(out, Tensor):
+            raise LossFunctionError(f"the loss returned a {type(out).__name__}, not a scalar tensor")
+        if out.numel() != 1:
+            raise LossFunctionError(f"the loss returned a tensor of shape {tuple(out.shape)}, not a scalar (reduce it to the mean)")
+        return out
+
+    return loss
 
 
 @dataclass(frozen=True)
@@ -104,8 +133,8 @@ class MeasureSettings:
         for name in ("lambda_min", "trace", "preconditioned", "grad_alignment", "warm_start"):
             check_bool(o, name, getattr(self, name))
         check_int(o, "trace_hvps", self.trace_hvps, minimum=3)
-        object.__setattr__(self, "tol", check_float(o, "tol", self.tol, minimum=0.0))
-        tol_min = check_float(o, "lambda_min_tol", self.lambda_min_tol, minimum=0.0, allow_none=True)
+        object.__setattr__(self, "tol", check_float(o, "tol", self.tol, minimum=0.0, inclusive=False))
+        tol_min = check_float(o, "lambda_min_tol", self.lambda_min_tol, minimum=0.0, inclusive=False, allow_none=True)
         object.__setattr__(self, "lambda_min_tol", 10.0 * self.tol if tol_min is None else tol_min)
         check_int(o, "max_hvp", self.max_hvp, minimum=1, allow_none=True)
         check_choice(o, "solver", self.solver, SOLVERS)
@@ -319,9 +348,10 @@ def solve(
 
     Raises:
         MeasurementSkipped: non-finite loss or eigenvalues, or a solve that did not converge.
+        LossFunctionError: the loss function is wrong (wrong signature, no scalar tensor).
     """
     op = HessianOperator(
-        model, loss_fn, batches, dtype=DTYPES[settings.dtype], backend=settings.backend,
+        model, checked_loss(loss_fn), batches, dtype=DTYPES[settings.dtype], backend=settings.backend,
         batchnorm=settings.batchnorm, dropout=settings.dropout, reduce=reduce,
     )
     notes: list[tuple[str, str]] = []

@@ -14,6 +14,8 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
+from lightning_rpe.measure import LossFunctionError
+
 __all__ = ["MutedLogging", "resolve_loss", "training_step_loss"]
 
 
@@ -42,9 +44,9 @@ def training_step_loss(module: Any, batch: Any) -> Tensor:
         return out
     if isinstance(out, dict) and isinstance(out.get("loss"), Tensor):
         return out["loss"]
-    raise ValueError(
-        "SharpnessMonitor: training_step must return the loss tensor or a dict with a 'loss' tensor "
-        f"to be used as the measured loss; got {type(out).__name__}"
+    raise LossFunctionError(
+        "training_step must return the loss tensor or a dict with a 'loss' tensor to be used as the "
+        f"measured loss; got {type(out).__name__}"
     )
 
 

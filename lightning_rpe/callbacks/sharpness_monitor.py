@@ -41,6 +41,7 @@ from lightning_rpe.measure import (
     BatchNormPolicy,
     DropoutPolicy,
     DType,
+    LossFunctionError,
     Measurement,
     MeasurementSkipped,
     MeasureSettings,
@@ -388,12 +389,10 @@ class SharpnessMonitor(Callback):
         assert self._loss is not None
         # under DDP every rank uses rank 0's buffers (BatchNorm running statistics are updated
         # locally by each rank's last forward); the operator snapshots them at construction
-        with isolate_rng(), torch.enable_grad(), RankZeroBuffers(pl_module, enabled=is_distributed):
-            if self._uses_training_step:
-                with MutedLogging(pl_module):
-                    return solve(pl_module, self._loss, batches, self.settings, step=step, optimizer=optimizer,
-                                 lr_scales=self._lr_scales(), warm=self._tracker,
-                                 reduce=all_reduce_sum if is_distributed else None)
+        # logging is muted on every loss path: a compute_loss / loss_fn / training_step that calls
+        # self.log must not replace the logged training values with probe-batch values
+        with isolate_rng(), torch.enable_grad(), RankZeroBuffers(pl_module, enabled=is_distributed), \
+                MutedLogging(pl_module):
             return solve(pl_module, self._loss, batches, self.settings, step=step, optimizer=optimizer,
                          lr_scales=self._lr_scales(), warm=self._tracker,
                          reduce=all_reduce_sum if is_distributed else None)
@@ -407,16 +406,27 @@ class SharpnessMonitor(Callback):
         start = time.perf_counter()
         result: Solve | None = None
         error: str | None = None
+        mistake: LossFunctionError | None = None
         try:
             result = self._solve(trainer, pl_module, batches, step)
         except MeasurementSkipped as exc:
             error = str(exc)
+        except LossFunctionError as exc:  # a programming error: permanent, not numerical
+            error, mistake = str(exc), exc
         except Exception as exc:  # a measurement must never stop training
             error = f"{type(exc).__name__}: {exc}"
+        flags = torch.tensor([float(error is not None), float(mistake is not None)], dtype=torch.float64)
         if distributed(trainer):
-            failed = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64)
-            if float(all_reduce_sum(failed)) > 0 and error is None:
+            flags = all_reduce_sum(flags)
+            if flags[0] > 0 and error is None:
                 error = "the measurement failed on another process"
+        if flags[1] > 0 and self.n_measurements == 0:
+            # every process raises: the user's loss cannot be measured at all
+            raise ValueError(
+                f"SharpnessMonitor: the measured loss is wrong ({error if mistake else 'on another process'}). "
+                "The loss is loss_fn(pl_module, batch) -> scalar tensor (the mean loss of the batch), else the "
+                "module's compute_loss(batch); fix it, or remove the SharpnessMonitor"
+            ) from mistake
         if error is not None:
             self.n_skipped += 1
             rank_zero_warn(
