@@ -225,3 +225,29 @@ def test_a_loss_that_logs_is_muted_during_measurements(tmp_path) -> None:
     monitor = SharpnessMonitor(every_n_steps=1, probe_size=16, probe_batch_size=8)
     assert _logged_train_loss(tmp_path, monitor) == _logged_train_loss(tmp_path, None)
     assert monitor.n_measurements == 7 and monitor.n_skipped == 0
+
+
+def test_probe_size_larger_than_the_data_set_is_said() -> None:
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=100)
+    with pytest.warns(UserWarning, match=r"probe_size=100 but the training data set holds 12 samples"):
+        make_trainer([monitor], max_steps=1).fit(TinyMLP(), full_batch_loader(12))
+    assert monitor.latest is not None
+
+
+def test_a_loader_of_ready_batches_gives_a_probe_set_of_those_batches() -> None:
+    # batch_size=None: automatic batching off, every data-set item is already a batch
+    data = full_batch_loader(12).dataset.tensors
+
+    class Prebatched(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return data[0][4 * i : 4 * i + 4], data[1][4 * i : 4 * i + 4]
+
+    loader = torch.utils.data.DataLoader(Prebatched(), batch_size=None)
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=8, on_fit_start=False)
+    make_trainer([monitor], max_steps=2).fit(TinyMLP(), loader)
+    assert monitor.n_skipped == 0 and monitor.n_measurements == 2
+    assert [tuple(b[0].shape) for b in monitor.probe_batches] == [(4, 4), (4, 4)]
+    assert torch.equal(monitor.probe_batches[1][0], data[0][4:8])

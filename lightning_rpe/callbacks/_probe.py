@@ -81,6 +81,8 @@ def capture_dataset_probe(
     The loader itself is not iterated; only its ``dataset`` and ``collate_fn`` are used.
     """
     dataset = loader.dataset
+    if loader.batch_size is None and loader.batch_sampler is None:
+        return _capture_prebatched(loader, size, rank, world_size, indices, transfer)
     collate = loader.collate_fn if loader.collate_fn is not None else default_collate
     with isolate_rng():
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
@@ -117,6 +119,55 @@ def capture_dataset_probe(
             "increase probe_size to at least the number of processes"
         )
     return ProbeSet(batches=batches, indices=wanted, kind=kind, fingerprint=fingerprint(batches), n_samples=len(mine))
+
+
+def _capture_prebatched(
+    loader: DataLoader,
+    size: int,
+    rank: int,
+    world_size: int,
+    indices: Sequence[int] | None,
+    transfer: Callable[[Any], Any] | None,
+) -> ProbeSet:
+    """A loader with automatic batching off (``batch_size=None``): every data-set item is a batch.
+
+    The probe set is the first items holding ``size`` samples in all (indices are item indices),
+    split across ranks by stride; the items are passed through the loader's ``collate_fn``
+    (``default_convert``), exactly as training sees them.
+    """
+    dataset = loader.dataset
+    convert = loader.collate_fn if loader.collate_fn is not None else (lambda item: item)
+    with isolate_rng():
+        if indices is None:
+            wanted, counted = [], 0
+            position = iter(dataset) if isinstance(dataset, IterableDataset) else None
+            n = None if position is not None else len(dataset)  # type: ignore[arg-type]
+            items: dict[int, Any] = {}
+            i = 0
+            while counted < size and (n is None or i < n):
+                item = next(position, None) if position is not None else dataset[i]
+                if item is None:
+                    break
+                items[i] = item
+                wanted.append(i)
+                counted += default_batch_size(item)
+                i += 1
+        else:
+            wanted = list(indices)
+            items = {i: dataset[i] for i in wanted}
+        if not wanted:
+            raise ValueError("the training data set is empty: no probe samples")
+        mine = wanted[rank::world_size]
+        batches = [convert(items[i]) for i in mine]
+        if transfer is not None:
+            batches = [transfer(b) for b in batches]
+    if not batches:
+        raise ValueError(
+            f"rank {rank} got no probe batches ({len(wanted)} pre-batched items over {world_size} ranks); "
+            "increase probe_size so that every process gets at least one batch"
+        )
+    n_samples = sum(default_batch_size(b) for b in batches)
+    return ProbeSet(batches=batches, indices=wanted, kind="map", fingerprint=fingerprint(batches), n_samples=n_samples)
 
 
 def capture_loader_probe(

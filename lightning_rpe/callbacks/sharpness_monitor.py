@@ -266,6 +266,12 @@ class SharpnessMonitor(Callback):
                     "states stay apart"
                 )
         self._loss, self._uses_training_step = resolve_loss(pl_module, self.loss_fn, self.use_training_step)
+        if self.probe == "fixed" and trainer.world_size > self.probe_size:
+            raise ValueError(
+                f"SharpnessMonitor: probe_size={self.probe_size} is smaller than the number of processes "
+                f"({trainer.world_size}): every process needs at least one probe sample; use probe_size >= "
+                f"{trainer.world_size}"
+            )
         if trainer.global_step == 0:
             # a fresh fit (a checkpoint, if any, is loaded after setup and restores the state)
             self._reset_state()
@@ -347,11 +353,28 @@ class SharpnessMonitor(Callback):
     # ------------------------------------------------------------------ probe data
     def _capture_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank, world = (trainer.global_rank, trainer.world_size) if distributed(trainer) else (0, 1)
-        probe = capture_probe(trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size,
-                              self._probe_indices, rank, world)
-        fp = probe.fingerprint
+        problem: Exception | None = None
+        try:
+            probe = capture_probe(trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size,
+                                  self._probe_indices, rank, world)
+        except Exception as exc:  # raised on every rank below, never on one rank alone
+            problem = exc
+        failed = torch.tensor([float(problem is not None)], dtype=torch.float64)
         if distributed(trainer):
-            fp = float(all_reduce_sum(torch.tensor(fp, dtype=torch.float64)))
+            failed = all_reduce_sum(failed)
+        if failed[0] > 0:
+            reason = f"{type(problem).__name__}: {problem}" if problem is not None else "it failed on another process"
+            raise ValueError(f"SharpnessMonitor: the probe set could not be built ({reason})") from problem
+        totals = torch.tensor([probe.fingerprint, probe.n_samples], dtype=torch.float64)
+        if distributed(trainer):
+            totals = all_reduce_sum(totals)
+        fp, n_samples = float(totals[0]), int(totals[1])
+        if self.probe == "fixed" and self._probe_indices is None and n_samples < self.probe_size:
+            self._warn_once(
+                "probe-truncated",
+                f"SharpnessMonitor: probe_size={self.probe_size} but the training data set holds {n_samples} "
+                "samples: the probe set is the whole data set",
+            )
         if self._probe_fingerprint is not None and self._probe_kind == probe.kind and probe.kind != "loader":
             # Rebuilt after a restart: the shares of all ranks must match what was saved.
             if not math.isclose(fp, self._probe_fingerprint, rel_tol=1e-9, abs_tol=1e-12):
