@@ -11,6 +11,7 @@ against the previous eigenvector on purpose.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +20,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "EigenvectorTracker",
     "PolarityStep",
     "PolarityTracker",
+    "Rotation",
     "abs_cosine",
     "align_sign",
     "gradient_alignment",
+    "match_eigenvectors",
     "principal_angles",
     "rotation_angle",
     "subspace_similarity",
@@ -297,6 +301,14 @@ class PolarityTracker:
             aligned=aligned,
         )
 
+    def rebase(self, reference: Tensor) -> None:
+        """Continue from another eigenvector (after a crossing): it becomes the reference, with its
+        sign aligned to the current reference; the last displacement (of the other vector) is dropped,
+        the sign and the flip count are kept."""
+        old = self._reference
+        self._reference = reference.detach().clone() if old is None else align_sign(reference.detach(), old.to(reference.device))
+        self._displacement = None
+
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors / floats / ints / None (loadable with ``torch.load(weights_only=True)``)."""
         return {
@@ -324,3 +336,211 @@ class PolarityTracker:
         self._updates = int(state["updates"])
         if "min_displacement" in state:
             self.min_displacement = float(state["min_displacement"])
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """How the tracked eigenvectors moved since the previous measurement (see :class:`EigenvectorTracker`).
+
+    Every field is None when it cannot be computed (first measurement, a changed parameter
+    space, or a degenerate vector).
+
+    Attributes:
+        rotation_cos: ``|cos(v_1, v_1_prev)|`` in [0, 1].
+        rotation_angle: the same rotation in degrees, in [0, 90].
+        subspace_similarity: :func:`subspace_similarity` of the current and previous top-k subspaces.
+        subspace_similarity_to_first: the same against the reference subspace.
+        polarity: signed rotation of the leading eigenvector in degrees (:class:`PolarityTracker`).
+        polarity_flips: cumulative number of polarity sign changes.
+        crossed: True when the eigenvalue order of the tracked vectors changed since the previous
+            measurement (matched by overlap, see :func:`match_eigenvectors`); None at the first.
+        crossings: cumulative number of measurements with ``crossed``.
+    """
+
+    rotation_cos: float | None = None
+    rotation_angle: float | None = None
+    subspace_similarity: float | None = None
+    subspace_similarity_to_first: float | None = None
+    polarity: float | None = None
+    polarity_flips: int | None = None
+    crossed: bool | None = None
+    crossings: int | None = None
+
+
+def match_eigenvectors(previous: Tensor, current: Tensor) -> tuple[int, ...]:
+    """Which previous eigenvector each current one continues: ``match[j]`` is the column of ``previous``.
+
+    The assignment maximises the total overlap ``sum_j |<previous[:, match[j]], current[:, j]>|``
+    over all one-to-one assignments (exhaustive for up to 7 columns, greedy by largest overlap
+    beyond), so that eigenvectors are followed by their direction, not by their eigenvalue order:
+    when two eigenvalues swap order between measurements (a crossing), ``match`` is not the identity.
+
+    Args:
+        previous: ``(dim, k)`` unit eigenvectors of the previous measurement.
+        current: ``(dim, k)`` unit eigenvectors of this measurement.
+
+    Raises:
+        ValueError: the blocks differ in shape.
+    """
+    if previous.shape != current.shape or previous.ndim != 2:
+        raise ValueError(f"previous and current must be (dim, k) blocks of one shape, got {tuple(previous.shape)} and {tuple(current.shape)}")
+    overlap = (previous.detach().to(torch.float64).T @ current.detach().to(previous.device, torch.float64)).abs()
+    k = overlap.shape[0]
+    if k <= 7:
+        best = max(itertools.permutations(range(k)), key=lambda perm: sum(float(overlap[perm[j], j]) for j in range(k)))
+        return tuple(best)
+    match = [-1] * k
+    used: set[int] = set()
+    for flat in torch.argsort(overlap.reshape(-1), descending=True).tolist():
+        i, j = divmod(flat, k)
+        if match[j] < 0 and i not in used:
+            match[j] = i
+            used.add(i)
+    return tuple(match)
+
+
+def _or_none(fn: Any) -> Any:
+    try:
+        return fn()
+    except ValueError:
+        return None
+
+
+class EigenvectorTracker:
+    """The eigenvectors of past measurements and what is computed against them.
+
+    Holds the previous top-k eigenvectors ``(dim, k)``, the previous lambda_min and preconditioned
+    eigenvectors ``(dim,)`` (warm starts), the reference top-k subspace (the first one measured at or
+    after ``reference_step``; None disables it) and a :class:`PolarityTracker` of ``v_1``.
+    :meth:`update` feeds a new measurement and returns its :class:`Rotation`.
+
+    The state (:meth:`state_dict`) holds tensors and plain Python values only; the polarity
+    reference, which is always ``+-v_1`` of the previous measurement, is stored as that sign
+    instead of a second copy of the vector.
+    """
+
+    def __init__(self, reference_step: int | None = 0) -> None:
+        self.reference_step = reference_step
+        self.polarity = PolarityTracker()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every vector and the polarity history."""
+        self.crossings = 0
+        self.previous_top: Tensor | None = None
+        self.reference_top: Tensor | None = None
+        self.previous_min: Tensor | None = None
+        self.previous_preconditioned: Tensor | None = None
+        self.polarity.reset()
+
+    def warm_start(self, dim: int, with_min: bool) -> Tensor | None:
+        """The previous ``(dim, k [+ 1])`` block to start the next solve from, or None."""
+        if self.previous_top is None or self.previous_top.shape[0] != dim:
+            return None
+        cols = [self.previous_top]
+        if with_min and self.previous_min is not None:
+            cols.append(self.previous_min.reshape(-1, 1))
+        return torch.cat(cols, dim=1)
+
+    def preconditioned_warm_start(self, dim: int) -> Tensor | None:
+        """The previous ``(dim, 1)`` preconditioned eigenvector, or None."""
+        v = self.previous_preconditioned
+        return None if v is None or v.shape[0] != dim else v.reshape(-1, 1)
+
+    def update(
+        self, step: int, top: Tensor, minimum: Tensor | None = None, preconditioned: Tensor | None = None,
+        k: int | None = None,
+    ) -> Rotation:
+        """Feed the eigenvectors of a new measurement at optimizer step ``step``.
+
+        The previous eigenvectors are matched to the new ones by overlap
+        (:func:`match_eigenvectors`): the rotation and the polarity are those of the previous
+        vector that the new ``v_1`` continues, and a change of order counts as a crossing.
+
+        Args:
+            step: optimizer step of the measurement (decides the reference subspace).
+            top: ``(dim, m)`` unit eigenvectors, descending eigenvalues (``m >= k``: extra columns
+                are tracked for matching only).
+            minimum: ``(dim,)`` eigenvector of lambda_min, or None.
+            preconditioned: ``(dim,)`` top eigenvector of the preconditioned operator, or None
+                (the previous one is then kept for the next warm start).
+            k: the number of leading vectors whose subspace is compared (default: all ``m``).
+        """
+        k = top.shape[1] if k is None else k
+        v1 = top[:, 0]
+        rot_cos = rot_angle = sub_sim = sub_first = polarity = None
+        flips = crossed = crossings = None
+        prev = self.previous_top
+        matched = None
+        if prev is not None and prev.shape == top.shape:
+            prev = prev.to(top)
+            match = _or_none(lambda: match_eigenvectors(prev, top))
+            if match is not None:
+                matched = prev[:, match[0]]
+                crossed = match != tuple(range(len(match)))
+                self.crossings += int(crossed)
+                crossings = self.crossings
+                rot_cos = _or_none(lambda: abs_cosine(v1, matched))
+                rot_angle = _or_none(lambda: rotation_angle(matched, v1))
+            sub_sim = _or_none(lambda: subspace_similarity(top[:, :k], prev[:, :k]))
+        first = self.reference_top
+        if self.reference_step is not None and (first is None or first.shape != top[:, :k].shape) and step >= self.reference_step:
+            self.reference_top = first = top[:, :k]
+        if first is not None and first.shape == top[:, :k].shape:
+            sub_first = _or_none(lambda: subspace_similarity(top[:, :k], first.to(top)))
+        ref = self.polarity.reference
+        if ref is not None and ref.numel() != v1.numel():
+            self.polarity.reset()
+        if matched is not None and crossed and self.polarity.reference is not None:
+            # v_1 now continues another eigenvector: follow that one (its sign fixed by the old reference)
+            self.polarity.rebase(matched)
+        pstep = _or_none(lambda: self.polarity.update(v1))
+        if pstep is not None:
+            polarity, flips = float(pstep.polarity), int(pstep.flips)
+        self.previous_top = top
+        self.previous_min = minimum
+        if preconditioned is not None:
+            self.previous_preconditioned = preconditioned
+        return Rotation(rot_cos, rot_angle, sub_sim, sub_first, polarity, flips, crossed, crossings)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors (on the CPU) and plain Python values; loads with ``torch.load(weights_only=True)``."""
+
+        def cpu(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().cpu().clone()
+
+        return {
+            "prev_top": cpu(self.previous_top),
+            "first_top": cpu(self.reference_top),
+            "prev_min": cpu(self.previous_min),
+            "prev_pre": cpu(self.previous_preconditioned),
+            "polarity": self._polarity_state(),
+            "crossings": int(self.crossings),
+        }
+
+    def _polarity_state(self) -> dict[str, Any]:
+        state = {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in self.polarity.state_dict().items()}
+        ref, top = state.get("reference"), self.previous_top
+        if isinstance(ref, Tensor) and top is not None and ref.shape == top[:, 0].shape and ref.dtype == top.dtype:
+            for sign in (1, -1):
+                if torch.equal(ref, top[:, 0].cpu() * sign):
+                    state["reference"] = None
+                    state["reference_is_prev_top"] = sign
+                    break
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`."""
+        self.previous_top = state["prev_top"]
+        self.reference_top = state.get("first_top")
+        self.previous_min = state["prev_min"]
+        self.previous_preconditioned = state["prev_pre"]
+        polarity = dict(state["polarity"])
+        sign = polarity.pop("reference_is_prev_top", None)
+        if sign is not None:
+            if self.previous_top is None:
+                raise ValueError("state['polarity'] refers to prev_top, but state['prev_top'] is None")
+            polarity["reference"] = self.previous_top[:, 0].clone() * sign
+        self.polarity.load_state_dict(polarity)
+        self.crossings = int(state.get("crossings", 0))

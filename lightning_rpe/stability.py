@@ -38,9 +38,12 @@ from lightning_rpe.optim.clipped_adam import ClippedAdam
 __all__ = [
     "GroupThreshold",
     "KINDS",
+    "StepScales",
     "adam_preconditioner",
+    "dimensionless_threshold",
     "group_thresholds",
     "stability_ratio",
+    "step_scales",
 ]
 
 KINDS = ("gd", "heavy_ball", "nesterov", "adam", "clipped_adam", "unknown")
@@ -163,10 +166,10 @@ def adam_preconditioner(optimizer: Optimizer) -> dict[nn.Parameter, Tensor] | No
                       (clip = min for mode "upper", max for mode "lower")
 
     so that the step just taken was ``theta <- theta - lr * P^-1 * exp_avg`` (before weight decay).
-    Keys are the trainable parameters (``requires_grad``) of all groups, values have their shape,
-    dtype and device. Returns None while any of them has no optimizer state yet (before the first
-    step, or a parameter that has never received a gradient). Raises ValueError for other
-    optimizers.
+    Keys are the trainable parameters (``requires_grad``) that have optimizer state, values have
+    their shape, dtype and device. A parameter that has never received a gradient has no state and
+    no key (it takes no step); None before the first step of any parameter. Raises ValueError for
+    other optimizers.
     """
     is_clipped = isinstance(optimizer, ClippedAdam)
     if not (is_clipped or isinstance(optimizer, torch.optim.Adam)):
@@ -185,10 +188,10 @@ def adam_preconditioner(optimizer: Optimizer) -> dict[nn.Parameter, Tensor] | No
                 continue
             state = optimizer.state.get(p)
             if not state or "step" not in state or "exp_avg_sq" not in state:
-                return None
+                continue  # never stepped (no gradient yet): takes no step, see step_scales
             t = _scalar(state["step"], "state['step']")
             if t < 1:
-                return None
+                continue
             v = state["max_exp_avg_sq"] if amsgrad and "max_exp_avg_sq" in state else state["exp_avg_sq"]
             v = v.detach()
             if is_clipped:
@@ -196,7 +199,7 @@ def adam_preconditioner(optimizer: Optimizer) -> dict[nn.Parameter, Tensor] | No
             else:
                 denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
             out[p] = denom.mul_(1.0 - beta1**t)
-    return out
+    return out or None
 
 
 def stability_ratio(sharpness: float, threshold: float) -> float:
@@ -211,3 +214,120 @@ def stability_ratio(sharpness: float, threshold: float) -> float:
     if math.isinf(thr):
         return 0.0 if math.isfinite(s) else math.nan
     return s / thr
+
+
+@dataclass(frozen=True)
+class StepScales:
+    """Per-coordinate step sizes that turn every supported optimizer into one stability test.
+
+    The update of every supported rule is ``w <- w - D u`` with ``D`` diagonal (each coordinate's
+    lr, divided by ``P`` for the Adam family) and ``u`` a linear combination of the gradient and the
+    rule's buffers with the same scalar coefficients for every coordinate of a group. With
+    ``x = D^-1/2 w`` the iteration on a quadratic of Hessian ``H`` is the same rule with lr 1 on
+    ``D^1/2 H D^1/2``, so it is stable iff ``lambda_max(D^1/2 H D^1/2) < K``, ``K`` the rule's
+    dimensionless threshold (threshold times lr: 2 for GD, 2 + 2 beta for heavy ball,
+    (2 + 2 beta1) / (1 - beta1) for Adam; the Adam case holds P fixed, as in Cohen et al. 2022,
+    "Adaptive Gradient Methods at the Edge of Stability"). With ``s = lr / (K [P])`` per coordinate
+    the stability ratio is therefore ``lambda_max(S^1/2 H S^1/2)``: exact when all groups share an
+    update rule (the same K), whatever their learning rates. When groups differ in the rule
+    (momentum, Nesterov, beta1), the ratio still marks exactly where a period-2 mode (iteration
+    eigenvalue -1, the way these rules lose stability on a positive-definite quadratic) appears:
+    substituting ``w_t = (-1)^t x`` into the rule gives ``S^1/2 H S^1/2 y = y`` (derivation in
+    docs/metrics.md; tested against the spectral radius of PyTorch SGD's iteration).
+
+    Attributes:
+        scales: ``s`` per trainable parameter (same shapes), in lr / K units; 0 for coordinates that
+            take no step (not in the optimizer, lr 0, no optimizer state, a zero second moment).
+        inverse_preconditioner: ``P^-1`` per parameter for the Adam family (0 where the coordinate
+            takes no step), None otherwise.
+        uniform: ``c`` when ``s = c * 1`` (or ``s = c * P^-1``) on every coordinate: the ratio is then
+            ``c`` times the (preconditioned) sharpness and needs no solve of its own; else None.
+        frozen: number of coordinates that take no step (for the Adam family also those whose
+            gradient RMS ``sqrt(v_hat)`` is at most ``eps``, see :func:`_moves`).
+        no_state: names of trainable parameters left out because the optimizer has no state for them.
+    """
+
+    scales: tuple[Tensor, ...]
+    inverse_preconditioner: tuple[Tensor, ...] | None
+    uniform: float | None
+    frozen: int
+    no_state: tuple[str, ...]
+
+
+def dimensionless_threshold(group: GroupThreshold) -> float:
+    """``K = threshold * lr`` of a group (2 for GD), or 0.0 when the group takes no step (lr 0, inf threshold)."""
+    if group.lr == 0.0 or not math.isfinite(group.threshold):
+        return 0.0
+    return group.threshold * group.lr
+
+
+def step_scales(
+    optimizer: Optimizer,
+    parameters: Sequence[nn.Parameter],
+    groups: Sequence[GroupThreshold],
+    names: Sequence[str] | None = None,
+) -> StepScales:
+    """The per-coordinate ``s = lr / (K [P])`` of :class:`StepScales` for ``parameters``.
+
+    Args:
+        optimizer: the optimizer in use; its param groups decide each parameter's lr and rule.
+        parameters: the trainable parameters in the order of the flat vector.
+        groups: :func:`group_thresholds` of ``optimizer`` (at the effective lrs).
+        names: parameter names for the ``no_state`` report (default: their positions).
+
+    Raises:
+        ValueError: ``groups`` does not have one entry per param group.
+    """
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"groups must have one entry per param group ({len(optimizer.param_groups)}), got {len(groups)}")
+    preconditioned = any(g.preconditioned for g in groups)
+    pre = adam_preconditioner(optimizer) if preconditioned else None
+    group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    labels = list(names) if names is not None else [str(i) for i in range(len(parameters))]
+    scales: list[Tensor] = []
+    inverses: list[Tensor] = []
+    no_state: list[str] = []
+    values: set[float] = set()
+    frozen = 0
+    for p, label in zip(parameters, labels):
+        index = group_of.get(id(p))
+        k = 0.0 if index is None else dimensionless_threshold(groups[index])
+        c = 0.0 if k == 0.0 else groups[index].lr / k  # type: ignore[index]
+        if preconditioned:
+            denom = None if pre is None else pre.get(p)
+            if denom is None:
+                if index is not None:
+                    no_state.append(label)
+                inv = torch.zeros_like(p, dtype=torch.float64)
+            else:
+                inv = torch.where(_moves(optimizer, p), 1.0 / denom.double(), 0.0)
+            inverses.append(inv)
+            s = c * inv
+            if bool((inv != 0).any()):
+                values.add(c)
+        else:
+            s = torch.full(p.shape, c, dtype=torch.float64, device=p.device)
+            values.add(c)
+        frozen += int((s == 0).sum())
+        scales.append(s)
+    # uniform: s is c * 1 (or c * P^-1) on every coordinate, so no solve of its own is needed
+    uniform = values.pop() if len(values) == 1 else (0.0 if not values else None)
+    return StepScales(tuple(scales), tuple(inverses) if preconditioned else None, uniform, frozen, tuple(no_state))
+
+
+def _moves(optimizer: Optimizer, p: nn.Parameter) -> Tensor:
+    """Coordinates of ``p`` whose Adam-family step responds to the gradient: ``sqrt(v_hat) > eps``.
+
+    ``v_hat = v / (1 - beta2^t)`` is the running mean of squared gradients. Where it is 0 every
+    gradient so far was 0 and the step is 0; where ``sqrt(v_hat) <= eps`` the gradients are below
+    the optimizer's own resolution (in practice rounding noise of a gradient that is 0 in exact
+    arithmetic, such as a bias followed by batch-statistics BatchNorm), and ``P ~ eps`` would make
+    ``P^-1`` about ``1 / eps``: such coordinates take no curvature-driven step and are left out.
+    """
+    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    state = optimizer.state[p]
+    v = state["max_exp_avg_sq"] if group.get("amsgrad", False) and "max_exp_avg_sq" in state else state["exp_avg_sq"]
+    t = _scalar(state["step"], "state['step']")
+    beta2 = _scalar(group["betas"][1], "betas[1]")
+    eps = _scalar(group["eps"], "eps")
+    return (v.detach().double() / (1.0 - beta2**t)).sqrt() > eps

@@ -265,3 +265,36 @@ def test_polarity_state_dict_round_trip_weights_only():
         assert torch.equal(got.aligned, exp.aligned)
     with pytest.raises(ValueError, match="missing keys"):
         PolarityTracker().load_state_dict({"sign": 1})
+
+
+def test_match_eigenvectors_follows_directions_not_order() -> None:
+    from lightning_rpe.geometry import match_eigenvectors
+
+    e = torch.eye(4, dtype=torch.float64)
+    assert match_eigenvectors(e[:, :3], e[:, :3]) == (0, 1, 2)
+    assert match_eigenvectors(e[:, :3], -e[:, [1, 0, 2]]) == (1, 0, 2)  # signs do not matter
+    with pytest.raises(ValueError, match="one shape"):
+        match_eigenvectors(e[:, :2], e[:, :3])
+
+
+def test_tracker_reports_a_crossing_as_a_crossing_not_a_rotation() -> None:
+    from lightning_rpe.geometry import EigenvectorTracker
+
+    e = torch.eye(5, dtype=torch.float64)
+    tracker = EigenvectorTracker(reference_step=0)
+    assert tracker.update(0, e[:, :2], k=1).crossed is None
+    # lambda_1 and lambda_2 swap order and v_1 (now the old v_2) turns by 5 degrees
+    c, s = math.cos(math.radians(5)), math.sin(math.radians(5))
+    new_v1 = c * e[:, 1] + s * e[:, 2]
+    rot = tracker.update(10, torch.stack([new_v1, e[:, 0]], dim=1), k=1)
+    assert rot.crossed is True and rot.crossings == 1
+    assert rot.rotation_angle == pytest.approx(5.0, abs=1e-9)  # not 90
+    assert rot.rotation_cos == pytest.approx(c)
+    assert rot.subspace_similarity < 1.0  # the top-1 subspace did change
+    # no crossing the next time: the count stays
+    rot = tracker.update(20, torch.stack([new_v1, e[:, 0]], dim=1), k=1)
+    assert rot.crossed is False and rot.crossings == 1 and rot.rotation_angle == pytest.approx(0.0, abs=1e-6)
+    state = tracker.state_dict()
+    other = EigenvectorTracker()
+    other.load_state_dict(state)
+    assert other.crossings == 1

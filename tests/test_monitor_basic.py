@@ -18,6 +18,11 @@ from lit_models import ABModel, TinyMLP, ab_loader, full_batch_loader, make_data
 
 def _dense_spectrum(model: TinyMLP, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """float64 eigenvalues (ascending) of the Hessian of the mean MSE, BatchNorm in eval mode."""
+    return torch.linalg.eigvalsh(_dense_hessian(model, x, y))
+
+
+def _dense_hessian(model: TinyMLP, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """float64 Hessian of the mean MSE over the parameters in model order, BatchNorm in eval mode."""
     model = model.double().eval()
     names = [n for n, p in model.named_parameters()]
     params = [p.detach().clone() for p in model.parameters()]
@@ -33,14 +38,14 @@ def _dense_spectrum(model: TinyMLP, x: torch.Tensor, y: torch.Tensor) -> torch.T
         out = torch.func.functional_call(model, parts, (x.double(),))
         return ((out - y.double()) ** 2).mean()
 
-    H = torch.autograd.functional.hessian(loss, flat)
-    return torch.linalg.eigvalsh(H)
+    return torch.autograd.functional.hessian(loss, flat)
 
 
 def test_values_match_dense_hessian_on_first_probe_samples() -> None:
     pl.seed_everything(0, verbose=False)
     data = make_dataset(48, seed=3)
-    monitor = SharpnessMonitor(every_n_steps=2, top_k=3, dtype="float64", tol=1e-8, probe_size=20, probe_batch_size=7)
+    monitor = SharpnessMonitor(every_n_steps=2, top_k=3, dtype="float64", tol=1e-8, probe_size=20, probe_batch_size=7,
+                               batchnorm="eval")
     model = TinyMLP(batchnorm=True, hidden=6, optimizer="momentum", lr=0.05)
     make_trainer([monitor], max_steps=4).fit(model, make_loader(data, batch_size=16, shuffle=True))
     m = monitor.latest
@@ -166,7 +171,8 @@ def test_model_checkpoint_monitors_sharpness(tmp_path: Path) -> None:
 
 def test_per_group_thresholds_and_lr_scale_provider(tmp_path: Path) -> None:
     csv_logger = CSVLogger(tmp_path)
-    monitor = SharpnessMonitor(every_n_steps=1, on_fit_start=False, on_fit_end=False, probe_size=8)
+    monitor = SharpnessMonitor(every_n_steps=1, on_fit_start=False, on_fit_end=False, probe_size=8, dtype="float64",
+                               tol=1e-7)
     monitor.lr_scale_provider = lambda: [0.5, 2.0]
     trainer = make_trainer([monitor], max_steps=2, logger=csv_logger, log_every_n_steps=1)
     trainer.fit(TinyMLP(group_lrs=(0.1, 0.02)), full_batch_loader(8))
@@ -174,10 +180,20 @@ def test_per_group_thresholds_and_lr_scale_provider(tmp_path: Path) -> None:
     assert m.lrs == pytest.approx((0.05, 0.04))
     assert m.thresholds == pytest.approx((2 / 0.05, 2 / 0.04))
     assert m.ratios == pytest.approx((m.sharpness * 0.05 / 2, m.sharpness * 0.04 / 2))
-    assert m.stability_ratio == max(m.ratios)
+    # the exact GD stability ratio with two learning rates: lambda_max(D^1/2 H D^1/2) / 2, D = each
+    # coordinate's lr (first layer 0.05, the rest 0.04), from a float64 dense Hessian
+    model = trainer.lightning_module
+    x, y = (t[:8] for t in full_batch_loader(8).dataset.tensors)
+    H = _dense_hessian(model, x, y)
+    n_first = sum(p.numel() for p in model.net[0].parameters())
+    d = torch.full((H.shape[0],), 0.04, dtype=torch.float64)
+    d[:n_first] = 0.05
+    exact = float(torch.linalg.eigvalsh(d.sqrt()[:, None] * H * d.sqrt()[None, :])[-1]) / 2
+    assert m.stability_ratio == pytest.approx(exact, rel=1e-3)
+    assert min(m.ratios) <= m.stability_ratio <= max(m.ratios)
     names = monitor.metrics(m)
     assert names["rpe/threshold"] == pytest.approx(min(m.thresholds))
-    assert names["rpe/stability_ratio"] == pytest.approx(max(m.ratios))
+    assert names["rpe/stability_ratio"] == pytest.approx(m.stability_ratio)
     assert names["rpe/threshold/pg1"] == pytest.approx(m.thresholds[0])
     assert names["rpe/stability_ratio/pg2"] == pytest.approx(m.ratios[1])
     rows = _read_csv(Path(csv_logger.log_dir) / "metrics.csv")

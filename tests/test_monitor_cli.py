@@ -64,4 +64,5 @@ def test_lightning_cli_rejects_an_invalid_option(capsys: pytest.CaptureFixture) 
     with pytest.raises((SystemExit, ValueError)) as excinfo:
         LightningCLI(TinyMLP, run=False, args=args, save_config_callback=None)
     text = str(excinfo.value) + capsys.readouterr().err
-    assert "SharpnessMonitor: dtype must be one of 'float32', 'float64'; got 'float16'" in text
+    # the Literal annotation lets jsonargparse refuse the value while parsing, before anything runs
+    assert "Parser key \"dtype\"" in text and "Literal['float32', 'float64']" in text and "float16" in text

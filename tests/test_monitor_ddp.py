@@ -52,7 +52,8 @@ def test_ddp_products_are_all_reduced_and_only_rank_zero_logs(tmp_path: Path) ->
     model = TinyMLP(batchnorm=True, optimizer="momentum", hidden=6)
     model.load_state_dict(r0["model_state"])
     union = [tuple(b) for b in r0["probe"]] + [tuple(b) for b in r1["probe"]]
-    op = HessianOperator(model, lambda mod, b: mod.compute_loss(b), union, dtype=torch.float64)
+    # the monitor's default: batch statistics over each physical probe batch (the training loss)
+    op = HessianOperator(model, lambda mod, b: mod.compute_loss(b), union, dtype=torch.float64, batchnorm="batch")
     evals = torch.linalg.eigvalsh(op.to_dense())
     top = sorted(evals.tolist(), reverse=True)[:2]
     assert r0["eigenvalues"] == pytest.approx(top, rel=1e-5)
@@ -64,3 +65,19 @@ def test_ddp_products_are_all_reduced_and_only_rank_zero_logs(tmp_path: Path) ->
     # because the recording logger is deliberately not rank-zero-only)
     assert r0["rpe_log_calls"] == 4 and r1["rpe_log_calls"] == 0
     assert r1["train_loss_log_calls"] > 0
+
+
+@pytest.mark.slow
+def test_ddp_probe_too_small_for_the_processes_fails_on_every_rank_with_one_message(tmp_path: Path) -> None:
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("LOCAL_RANK", None)
+    env.pop("MASTER_PORT", None)
+    worker = WORKER.with_name("_ddp_probe_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=str(WORKER.parent.parent))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "probe_size=1 is smaller than the number of processes (2)" in text, (rank, text)

@@ -61,7 +61,7 @@ def test_nan_without_gradient_pass_is_caught_by_the_solver() -> None:
 
 def test_non_converged_solve_is_skipped() -> None:
     baseline = _final_weights(None, steps=3)
-    monitor = SharpnessMonitor(every_n_steps=1, probe_size=12, tol=0.0, max_hvp=4)
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=12, tol=1e-12, max_hvp=4)
     with pytest.warns(UserWarning, match=r"measurement at step 1 .*skipped: the eigen-solver did not converge"):
         weights = _final_weights(monitor, steps=3)
     assert monitor.latest is None and monitor.n_measurements == 0 and monitor.n_skipped == 4  # 0, 1, 2, 3
@@ -87,8 +87,10 @@ INVALID = [
     (dict(every_n_epochs=-1), "every_n_epochs must be a positive int or None"),
     (dict(every_n_steps=1.5), "every_n_steps"),
     (dict(top_k=0), "top_k must be an int >= 1"),
-    (dict(tol=-1.0), "tol must be a finite float >= 0"),
-    (dict(tol=float("nan")), "tol must be a finite float >= 0"),
+    (dict(tol=-1.0), "tol must be a finite float > 0"),
+    (dict(tol=0.0), "tol must be a finite float > 0"),
+    (dict(tol=float("nan")), "tol must be a finite float > 0"),
+    (dict(lambda_min_tol=0), "lambda_min_tol must be a finite float > 0 or None"),
     (dict(max_hvp=0), "max_hvp must be a positive int or None"),
     (dict(solver="arnoldi"), "solver must be one of 'auto', 'lanczos', 'block'"),
     (dict(dtype="float16"), "dtype must be one of 'float32', 'float64'"),
@@ -166,3 +168,86 @@ def test_training_step_recall_mutes_logging(tmp_path) -> None:
     # the logged train_loss is the training batch's loss, not the probe loss of a re-call
     probe_losses = [float(r["rpe/probe_loss"]) for r in rows if r.get("rpe/probe_loss")]
     assert len(losses) == 3 and losses != probe_losses[1:]
+
+
+@pytest.mark.parametrize("loss_fn, message", [
+    (lambda module: module.compute_loss(None), r"TypeError: .*positional argument"),  # wrong signature
+    (lambda module, batch: (module(batch[0]) - batch[1]) ** 2, r"shape \(12, 1\), not a scalar"),  # a vector
+    (lambda module, batch: 1.0, "returned a float, not a scalar tensor"),
+])
+def test_a_wrong_loss_raises_at_the_first_measurement_with_a_hint(loss_fn, message: str) -> None:
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=12, loss_fn=loss_fn)
+    with pytest.raises(ValueError, match=rf"SharpnessMonitor: the measured loss is wrong \(.*{message}.*loss_fn\(pl_module, batch\)"):
+        make_trainer([monitor], max_steps=3).fit(TinyMLP(), full_batch_loader(12))
+
+
+def test_a_training_step_without_a_loss_raises_when_it_is_the_measured_loss() -> None:
+    class NoLoss(TrainingStepOnly):
+        def training_step(self, batch, batch_idx):
+            super().training_step(batch, batch_idx)
+            return {"value": torch.tensor(1.0)}
+
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=12, use_training_step=True)
+    with pytest.raises(ValueError, match="training_step must return the loss tensor"):
+        make_trainer([monitor], max_steps=2).fit(NoLoss(), full_batch_loader(12))
+
+
+class SharedStepLogs(TinyMLP):
+    """The common shared-step pattern: the loss method itself logs (step and epoch)."""
+
+    def compute_loss(self, batch):
+        loss = super().compute_loss(batch)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self.compute_loss(batch)
+
+
+def _logged_train_loss(tmp_path, monitor) -> list[tuple[int, str, str]]:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    pl.seed_everything(3, verbose=False)
+    logger = CSVLogger(tmp_path, name="with" if monitor else "without")
+    loader = torch.utils.data.DataLoader(full_batch_loader(24).dataset, batch_size=8, shuffle=False)
+    make_trainer([monitor] if monitor else [], max_steps=6, logger=logger, log_every_n_steps=1).fit(SharedStepLogs(), loader)
+    with open(f"{logger.log_dir}/metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    return [(int(r["step"]), r.get("train_loss_step", ""), r.get("train_loss_epoch", "")) for r in rows
+            if r.get("train_loss_step") or r.get("train_loss_epoch")]
+
+
+def test_a_loss_that_logs_is_muted_during_measurements(tmp_path) -> None:
+    # the probe batches differ from the training batches: an unmuted self.log in compute_loss would
+    # replace the logged step values and the epoch mean; the fit-start measurement would raise
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=16, probe_batch_size=8)
+    assert _logged_train_loss(tmp_path, monitor) == _logged_train_loss(tmp_path, None)
+    assert monitor.n_measurements == 7 and monitor.n_skipped == 0
+
+
+def test_probe_size_larger_than_the_data_set_is_said() -> None:
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=100)
+    with pytest.warns(UserWarning, match=r"probe_size=100 but the training data set holds 12 samples"):
+        make_trainer([monitor], max_steps=1).fit(TinyMLP(), full_batch_loader(12))
+    assert monitor.latest is not None
+
+
+def test_a_loader_of_ready_batches_gives_a_probe_set_of_those_batches() -> None:
+    # batch_size=None: automatic batching off, every data-set item is already a batch
+    data = full_batch_loader(12).dataset.tensors
+
+    class Prebatched(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return data[0][4 * i : 4 * i + 4], data[1][4 * i : 4 * i + 4]
+
+    loader = torch.utils.data.DataLoader(Prebatched(), batch_size=None)
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=8, on_fit_start=False)
+    make_trainer([monitor], max_steps=2).fit(TinyMLP(), loader)
+    assert monitor.n_skipped == 0 and monitor.n_measurements == 2
+    assert [tuple(b[0].shape) for b in monitor.probe_batches] == [(4, 4), (4, 4)]
+    assert torch.equal(monitor.probe_batches[1][0], data[0][4:8])

@@ -188,13 +188,14 @@ def test_preconditioner_reproduces_the_step_the_optimizer_took(make):
         assert bool((root > clip).any()) and bool((root < clip).any())  # the clip is active somewhere
 
 
-def test_preconditioner_none_until_every_trainable_param_has_state_and_other_step_types():
+def test_preconditioner_covers_the_params_with_state_and_other_step_types():
     a, b, frozen = _p(2), _p(2), _p(2)
     frozen.requires_grad_(False)
     opt = torch.optim.Adam([a, b, frozen], lr=0.1)
+    assert adam_preconditioner(opt) is None  # before any step
     a.grad = torch.ones(2, dtype=D)
-    opt.step()  # b has no gradient, so no state
-    assert adam_preconditioner(opt) is None
+    opt.step()  # b has no gradient, so no state: it takes no step and has no key
+    assert set(adam_preconditioner(opt)) == {a}
     b.grad = torch.ones(2, dtype=D)
     opt.step()
     P = adam_preconditioner(opt)

@@ -16,13 +16,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
-__all__ = ["ProbeSet", "capture_dataset_probe", "capture_loader_probe", "fingerprint", "move_batch"]
+from lightning_rpe.curvature._functional import default_batch_size
+
+__all__ = ["ProbeSet", "capture_dataset_probe", "capture_loader_probe", "capture_probe", "fingerprint", "physical_batch_size"]
 
 
 @dataclass
@@ -78,6 +81,8 @@ def capture_dataset_probe(
     The loader itself is not iterated; only its ``dataset`` and ``collate_fn`` are used.
     """
     dataset = loader.dataset
+    if loader.batch_size is None and loader.batch_sampler is None:
+        return _capture_prebatched(loader, size, rank, world_size, indices, transfer)
     collate = loader.collate_fn if loader.collate_fn is not None else default_collate
     with isolate_rng():
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
@@ -116,6 +121,55 @@ def capture_dataset_probe(
     return ProbeSet(batches=batches, indices=wanted, kind=kind, fingerprint=fingerprint(batches), n_samples=len(mine))
 
 
+def _capture_prebatched(
+    loader: DataLoader,
+    size: int,
+    rank: int,
+    world_size: int,
+    indices: Sequence[int] | None,
+    transfer: Callable[[Any], Any] | None,
+) -> ProbeSet:
+    """A loader with automatic batching off (``batch_size=None``): every data-set item is a batch.
+
+    The probe set is the first items holding ``size`` samples in all (indices are item indices),
+    split across ranks by stride; the items are passed through the loader's ``collate_fn``
+    (``default_convert``), exactly as training sees them.
+    """
+    dataset = loader.dataset
+    convert = loader.collate_fn if loader.collate_fn is not None else (lambda item: item)
+    with isolate_rng():
+        if indices is None:
+            wanted, counted = [], 0
+            position = iter(dataset) if isinstance(dataset, IterableDataset) else None
+            n = None if position is not None else len(dataset)  # type: ignore[arg-type]
+            items: dict[int, Any] = {}
+            i = 0
+            while counted < size and (n is None or i < n):
+                item = next(position, None) if position is not None else dataset[i]
+                if item is None:
+                    break
+                items[i] = item
+                wanted.append(i)
+                counted += default_batch_size(item)
+                i += 1
+        else:
+            wanted = list(indices)
+            items = {i: dataset[i] for i in wanted}
+        if not wanted:
+            raise ValueError("the training data set is empty: no probe samples")
+        mine = wanted[rank::world_size]
+        batches = [convert(items[i]) for i in mine]
+        if transfer is not None:
+            batches = [transfer(b) for b in batches]
+    if not batches:
+        raise ValueError(
+            f"rank {rank} got no probe batches ({len(wanted)} pre-batched items over {world_size} ranks); "
+            "increase probe_size so that every process gets at least one batch"
+        )
+    n_samples = sum(default_batch_size(b) for b in batches)
+    return ProbeSet(batches=batches, indices=wanted, kind="map", fingerprint=fingerprint(batches), n_samples=n_samples)
+
+
 def capture_loader_probe(
     loader: Iterable[Any], size: int | None, transfer: Callable[[Any], Any] | None = None, count: Callable[[Any], int] | None = None
 ) -> ProbeSet:
@@ -133,9 +187,48 @@ def capture_loader_probe(
     return ProbeSet(batches=batches, indices=[], kind="loader", fingerprint=fingerprint(batches), n_samples=n)
 
 
-def move_batch(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a nested batch to ``device`` (detached)."""
-    from lightning.fabric.utilities.apply_func import move_data_to_device
+def physical_batch_size(loader: Any, requested: int | None) -> int:
+    """``requested``, else the training loader's batch size, else 256."""
+    if requested is not None:
+        return requested
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        sampler = getattr(loader, "batch_sampler", None)
+        size = getattr(sampler, "batch_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else 256
 
-    return move_data_to_device(batch, device)
 
+def capture_probe(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    probe: Any,
+    size: int,
+    batch_size: int | None,
+    indices: Sequence[int] | None,
+    rank: int,
+    world_size: int,
+) -> ProbeSet:
+    """This rank's probe batches on the module's device, through the module's batch-transfer hooks.
+
+    ``probe`` is ``"fixed"`` (the first ``size`` samples of the training DataLoader's data set, or
+    the saved global ``indices`` after a restart) or a user iterable of batches.
+    """
+    device = pl_module.device
+
+    def transfer(batch: Any) -> Any:
+        batch = pl_module.on_before_batch_transfer(batch, 0)
+        batch = pl_module.transfer_batch_to_device(batch, device, 0)
+        return pl_module.on_after_batch_transfer(batch, 0)
+
+    if probe == "fixed":
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                "SharpnessMonitor: probe='fixed' reads the data set of the training DataLoader, but the "
+                f"train dataloader is a {type(loader).__name__}; pass probe=<a DataLoader of probe batches> "
+                "or probe='batch'"
+            )
+        return capture_dataset_probe(
+            loader, size, physical_batch_size(loader, batch_size), rank, world_size, indices=indices, transfer=transfer
+        )
+    return capture_loader_probe(probe, size, transfer=transfer, count=default_batch_size)

@@ -6,7 +6,7 @@ Nothing here imports Lightning.
 from lightning_rpe.curvature.batch_sharpness import BatchSharpnessResult, batch_sharpness, sample_minibatches
 from lightning_rpe.curvature.eigen import EigenResult, eigenpairs
 from lightning_rpe.curvature.hessian import HessianOperator
-from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator, PreconditionedOperator
+from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator, PreconditionedOperator, ScaledOperator
 from lightning_rpe.curvature.trace import TraceResult, trace
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "EigenResult",
     "HessianOperator",
     "PreconditionedOperator",
+    "ScaledOperator",
     "TraceResult",
     "batch_sharpness",
     "eigenpairs",

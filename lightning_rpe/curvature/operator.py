@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CurvatureOperator", "DenseOperator", "PreconditionedOperator"]
+__all__ = ["CurvatureOperator", "DenseOperator", "PreconditionedOperator", "ScaledOperator"]
 
 
 class CurvatureOperator:
@@ -87,4 +87,34 @@ class PreconditionedOperator(CurvatureOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         scale = self.inv_sqrt.unsqueeze(1)
+        return scale * self.operator.matmat(scale * V)
+
+
+class ScaledOperator(CurvatureOperator):
+    """``D^1/2 A D^1/2`` for a non-negative diagonal ``D`` given as a flat tensor of length ``dim``.
+
+    Zero entries are allowed: those coordinates drop out (their rows and columns are zero). With
+    ``D = lr / K`` per coordinate (K the dimensionless threshold of the update rule) the largest
+    eigenvalue is the stability ratio of an optimizer with per-coordinate learning rates; with
+    ``D = P^-1`` it is the preconditioned operator of the Adam family (see
+    :func:`lightning_rpe.stability.step_scales`).
+
+    Raises:
+        ValueError: ``diagonal`` is not a flat tensor of length ``dim``, or has negative or
+            non-finite entries.
+    """
+
+    def __init__(self, operator: CurvatureOperator, diagonal: Tensor) -> None:
+        if diagonal.ndim != 1 or diagonal.shape[0] != operator.dim:
+            raise ValueError(
+                f"diagonal must be a flat tensor of length dim={operator.dim}, got shape {tuple(diagonal.shape)}"
+            )
+        if not bool(torch.isfinite(diagonal).all()) or bool((diagonal < 0).any()):
+            raise ValueError("diagonal must be finite and non-negative")
+        super().__init__(operator.dim, operator.dtype, operator.device)
+        self.operator = operator
+        self.sqrt = diagonal.to(dtype=operator.dtype, device=operator.device).sqrt()
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        scale = self.sqrt.unsqueeze(1)
         return scale * self.operator.matmat(scale * V)

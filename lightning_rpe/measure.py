@@ -1,0 +1,507 @@
+"""The measurement itself, without Lightning: settings in, a frozen :class:`Measurement` out.
+
+:func:`solve` builds a :class:`~lightning_rpe.curvature.HessianOperator` of a loss over probe
+batches, computes the top-k eigenvalues, lambda_min, the trace, the preconditioned sharpness of the
+Adam family and the stability ratio of every param group of the optimizer in use, and returns a
+typed :class:`Solve` (eigenvectors included). :func:`assemble` combines a solve with the
+:class:`~lightning_rpe.geometry.Rotation` an :class:`~lightning_rpe.geometry.EigenvectorTracker`
+computed from it into the public :class:`Measurement`.
+
+The split lets a distributed caller compute on every process, agree on success, broadcast one
+process's :class:`Solve`, and update the tracker identically everywhere; the SharpnessMonitor does
+exactly that. Definitions of every quantity: ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_rpe.curvature import HessianOperator, ScaledOperator, eigenpairs
+from lightning_rpe.curvature.trace import trace as trace_estimate
+from lightning_rpe.geometry import Rotation, gradient_alignment
+from lightning_rpe.names import STABILITY_RATIO, THRESHOLD, MetricNames
+from lightning_rpe.stability import GroupThreshold, StepScales, group_thresholds, stability_ratio, step_scales
+from lightning_rpe.validation import check_bool, check_choice, check_float, check_int
+
+__all__ = [
+    "LossFunctionError",
+    "Measurement",
+    "MeasureSettings",
+    "MeasurementSkipped",
+    "Solve",
+    "assemble",
+    "checked_loss",
+    "measurement_metrics",
+    "solve",
+]
+
+Solver = Literal["auto", "lanczos", "block"]
+DType = Literal["float32", "float64"]
+BatchNormPolicy = Literal["eval", "batch"]
+DropoutPolicy = Literal["off", "on"]
+Backend = Literal["auto", "func", "autograd"]
+
+SOLVERS: tuple[Solver, ...] = ("auto", "lanczos", "block")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+BATCHNORM_POLICIES: tuple[BatchNormPolicy, ...] = ("eval", "batch")
+DROPOUT_POLICIES: tuple[DropoutPolicy, ...] = ("off", "on")
+BACKENDS: tuple[Backend, ...] = ("auto", "func", "autograd")
+
+
+class MeasurementSkipped(Exception):
+    """A measurement that cannot be trusted (non-finite loss or eigenvalues, a solve that did not converge)."""
+
+
+class LossFunctionError(TypeError):
+    """The loss function is wrong (a programming error, not a numerical failure): it raised a
+    TypeError, AttributeError, KeyError, IndexError or NameError, or returned no scalar tensor."""
+
+
+_PROGRAMMING_ERRORS = (TypeError, AttributeError, KeyError, IndexError, NameError)
+
+
+def checked_loss(loss_fn: Callable[[nn.Module, Any], Tensor]) -> Callable[[nn.Module, Any], Tensor]:
+    """``loss_fn`` that raises :class:`LossFunctionError` for programming errors (see that class)."""
+
+    def loss(model: nn.Module, batch: Any) -> Tensor:
+        try:
+            out = loss_fn(model, batch)
+        except LossFunctionError:
+            raise
+        except _PROGRAMMING_ERRORS as exc:
+            raise LossFunctionError(f"the loss raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(out, Tensor):
+            raise LossFunctionError(f"the loss returned a {type(out).__name__}, not a scalar tensor")
+        if out.numel() != 1:
+            raise LossFunctionError(f"the loss returned a tensor of shape {tuple(out.shape)}, not a scalar (reduce it to the mean)")
+        return out
+
+    return loss
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """What one measurement computes and how (validated on construction).
+
+    Attributes:
+        top_k: number of leading eigenpairs (>= 1).
+        lambda_min: also compute the most negative eigenvalue (same Lanczos run).
+        trace: also estimate ``tr(H)`` with Hutch++ using ``trace_hvps`` (>= 3) products.
+        tol: relative residual tolerance of the top-k pairs, ``||H v - lambda v|| <= tol * lambda_max``.
+        lambda_min_tol: the same for the lambda_min pair (None: ``10 * tol``).
+        max_hvp: product budget per eigen-solve (None: the solver's default).
+        solver: ``"lanczos"``, ``"block"`` or ``"auto"``.
+        dtype: ``"float32"`` or ``"float64"``, precision of the products.
+        batchnorm, dropout, backend: the :class:`~lightning_rpe.curvature.HessianOperator` policies.
+        preconditioned: compute ``lambda_max(P^-1/2 H P^-1/2)`` for Adam-family groups.
+        grad_alignment: compute the probe gradient and ``|cos(g, v_1)|``.
+        warm_start: start each solve from the previous eigenvectors.
+        seed: seed of the solver's private generator (combined with the step), >= 0.
+        owner: class name used in error messages.
+
+    Raises:
+        ValueError: naming ``owner``, the option and its accepted values.
+    """
+
+    top_k: int = 1
+    lambda_min: bool = True
+    trace: bool = False
+    trace_hvps: int = 60
+    tol: float = 1e-3
+    lambda_min_tol: float | None = None
+    max_hvp: int | None = None
+    solver: Solver = "lanczos"
+    dtype: DType = "float32"
+    batchnorm: BatchNormPolicy = "batch"
+    dropout: DropoutPolicy = "off"
+    backend: Backend = "auto"
+    preconditioned: bool = True
+    grad_alignment: bool = True
+    warm_start: bool = True
+    seed: int = 0
+    owner: str = "SharpnessMonitor"
+
+    def __post_init__(self) -> None:
+        o = self.owner
+        check_int(o, "top_k", self.top_k, minimum=1)
+        for name in ("lambda_min", "trace", "preconditioned", "grad_alignment", "warm_start"):
+            check_bool(o, name, getattr(self, name))
+        check_int(o, "trace_hvps", self.trace_hvps, minimum=3)
+        object.__setattr__(self, "tol", check_float(o, "tol", self.tol, minimum=0.0, inclusive=False))
+        tol_min = check_float(o, "lambda_min_tol", self.lambda_min_tol, minimum=0.0, inclusive=False, allow_none=True)
+        object.__setattr__(self, "lambda_min_tol", 10.0 * self.tol if tol_min is None else tol_min)
+        check_int(o, "max_hvp", self.max_hvp, minimum=1, allow_none=True)
+        check_choice(o, "solver", self.solver, SOLVERS)
+        if isinstance(self.dtype, torch.dtype):
+            object.__setattr__(self, "dtype", {v: k for k, v in DTYPES.items()}.get(self.dtype, str(self.dtype)))
+        check_choice(o, "dtype", self.dtype, tuple(DTYPES))
+        check_choice(o, "batchnorm", self.batchnorm, BATCHNORM_POLICIES)
+        check_choice(o, "dropout", self.dropout, DROPOUT_POLICIES)
+        check_choice(o, "backend", self.backend, BACKENDS)
+        check_int(o, "seed", self.seed, minimum=0)
+
+    def generator(self, step: int) -> torch.Generator:
+        """The solver's private CPU generator for a measurement at ``step`` (reproducible, global RNG untouched)."""
+        return torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + step) % (2**63 - 1))
+
+
+@dataclass(frozen=True)
+class Solve:
+    """What one process computes at one step, before the geometry against earlier measurements.
+
+    Attributes:
+        eigenvalues: top-k eigenvalues of ``H``, descending (loss units per parameter unit squared).
+        lambda_min: most negative eigenvalue, or None when not requested.
+        trace: Hutch++ estimate of ``tr(H)``, or None.
+        preconditioned_sharpness: ``lambda_max(P^-1/2 H P^-1/2)``, or None.
+        groups: the stability threshold of every param group at its effective lr.
+        ratios: per group ``(preconditioned) sharpness / threshold`` (NaN where unavailable).
+        stability_ratio: ``lambda_max(S^1/2 H S^1/2)`` with ``S`` the per-coordinate step sizes of
+            :func:`~lightning_rpe.stability.step_scales` (exact for any set of groups sharing an
+            update rule), or None without an optimizer or preconditioner.
+        n_hvp: products spent (solvers and trace).
+        residuals: ``||H v_i - lambda_i v_i||`` of the top-k pairs (same units as the eigenvalues; by
+            the Bauer-Fike theorem each eigenvalue is within its residual of an exact eigenvalue).
+        lambda_min_residual: the same for the lambda_min pair, or None.
+        probe_loss: mean probe loss, or None when ``grad_alignment`` is off.
+        grad_alignment: ``|cos(g, v_1)|``, or None.
+        top_vectors: ``(dim, m)`` unit eigenvectors on the CPU, ``m = max(k, 2)`` (the extra
+            column is tracked to tell crossings from rotations); ``min_vector``, ``preconditioned_vector``:
+            ``(dim,)`` or None.
+        notes: ``(key, message)`` pairs a caller should warn about once per key.
+    """
+
+    eigenvalues: tuple[float, ...]
+    lambda_min: float | None
+    trace: float | None
+    preconditioned_sharpness: float | None
+    groups: tuple[GroupThreshold, ...]
+    ratios: tuple[float, ...]
+    stability_ratio: float | None
+    n_hvp: int
+    residuals: tuple[float, ...]
+    lambda_min_residual: float | None
+    probe_loss: float | None
+    grad_alignment: float | None
+    top_vectors: Tensor
+    min_vector: Tensor | None
+    preconditioned_vector: Tensor | None
+    notes: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One successful measurement (all floats in the loss's units per parameter^2 unless noted).
+
+    Attributes:
+        step: ``trainer.global_step`` at measurement (optimizer steps completed): the parameters
+            measured are those after ``step`` optimizer steps.
+        epoch: ``trainer.current_epoch``.
+        sharpness: ``lambda_max(H)`` of the probe loss.
+        eigenvalues: top-k eigenvalues of ``H``, descending.
+        lambda_min: smallest (most negative) eigenvalue of ``H``, or None when not requested.
+        trace: Hutch++ estimate of ``tr(H)``, or None when not requested.
+        preconditioned_sharpness: ``lambda_max(P^-1/2 H P^-1/2)`` with Adam's preconditioner
+            (Adam family only, None otherwise or before the optimizer's first step).
+        thresholds: stability threshold per param group at its effective lr (1 / lr units).
+        ratios: per param group ``(preconditioned) sharpness / threshold`` (NaN when the
+            preconditioned sharpness is unavailable for a preconditioned group).
+        lrs: effective lr per group (param-group lr times the ``lr_scale_provider`` factor).
+        n_hvp: Hessian-vector products spent (solver, preconditioned solver and trace).
+        seconds: wall time of the measurement.
+        rotation_cos: ``|cos(v_1, v_1_prev)|`` of the leading eigenvector vs the previous
+            measurement (None at the first measurement).
+        rotation_angle: the same rotation as an angle in degrees, in [0, 90].
+        subspace_similarity: principal-angle similarity of the top-k subspaces, in [0, 1].
+        subspace_similarity_to_first: the same similarity between the current top-k subspace and
+            the reference one: the first measured at or after ``reference_step`` (below 0.7: the
+            subspace "rotated", as in the paper). None before the reference exists.
+        polarity: signed rotation angle of the leading eigenvector in degrees (see
+            :class:`lightning_rpe.geometry.PolarityTracker`).
+        polarity_flips: cumulative number of polarity sign changes.
+        grad_alignment: ``|cos(g, v_1)|`` between the probe-loss gradient and the leading eigenvector.
+        probe_loss: mean loss over the probe set at the measured parameters.
+        kinds: optimizer kind per param group (``"gd"``, ``"heavy_ball"``, ``"nesterov"``,
+            ``"adam"``, ``"clipped_adam"``, ``"unknown"``).
+        trigger: what caused the measurement: ``"fit_start"``, ``"step"``, ``"epoch"``, ``"fit_end"``.
+        residuals: ``||H v_i - lambda_i v_i||`` of the top-k pairs: each reported eigenvalue is within
+            its residual of an eigenvalue of ``H`` (Bauer-Fike); the error bars of the report.
+        lambda_min_residual: the same for lambda_min, or None.
+        stability_ratio: the exact stability ratio ``lambda_max(S^1/2 H S^1/2)`` of the optimizer
+            in use (``S``: each coordinate's lr over its rule's dimensionless threshold, divided by
+            ``P`` for the Adam family; see :func:`lightning_rpe.stability.step_scales`); with one
+            learning rate it equals the largest of ``ratios``. Above 1 the step is unstable.
+        eigenvalue_crossings: cumulative number of measurements at which the leading eigenvalues
+            changed order (eigenvectors matched by overlap; see
+            :func:`lightning_rpe.geometry.match_eigenvectors`). ``rotation_cos`` and ``polarity`` follow
+            the matched vector, so a crossing is not reported as a rotation.
+    """
+
+    step: int
+    epoch: int
+    sharpness: float
+    eigenvalues: tuple[float, ...]
+    lambda_min: float | None
+    trace: float | None
+    preconditioned_sharpness: float | None
+    thresholds: tuple[float, ...]
+    ratios: tuple[float, ...]
+    lrs: tuple[float, ...]
+    n_hvp: int
+    seconds: float
+    rotation_cos: float | None = None
+    rotation_angle: float | None = None
+    subspace_similarity: float | None = None
+    subspace_similarity_to_first: float | None = None
+    polarity: float | None = None
+    polarity_flips: int | None = None
+    grad_alignment: float | None = None
+    probe_loss: float | None = None
+    kinds: tuple[str, ...] = ()
+    trigger: str = "step"
+    residuals: tuple[float, ...] = ()
+    lambda_min_residual: float | None = None
+    stability_ratio: float | None = None
+    eigenvalue_crossings: int | None = None
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain-Python form (tuples as lists) for checkpoints."""
+        out = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Measurement:
+        """Inverse of :meth:`to_state` (unknown keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in state.items() if k in names}
+        return cls(**kwargs)
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.training for m in model.modules())
+
+
+def _top_eigenpair(op: Any, settings: MeasureSettings, gen: torch.Generator, init: Tensor | None, what: str) -> Any:
+    """The converged top eigenpair of ``op`` or :class:`MeasurementSkipped`."""
+    if init is not None:
+        init = init.to(device=op.device, dtype=op.dtype)
+    res = eigenpairs(op, k=1, which="largest", tol=settings.tol, max_hvp=settings.max_hvp, init=init,
+                     generator=gen, method=settings.solver)
+    if not res.all_converged or not bool(torch.isfinite(res.eigenvalues).all()):
+        raise MeasurementSkipped(f"the {what} eigen-solve did not converge ({res.reason or 'not converged'})")
+    return res
+
+
+def _frozen_note(scales: StepScales, dim: int) -> tuple[str, str]:
+    missing = f" (no optimizer state for {', '.join(scales.no_state[:5])}{', ...' if len(scales.no_state) > 5 else ''})"
+    return (
+        "frozen-coordinates",
+        f"{scales.frozen} of {dim} coordinates take no optimizer step{missing if scales.no_state else ''} "
+        "(not in the optimizer, lr 0, no optimizer state or a zero second moment): they are left out of the "
+        "preconditioned operator and of the stability ratio",
+    )
+
+
+def _unknown_optimizer_note(optimizer: torch.optim.Optimizer, groups: Sequence[GroupThreshold]) -> tuple[str, str] | None:
+    unknown = [g.index for g in groups if g.kind == "unknown"]
+    if not unknown:
+        return None
+    return (
+        "unknown-optimizer",
+        f"no stability threshold is known for {type(optimizer).__name__} (param groups {unknown}); assuming plain "
+        "gradient descent, threshold = 2 / lr on the unpreconditioned sharpness. Supported: SGD (plain, heavy-ball "
+        "momentum, Nesterov), Adam, AdamW, ClippedAdam.",
+    )
+
+
+def solve(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Sequence[Any],
+    settings: MeasureSettings,
+    *,
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scales: Sequence[float] | None = None,
+    warm: Any = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Solve:
+    """Measure the Hessian of ``loss_fn`` over ``batches`` at the model's current parameters.
+
+    Args:
+        model: the network (never modified: see :class:`~lightning_rpe.curvature.HessianOperator`).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of a batch.
+        batches: the probe batches of this process.
+        settings: what to compute.
+        step: optimizer step (seeds the solver's generator).
+        optimizer: the optimizer in use (thresholds, Adam preconditioner); None: no thresholds.
+        lr_scales: per param group factor on the lr (e.g. an InstabilityController's), or None.
+        warm: an :class:`~lightning_rpe.geometry.EigenvectorTracker` whose previous vectors start
+            the solves (used only with ``settings.warm_start``), or None.
+        reduce: SUM across processes of every product (None: one process).
+
+    Raises:
+        MeasurementSkipped: non-finite loss or eigenvalues, or a solve that did not converge.
+        LossFunctionError: the loss function is wrong (wrong signature, no scalar tensor).
+    """
+    op = HessianOperator(
+        model, checked_loss(loss_fn), batches, dtype=DTYPES[settings.dtype], backend=settings.backend,
+        batchnorm=settings.batchnorm, dropout=settings.dropout, reduce=reduce,
+    )
+    notes: list[tuple[str, str]] = []
+    loss, grad = None, None
+    if settings.grad_alignment:
+        try:
+            loss, grad = op.loss_and_gradient()
+        except ValueError as exc:  # non-finite loss: numerical, skipped
+            raise MeasurementSkipped(str(exc)) from exc
+    which = "both" if settings.lambda_min else "largest"
+    room = op.dim - 1 if which == "both" else op.dim
+    k = min(settings.top_k, room)
+    # at least two leading vectors are solved for, so that a crossing of lambda_1 and lambda_2 is
+    # seen as a crossing (vectors matched by overlap), not reported as a 90-degree rotation of v_1
+    k_solve = min(max(k, 2), room)
+    use_warm = settings.warm_start and warm is not None
+    init = warm.warm_start(op.dim, which == "both") if use_warm else None
+    if init is not None:
+        init = init.to(device=op.device, dtype=op.dtype)
+    gen = settings.generator(step)
+    res = eigenpairs(op, k=k_solve, which=which, tol=settings.tol, max_hvp=settings.max_hvp, init=init, generator=gen,
+                     method=settings.solver, tol_smallest=settings.lambda_min_tol if which == "both" else None)
+    if not bool(torch.isfinite(res.eigenvalues).all()):
+        raise MeasurementSkipped(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)")
+    if not res.all_converged:
+        raise MeasurementSkipped(
+            f"the eigen-solver did not converge ({res.reason or 'not converged'}; residuals "
+            f"{[float(r) for r in res.residuals]}, tol={settings.tol}, {res.n_hvp} products)"
+        )
+    top_vals = tuple(float(v) for v in res.eigenvalues[:k])
+    top_vecs = res.eigenvectors[:, :k_solve].detach().clone()
+    lam_min = float(res.eigenvalues[k_solve]) if which == "both" else None
+    min_vec = res.eigenvectors[:, k_solve].detach().clone() if which == "both" else None
+
+    tr = None
+    if settings.trace:
+        tr = float(trace_estimate(op, n_hvp=settings.trace_hvps, method="hutch++", generator=gen).estimate)
+
+    groups: list[GroupThreshold] = []
+    if optimizer is not None:
+        groups = list(group_thresholds(optimizer, None if lr_scales is None else [float(s) for s in lr_scales]))
+        note = _unknown_optimizer_note(optimizer, groups)
+        if note is not None:
+            notes.append(note)
+    pre_val, pre_vec, ratio = None, None, None
+    if optimizer is not None:
+        scales = step_scales(optimizer, op.parameters, groups, op.names)
+        if scales.no_state or scales.frozen:
+            notes.append(_frozen_note(scales, op.dim))
+        preconditioned = scales.inverse_preconditioner is not None
+        if preconditioned and settings.batchnorm == "eval" and _has_batchnorm(model):
+            notes.append((
+                "eval-batchnorm-adam",
+                "batchnorm='eval' measures the loss with running statistics, which training does not "
+                "differentiate; with an Adam-family optimizer a parameter whose training gradient is 0 (a bias "
+                "followed by BatchNorm) has P ~ eps and can dominate the preconditioned sharpness. The default "
+                "batchnorm='batch' measures the loss training differentiates.",
+            ))
+        if preconditioned and settings.preconditioned:
+            inverse = op.flatten(list(scales.inverse_preconditioner))  # type: ignore[arg-type]
+            pres = _top_eigenpair(ScaledOperator(op, inverse), settings, gen,
+                                  warm.preconditioned_warm_start(op.dim) if use_warm else None, "preconditioned")
+            pre_val, pre_vec = float(pres.eigenvalues[0]), pres.eigenvectors[:, 0].detach().clone()
+        if scales.uniform is not None:
+            base = pre_val if preconditioned else top_vals[0]
+            ratio = None if base is None else scales.uniform * base
+        else:  # several learning rates or rules: the lr-scaled operator has a spectrum of its own
+            flat = op.flatten(list(scales.scales))
+            init = None if pre_vec is None else pre_vec.reshape(-1, 1)
+            ratio = float(_top_eigenpair(ScaledOperator(op, flat), settings, gen, init, "lr-scaled").eigenvalues[0])
+
+    sharp = top_vals[0]
+    ratios = tuple(
+        stability_ratio((pre_val if pre_val is not None else math.nan) if g.preconditioned else sharp, g.threshold)
+        for g in groups
+    )
+    align = None
+    if grad is not None:
+        try:
+            align = gradient_alignment(grad, top_vecs[:, 0])
+        except ValueError:
+            align = None
+        if align is not None and not math.isfinite(align):
+            align = None
+    return Solve(
+        eigenvalues=top_vals, lambda_min=lam_min, trace=tr, preconditioned_sharpness=pre_val, groups=tuple(groups),
+        ratios=ratios, stability_ratio=ratio, n_hvp=int(op.n_hvp), residuals=tuple(float(r) for r in res.residuals[:k]),
+        lambda_min_residual=float(res.residuals[k_solve]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
+        min_vector=None if min_vec is None else min_vec.cpu(),
+        preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
+    )
+
+
+def assemble(s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: float, trigger: str) -> Measurement:
+    """The public :class:`Measurement` of a solve and its rotation against earlier measurements."""
+    return Measurement(
+        step=step,
+        epoch=epoch,
+        sharpness=s.eigenvalues[0],
+        eigenvalues=s.eigenvalues,
+        lambda_min=s.lambda_min,
+        trace=s.trace,
+        preconditioned_sharpness=s.preconditioned_sharpness,
+        thresholds=tuple(float(g.threshold) for g in s.groups),
+        ratios=s.ratios,
+        lrs=tuple(float(g.lr) for g in s.groups),
+        n_hvp=s.n_hvp,
+        seconds=float(seconds),
+        rotation_cos=rotation.rotation_cos,
+        rotation_angle=rotation.rotation_angle,
+        subspace_similarity=rotation.subspace_similarity,
+        subspace_similarity_to_first=rotation.subspace_similarity_to_first,
+        polarity=rotation.polarity,
+        polarity_flips=rotation.polarity_flips,
+        grad_alignment=s.grad_alignment,
+        probe_loss=s.probe_loss,
+        kinds=tuple(str(g.kind) for g in s.groups),
+        trigger=trigger,
+        residuals=s.residuals,
+        lambda_min_residual=s.lambda_min_residual,
+        stability_ratio=s.stability_ratio,
+        eigenvalue_crossings=rotation.crossings,
+    )
+
+
+def measurement_metrics(m: Measurement, names: MetricNames) -> dict[str, float]:
+    """The logged tags and values of a measurement (finite values only; tags from ``names``)."""
+    out: dict[str, float | None] = {names.sharpness: m.sharpness, names.lambda_min: m.lambda_min}
+    for i, value in enumerate(m.eigenvalues, start=1):
+        out[names.eig(i)] = value
+    if m.thresholds:
+        out[names.threshold] = min(m.thresholds)
+        out[names.stability_ratio] = m.stability_ratio
+        if len(set(m.thresholds)) > 1:
+            for i, (th, r) in enumerate(zip(m.thresholds, m.ratios), start=1):
+                out[names.group(THRESHOLD, i)] = th
+                out[names.group(STABILITY_RATIO, i)] = r
+    out[names.preconditioned_sharpness] = m.preconditioned_sharpness
+    out[names.trace] = m.trace
+    out[names.rotation_cos] = m.rotation_cos
+    out[names.rotation_angle] = m.rotation_angle
+    out[names.subspace_similarity] = m.subspace_similarity
+    out[names.subspace_similarity_to_first] = m.subspace_similarity_to_first
+    out[names.polarity] = m.polarity
+    out[names.polarity_flips] = None if m.polarity_flips is None else float(m.polarity_flips)
+    out[names.eigenvalue_crossings] = None if m.eigenvalue_crossings is None else float(m.eigenvalue_crossings)
+    out[names.grad_alignment] = m.grad_alignment
+    out[names.probe_loss] = m.probe_loss
+    out[names.sharpness_residual] = m.residuals[0] if m.residuals else None
+    out[names.lambda_min_residual] = m.lambda_min_residual
+    out[names.hvps] = float(m.n_hvp)
+    out[names.measure_seconds] = m.seconds
+    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
