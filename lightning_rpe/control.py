@@ -33,6 +33,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
+from lightning_rpe.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    fail,
+)
+
 __all__ = [
     "AfterStop",
     "BandGoal",
@@ -43,10 +51,13 @@ __all__ = [
     "Phase",
     "Reading",
     "after_rollback",
+    "controls",
     "decide",
     "factor_at",
+    "group_factors",
     "loss_alarm",
     "phase",
+    "record_loss",
     "resolve_gauge",
 ]
 
@@ -56,24 +67,13 @@ AfterStop = Literal["reset", "hold"]
 Phase = Literal["before", "warmup", "active", "after"]
 
 _OWNER = "InstabilityController"
+
 STATE_VERSION = 2
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(f"{_OWNER}: {message}")
-
-
-def _choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
-    _check(value in accepted, f"{name} must be one of {', '.join(repr(a) for a in accepted)}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,8 @@ class ControlSettings:
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.enabled, bool), f"enabled must be True or False, got {self.enabled!r}")
+        o, put = _OWNER, object.__setattr__
+        check_bool(o, "enabled", self.enabled)
         _check(
             self.target_ratio is None or self.band is None,
             "give either target_ratio (a float > 0) or band ((low, high)), not both",
@@ -117,84 +118,53 @@ class ControlSettings:
             "needs target_ratio (a float > 0, e.g. 1.2) or band ((low, high) with 0 < low < high, "
             "e.g. (1.1, 1.5)); or set enabled=False",
         )
-        if self.target_ratio is not None:
-            _check(
-                _number(self.target_ratio) and self.target_ratio > 0,
-                f"target_ratio must be a finite float > 0, got {self.target_ratio!r}",
-            )
-            object.__setattr__(self, "target_ratio", float(self.target_ratio))
+        put(self, "target_ratio", check_float(o, "target_ratio", self.target_ratio, minimum=0.0, inclusive=False,
+                                              allow_none=True))
         if self.band is not None:
-            low: Any = None
-            high: Any = None
             try:
                 low, high = self.band
+                band = (check_float(o, "band", low, minimum=0.0, inclusive=False),
+                        check_float(o, "band", high, minimum=0.0, inclusive=False))
             except (TypeError, ValueError):
-                pass
-            _check(
-                _number(low) and _number(high) and 0 < low < high,
-                f"band must be (low, high) with 0 < low < high, got {self.band!r}",
-            )
-            object.__setattr__(self, "band", (float(low), float(high)))
-        _choice("band_goal", self.band_goal, get_args(BandGoal))
-        _choice("gauge", self.gauge, get_args(Gauge))
-        _choice("after_stop", self.after_stop, get_args(AfterStop))
-        _check(
-            _number(self.max_change) and self.max_change > 1,
-            f"max_change must be a finite float > 1, got {self.max_change!r}",
-        )
-        _check(
-            self.max_factor is None or (_number(self.max_factor) and self.max_factor >= 1),
-            f"max_factor must be None (unbounded) or a finite float >= 1, got {self.max_factor!r}",
-        )
+                band = None
+            if band is None or not band[0] < band[1]:  # type: ignore[operator]
+                raise fail(o, "band", "(low, high) with 0 < low < high", self.band)
+            put(self, "band", band)
+        check_choice(o, "band_goal", self.band_goal, get_args(BandGoal))
+        check_choice(o, "gauge", self.gauge, get_args(Gauge))
+        check_choice(o, "after_stop", self.after_stop, get_args(AfterStop))
+        put(self, "max_change", check_float(o, "max_change", self.max_change, minimum=1.0, inclusive=False))
+        put(self, "max_factor", check_float(o, "max_factor", self.max_factor, minimum=1.0, allow_none=True))
         for name in ("min_lr", "max_lr"):
-            value = getattr(self, name)
-            _check(
-                value is None or (_number(value) and value >= 0),
-                f"{name} must be None or a finite float >= 0, got {value!r}",
-            )
+            put(self, name, check_float(o, name, getattr(self, name), minimum=0.0, allow_none=True))
         if self.min_lr is not None and self.max_lr is not None:
             _check(
                 self.min_lr <= self.max_lr,
                 f"min_lr must be <= max_lr, got min_lr={self.min_lr!r}, max_lr={self.max_lr!r}",
             )
-        _check(
-            _number(self.smoothing) and 0 <= self.smoothing < 1,
-            f"smoothing must be a float in [0, 1), got {self.smoothing!r}",
-        )
+        smoothing = check_float(o, "smoothing", self.smoothing, minimum=0.0, maximum=1.0)
+        if smoothing == 1.0:
+            raise fail(o, "smoothing", "a float in [0, 1)", self.smoothing)
+        put(self, "smoothing", smoothing)
         for name in ("warmup_steps", "start_step", "hold_steps"):
-            value = getattr(self, name)
-            _check(_int(value) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
-        _check(
-            self.stop_step is None or (_int(self.stop_step) and self.stop_step > self.start_step),
-            f"stop_step must be None or an int > start_step ({self.start_step}), got {self.stop_step!r}",
-        )
+            check_int(o, name, getattr(self, name), minimum=0)
+        check_int(o, "stop_step", self.stop_step, minimum=self.start_step + 1, allow_none=True)
         if self.param_groups is not None:
             try:
                 groups = tuple(self.param_groups)
             except TypeError:
                 groups = ()
-            _check(
-                bool(groups) and all(_int(g) and g >= 0 for g in groups) and len(set(groups)) == len(groups),
-                "param_groups must be None (all groups) or a non-empty list of distinct group indices >= 0, "
-                f"got {self.param_groups!r}",
-            )
-            object.__setattr__(self, "param_groups", groups)
-        _check(
-            _number(self.initial_factor) and self.initial_factor > 0,
-            f"initial_factor must be a finite float > 0, got {self.initial_factor!r}",
-        )
-        _check(
-            self.spike_factor is None or (_number(self.spike_factor) and self.spike_factor > 1),
-            f"spike_factor must be None (non-finite losses only) or a finite float > 1, got {self.spike_factor!r}",
-        )
-        _check(
-            _int(self.spike_window) and self.spike_window >= 2,
-            f"spike_window must be an int >= 2, got {self.spike_window!r}",
-        )
-        _check(
-            _number(self.rollback_factor) and 0 < self.rollback_factor < 1,
-            f"rollback_factor must be a float in (0, 1), got {self.rollback_factor!r}",
-        )
+            if not (groups and all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in groups)
+                    and len(set(groups)) == len(groups)):
+                raise fail(o, "param_groups", "None (all groups) or a non-empty list of distinct group indices >= 0",
+                           self.param_groups)
+            put(self, "param_groups", groups)
+        put(self, "initial_factor", check_float(o, "initial_factor", self.initial_factor, minimum=0.0, inclusive=False))
+        put(self, "spike_factor", check_float(o, "spike_factor", self.spike_factor, minimum=1.0, inclusive=False,
+                                              allow_none=True))
+        check_int(o, "spike_window", self.spike_window, minimum=2)
+        put(self, "rollback_factor", check_float(o, "rollback_factor", self.rollback_factor, minimum=0.0, maximum=1.0,
+                                                 inclusive=False))
 
     def controlled(self, n_groups: int) -> tuple[int, ...]:
         """Indices of the controlled param groups of an optimizer with ``n_groups`` groups."""
