@@ -16,17 +16,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_rpe.curvature import HessianOperator, ScaledOperator, eigenpairs
+from lightning_rpe.curvature import (
+    HessianOperator,
+    ScaledOperator,
+    batch_sharpness,
+    eigenpairs,
+    sample_minibatches,
+)
 from lightning_rpe.curvature.trace import trace as trace_estimate
 from lightning_rpe.geometry import Rotation, gradient_alignment
 from lightning_rpe.names import STABILITY_RATIO, THRESHOLD, MetricNames
-from lightning_rpe.stability import GroupThreshold, StepScales, group_thresholds, stability_ratio, step_scales
+from lightning_rpe.stability import (
+    GroupThreshold,
+    StepScales,
+    group_thresholds,
+    stability_ratio,
+    step_scales,
+)
 from lightning_rpe.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = [
@@ -36,6 +48,7 @@ __all__ = [
     "MeasurementSkipped",
     "Solve",
     "assemble",
+    "at_lr_scales",
     "checked_loss",
     "measurement_metrics",
     "solve",
@@ -103,6 +116,8 @@ class MeasureSettings:
         grad_alignment: compute the probe gradient and ``|cos(g, v_1)|``.
         warm_start: start each solve from the previous eigenvectors.
         seed: seed of the solver's private generator (combined with the step), >= 0.
+        batch_sharpness: number of mini-batches of the training batch size the batch sharpness is
+            averaged over (0: not measured).
         owner: class name used in error messages.
 
     Raises:
@@ -125,6 +140,7 @@ class MeasureSettings:
     grad_alignment: bool = True
     warm_start: bool = True
     seed: int = 0
+    batch_sharpness: int = 0
     owner: str = "SharpnessMonitor"
 
     def __post_init__(self) -> None:
@@ -145,10 +161,15 @@ class MeasureSettings:
         check_choice(o, "dropout", self.dropout, DROPOUT_POLICIES)
         check_choice(o, "backend", self.backend, BACKENDS)
         check_int(o, "seed", self.seed, minimum=0)
+        check_int(o, "batch_sharpness", self.batch_sharpness, minimum=0)
 
     def generator(self, step: int) -> torch.Generator:
         """The solver's private CPU generator for a measurement at ``step`` (reproducible, global RNG untouched)."""
         return torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + step) % (2**63 - 1))
+
+    def minibatch_generator(self, step: int) -> torch.Generator:
+        """The private CPU generator that draws the batch-sharpness mini-batches at ``step``."""
+        return torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + step + 0x5EED) % (2**63 - 1))
 
 
 @dataclass(frozen=True)
@@ -175,6 +196,14 @@ class Solve:
             column is tracked to tell crossings from rotations); ``min_vector``, ``preconditioned_vector``:
             ``(dim,)`` or None.
         notes: ``(key, message)`` pairs a caller should warn about once per key.
+        batch_sharpness, batch_sharpness_se: mean and standard error of the batch sharpness (the
+            preconditioned one for the Adam family), or None (not requested, several learning
+            rates: see ``batch_sharpness_ratio``, or no usable mini-batch).
+        batch_sharpness_ratio, batch_sharpness_ratio_se: the dimensionless batch-sharpness ratio
+            ``E_B[(S g_B)^T H_B (S g_B) / g_B^T S g_B]`` with the step scales ``S`` of the optimizer
+            (above 1: the average mini-batch step raises its own loss), and its standard error; None
+            without an optimizer.
+        batch_sharpness_batches: mini-batches the estimate used.
     """
 
     eigenvalues: tuple[float, ...]
@@ -193,6 +222,11 @@ class Solve:
     min_vector: Tensor | None
     preconditioned_vector: Tensor | None
     notes: tuple[tuple[str, str], ...] = ()
+    batch_sharpness: float | None = None
+    batch_sharpness_se: float | None = None
+    batch_sharpness_ratio: float | None = None
+    batch_sharpness_ratio_se: float | None = None
+    batch_sharpness_batches: int = 0
 
 
 @dataclass(frozen=True)
@@ -241,6 +275,11 @@ class Measurement:
             changed order (eigenvectors matched by overlap; see
             :func:`lightning_rpe.geometry.match_eigenvectors`). ``rotation_cos`` and ``polarity`` follow
             the matched vector, so a crossing is not reported as a rotation.
+        batch_sharpness: ``E_B[g_B^T H_B g_B / |g_B|^2]`` over mini-batches of the training batch size
+            (Andreyev & Beneventano, arXiv 2412.20553; preconditioned for the Adam family), or None.
+        batch_sharpness_se: its standard error over the mini-batches, or None.
+        batch_sharpness_ratio: the batch sharpness over the optimizer's threshold (exactly: the
+            quotient along ``S g_B`` of the step-scaled Hessian, see :class:`Solve`), or None.
     """
 
     step: int
@@ -269,6 +308,9 @@ class Measurement:
     lambda_min_residual: float | None = None
     stability_ratio: float | None = None
     eigenvalue_crossings: int | None = None
+    batch_sharpness: float | None = None
+    batch_sharpness_se: float | None = None
+    batch_sharpness_ratio: float | None = None
 
     def to_state(self) -> dict[str, Any]:
         """Plain-Python form (tuples as lists) for checkpoints."""
@@ -331,6 +373,7 @@ def solve(
     lr_scales: Sequence[float] | None = None,
     warm: Any = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    batch_size: int | None = None,
 ) -> Solve:
     """Measure the Hessian of ``loss_fn`` over ``batches`` at the model's current parameters.
 
@@ -345,6 +388,10 @@ def solve(
         warm: an :class:`~lightning_rpe.geometry.EigenvectorTracker` whose previous vectors start
             the solves (used only with ``settings.warm_start``), or None.
         reduce: SUM across processes of every product (None: one process).
+        batch_size: this process's training batch size; with ``settings.batch_sharpness`` the batch
+            sharpness is averaged over that many mini-batches of this size drawn from ``batches``
+            (:func:`~lightning_rpe.curvature.sample_minibatches`; under DDP each mini-batch is the
+            union of the processes' draws, as the SGD step is). None: not measured.
 
     Raises:
         MeasurementSkipped: non-finite loss or eigenvalues, or a solve that did not converge.
@@ -397,8 +444,9 @@ def solve(
         if note is not None:
             notes.append(note)
     pre_val, pre_vec, ratio = None, None, None
+    step_scale: StepScales | None = None
     if optimizer is not None:
-        scales = step_scales(optimizer, op.parameters, groups, op.names)
+        scales = step_scale = step_scales(optimizer, op.parameters, groups, op.names)
         if scales.no_state or scales.frozen:
             notes.append(_frozen_note(scales, op.dim))
         preconditioned = scales.inverse_preconditioner is not None
@@ -423,6 +471,10 @@ def solve(
             init = None if pre_vec is None else pre_vec.reshape(-1, 1)
             ratio = float(_top_eigenpair(ScaledOperator(op, flat), settings, gen, init, "lr-scaled").eigenvalues[0])
 
+    bs, bs_note = _batch_sharpness(model, loss_fn, batches, settings, step, batch_size, reduce, step_scale, op)
+    if bs_note is not None:
+        notes.append(bs_note)
+
     sharp = top_vals[0]
     ratios = tuple(
         stability_ratio((pre_val if pre_val is not None else math.nan) if g.preconditioned else sharp, g.threshold)
@@ -442,7 +494,43 @@ def solve(
         lambda_min_residual=float(res.residuals[k_solve]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
+        **bs,
     )
+
+
+def _batch_sharpness(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Sequence[Any],
+    settings: MeasureSettings,
+    step: int,
+    batch_size: int | None,
+    reduce: Callable[[Tensor], Tensor] | None,
+    scales: StepScales | None,
+    op: HessianOperator,
+) -> tuple[dict[str, Any], tuple[str, str] | None]:
+    """The batch-sharpness fields of :class:`Solve` (empty when not requested) and a ``(key, message)``
+    note when no mini-batch was usable."""
+    if not settings.batch_sharpness or batch_size is None:
+        return {}, None
+    minibatches = sample_minibatches(batches, batch_size, settings.batch_sharpness,
+                                     settings.minibatch_generator(step))
+    flat = None if scales is None else op.flatten(list(scales.scales))
+    try:
+        res = batch_sharpness(model, checked_loss(loss_fn), minibatches, dtype=DTYPES[settings.dtype],
+                              backend=settings.backend, batchnorm=settings.batchnorm, dropout=settings.dropout,
+                              reduce=reduce, scales=flat)
+    except ValueError as exc:  # no usable mini-batch (decided on reduced values: the same on every process)
+        return {}, ("batch-sharpness", f"batch sharpness not measured at step {step}: {exc}")
+    se = None if math.isnan(res.std_error) else res.std_error
+    if scales is None:  # no optimizer: the plain quotient, no ratio
+        return {"batch_sharpness": res.mean, "batch_sharpness_se": se, "batch_sharpness_batches": res.n_batches}, None
+    out: dict[str, Any] = {"batch_sharpness_ratio": res.mean, "batch_sharpness_ratio_se": se,
+                           "batch_sharpness_batches": res.n_batches}
+    if scales.uniform is not None and scales.uniform > 0:  # S = c * 1 or c * P^-1: the quotient is c times BS
+        out["batch_sharpness"] = res.mean / scales.uniform
+        out["batch_sharpness_se"] = None if se is None else se / scales.uniform
+    return out, None
 
 
 def assemble(s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: float, trigger: str) -> Measurement:
@@ -474,6 +562,36 @@ def assemble(s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: fl
         lambda_min_residual=s.lambda_min_residual,
         stability_ratio=s.stability_ratio,
         eigenvalue_crossings=rotation.crossings,
+        batch_sharpness=s.batch_sharpness,
+        batch_sharpness_se=s.batch_sharpness_se,
+        batch_sharpness_ratio=s.batch_sharpness_ratio,
+    )
+
+
+def at_lr_scales(m: Measurement, before: Sequence[float], after: Sequence[float]) -> Measurement:
+    """``m`` restated at other lr factors: its ratios at the effective lrs ``lr_i * after_i / before_i``.
+
+    Every threshold is proportional to ``1 / lr``, so per group the lr and the ratio scale by
+    ``c_i = after_i / before_i`` and the threshold by ``1 / c_i`` (curvatures unchanged). The exact
+    ratios (``stability_ratio``, ``batch_sharpness_ratio``) scale by ``c`` when every group changes by
+    the same ``c`` (an InstabilityController's decision without per-group lr bounds); otherwise by
+    ``max_i c_i``, an upper bound for a positive semi-definite Hessian. Groups with ``before_i <= 0``
+    keep their values. Used by the monitor so that the ratio it logs after a controller's decision is
+    the one at the lr the next step uses.
+    """
+    if len(before) != len(m.lrs) or len(after) != len(m.lrs):
+        return m
+    change = [a / b if b > 0 else 1.0 for a, b in zip(after, before)]
+    if all(c == 1.0 for c in change):
+        return m
+    top = max(change)
+    return replace(
+        m,
+        lrs=tuple(lr * c for lr, c in zip(m.lrs, change)),
+        thresholds=tuple(t / c for t, c in zip(m.thresholds, change)),
+        ratios=tuple(r * c for r, c in zip(m.ratios, change)),
+        stability_ratio=None if m.stability_ratio is None else m.stability_ratio * top,
+        batch_sharpness_ratio=None if m.batch_sharpness_ratio is None else m.batch_sharpness_ratio * top,
     )
 
 
@@ -502,6 +620,9 @@ def measurement_metrics(m: Measurement, names: MetricNames) -> dict[str, float]:
     out[names.probe_loss] = m.probe_loss
     out[names.sharpness_residual] = m.residuals[0] if m.residuals else None
     out[names.lambda_min_residual] = m.lambda_min_residual
+    out[names.batch_sharpness] = m.batch_sharpness
+    out[names.batch_sharpness_se] = m.batch_sharpness_se
+    out[names.batch_sharpness_ratio] = m.batch_sharpness_ratio
     out[names.hvps] = float(m.n_hvp)
     out[names.measure_seconds] = m.seconds
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}

@@ -30,7 +30,7 @@ def _half_mse(model: nn.Module, batch) -> torch.Tensor:
     return 0.5 * ((model(x) - y) ** 2).mean()
 
 
-def _closed_form(model: nn.Linear, batches, precond: torch.Tensor | None = None) -> list[float]:
+def _closed_form(model: nn.Linear, batches, scales: torch.Tensor | None = None) -> list[float]:
     """L_B = |X_B w - y_B|^2 / (2 n_B): g_B = X_B^T r / n_B, H_B = X_B^T X_B / n_B (exact)."""
     w = model.weight.detach().reshape(-1)
     out = []
@@ -39,7 +39,7 @@ def _closed_form(model: nn.Linear, batches, precond: torch.Tensor | None = None)
         r = x @ w - y.reshape(-1)
         g = x.T @ r / n
         h = x.T @ x / n
-        u = g if precond is None else g / precond
+        u = g if scales is None else g * scales
         out.append(float(u @ h @ u / (g @ u)))
     return out
 
@@ -54,23 +54,32 @@ def test_least_squares_matches_the_closed_form() -> None:
     var = sum((q - mean) ** 2 for q in expected) / (len(expected) - 1)
     assert result.std_error == pytest.approx(math.sqrt(var / len(expected)), rel=1e-10)
     assert result.n_batches == len(batches) and result.n_hvp == len(batches) and result.n_skipped == 0
-    assert not result.preconditioned
+    assert not result.scaled
     # a Rayleigh quotient: between the smallest and largest eigenvalue of each H_B
     for q, (x, _) in zip(result.values, batches):
         eig = torch.linalg.eigvalsh(x.T @ x / x.shape[0])
         assert float(eig[0]) - 1e-12 <= q <= float(eig[-1]) + 1e-12
 
 
-def test_preconditioned_quotient_matches_the_closed_form() -> None:
+def test_scaled_quotient_matches_the_closed_form() -> None:
     model, batches = _least_squares(seed=1)
-    precond = torch.tensor([0.5, 2.0, 1.0, 4.0], dtype=torch.float64)
-    result = batch_sharpness(model, _half_mse, batches, dtype=torch.float64, preconditioner=precond)
-    assert result.values == pytest.approx(_closed_form(model, batches, precond), rel=1e-12)
-    assert result.preconditioned
-    # identity preconditioner = the plain quotient
-    ones = batch_sharpness(model, _half_mse, batches, dtype=torch.float64, preconditioner=torch.ones(4))
+    scales = torch.tensor([2.0, 0.5, 1.0, 0.0], dtype=torch.float64)  # P^-1 of an Adam-like P, one frozen coordinate
+    result = batch_sharpness(model, _half_mse, batches, dtype=torch.float64, scales=scales)
+    assert result.values == pytest.approx(_closed_form(model, batches, scales), rel=1e-12)
+    assert result.scaled
+    # = the Rayleigh quotient of S^1/2 H_B S^1/2 along S^1/2 g_B
+    for q, (x, y) in zip(result.values, batches):
+        n = x.shape[0]
+        w = model.weight.detach().reshape(-1)
+        g = x.T @ (x @ w - y.reshape(-1)) / n
+        half = scales.sqrt()
+        a = half[:, None] * (x.T @ x / n) * half[None, :]
+        v = half * g
+        assert q == pytest.approx(float(v @ a @ v / (v @ v)), rel=1e-12)
+    # a constant scale c multiplies the plain quotient by c
     plain = batch_sharpness(model, _half_mse, batches, dtype=torch.float64)
-    assert ones.values == pytest.approx(plain.values, rel=1e-12)
+    three = batch_sharpness(model, _half_mse, batches, dtype=torch.float64, scales=torch.full((4,), 3.0))
+    assert three.values == pytest.approx([3 * v for v in plain.values], rel=1e-12)
 
 
 def test_mlp_matches_a_direct_double_backward_loop() -> None:
@@ -133,10 +142,10 @@ def test_bad_arguments_name_the_function_and_parameter() -> None:
     model, batches = _least_squares()
     with pytest.raises(ValueError, match="batch_sharpness: batches"):
         batch_sharpness(model, _half_mse, [])
-    with pytest.raises(ValueError, match="batch_sharpness: preconditioner must be a flat tensor of length dim=4"):
-        batch_sharpness(model, _half_mse, batches, preconditioner=torch.ones(3))
-    with pytest.raises(ValueError, match="batch_sharpness: preconditioner must be finite and strictly positive"):
-        batch_sharpness(model, _half_mse, batches, preconditioner=torch.zeros(4))
+    with pytest.raises(ValueError, match="batch_sharpness: scales must be a flat tensor of length dim=4"):
+        batch_sharpness(model, _half_mse, batches, scales=torch.ones(3))
+    with pytest.raises(ValueError, match="batch_sharpness: scales must be finite and non-negative"):
+        batch_sharpness(model, _half_mse, batches, scales=-torch.ones(4))
     with pytest.raises(ValueError, match="batchnorm"):
         batch_sharpness(model, _half_mse, batches, batchnorm="train")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -43,10 +43,12 @@ from lightning_rpe.control import (
     ControlState,
     Gauge,
 )
+from lightning_rpe.measure import MeasureSettings
 
 __all__ = ["InstabilityController"]
 
 _STATE_ATTRS = tuple(f.name for f in fields(ControlState))
+_AUTO_BATCH_SHARPNESS = 16  # mini-batches per estimate when gauge="auto" switches the monitor's batch sharpness on
 
 
 def _host_copy(obj: Any) -> Any:
@@ -100,8 +102,9 @@ class InstabilityController(Callback):
             ratio is inside.
         band_goal: ``"center"`` (geometric centre ``sqrt(low * high)``, default) or ``"edge"``
             (the crossed edge: minimal change).
-        gauge: ``"sharpness"``, ``"batch_sharpness"`` or ``"auto"`` (above). The batch sharpness
-            needs ``SharpnessMonitor(batch_sharpness=...)``.
+        gauge: ``"sharpness"``, ``"batch_sharpness"`` or ``"auto"`` (above). ``"batch_sharpness"``
+            needs ``SharpnessMonitor(batch_sharpness=...)``; ``"auto"`` under minibatch training
+            switches the monitor's batch sharpness on (16 mini-batches) if it is off.
         max_change: largest factor change per decision (> 1, default 1.5).
         max_factor: bound on the total factor, ``1 / max_factor <= f <= max_factor`` (>= 1,
             default 4; None: unbounded).
@@ -290,11 +293,19 @@ class InstabilityController(Callback):
         full_batch = int(getattr(trainer, "num_training_batches", 0) or 0) == 1
         self.active_gauge = control.resolve_gauge(self.settings.gauge, full_batch)
         if self.active_gauge == "batch_sharpness" and not getattr(self._monitor, "batch_sharpness", False):
-            raise ValueError(
-                f"InstabilityController(gauge={self.settings.gauge!r}) steers the batch sharpness"
-                + (" (auto: minibatch training)" if self.settings.gauge == "auto" else "")
-                + ", which this SharpnessMonitor does not measure: set SharpnessMonitor(batch_sharpness=True), "
-                "or InstabilityController(gauge='sharpness')"
+            measure_settings = getattr(self._monitor, "settings", None)
+            if self.settings.gauge != "auto" or not isinstance(measure_settings, MeasureSettings):
+                raise ValueError(
+                    f"InstabilityController(gauge={self.settings.gauge!r}) steers the batch sharpness, which this "
+                    "SharpnessMonitor does not measure: set SharpnessMonitor(batch_sharpness=True), or "
+                    "InstabilityController(gauge='sharpness')"
+                )
+            # gauge="auto" under minibatch training: the monitor measures the batch sharpness from now on
+            self._monitor.settings = replace(measure_settings, batch_sharpness=_AUTO_BATCH_SHARPNESS)
+            rank_zero_info(
+                "InstabilityController(gauge='auto'): minibatch training, so the controller steers the batch "
+                f"sharpness; the SharpnessMonitor now measures it on {_AUTO_BATCH_SHARPNESS} mini-batches "
+                "(SharpnessMonitor(batch_sharpness=...) sets the number)"
             )
         self._snapshot_due = True
         if self.log and getattr(self._monitor, "custom_scalars", False):
@@ -417,8 +428,11 @@ class InstabilityController(Callback):
 
     def _reading(self, m: Measurement) -> control.Reading:
         if self.active_gauge == "batch_sharpness":
-            ratios = tuple(getattr(m, "batch_sharpness_ratios", None) or ())
-            value = float(getattr(m, "batch_sharpness", None) or math.nan)
+            # one exact ratio for all groups (the quotient along the step S g_B): scaling every
+            # controlled group by f scales it by f
+            bs = getattr(m, "batch_sharpness_ratio", None)
+            value = math.nan if bs is None else float(bs)
+            ratios = (value,) * len(m.thresholds)
         else:
             ratios, value = tuple(m.ratios), float(m.sharpness)
         return control.Reading(step=int(m.step), key=(int(m.step), int(m.epoch), value), ratios=ratios,
@@ -428,6 +442,8 @@ class InstabilityController(Callback):
         if self._monitor is None or self._optimizer is None:
             return
         reading = self._reading(m)
+        if m.trigger == "fit_start" and not math.isfinite(reading.key[2]):
+            return  # measured before the gauge was switched on (gauge="auto"): nothing to use, nothing to warn
         last = self.state.last_key
         if last is not None and last[0] == reading.key[0] and last[1] == reading.key[1] and (
             last[2] == reading.key[2] or (math.isnan(last[2]) and math.isnan(reading.key[2]))

@@ -35,6 +35,7 @@ from lightning_rpe.callbacks import _logging
 from lightning_rpe.callbacks._distributed import RankZeroBuffers, all_reduce_sum, distributed
 from lightning_rpe.callbacks._loss import MutedLogging, resolve_loss
 from lightning_rpe.callbacks._probe import ProbeSet, capture_probe
+from lightning_rpe.curvature._functional import default_batch_size
 from lightning_rpe.geometry import EigenvectorTracker, PolarityTracker
 from lightning_rpe.measure import (
     Backend,
@@ -48,6 +49,7 @@ from lightning_rpe.measure import (
     Solve,
     Solver,
     assemble,
+    at_lr_scales,
     measurement_metrics,
     solve,
 )
@@ -58,6 +60,7 @@ __all__ = ["Measurement", "SharpnessMonitor"]
 
 _OWNER = "SharpnessMonitor"
 _STATE_FORMAT = 1
+_BATCH_SHARPNESS_DEFAULT = 16  # mini-batches per batch-sharpness estimate with batch_sharpness=True
 
 
 class SharpnessMonitor(Callback):
@@ -108,6 +111,10 @@ class SharpnessMonitor(Callback):
         reference_step: the top-k subspace of the first measurement at or after this optimizer
             step is the reference of ``subspace_similarity_to_first``; None turns that metric off
             and saves its k vectors of state.
+        batch_sharpness: also measure the batch sharpness ``E_B[g_B^T H_B g_B / |g_B|^2]`` over
+            mini-batches of the training batch size drawn from the probe set (``True``: 16
+            mini-batches; an int: that many; ``False``: off). One gradient and one product per
+            mini-batch. Logged as ``batch_sharpness``, ``batch_sharpness_se``, ``batch_sharpness_ratio``.
 
     Raises:
         ValueError: at construction, naming the option and its accepted values.
@@ -143,6 +150,7 @@ class SharpnessMonitor(Callback):
         seed: int = 0,
         custom_scalars: bool = True,
         reference_step: int | None = 0,
+        batch_sharpness: bool | int = False,
     ) -> None:
         super().__init__()
         self.every_n_steps = check_int(_OWNER, "every_n_steps", every_n_steps, minimum=1, allow_none=True)
@@ -163,12 +171,16 @@ class SharpnessMonitor(Callback):
                 "with probe='batch' use on_fit_start=None or False, or probe='fixed' / a DataLoader"
             )
         self.on_fit_start_measure = (probe != "batch") if on_fit_start is None else on_fit_start
+        if isinstance(batch_sharpness, bool):
+            n_batch_sharpness = _BATCH_SHARPNESS_DEFAULT if batch_sharpness else 0
+        else:
+            n_batch_sharpness = check_int(_OWNER, "batch_sharpness", batch_sharpness, minimum=1) or 0
         self.on_fit_end_measure = on_fit_end
         self.settings = MeasureSettings(
             top_k=top_k, lambda_min=lambda_min, trace=trace, trace_hvps=trace_hvps, tol=tol,
             lambda_min_tol=lambda_min_tol, max_hvp=max_hvp, solver=solver, dtype=dtype, batchnorm=batchnorm,
             dropout=dropout, backend=backend, preconditioned=preconditioned, grad_alignment=grad_alignment,
-            warm_start=warm_start, seed=seed, owner=_OWNER,
+            warm_start=warm_start, seed=seed, batch_sharpness=n_batch_sharpness, owner=_OWNER,
         )
         self.probe_size = check_int(_OWNER, "probe_size", probe_size, minimum=1)
         self.probe_batch_size = check_int(_OWNER, "probe_batch_size", probe_batch_size, minimum=1, allow_none=True)
@@ -185,6 +197,10 @@ class SharpnessMonitor(Callback):
 
         #: Set by an InstabilityController: effective lr = param-group lr * scale (per group).
         self.lr_scale_provider: Callable[[], Sequence[float]] | None = None
+        #: Called with ``(trainer, measurement)`` for each new measurement before it is logged (an
+        #: InstabilityController decides there); afterwards the measurement is restated at the lr
+        #: factors then in force (:func:`lightning_rpe.measure.at_lr_scales`).
+        self.listeners: list[Callable[[pl.Trainer, Measurement], None]] = []
         #: The last successful measurement.
         self.latest: Measurement | None = None
         self.n_measurements = 0
@@ -200,6 +216,7 @@ class SharpnessMonitor(Callback):
         self._uses_training_step = False
         self._step_at_batch_start: int | None = None
         self._last_batch: Any = None
+        self._train_batch_size: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         # the measurement settings read as monitor attributes (monitor.tol, monitor.dtype, ...)
@@ -317,6 +334,11 @@ class SharpnessMonitor(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
+        if self.settings.batch_sharpness:
+            try:
+                self._train_batch_size = default_batch_size(batch)
+            except ValueError:
+                self._train_batch_size = None
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -398,6 +420,16 @@ class SharpnessMonitor(Callback):
     def _lr_scales(self) -> list[float] | None:
         return None if self.lr_scale_provider is None else [float(s) for s in self.lr_scale_provider()]
 
+    def _batch_size(self, trainer: pl.Trainer) -> int | None:
+        """This process's training batch size (for the batch sharpness): the last training batch seen,
+        else the training DataLoader's ``batch_size`` (a measurement at fit start)."""
+        if not self.settings.batch_sharpness:
+            return None
+        if self._train_batch_size is not None:
+            return self._train_batch_size
+        size = getattr(trainer.train_dataloader, "batch_size", None)
+        return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
     def _solve(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int) -> Solve:
         optimizer = None
         if trainer.optimizers:
@@ -418,7 +450,7 @@ class SharpnessMonitor(Callback):
                 MutedLogging(pl_module):
             return solve(pl_module, self._loss, batches, self.settings, step=step, optimizer=optimizer,
                          lr_scales=self._lr_scales(), warm=self._tracker,
-                         reduce=all_reduce_sum if is_distributed else None)
+                         reduce=all_reduce_sum if is_distributed else None, batch_size=self._batch_size(trainer))
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, trigger: str) -> None:
         step = trainer.global_step
@@ -427,6 +459,7 @@ class SharpnessMonitor(Callback):
             self._warn_once(f"nodata-{trigger}", f"SharpnessMonitor: no probe data at step {step} ({trigger}); measurement skipped")
             return
         start = time.perf_counter()
+        scales_before = self._lr_scales()
         result: Solve | None = None
         error: str | None = None
         mistake: LossFunctionError | None = None
@@ -465,9 +498,15 @@ class SharpnessMonitor(Callback):
         rotation = self._tracker.update(step, result.top_vectors, result.min_vector, result.preconditioned_vector,
                                         k=len(result.eigenvalues))
         self.n_measurements += 1
-        self.latest = assemble(result, rotation, step=step, epoch=int(trainer.current_epoch),
-                               seconds=time.perf_counter() - start, trigger=trigger)
-        self._publish(trainer, self.latest)
+        m = assemble(result, rotation, step=step, epoch=int(trainer.current_epoch),
+                     seconds=time.perf_counter() - start, trigger=trigger)
+        for listener in list(self.listeners):
+            listener(trainer, m)
+        scales_after = self._lr_scales()
+        if scales_before is not None and scales_after is not None:
+            m = at_lr_scales(m, scales_before, scales_after)  # the ratios at the lr the next step uses
+        self.latest = m
+        self._publish(trainer, m)
 
     # ------------------------------------------------------------------ logging
     def metrics(self, m: Measurement) -> dict[str, float]:
@@ -485,11 +524,11 @@ class SharpnessMonitor(Callback):
         return {
             n.tag("curvature").rstrip("/"): {
                 "sharpness vs stability threshold": [
-                    _logging.tag_regex(n.sharpness, n.preconditioned_sharpness),
+                    _logging.tag_regex(n.sharpness, n.preconditioned_sharpness, n.batch_sharpness),
                     n.grouped_pattern(THRESHOLD),
                 ],
                 "spectrum: top-k and lambda_min": [n.eig_pattern(), _logging.tag_regex(n.tag(LAMBDA_MIN))],
-                "stability ratio": [n.grouped_pattern(STABILITY_RATIO)],
+                "stability ratio": [n.grouped_pattern(STABILITY_RATIO), _logging.tag_regex(n.batch_sharpness_ratio)],
                 "rotation and polarity (degrees)": [_logging.tag_regex(n.rotation_angle, n.polarity)],
                 "rotation cosines and alignment": [
                     _logging.tag_regex(

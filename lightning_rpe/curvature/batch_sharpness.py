@@ -12,14 +12,17 @@ settles at the stability threshold ``2 / lr``: one SGD step along ``-lr g_B`` ch
 ``-lr ||g_B||^2 (1 - lr q_B / 2)`` to second order, with ``q_B`` the quotient above, so the step
 increases the batch's own loss exactly when ``lr q_B > 2``.
 
-With a positive diagonal preconditioner ``P`` (Adam's ``sqrt(v_hat) + eps``) the quotient is taken
-for the preconditioned operator ``P^-1/2 H_B P^-1/2`` along the preconditioned gradient
-``w = P^-1/2 g_B``:
+With per-coordinate step scales ``S`` (a non-negative diagonal: ``P^-1`` for Adam's preconditioner
+``P = sqrt(v_hat) + eps``, or the ``lr / K [P]`` of :class:`lightning_rpe.stability.StepScales`) the
+quotient is taken for the scaled operator ``S^1/2 H_B S^1/2`` along the scaled gradient
+``w = S^1/2 g_B``:
 
-    q_B = w^T (P^-1/2 H_B P^-1/2) w / ||w||^2 = u^T H_B u / (g_B^T u),    u = P^-1 g_B,
+    q_B = w^T (S^1/2 H_B S^1/2) w / ||w||^2 = u^T H_B u / (g_B^T u),    u = S g_B,
 
-the directional curvature the update ``-lr P^-1 g_B`` sees, in the units of the preconditioned
-sharpness (compared with the Adam thresholds of :mod:`lightning_rpe.stability`).
+the directional curvature the update ``-S g_B`` sees. With ``S = P^-1`` it is in the units of the
+preconditioned sharpness; with the step scales of :func:`lightning_rpe.stability.step_scales` it is
+the dimensionless batch-sharpness stability ratio (the step of mini-batch ``B`` raises ``L_B``
+exactly when ``q_B > 1``), exact for several learning rates and for the Adam family.
 
 Cost: per mini-batch one loss and gradient and one Hessian-vector product (``n_hvp`` counts the
 products). Each product uses :class:`~lightning_rpe.curvature.HessianOperator` on that mini-batch
@@ -63,7 +66,7 @@ class BatchSharpnessResult:
         values: the quotients ``q_B`` in the order of the usable mini-batches.
         n_hvp: Hessian-vector products spent (on this process).
         n_skipped: mini-batches skipped (non-finite loss or quotient, zero gradient).
-        preconditioned: whether a preconditioner was applied.
+        scaled: whether ``scales`` were applied.
     """
 
     mean: float
@@ -72,7 +75,7 @@ class BatchSharpnessResult:
     values: tuple[float, ...]
     n_hvp: int
     n_skipped: int
-    preconditioned: bool
+    scaled: bool
 
 
 def batch_sharpness(
@@ -85,7 +88,7 @@ def batch_sharpness(
     batchnorm: str = "eval",
     dropout: str = "off",
     reduce: Callable[[Tensor], Tensor] | None = None,
-    preconditioner: Tensor | None = None,
+    scales: Tensor | None = None,
 ) -> BatchSharpnessResult:
     """Mean and standard error of ``g_B^T H_B g_B / ||g_B||^2`` over ``batches``.
 
@@ -97,15 +100,16 @@ def batch_sharpness(
         reduce: SUM across processes for the operator's products, gradients and batch weights
             (module docstring); identity by default. Every process must call this function with
             the same number of batches.
-        preconditioner: optional positive diagonal ``P`` as a flat tensor of length ``dim`` in the
-            operator's parameter order; the quotient is then the preconditioned one (module docstring).
+        scales: optional non-negative diagonal ``S`` as a flat tensor of length ``dim`` in the
+            operator's parameter order (zeros: coordinates that take no step); the quotient is then
+            the scaled one (module docstring).
 
     Returns:
         A :class:`BatchSharpnessResult`.
 
     Raises:
-        ValueError: empty ``batches``, an invalid policy argument, a preconditioner of the wrong
-            length or not finite and positive, or no usable mini-batch (the decision is made on
+        ValueError: empty ``batches``, an invalid policy argument, ``scales`` of the wrong length or
+            not finite and non-negative, or no usable mini-batch (the decision is made on
             reduced quantities, so under DDP every process raises together).
     """
     if batches is None or isinstance(batches, (Tensor, str, bytes)):
@@ -123,21 +127,21 @@ def batch_sharpness(
             model, loss_fn, [batch], dtype=dtype, backend=backend, batchnorm=batchnorm, dropout=dropout,
             reduce=reduce,
         )
-        if preconditioner is not None:
-            if preconditioner.ndim != 1 or preconditioner.shape[0] != op.dim:
+        if scales is not None:
+            if scales.ndim != 1 or scales.shape[0] != op.dim:
                 raise ValueError(
-                    f"batch_sharpness: preconditioner must be a flat tensor of length dim={op.dim}, "
-                    f"got shape {tuple(preconditioner.shape)}"
+                    f"batch_sharpness: scales must be a flat tensor of length dim={op.dim}, "
+                    f"got shape {tuple(scales.shape)}"
                 )
-            diag = preconditioner.to(dtype=op.dtype, device=op.device)
-            if not bool(torch.isfinite(diag).all()) or bool((diag <= 0).any()):
-                raise ValueError("batch_sharpness: preconditioner must be finite and strictly positive")
+            diag = scales.to(dtype=op.dtype, device=op.device)
+            if not bool(torch.isfinite(diag).all()) or bool((diag < 0).any()):
+                raise ValueError("batch_sharpness: scales must be finite and non-negative")
         try:
             _, grad = op.loss_and_gradient()
         except ValueError:  # non-finite (reduced) loss of this mini-batch
             skipped += 1
             continue
-        u = grad if preconditioner is None else grad / diag
+        u = grad if scales is None else grad * diag
         denominator = float(grad @ u)
         if not (math.isfinite(denominator) and denominator > 0):
             skipped += 1
@@ -163,7 +167,7 @@ def batch_sharpness(
         values=tuple(values),
         n_hvp=n_hvp,
         n_skipped=skipped,
-        preconditioned=preconditioner is not None,
+        scaled=scales is not None,
     )
 
 
