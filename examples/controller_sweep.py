@@ -1,10 +1,10 @@
 """The InstabilityController under minibatch SGD, momentum and Adam: batch sharpness, gauges, safety.
 
 Digits MLP (``MLPClassifier()``: 64-200-200-10 tanh, MSE), ``DigitsDataModule(n_train=1000)``,
-1 torch thread. Every run measures every ``--every`` steps: lambda_max of the full training loss
-(the monitor, probe = all 1000 training samples) and the batch sharpness (mean of
-``g_B^T H_B g_B / |g_B|^2`` over ``--bs-batches`` mini-batches of the training batch size drawn from the
-training set; the Adam preconditioner applied for Adam). Three experiments:
+1 torch thread. Every run measures every ``--every`` steps with the SharpnessMonitor (probe = all
+1000 training samples): lambda_max of the full training loss and the batch sharpness (mean of
+``g_B^T H_B g_B / |g_B|^2`` over ``--bs-batches`` mini-batches of the training batch size drawn from
+the probe set; preconditioned for Adam). Three experiments:
 
 * ``trajectories``: uncontrolled runs of the batch-size sweep (B = 16, 32, 64, 128, 1000) at a fixed
   lr (0.1) and with the lr scaled with B: lambda_max, batch sharpness and 2/lr over training.
@@ -28,7 +28,6 @@ Each finished run is appended to ``<out>/runs.jsonl`` (so several processes can 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics
@@ -44,11 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, mean_std, parse_ints, quiet
 
 from lightning_rpe import InstabilityController, SharpnessMonitor
-from lightning_rpe.callbacks.sharpness_monitor import Measurement
-from lightning_rpe.curvature import batch_sharpness, sample_minibatches
 from lightning_rpe.data import DigitsDataModule
+from lightning_rpe.measure import Measurement
 from lightning_rpe.models import MLPClassifier
-from lightning_rpe.stability import adam_preconditioner
 
 N_TRAIN = 1000
 BAND = (1.1, 1.5)
@@ -62,81 +59,31 @@ def scaled_lr(batch: int) -> float:
     return 0.2 if batch >= N_TRAIN else 0.2 * batch / 128
 
 
-@dataclasses.dataclass(frozen=True)
-class _BSMeasurement(Measurement):
-    batch_sharpness: float | None = None
-    batch_sharpness_se: float | None = None
-    batch_sharpness_ratios: tuple[float, ...] = ()
-
-
-def _batch_sharpness_of(pl_module: Any, optimizer: Any, probe: Any, batch: int, n_bs: int, seed: int,
-                        step: int) -> tuple[float, float]:
-    """Batch sharpness at ``step`` on ``n_bs`` mini-batches of size ``batch`` from ``probe`` (Adam: preconditioned)."""
-    g = torch.Generator().manual_seed(seed * 100_003 + step)
-    batches = sample_minibatches([probe], batch, n_bs, g)
-    pre = adam_preconditioner(optimizer) if isinstance(optimizer, torch.optim.Adam) else None
-    flat = None
-    if pre is not None:
-        flat = torch.cat([pre[p].reshape(-1) for p in pl_module.parameters() if p.requires_grad])
-    r = batch_sharpness(pl_module, lambda mod, b: mod.compute_loss(b), batches, preconditioner=flat)
-    return r.mean, r.std_error
-
-
-class _MonitorWithBatchSharpness(SharpnessMonitor):
-    """Stand-in used only while the SharpnessMonitor had no ``batch_sharpness`` option: the same
-    function on the same kind of mini-batches, attached to each measurement."""
-
-    def __init__(self, bs_probe: Any, batch: int, n_bs: int, seed: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.batch_sharpness = n_bs
-        self._bs_args = (bs_probe, batch, n_bs, seed)
-
-    def _commit(self, trainer, p, step, trigger, seconds):  # type: ignore[no-untyped-def]
-        m = super()._commit(trainer, p, step, trigger, seconds)
-        probe, batch, n_bs, seed = self._bs_args
-        try:
-            bs, se = _batch_sharpness_of(trainer.lightning_module, trainer.optimizers[0], probe, batch, n_bs, seed,
-                                         step)
-        except ValueError:
-            return m
-        fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(Measurement)}
-        m = _BSMeasurement(**fields, batch_sharpness=bs, batch_sharpness_se=se,
-                           batch_sharpness_ratios=tuple(bs / t for t in m.thresholds))
-        self.latest = m
-        return m
-
-
 class Recorder(pl.Callback):
-    """At every new monitor measurement: sharpness, ratio, lr, batch sharpness and its ratio."""
+    """Every new measurement as the monitor's listener sees it: the ratios at the lr the steps before
+    it used (a controller registered earlier has decided, but the measurement is not restated yet)."""
 
-    def __init__(self, monitor: SharpnessMonitor, probe: Any, batch: int, n_bs: int, seed: int) -> None:
+    def __init__(self, monitor: SharpnessMonitor) -> None:
         self.monitor = monitor
-        self.probe = probe
-        self.batch = batch
-        self.n_bs = n_bs
-        self.seed = seed
         self.rows: list[dict[str, float]] = []
         self.losses: list[float] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.monitor.listeners.append(self.record)
+
+    def record(self, trainer: pl.Trainer, m: Measurement) -> None:
+        if m.trigger != "step":
+            return
+        nan = math.nan
+        self.rows.append({"step": m.step, "sharpness": m.sharpness, "ratio": m.ratios[0], "lr": m.lrs[0],
+                          "threshold": m.thresholds[0],
+                          "bs": nan if m.batch_sharpness is None else m.batch_sharpness,
+                          "bs_se": nan if m.batch_sharpness_se is None else m.batch_sharpness_se,
+                          "bs_ratio": nan if m.batch_sharpness_ratio is None else m.batch_sharpness_ratio})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss))
-        m = self.monitor.latest
-        if m is None or (self.rows and self.rows[-1]["step"] == m.step) or m.trigger != "step":
-            return
-        row = {"step": m.step, "sharpness": m.sharpness, "ratio": m.ratios[0], "lr": m.lrs[0],
-               "threshold": m.thresholds[0]}
-        bs = getattr(m, "batch_sharpness", None)
-        if bs is not None:
-            row.update(bs=bs, bs_se=m.batch_sharpness_se, bs_ratio=m.batch_sharpness_ratios[0])
-        else:  # the monitor does not measure it: the same function on the same kind of mini-batches
-            try:
-                bs, se = _batch_sharpness_of(pl_module, trainer.optimizers[0], self.probe, self.batch, self.n_bs,
-                                             self.seed, m.step)
-                row.update(bs=bs, bs_se=se, bs_ratio=bs / m.thresholds[0])
-            except ValueError:
-                row.update(bs=math.nan, bs_se=math.nan, bs_ratio=math.nan)
-        self.rows.append(row)
 
 
 def run(cfg: dict[str, Any], every: int, n_bs: int) -> dict[str, Any]:
@@ -151,14 +98,8 @@ def run(cfg: dict[str, Any], every: int, n_bs: int) -> dict[str, Any]:
                           momentum=0.9 if opt == "momentum" else 0.0)
     monitor_kwargs: dict[str, Any] = {"every_n_steps": every, "top_k": 1, "lambda_min": False, "grad_alignment": False,
                                       "on_fit_end": False, "custom_scalars": False, "probe": [dm.full_train_batch()]}
-    if "batch_sharpness" in SharpnessMonitor.__init__.__code__.co_varnames:
-        monitor_kwargs["batch_sharpness"] = n_bs
-        monitor = SharpnessMonitor(**monitor_kwargs)
-    elif cfg["gauge"] != "none" and (cfg["gauge"] == "batch_sharpness" or batch < N_TRAIN):
-        monitor = _MonitorWithBatchSharpness(dm.full_train_batch(), min(batch, N_TRAIN), n_bs, seed, **monitor_kwargs)
-    else:
-        monitor = SharpnessMonitor(**monitor_kwargs)
-    recorder = Recorder(monitor, dm.full_train_batch(), min(batch, N_TRAIN), n_bs, seed)
+    monitor = SharpnessMonitor(**monitor_kwargs, batch_sharpness=n_bs)
+    recorder = Recorder(monitor)
     callbacks: list[pl.Callback] = [monitor]
     controller = None
     if cfg["gauge"] != "none":

@@ -9,7 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lit_models import TinyMLP, full_batch_loader, make_dataset, make_loader, make_trainer
+from lit_models import (
+    TinyMLP,
+    full_batch_loader,
+    make_dataset,
+    make_loader,
+    make_trainer,
+)
 from test_controller import legacy_controller
 
 from lightning_rpe import InstabilityController, SharpnessMonitor

@@ -1,23 +1,8 @@
 """examples/controller_sweep.py runs in its --smoke configuration and tabulates what it ran."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _load(name):
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # its dataclasses look their module up
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(EXAMPLES))
+from test_examples import _load
 
 
 def test_controller_sweep_smoke(tmp_path):
