@@ -1,0 +1,54 @@
+"""Batch sharpness under DDP (2 CPU processes, gloo): every rank's examples count, every rank agrees."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lit_models import TinyMLP
+
+from lightning_rpe.curvature import batch_sharpness, sample_minibatches
+
+WORKER = Path(__file__).with_name("_batch_sharpness_ddp_worker.py")
+
+
+@pytest.mark.slow
+def test_ddp_batch_sharpness_is_over_the_union_of_the_ranks_minibatches(tmp_path: Path) -> None:
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GLOBAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=str(WORKER.parent.parent))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["step"] == r1["step"] == 4
+    for key in ("batch_sharpness", "batch_sharpness_se", "batch_sharpness_ratio"):
+        assert r0[key] == r1[key], key  # every rank holds the same value
+    # the two ranks' probe shares are disjoint
+    x0 = torch.cat([b[0] for b in r0["probe"]])
+    x1 = torch.cat([b[0] for b in r1["probe"]])
+    assert not any(bool((x1 == row).all(dim=1).any()) for row in x0)
+
+    # reference in one process: mini-batch k is the union of rank 0's and rank 1's k-th draw
+    model = TinyMLP(hidden=6).double()
+    model.load_state_dict({k: v.double() for k, v in r0["model_state"].items()})
+    draws = []
+    for r in (r0, r1):
+        probe = [tuple(t.double() if t.is_floating_point() else t for t in b) for b in r["probe"]]
+        draws.append(sample_minibatches(probe, 6, 3, torch.Generator().manual_seed(r["generator_seed"])))
+    unions = [tuple(torch.cat([a[i], b[i]]) for i in range(2)) for a, b in zip(*draws)]
+    assert all(u[0].shape[0] == 12 for u in unions)  # the global batch: 2 ranks x 6
+    ref = batch_sharpness(model, lambda mod, b: mod.compute_loss(b), unions, dtype=torch.float64)
+    assert r0["batch_sharpness"] == pytest.approx(ref.mean, rel=1e-8)
+    assert r0["batch_sharpness_se"] == pytest.approx(ref.std_error, rel=1e-6)
+    assert r0["batch_sharpness_ratio"] == pytest.approx(ref.mean / r0["threshold"], rel=1e-8)
+    # one rank's mini-batches alone give another value: the other rank's examples count
+    alone = batch_sharpness(model, lambda mod, b: mod.compute_loss(b), draws[0], dtype=torch.float64)
+    assert abs(alone.mean - ref.mean) > 1e-6 * abs(ref.mean)
