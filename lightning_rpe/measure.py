@@ -59,8 +59,10 @@ class MeasurementSkipped(Exception):
 
 
 class LossFunctionError(TypeError):
-    """The loss function is wrong (a programming error, not a numerical failure): it raised a
-    TypeError, AttributeError, KeyError, IndexError or NameError, or returned no scalar tensor."""
+    """The loss function is wrong: a programming error, not a numerical failure.
+
+    It raised a TypeError, AttributeError, KeyError, IndexError or NameError, or returned no scalar tensor.
+    """
 
 
 _PROGRAMMING_ERRORS = (TypeError, AttributeError, KeyError, IndexError, NameError)
@@ -279,7 +281,7 @@ class Measurement:
     def from_state(cls, state: dict[str, Any]) -> Measurement:
         """Inverse of :meth:`to_state` (unknown keys are ignored)."""
         names = {f.name for f in fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in state.items() if k in names}
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in state.items() if k in names}
         return cls(**kwargs)
 
 
