@@ -399,8 +399,8 @@ def solve(
         if note is not None:
             notes.append(note)
     pre_val, pre_vec, ratio = None, None, None
-    if optimizer is not None:
-        scales = step_scales(optimizer, op.parameters, groups, op.names)
+    scales = None if optimizer is None else step_scales(optimizer, op.parameters, groups, op.names)
+    if scales is not None:
         if scales.no_state or scales.frozen:
             notes.append(_frozen_note(scales, op.dim))
         preconditioned = scales.inverse_preconditioner is not None
