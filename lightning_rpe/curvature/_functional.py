@@ -42,6 +42,8 @@ __all__ = [
     "BATCHNORM_POLICIES",
     "DROPOUT_POLICIES",
     "default_batch_size",
+    "graph_nodes",
+    "is_reentrant_checkpoint",
     "map_tensors",
     "product_context",
     "rng_devices",
@@ -97,6 +99,24 @@ def map_tensors(obj: Any, fn: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def graph_nodes(loss: Tensor, limit: int = 1_000_000) -> Iterator[Any]:
+    """The autograd nodes reachable from ``loss.grad_fn`` (each once, depth first, at most ``limit``)."""
+    stack: list[Any] = [loss.grad_fn]
+    seen: set[int] = set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
+
+
+def is_reentrant_checkpoint(node: Any) -> bool:
+    """Whether an autograd node is the backward of ``torch.utils.checkpoint(..., use_reentrant=True)``."""
+    return isinstance(node, torch.autograd.function.BackwardCFunction) and type(node).__name__ == "CheckpointFunctionBackward"
 
 
 def rng_devices() -> list[int]:

@@ -94,6 +94,8 @@ from ._functional import (
     BATCHNORM_POLICIES,
     DROPOUT_POLICIES,
     default_batch_size,
+    graph_nodes,
+    is_reentrant_checkpoint,
     map_tensors,
     product_context,
     seed_batch,
@@ -273,6 +275,7 @@ class HessianOperator(CurvatureOperator):
         self.fd_step = float(fd_step) if fd_step is not None else FD_STEP[dtype]
         self._batch_size_fn = batch_size_fn
         self._track_inputs: bool | None = None  # finite-difference path: inputs require grad (decided once)
+        self._plain_backward = False  # finite-difference path: loss.backward() (reentrant checkpointing)
         self.fallback_reason: str | None = None
         self._reduce = reduce if reduce is not None else (lambda t: t)
         self._wrapper = wrapper
@@ -455,7 +458,16 @@ class HessianOperator(CurvatureOperator):
             hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         with self._reparametrized(state), hooks:
             loss = self._checked(self._wrapper(batch), index)
-            grads = self._grad(loss, leaves, create_graph)
+            if track and self._track_inputs is None and loss.grad_fn is not None:
+                # decided at the first evaluation of the finite-difference path
+                self._plain_backward = any(is_reentrant_checkpoint(n) for n in graph_nodes(loss))
+            if track and self._plain_backward and not create_graph and loss.requires_grad:
+                # torch.autograd.grad gives None to the parameters inside a reentrant checkpoint
+                # (its backward accumulates into .grad): the fresh leaves collect them instead
+                loss.backward()
+                grads = tuple(None if x.grad is None else (x.grad.to_dense() if x.grad.is_sparse else x.grad) for x in leaves)
+            else:
+                grads = self._grad(loss, leaves, create_graph)
         return leaves, loss.detach(), grads, state
 
     @staticmethod
@@ -490,7 +502,9 @@ class HessianOperator(CurvatureOperator):
 
         Floating-point inputs require grad (decided at the first call: kept when the loss accepts
         it), so that parameters inside a reentrant ``checkpoint`` whose inputs do not require grad
-        still get their gradient (torch gives them None there).
+        still get their gradient (torch gives them None there). When the graph holds a reentrant
+        checkpoint, the gradient is taken with ``loss.backward()`` into the fresh snapshot leaves:
+        ``torch.autograd.grad`` returns None for the parameters inside it.
         """
         seed_batch(index, devices)
         if self._track_inputs is None:
@@ -574,6 +588,7 @@ class HessianOperator(CurvatureOperator):
         other.cache_graphs = self._cache_request
         other.graph_bytes_estimate = None
         other._track_inputs = None
+        other._plain_backward = False
         other._batched_backward_ok = self.device.type != "cpu" or self.dim <= _BATCHED_BACKWARD_MAX_DIM_CPU
         if fd_step is not None:
             other.fd_step = float(fd_step)
