@@ -12,11 +12,11 @@ import warnings
 
 import pytest
 import torch
-
 from _reference import fd_hvp
+from zoo import build_zoo
+
 from lightning_rpe.curvature.hessian import HessianOperator
 from lightning_rpe.curvature.verify import verify_operator
-from zoo import build_zoo
 
 CASES = {case.name: case for case in build_zoo()}
 TOL = 1e-6
@@ -57,7 +57,7 @@ def test_zoo_product_right_or_caught(name):
             assert _rel(fd.matvec(v), ref) <= TOL
             assert fd.n_hvp == 1
             assert verify_operator(fd, generator=torch.Generator().manual_seed(0)).passed
-    assert result.n_hvp == 2 and result.n_gradients == 2
+    assert result.n_hvp == 2 and result.n_gradients == (2 if result.passed or result.rel_error is None else 4)
     # nothing observable changed: flags and state bit for bit
     assert {n: m.training for n, m in case.model.named_modules()} == flags
     after = case.model.state_dict()

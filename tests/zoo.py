@@ -373,5 +373,5 @@ def build_zoo() -> list[ZooCase]:
     _seed()
     m = TinyBertLike(TinyConfig()).double().train()
     cases.append(ZooCase("hf_style_dict_batch_output_object", m, _hf_loss, _hf_batches(), _eval_copy(m),
-                         settings=train_off, frozen=tuple(range(0, TinyConfig.hidden))))
+                         settings=train_off, frozen=tuple(range(TinyConfig.hidden))))
     return cases

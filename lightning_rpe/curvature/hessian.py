@@ -109,7 +109,7 @@ DTYPES = (torch.float32, torch.float64)
 # Relative step of the finite-difference backend: eps = FD_STEP[dtype] * (1 + ||theta||) / ||v||,
 # about the cube root of the unit roundoff (the step that balances the O(eps^2) truncation error of
 # a central difference with its O(u / eps) rounding error). Accuracy measured in docs/models.md.
-FD_STEP = {torch.float32: 1e-2, torch.float64: 1e-5}
+FD_STEP = {torch.float32: 3e-3, torch.float64: 1e-6}
 _CACHE_FRACTION = 0.25
 _CACHE_FALLBACK_BYTES = 1 << 30
 # Blocks on the double-backward path: the batched backward (``is_grads_batched``, a vmap over the
@@ -188,7 +188,8 @@ class HessianOperator(CurvatureOperator):
             (``True``/``False``; ``None`` = when they fit, see the module docstring). Only used by
             the autograd path.
         fd_step: relative step ``s`` of the finite-difference backend,
-            ``eps = s * (1 + ||theta||) / ||v||``; default ``FD_STEP[dtype]``.
+            ``eps = s * (1 + ||theta||) / ||v||``; default ``FD_STEP[dtype]`` (3e-3 in float32,
+            1e-6 in float64).
 
     Raises:
         ValueError: a bad argument (naming it and the accepted values), an empty ``batches``, a
