@@ -75,7 +75,7 @@ def main() -> None:
 
             op = HessianOperator(w.model, w.loss_fn, [w.batch], dtype=dtype)
             op.matvec(torch.ones(op.dim, dtype=dtype))  # the measurement's operator, graphs built
-            t_hvp = _best_time(lambda op=op: op.matvec(torch.ones(op.dim, dtype=dtype)), args.repeats * 3)
+            t_hvp = _best_time(lambda op=op, dtype=dtype: op.matvec(torch.ones(op.dim, dtype=dtype)), args.repeats * 3)
 
             def run(op=op):
                 return verify_operator(op, generator=torch.Generator().manual_seed(0))

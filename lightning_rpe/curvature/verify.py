@@ -29,8 +29,8 @@ either); a kink crossed only by the larger step disappears (``"passed"``).
 
 Cost (see docs/models.md for the measured times): 2 products of the operator (counted in its
 ``n_hvp``), 2 gradients of the whole probe loss for the reference (4 when the first comparison
-fails; ``Verification.n_gradients``), and one forward pass to list suspects from the autograd
-graph.
+fails; ``Verification.n_gradients``), and, when it does not pass, one forward pass to list
+suspects from the autograd graph.
 """
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ class Verification:
         reference_dtype: dtype of the finite-difference reference (None when none was used).
         n_hvp: products of the operator spent (also counted in ``operator.n_hvp``).
         n_gradients: gradients of the whole probe loss spent by the reference (2, or 0).
-        suspects: the known causes of wrong second derivatives found in the model and in the
-            autograd graph of its loss (:func:`known_causes`).
+        suspects: when not passed, the known causes of wrong second derivatives found in the
+            model and in the autograd graph of its first probe batch's loss (:func:`known_causes`;
+            one extra forward pass); empty when passed (not searched).
         reason: why it failed (a product's exception, a non-finite value, a tolerance exceeded);
             None when passed.
     """
@@ -132,7 +133,6 @@ def verify_operator(
         raise ValueError(f"verify_operator: reference_dtype must be torch.float32 or torch.float64; got {reference_dtype!r}")
     V = torch.randn(operator.dim, 2, generator=generator, dtype=torch.float64)
     V = (V / V.norm(dim=0)).to(dtype=operator.dtype, device=operator.device)
-    suspects = known_causes(operator.model, _loss_graph_or_none(operator))
     backend = operator.backend
     start = operator.n_hvp
     try:
@@ -141,7 +141,8 @@ def verify_operator(
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. a backward marked @once_differentiable
         return Verification(False, "failed", None, math.nan, _tolerance(operator.dtype, reference_dtype, tol), backend, None,
-                            operator.n_hvp - start, 0, suspects, f"the product raised {type(exc).__name__}: {str(exc)[:300]}")
+                            operator.n_hvp - start, 0, _suspects(operator),
+                            f"the product raised {type(exc).__name__}: {str(exc)[:300]}")
     n_hvp = operator.n_hvp - start
     v, u = V[:, 0].double(), V[:, 1].double()
     hv, hu = HV[:, 0].double(), HV[:, 1].double()
@@ -190,6 +191,7 @@ def verify_operator(
     elif rel_error is not None and rel_error > tolerance:
         verdict = "failed"
         reason = f"the product differs from finite differences of gradients by {rel_error:.2e} (tolerance {tolerance:.0e})"
+    suspects = () if verdict == "passed" else _suspects(operator)
     return Verification(verdict == "passed", verdict, rel_error, asymmetry, tolerance, backend, ref_dtype, n_hvp,
                         n_gradients, suspects, reason)
 
@@ -205,13 +207,15 @@ def _tolerance(dtype: torch.dtype, reference_dtype: torch.dtype, tol: float | No
     return TOLERANCE[(dtype, reference_dtype)] if (dtype, reference_dtype) in TOLERANCE else TOLERANCE[(dtype, dtype)]
 
 
-def _loss_graph_or_none(operator: HessianOperator) -> Tensor | None:
+def _suspects(operator: HessianOperator) -> tuple[str, ...]:
+    """:func:`known_causes` of the operator's model and of the graph of its first probe batch's loss."""
     try:
-        return operator.loss_graph(0)
+        loss: Tensor | None = operator.loss_graph(0)
     except ValueError:
         raise
     except Exception:  # noqa: BLE001 - a forward that fails here fails in the products too, with its message
-        return None
+        loss = None
+    return known_causes(operator.model, loss)
 
 
 def known_causes(model: nn.Module, loss: Tensor | None = None) -> tuple[str, ...]:
