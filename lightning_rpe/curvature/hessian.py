@@ -15,10 +15,21 @@ with a user ``reduce`` hook (a SUM across processes, identity by default). Block
 
 The operator is evaluated at a detached snapshot of the parameters taken at construction, in
 ``dtype`` (float32 or float64) whatever the model's dtype or an enclosing autocast; the model is
-never modified (see :mod:`lightning_rpe.curvature._functional` for the product context).
+never modified (see :mod:`lightning_rpe.curvature._functional` for the product context). On the
+``"autograd"`` and ``"finite_difference"`` paths the model is reparametrized with the snapshot
+(``torch.nn.utils.stateless._reparametrize_module``, what ``torch.func.functional_call`` uses) for
+the whole forward **and** backward of an evaluation, so that a recomputation inside backward
+(non-reentrant activation checkpointing) reads the snapshot in the operator's dtype, not the live
+parameters.
 
-AD paths (``backend``)
-----------------------
+Embedding rows that never train (``padding_idx`` of an untied ``nn.Embedding`` /
+``nn.EmbeddingBag``: its backward masks the pad row) are left out: with ``M`` the 0/1 mask of
+the other coordinates, every path computes ``M H M`` (:func:`frozen_padding_rows`). Double
+backward gives that by itself; forward-mode AD and differences of the gradient would give the
+non-symmetric ``M H``. Embeddings with ``sparse=True`` run with dense gradients during products.
+
+Paths (``backend``)
+-------------------
 ``"autograd"``: double backward. Per probe batch the loss and its gradient are built once with
 ``create_graph=True``; a product is then one backward pass through that gradient graph,
 ``H_b V = grad(g_b, theta, V)``, batched over the columns of a block with ``is_grads_batched=True``
@@ -34,14 +45,34 @@ build of torch 2.13 (measured relative error 5e-2 and 1e-1 against a float64 den
 cannot trace a loss (e.g. ``F.mse_loss`` raises "ZeroTensors are immutable" under ``jvp(grad)`` in
 torch 2.13), an explicit ``backend="func"`` warns once and switches to ``"autograd"``.
 
-``"auto"`` (default) picks, per model and device (a fixed rule, so runs are reproducible):
-``"func"`` when the parameters are on CUDA and the model contains a convolution, ``"autograd"``
-otherwise; where ``torch.func`` cannot trace the loss it switches to ``"autograd"`` silently (the
-reason is kept in :attr:`HessianOperator.fallback_reason`). Both paths (``func`` where it traces)
-agree with float64 finite differences at relative error <= 1e-6 on every architecture in the test
-suite (MLPs, CNN,
-BatchNorm in both policies, LayerNorm, RMSNorm, MultiheadAttention, TransformerEncoderLayer,
-causal SDPA, tied embeddings), so the rule is chosen for speed. Measured cost of one product in
+``"finite_difference"``: central differences of first-order gradients at the snapshot,
+
+    H v = (g(theta + eps v) - g(theta - eps v)) / (2 eps),   eps = s (1 + ||theta||) / ||v||,
+
+2 gradients per probe batch and column (no double backward, no forward-mode AD: it measures
+models whose second derivatives PyTorch gets wrong, see :mod:`lightning_rpe.curvature.verify`,
+and models without any, e.g. ``torch.compile``). The relative step ``s`` (``fd_step``) defaults to
+``FD_STEP[dtype]``: 3e-3 in float32, 1e-6 in float64, about the cube root of the unit roundoff
+(balancing the O(eps^2) truncation error with the O(u / eps) rounding error); measured relative
+error on the smooth benchmark workloads 2.3e-5 (float32) and 1e-10 (float64), see docs/models.md.
+It assumes a smooth loss: where the gradient jumps (ReLU / max-pooling kinks within ``eps v``) a
+difference is off by ``jump / (2 eps)``. Floating-point inputs are made to require grad (kept
+when the loss accepts it) and, when the graph holds a reentrant checkpoint, the gradient is taken
+with ``loss.backward()`` into the snapshot leaves: torch gives no gradient to the parameters
+inside a reentrant checkpoint through ``autograd.grad`` or when no input requires grad.
+:meth:`HessianOperator.with_backend` builds it from an existing operator (same snapshot).
+
+``"auto"`` (default) never picks finite differences. It picks, per model and device (a fixed
+rule, so runs are reproducible): ``"func"`` when the parameters are on CUDA and the model contains
+a convolution, ``"autograd"`` otherwise; where ``torch.func`` cannot trace the loss it switches to
+``"autograd"`` silently (the reason is kept in :attr:`HessianOperator.fallback_reason`). Both AD
+paths (``func`` where it traces) agree with float64 finite differences at relative error <= 1e-6
+on every architecture in the test suite (MLPs, CNN, BatchNorm in both policies, LayerNorm,
+RMSNorm, MultiheadAttention, TransformerEncoderLayer, causal SDPA, tied, sparse and padded
+embeddings, LSTM, non-reentrant checkpointing, spectral norm), so the rule is chosen for speed.
+Neither can be right where PyTorch's own second derivatives are wrong (``weight_norm``, reentrant
+checkpointing, custom Functions whose backward is not differentiable):
+:func:`lightning_rpe.curvature.verify.verify_operator` detects those (docs/models.md). Measured cost of one product in
 units of one gradient of the same loss (``python -m lightning_rpe.curvature._hvp_timing``;
 float32, 512 examples on CPU, 4096 on the GPU, best of 15 / 20 repeats; ag-c = autograd with cached
 graphs, ag = autograd rebuilding the graph per product, func = ``vmap(jvp(grad))``; "1" = one
