@@ -130,3 +130,11 @@ def test_bad_arguments():
         verify_operator(op, reference_dtype=torch.float16)
     with pytest.raises(ValueError, match="HessianOperator.loss_graph: index must be in"):
         op.loss_graph(5)
+
+
+def test_default_directions_leave_the_global_rng_alone_and_are_reproducible():
+    op = HessianOperator(mlp(), mse_loss, regression_batches(), dtype=torch.float64)
+    state = torch.get_rng_state()
+    first, second = verify_operator(op), verify_operator(op)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first.rel_error == second.rel_error and first.asymmetry == second.asymmetry

@@ -55,6 +55,7 @@ TOLERANCE = {
     (torch.float32, torch.float32): 3e-2,  # reference in float32 (a model that cannot run in float64)
 }
 _MAX_GRAPH_NODES = 1_000_000
+_DEFAULT_SEED = 0x5EED
 # Relative step of the reference, eps = REFERENCE_STEP * (1 + ||theta||) / ||v||, then 10x and 100x
 # smaller while the discrepancy grows (REFERENCE_RETRIES). In float64, smaller than the backend's
 # FD_STEP so that fewer ReLU / max-pooling kinks are crossed (measured on the benchmark CNN in
@@ -120,7 +121,9 @@ def verify_operator(
 
     Args:
         operator: the operator to check (any backend; its ``n_hvp`` grows by 2).
-        generator: CPU generator for the two random unit directions ``v``, ``u``.
+        generator: CPU generator for the two random unit directions ``v``, ``u`` (default: a
+            fixed seed; the global RNG is never used, and under DDP every process draws the same
+            directions, as the products' reduction requires).
         tol: tolerance on the relative error and on the asymmetry (default: :data:`TOLERANCE`).
         reference_dtype: dtype of the finite-difference reference (float64 by default; if the
             model cannot be evaluated in it, the operator's own dtype is used).
@@ -139,6 +142,8 @@ def verify_operator(
         raise ValueError(f"verify_operator: tol must be a positive finite number or None; got {tol!r}")
     if reference_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"verify_operator: reference_dtype must be torch.float32 or torch.float64; got {reference_dtype!r}")
+    if generator is None:  # never draw from the global RNG (it would change the training run)
+        generator = torch.Generator().manual_seed(_DEFAULT_SEED)
     V = torch.randn(operator.dim, 2, generator=generator, dtype=torch.float64)
     V = (V / V.norm(dim=0)).to(dtype=operator.dtype, device=operator.device)
     backend = operator.backend
