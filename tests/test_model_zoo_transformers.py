@@ -9,8 +9,8 @@ import copy
 
 import pytest
 import torch
-
 from _reference import fd_hvp
+
 from lightning_rpe.curvature import HessianOperator, verify_operator
 
 transformers = pytest.importorskip("transformers")
