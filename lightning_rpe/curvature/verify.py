@@ -137,7 +137,7 @@ def verify_operator(
         ValueError: ``operator`` is not a HessianOperator, a bad ``tol`` or ``reference_dtype``.
     """
     if not isinstance(operator, HessianOperator):
-        raise ValueError(f"verify_operator: operator must be a HessianOperator, got {type(operator).__name__}")
+        raise ValueError(f"verify_operator: operator must be a HessianOperator, got {type(operator).__name__}")  # noqa: TRY004 - ValueError for bad input, as everywhere in the package
     if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"verify_operator: tol must be a positive finite number or None; got {tol!r}")
     if reference_dtype not in (torch.float32, torch.float64):
