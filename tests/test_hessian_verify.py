@@ -138,3 +138,11 @@ def test_default_directions_leave_the_global_rng_alone_and_are_reproducible():
     first, second = verify_operator(op), verify_operator(op)
     assert torch.equal(torch.get_rng_state(), state)
     assert first.rel_error == second.rel_error and first.asymmetry == second.asymmetry
+
+
+def test_float32_fd_operator_is_checked_against_float64_differences():
+    op = HessianOperator(mlp(), mse_loss, regression_batches(), dtype=torch.float32, backend="finite_difference")
+    result = verify_operator(op)
+    assert result.passed and result.reference_dtype == torch.float64 and result.n_gradients == 2
+    assert result.tolerance == TOLERANCE[(torch.float32, torch.float32)]
+    assert result.rel_error <= 1e-3  # a float32 central difference at the default step
