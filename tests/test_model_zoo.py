@@ -62,3 +62,16 @@ def test_zoo_product_right_or_caught(name):
     assert {n: m.training for n, m in case.model.named_modules()} == flags
     after = case.model.state_dict()
     assert all(torch.equal(after[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_zoo_in_float32_no_false_alarm_and_fd_within_its_accuracy(name):
+    case = CASES[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op = HessianOperator(case.model, case.loss_fn, case.batches, dtype=torch.float32, **case.settings)
+        result = verify_operator(op)
+        assert result.passed == (case.expect == "exact"), result
+        v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        product = (op if case.expect == "exact" else op.with_backend("finite_difference")).matvec(v.float())
+    assert _rel(product.double(), _reference(case, v)) <= (1e-5 if case.expect == "exact" else 1e-3)
