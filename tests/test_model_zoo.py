@@ -57,7 +57,7 @@ def test_zoo_product_right_or_caught(name):
             assert _rel(fd.matvec(v), ref) <= TOL
             assert fd.n_hvp == 1
             assert verify_operator(fd, generator=torch.Generator().manual_seed(0)).passed
-    assert result.n_hvp == 2 and result.n_gradients in ((2,) if result.passed else (0, 4, 6))
+    assert result.n_hvp in (0, 2) and result.n_gradients in ((2,) if result.passed else (0, 4, 6))
     # nothing observable changed: flags and state bit for bit
     assert {n: m.training for n, m in case.model.named_modules()} == flags
     after = case.model.state_dict()

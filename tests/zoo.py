@@ -200,6 +200,18 @@ class EmbeddingClassifier(nn.Module):
         return self.head(torch.tanh(self.emb(x)).flatten(1))
 
 
+class EmbeddingBagClassifier(nn.Module):
+    """Mean-pooled bag of tokens with a padding index (torch has no double backward for it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(12, 3, mode="mean", padding_idx=0)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.bag(x)))
+
+
 class LSTMClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -363,6 +375,13 @@ def build_zoo() -> list[ZooCase]:
     with torch.no_grad():
         m.emb.weight[0] = 0.3  # a pad vector that is not zero (e.g. loaded from a checkpoint)
     cases.append(ZooCase("embedding_padding_idx", m, _ce, _tokens(), m, frozen=_pad_coordinates(m, 0)))
+
+    _seed()
+    m = EmbeddingBagClassifier().double()
+    with torch.no_grad():
+        m.bag.weight[0] = 0.3
+    cases.append(ZooCase("embedding_bag_padding_idx", m, _ce, _tokens(), m, expect="caught",
+                         suspect="nn.EmbeddingBag", frozen=tuple(range(3))))
 
     _seed()
     m = LSTMClassifier().double()

@@ -245,7 +245,8 @@ def known_causes(model: nn.Module, loss: Tensor | None = None) -> tuple[str, ...
 
     Looks for, in this order:
 
-    * compiled modules (``torch.compile``: no double backward);
+    * compiled modules (``torch.compile``: no double backward) and ``nn.EmbeddingBag`` (no
+      double backward either);
     * parametrized tensors (``torch.nn.utils.parametrize``; ``weight_norm``'s double backward is
       wrong, other parametrizations are listed because they run user code in the forward);
     * the old ``torch.nn.utils.weight_norm`` / ``spectral_norm`` forward pre-hooks;
@@ -261,6 +262,8 @@ def known_causes(model: nn.Module, loss: Tensor | None = None) -> tuple[str, ...
         where = name or "<model>"
         if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
             found.append(f"{where}: compiled with torch.compile (no double backward)")
+        if isinstance(module, nn.EmbeddingBag):
+            found.append(f"{where}: nn.EmbeddingBag (no double backward in torch)")
         if parametrize.is_parametrized(module):
             for tensor_name, plist in module.parametrizations.items():
                 kinds = ", ".join(type(p).__name__ for p in plist)
