@@ -41,7 +41,7 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--n-samples", type=int, default=1000)
@@ -49,13 +49,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cost-only", action="store_true", help="skip the accuracy table")
-    args = parser.parse_args()
+    parser.add_argument("--width", type=int, default=None, help="hidden width (smoke tests; default: benchmark sizes)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.n_samples} samples; default FD_STEP "
           f"float32 {FD_STEP[torch.float32]:g}, float64 {FD_STEP[torch.float64]:g}")
     print("accuracy: workload dtype step -> median / max relative error against the float64 double-backward product")
     for name in [] if args.cost_only else args.workloads:
-        w = build_workload(name, n_samples=args.n_samples)
+        w = build_workload(name, n_samples=args.n_samples, width=args.width)
         exact_op = HessianOperator(w.model, w.loss_fn, [w.batch], dtype=torch.float64, backend="autograd")
         V = torch.randn(exact_op.dim, args.n_dirs, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         exact = exact_op.matmat(V)
@@ -68,7 +69,7 @@ def main() -> None:
     print("verification cost on the measurement's operator (graphs already built): workload dtype -> seconds, "
           "in gradients of the same loss and dtype and in products of the operator (best of repeats)")
     for name in args.workloads:
-        base = build_workload(name, n_samples=args.n_samples)
+        base = build_workload(name, n_samples=args.n_samples, width=args.width)
         for dtype in (torch.float32, torch.float64):
             w = base.to(dtype)
             t_grad = _best_time(w.gradient, args.repeats * 3)
