@@ -7,6 +7,7 @@ from lightning_rpe.curvature.eigen import EigenResult, eigenpairs
 from lightning_rpe.curvature.hessian import HessianOperator
 from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator, PreconditionedOperator, ScaledOperator
 from lightning_rpe.curvature.trace import TraceResult, trace
+from lightning_rpe.curvature.verify import Verification, known_causes, verify_operator
 
 __all__ = [
     "CurvatureOperator",
@@ -16,6 +17,9 @@ __all__ = [
     "PreconditionedOperator",
     "ScaledOperator",
     "TraceResult",
+    "Verification",
     "eigenpairs",
+    "known_causes",
     "trace",
+    "verify_operator",
 ]
