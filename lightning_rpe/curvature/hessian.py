@@ -72,32 +72,12 @@ RMSNorm, MultiheadAttention, TransformerEncoderLayer, causal SDPA, tied, sparse 
 embeddings, LSTM, non-reentrant checkpointing, spectral norm), so the rule is chosen for speed.
 Neither can be right where PyTorch's own second derivatives are wrong (``weight_norm``, reentrant
 checkpointing, custom Functions whose backward is not differentiable):
-:func:`lightning_rpe.curvature.verify.verify_operator` detects those (docs/models.md). Measured cost of one product in
-units of one gradient of the same loss (``python -m lightning_rpe.curvature._hvp_timing``;
-float32, 512 examples on CPU, 4096 on the GPU, best of 15 / 20 repeats; ag-c = autograd with cached
-graphs, ag = autograd rebuilding the graph per product, func = ``vmap(jvp(grad))``; "1" = one
-vector, "8" = per column of a block of 8; 2026-11-27):
+:func:`lightning_rpe.curvature.verify.verify_operator` detects those (docs/models.md).
 
-=============================  =======  ======  ======  ======  ======  ======  ======
-workload (params)              device   ag-c 1  ag-c 8  ag 1    ag 8    func 1  func 8
-=============================  =======  ======  ======  ======  ======  ======  ======
-tanh MLP + MSE (3.6k)          CPU      1.91    0.92    3.55    1.12    8.19    1.63
-CNN + CE (21.5k)               CPU      2.12    2.08    2.05    1.98    1.86    1.65
-MLP 64-512-512-10 + MSE (301k) CPU      2.21    3.05    3.41    3.10    3.81    2.65
-tanh MLP + MSE (3.6k)          H200     1.50    0.22    1.96    0.35    3.80    0.56
-CNN + CE (21.5k)               H200     9.93    9.48    11.64   9.74    6.32    1.71
-MLP 64-512-512-10 + MSE (301k) H200     1.67    0.54    2.96    0.68    5.26    0.73
-=============================  =======  ======  ======  ======  ======  ======  ======
-
-CPU rows: torch 2.11.0 on an otherwise idle 16-core host, one thread; a first run on the same
-host gave CNN ag-c 2.19 / 2.45 against func 2.24 / 2.52, so on the CPU the CNN is a tie and the
-MLPs favour double backward (on the loaded 2-core development machine with torch 2.13.0+cpu the
-ordering was the same: ag-c 1.47 / 2.07 / 2.58 against func 7.07 / 2.44 / 5.86 for one vector).
-H200 rows: torch 2.11.0+cu130; the gradient uses the default TF32 convolutions while products run
-in IEEE float32 (TF32 off, see :mod:`~lightning_rpe.curvature._functional`); an IEEE float32
-gradient of the CNN takes 1.5x the TF32 one (2.42 against 1.61 ms), so the CNN's double backward
-costs about 6.5 IEEE gradients and ``vmap(jvp(grad))`` over a block of 8 about 1.1. Hence the
-rule: double backward with cached graphs everywhere except convolutional models on CUDA.
+The rule: double backward with cached graphs everywhere except convolutional models on CUDA, where
+``vmap(jvp(grad))`` over a block is cheaper per column. The measured cost of one product per path
+and device, in gradients, is in docs/benchmarks.md ("Cost of one product per AD path";
+``python benchmarks/hvp_timing.py``).
 
 ``cache_graphs=None`` (auto): the bytes saved for backward while building the first batch's
 gradient graph are counted (identity ``saved_tensors_hooks``, storages counted once, the parameter
@@ -145,9 +125,7 @@ _CACHE_FRACTION = 0.25
 _CACHE_FALLBACK_BYTES = 1 << 30
 # Blocks on the double-backward path: the batched backward (``is_grads_batched``, a vmap over the
 # backward) is faster per column than a loop of backward passes on CUDA and for small CPU models,
-# slower for larger CPU models. Measured per column of a block of 6, in gradients, batched / loop
-# (benchmarks/block_products.py, 1 thread, 2026-11-27): 25k CNN 2.3-2.7 / 1.6-1.7, 301k MLP
-# 2.2-2.3 / 1.8-2.0; bench_engine.py row (c): 3.5k MLP batched 0.9-1.1 against 1.4-1.8 single.
+# slower for larger CPU models (measurements: docs/benchmarks.md, "Cost of one product per AD path").
 _BATCHED_BACKWARD_MAX_DIM_CPU = 20_000
 
 
