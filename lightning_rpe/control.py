@@ -430,8 +430,11 @@ def record_loss(settings: ControlSettings, state: ControlState, loss: float) -> 
 
 
 def after_rollback(settings: ControlSettings, state: ControlState, step: int) -> ControlState:
-    """The state after a rollback at ``step``: factor times ``rollback_factor`` (within
-    ``1 / max_factor``), no increase before ``step + hold_steps``, EMA and loss history cleared."""
+    """The state after a rollback at ``step``.
+
+    The factor times ``rollback_factor`` (not below ``1 / max_factor``), no increase before
+    ``step + hold_steps``, the EMA and the loss history cleared.
+    """
     floor = 0.0 if settings.max_factor is None else 1.0 / settings.max_factor
     return replace(
         state,
@@ -444,8 +447,11 @@ def after_rollback(settings: ControlSettings, state: ControlState, step: int) ->
 
 
 def resolve_gauge(gauge: Gauge, full_batch: bool) -> Literal["sharpness", "batch_sharpness"]:
-    """What ``gauge="auto"`` measures: ``"sharpness"`` for full-batch training (one batch per
-    optimizer step covers the training set), ``"batch_sharpness"`` for minibatch training."""
+    """What ``gauge="auto"`` measures.
+
+    ``"sharpness"`` for full-batch training (one batch per optimizer step covers the training
+    set), ``"batch_sharpness"`` for minibatch training; an explicit gauge is returned as it is.
+    """
     if gauge != "auto":
         return gauge
     return "sharpness" if full_batch else "batch_sharpness"

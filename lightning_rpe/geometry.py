@@ -302,9 +302,11 @@ class PolarityTracker:
         )
 
     def rebase(self, reference: Tensor) -> None:
-        """Continue from another eigenvector (after a crossing): it becomes the reference, with its
-        sign aligned to the current reference; the last displacement (of the other vector) is dropped,
-        the sign and the flip count are kept."""
+        """Continue from another eigenvector (after a crossing).
+
+        ``reference`` becomes the reference, its sign aligned to the current one; the last
+        displacement (of the other vector) is dropped, the sign and the flip count are kept.
+        """
         old = self._reference
         self._reference = reference.detach().clone() if old is None else align_sign(reference.detach(), old.to(reference.device))
         self._displacement = None

@@ -72,8 +72,10 @@ class MeasurementSkipped(Exception):
 
 
 class LossFunctionError(TypeError):
-    """The loss function is wrong (a programming error, not a numerical failure): it raised a
-    TypeError, AttributeError, KeyError, IndexError or NameError, or returned no scalar tensor."""
+    """The loss function is wrong: a programming error, not a numerical failure.
+
+    It raised a TypeError, AttributeError, KeyError, IndexError or NameError, or returned no scalar tensor.
+    """
 
 
 _PROGRAMMING_ERRORS = (TypeError, AttributeError, KeyError, IndexError, NameError)
@@ -321,7 +323,7 @@ class Measurement:
     def from_state(cls, state: dict[str, Any]) -> Measurement:
         """Inverse of :meth:`to_state` (unknown keys are ignored)."""
         names = {f.name for f in fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in state.items() if k in names}
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in state.items() if k in names}
         return cls(**kwargs)
 
 
@@ -444,9 +446,8 @@ def solve(
         if note is not None:
             notes.append(note)
     pre_val, pre_vec, ratio = None, None, None
-    step_scale: StepScales | None = None
-    if optimizer is not None:
-        scales = step_scale = step_scales(optimizer, op.parameters, groups, op.names)
+    scales = None if optimizer is None else step_scales(optimizer, op.parameters, groups, op.names)
+    if scales is not None:
         if scales.no_state or scales.frozen:
             notes.append(_frozen_note(scales, op.dim))
         preconditioned = scales.inverse_preconditioner is not None
@@ -471,7 +472,7 @@ def solve(
             init = None if pre_vec is None else pre_vec.reshape(-1, 1)
             ratio = float(_top_eigenpair(ScaledOperator(op, flat), settings, gen, init, "lr-scaled").eigenvalues[0])
 
-    bs, bs_note = _batch_sharpness(model, loss_fn, batches, settings, step, batch_size, reduce, step_scale, op)
+    bs, bs_note = _batch_sharpness(model, loss_fn, batches, settings, step, batch_size, reduce, scales, op)
     if bs_note is not None:
         notes.append(bs_note)
 
@@ -509,8 +510,11 @@ def _batch_sharpness(
     scales: StepScales | None,
     op: HessianOperator,
 ) -> tuple[dict[str, Any], tuple[str, str] | None]:
-    """The batch-sharpness fields of :class:`Solve` (empty when not requested) and a ``(key, message)``
-    note when no mini-batch was usable."""
+    """The batch-sharpness fields of :class:`Solve` and a note.
+
+    The fields are empty when not requested; the ``(key, message)`` note is set when no mini-batch
+    was usable.
+    """
     if not settings.batch_sharpness or batch_size is None:
         return {}, None
     minibatches = sample_minibatches(batches, batch_size, settings.batch_sharpness,

@@ -266,8 +266,10 @@ def step_scales(
     parameters: Sequence[nn.Parameter],
     groups: Sequence[GroupThreshold],
     names: Sequence[str] | None = None,
-) -> StepScales:
+) -> StepScales | None:
     """The per-coordinate ``s = lr / (K [P])`` of :class:`StepScales` for ``parameters``.
+
+    Returns None for an Adam-family optimizer before its first step (no preconditioner exists).
 
     Args:
         optimizer: the optimizer in use; its param groups decide each parameter's lr and rule.
@@ -282,6 +284,8 @@ def step_scales(
         raise ValueError(f"groups must have one entry per param group ({len(optimizer.param_groups)}), got {len(groups)}")
     preconditioned = any(g.preconditioned for g in groups)
     pre = adam_preconditioner(optimizer) if preconditioned else None
+    if preconditioned and pre is None:  # before the first step: no preconditioner exists yet
+        return None
     group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
     labels = list(names) if names is not None else [str(i) for i in range(len(parameters))]
     scales: list[Tensor] = []

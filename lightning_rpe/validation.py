@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 __all__ = ["check_bool", "check_choice", "check_float", "check_int", "fail"]
 
@@ -37,6 +37,10 @@ def check_choice(owner: str, name: str, value: Any, accepted: Sequence[Any]) -> 
     raise fail(owner, name, "one of " + ", ".join(repr(a) for a in accepted), value)
 
 
+@overload
+def check_int(owner: str, name: str, value: Any, *, minimum: int | None = ..., allow_none: Literal[False] = ...) -> int: ...
+@overload
+def check_int(owner: str, name: str, value: Any, *, minimum: int | None = ..., allow_none: bool) -> int | None: ...
 def check_int(owner: str, name: str, value: Any, *, minimum: int | None = None, allow_none: bool = False) -> int | None:
     """An ``int`` (``bool`` refused) ``>= minimum``; ``None`` passes only with ``allow_none``."""
     if value is None and allow_none:
@@ -52,6 +56,16 @@ def check_int(owner: str, name: str, value: Any, *, minimum: int | None = None, 
     return int(value)
 
 
+@overload
+def check_float(
+    owner: str, name: str, value: Any, *, minimum: float | None = ..., maximum: float | None = ...,
+    inclusive: bool = ..., allow_none: Literal[False] = ..., allow_inf: bool = ...,
+) -> float: ...
+@overload
+def check_float(
+    owner: str, name: str, value: Any, *, minimum: float | None = ..., maximum: float | None = ...,
+    inclusive: bool = ..., allow_none: bool, allow_inf: bool = ...,
+) -> float | None: ...
 def check_float(
     owner: str,
     name: str,

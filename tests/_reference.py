@@ -10,7 +10,15 @@ import torch
 def cast_batch(batch, dtype):
     if isinstance(batch, torch.Tensor):
         return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: cast_batch(b, dtype) for k, b in batch.items()}
     return type(batch)(cast_batch(b, dtype) for b in batch)
+
+
+def batch_size(batch):
+    """Size of dim 0 of the first tensor of a tuple/list/dict batch."""
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return float(first.shape[0])
 
 
 def flat_grads(grads, params):
@@ -23,7 +31,7 @@ def fd_hvp(model, loss_fn, batches, v, mode=lambda m: m.eval(), h=1e-4):
     mode(ref)
     params = [p for p in ref.parameters() if p.requires_grad]
     theta = [p.detach().clone() for p in params]
-    sizes = [float(b[0].shape[0]) for b in batches]
+    sizes = [batch_size(b) for b in batches]
     parts = torch.split(v.double(), [p.numel() for p in params])
 
     def grad_at(step):

@@ -118,3 +118,10 @@ def test_monitor_benchmark_helpers():
     assert r["state_bytes"] > 0 and r["skipped"] == 0
     table = monitor.format_table(r, markdown=True)
     assert "state memory" in table
+
+
+def test_hvp_timing_runs_on_tiny_sizes(capsys):
+    timing = _load("hvp_timing")
+    timing.main(["--examples", "8", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "workload" in out and "CNN + CE" in out and "MLP 64-512-512-10" in out

@@ -9,13 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lit_models import TinyMLP, full_batch_loader, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lit_models import TinyMLP, full_batch_loader, make_trainer
+from test_controller import legacy_controller
 
 from lightning_rpe.callbacks.instability_controller import InstabilityController
 from lightning_rpe.callbacks.sharpness_monitor import Measurement, SharpnessMonitor
-from test_controller import legacy_controller
 
 torch.set_num_threads(1)
 

@@ -333,7 +333,7 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "finite_difference"])
 @pytest.mark.parametrize("batchnorm", ["eval", "batch"])
 @pytest.mark.parametrize("dropout", ["off", "on"])
 @pytest.mark.parametrize("training", [True, False])

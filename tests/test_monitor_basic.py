@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -321,3 +322,43 @@ def test_similarity_to_first_uses_the_reference_step() -> None:
     assert all(s is not None and 0.0 <= s <= 1.0 + 1e-9 for s in sims[3:])
     with pytest.raises(ValueError, match="reference_step must be an int >= 0"):
         SharpnessMonitor(reference_step=-1)
+
+
+class _AuxHeadNet(pl.LightningModule):
+    """Adam with an auxiliary head that is switched off: its parameters never get a gradient."""
+
+    def __init__(self, with_unused: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(5, 16)
+        self.head = torch.nn.Linear(16, 3)
+        if with_unused:
+            self.aux_head = torch.nn.Linear(16, 2)
+
+    def compute_loss(self, b):
+        return torch.nn.functional.cross_entropy(self.head(torch.tanh(self.body(b[0]))), b[1])
+
+    def training_step(self, b, i):
+        return self.compute_loss(b)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_adam_with_an_unused_parameter_keeps_every_metric_and_says_why() -> None:
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g))
+    results = {}
+    for with_unused in (False, True):
+        monitor = SharpnessMonitor(every_n_steps=2, probe_size=64, dtype="float64", tol=1e-8)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            make_trainer([monitor], max_steps=6).fit(_AuxHeadNet(with_unused), torch.utils.data.DataLoader(data, batch_size=32))
+        notes = [str(w.message) for w in record if "take no optimizer step" in str(w.message)]
+        results[with_unused] = (monitor.latest, notes)
+    plain, unused = results[False][0], results[True][0]
+    # the unused head changes neither the loss nor training: the same preconditioned sharpness and ratio
+    assert unused.preconditioned_sharpness == pytest.approx(plain.preconditioned_sharpness, rel=1e-6)
+    assert unused.stability_ratio == pytest.approx(plain.stability_ratio, rel=1e-6)
+    assert results[False][1] == []
+    assert len(results[True][1]) == 1 and "aux_head.weight, aux_head.bias" in results[True][1][0]

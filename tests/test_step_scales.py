@@ -170,3 +170,9 @@ def test_adam_scales_are_lr_over_threshold_times_inverse_preconditioner_and_zero
     inverse = torch.cat([t.reshape(-1) for t in scales.inverse_preconditioner])
     op = ScaledOperator(DenseOperator(torch.eye(5, dtype=D) * 2.0), inverse)
     assert float(op.to_dense().max()) == pytest.approx(2.0 / float(P[2]) if P[2] < P[0] else 2.0 / float(P[0]))
+
+
+def test_adam_before_its_first_step_has_no_scales() -> None:
+    p = nn.Parameter(torch.ones(2, dtype=D))
+    opt = torch.optim.Adam([p], lr=0.1)
+    assert step_scales(opt, [p], group_thresholds(opt)) is None

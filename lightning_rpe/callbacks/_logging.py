@@ -27,12 +27,12 @@ __all__ = ["add_custom_scalars", "batches_that_stepped", "log_to_loggers", "publ
 _LAYOUT_ATTR = "_lightning_rpe_custom_scalars"
 
 
-def batches_that_stepped(trainer: "pl.Trainer") -> int:
+def batches_that_stepped(trainer: pl.Trainer) -> int:
     """Lightning's x axis for training-step metrics (the value ``self.log`` uses for ``train_loss``)."""
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
-def log_to_loggers(trainer: "pl.Trainer", metrics: Mapping[str, float], step: int) -> None:
+def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
     """``logger.log_metrics(metrics, step)`` for every logger, on global rank zero only."""
     if not metrics or not trainer.is_global_zero:
         return
@@ -40,7 +40,7 @@ def log_to_loggers(trainer: "pl.Trainer", metrics: Mapping[str, float], step: in
         logger.log_metrics(dict(metrics), step=step)
 
 
-def publish_callback_metrics(trainer: "pl.Trainer", metrics: Mapping[str, float]) -> None:
+def publish_callback_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
     """Make the values visible in ``trainer.callback_metrics`` (every rank)."""
     target = trainer.callback_metrics  # the live dict of the logger connector
     for name, value in metrics.items():
@@ -52,7 +52,7 @@ def tag_regex(*tags: str) -> str:
     return "^(" + "|".join(re.escape(t) for t in tags) + ")$"
 
 
-def add_custom_scalars(trainer: "pl.Trainer", categories: Mapping[str, Mapping[str, Sequence[str]]]) -> bool:
+def add_custom_scalars(trainer: pl.Trainer, categories: Mapping[str, Mapping[str, Sequence[str]]]) -> bool:
     """Register ``{category: {chart title: [tag regex, ...]}}`` and write the merged layout.
 
     Writes to every ``TensorBoardLogger`` of the trainer, on global rank zero only. Returns True

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -91,7 +91,8 @@ def capture_dataset_probe(
             last = max(wanted) if wanted else -1
             taken: dict[int, Any] = {}
             wanted_set = set(wanted)
-            for pos, sample in enumerate(dataset):
+            sample: Any
+            for pos, sample in enumerate(cast(Iterable[Any], dataset)):
                 if pos > last:
                     break
                 if pos in wanted_set:

@@ -394,8 +394,10 @@ class InstabilityController(Callback):
 
     # ------------------------------------------------------------------ decisions
     def on_measurement(self, trainer: pl.Trainer, measurement: Measurement) -> None:
-        """Listener the monitor calls with each new measurement before logging it: decide now, so
-        that the ratio the monitor logs is the one at the lr the next step uses."""
+        """Decide on a new measurement (the monitor's listener, called before it logs).
+
+        Deciding here, the ratio the monitor then logs is the one at the lr the next step uses.
+        """
         if self.enabled:
             self._consider(trainer, measurement)
 
@@ -469,8 +471,10 @@ class InstabilityController(Callback):
         return _host_copy(pl_module.state_dict()), _host_copy(self._optimizer.state_dict()["state"])
 
     def _commit_snapshot(self) -> None:
-        """The candidate (taken at the start of a batch whose loss then passed the guard) becomes the
-        state a rollback restores, if all its floating-point values are finite."""
+        """Make the candidate the state a rollback restores, if all its floating-point values are finite.
+
+        The candidate was taken at the start of a batch whose loss then passed the guard.
+        """
         candidate, self._candidate = self._candidate, None
         if candidate is None:
             return

@@ -421,8 +421,10 @@ class SharpnessMonitor(Callback):
         return None if self.lr_scale_provider is None else [float(s) for s in self.lr_scale_provider()]
 
     def _batch_size(self, trainer: pl.Trainer) -> int | None:
-        """This process's training batch size (for the batch sharpness): the last training batch seen,
-        else the training DataLoader's ``batch_size`` (a measurement at fit start)."""
+        """This process's training batch size for the batch sharpness (None when off or unknown).
+
+        The last training batch seen, else the training DataLoader's ``batch_size`` (at fit start).
+        """
         if not self.settings.batch_sharpness:
             return None
         if self._train_batch_size is not None:

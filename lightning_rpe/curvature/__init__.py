@@ -8,6 +8,7 @@ from lightning_rpe.curvature.eigen import EigenResult, eigenpairs
 from lightning_rpe.curvature.hessian import HessianOperator
 from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator, PreconditionedOperator, ScaledOperator
 from lightning_rpe.curvature.trace import TraceResult, trace
+from lightning_rpe.curvature.verify import Verification, known_causes, verify_operator
 
 __all__ = [
     "BatchSharpnessResult",
@@ -18,8 +19,11 @@ __all__ = [
     "PreconditionedOperator",
     "ScaledOperator",
     "TraceResult",
+    "Verification",
     "batch_sharpness",
     "eigenpairs",
+    "known_causes",
     "sample_minibatches",
     "trace",
+    "verify_operator",
 ]

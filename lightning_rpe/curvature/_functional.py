@@ -3,10 +3,20 @@
 Everything here is pure PyTorch. The product context (:func:`product_context`) is where the
 "nothing observable changes" guarantees and the "kernels known to be correct" choices live:
 
-* train/eval flags of normalization and dropout modules are set for the policy and restored in
-  ``finally`` (no other module's flag is touched);
-* BatchNorm with ``batchnorm="batch"`` runs in training mode with ``track_running_stats``
-  temporarily off, so it normalises with batch statistics and updates nothing;
+* the dropout policy is applied through the ``training`` flag itself, not by module type:
+  ``dropout="off"`` evaluates **every** module as in ``model.eval()`` (so ``nn.Dropout``,
+  ``F.dropout(x, p, self.training)``, ``F.scaled_dot_product_attention(dropout_p=p if
+  self.training else 0)``, DropPath / stochastic depth, attention dropout of Hugging Face models,
+  activation checkpointing guarded by ``self.training`` and anything else that reads the flag are
+  all off); ``dropout="on"`` keeps every module's own flag (the loss the training step
+  differentiates; masks are fixed per probe batch by the forked RNG below);
+* normalization layers (``_NormBase``: BatchNorm*, SyncBatchNorm, InstanceNorm*) are then set by
+  the ``batchnorm`` policy: ``"eval"`` runs them in eval mode (running statistics), ``"batch"``
+  runs them in training mode with ``track_running_stats`` temporarily off, so they normalise with
+  batch statistics and update nothing; every module's flag is restored exactly in ``finally``;
+* ``nn.Embedding`` / ``nn.EmbeddingBag`` with ``sparse=True`` run with ``sparse=False`` (the
+  function does not depend on the layout of its gradient; dense gradients flatten and have a
+  double backward), restored afterwards;
 * the global CPU (and initialised CUDA) RNG is forked, and every probe batch gets its own fixed
   seed, so dropout masks (and any other randomness in the loss) are the same in every product;
 * autocast is disabled (CPU and CUDA), so products run in the operator's dtype;
@@ -32,6 +42,8 @@ __all__ = [
     "BATCHNORM_POLICIES",
     "DROPOUT_POLICIES",
     "default_batch_size",
+    "graph_nodes",
+    "is_reentrant_checkpoint",
     "map_tensors",
     "product_context",
     "rng_devices",
@@ -89,6 +101,24 @@ def map_tensors(obj: Any, fn: Any) -> Any:
     return obj
 
 
+def graph_nodes(loss: Tensor, limit: int = 1_000_000) -> Iterator[Any]:
+    """The autograd nodes reachable from ``loss.grad_fn`` (each once, depth first, at most ``limit``)."""
+    stack: list[Any] = [loss.grad_fn]
+    seen: set[int] = set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
+
+
+def is_reentrant_checkpoint(node: Any) -> bool:
+    """Whether an autograd node is the backward of ``torch.utils.checkpoint(..., use_reentrant=True)``."""
+    return isinstance(node, torch.autograd.function.BackwardCFunction) and type(node).__name__ == "CheckpointFunctionBackward"
+
+
 def rng_devices() -> list[int]:
     """CUDA devices whose RNG state must be forked (only when CUDA is already initialised)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -104,13 +134,6 @@ def seed_batch(index: int, cuda_devices: list[int]) -> None:
         torch.cuda.default_generators[device].manual_seed(seed)
 
 
-def _is_dropout(module: nn.Module) -> bool:
-    if isinstance(module, nn.modules.dropout._DropoutNd):
-        return True
-    # nn.MultiheadAttention applies attention dropout only in training mode.
-    return isinstance(module, nn.MultiheadAttention) and float(getattr(module, "dropout", 0.0)) > 0.0
-
-
 def _is_norm(module: nn.Module) -> bool:
     # _NormBase covers BatchNorm*, SyncBatchNorm, LazyBatchNorm*, InstanceNorm*.
     return isinstance(module, nn.modules.batchnorm._NormBase)
@@ -119,26 +142,27 @@ def _is_norm(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def product_context(model: nn.Module, batchnorm: str, dropout: str) -> Iterator[list[int]]:
     """Context for evaluating losses and products; yields the CUDA devices whose RNG is forked."""
-    saved: list[tuple[nn.Module, bool, bool | None]] = []
-    for module in model.modules():
-        if _is_norm(module):
-            saved.append((module, module.training, module.track_running_stats))
-        elif _is_dropout(module):
-            saved.append((module, module.training, None))
+    modules = list(model.modules())
+    flags = [(module, module.training) for module in modules]
+    norms = [(module, module.track_running_stats) for module in modules if _is_norm(module)]
+    sparse = [(module, module.sparse) for module in modules if _is_sparse_embedding(module)]
     fastpath_get = getattr(torch.backends.mha, "get_fastpath_enabled", None)
     fastpath_set = getattr(torch.backends.mha, "set_fastpath_enabled", None)
     fastpath = fastpath_get() if fastpath_get is not None else None
     devices = rng_devices()
     tf32 = _get_tf32()
     try:
-        for module, _, track in saved:
-            if track is None:
-                module.training = dropout == "on"
-            elif batchnorm == "eval":
+        if dropout == "off":
+            for module in modules:  # as in model.eval(): every reader of `training` sees False
+                module.training = False
+        for module, _ in norms:
+            if batchnorm == "eval":
                 module.training = False
             else:
                 module.training = True
                 module.track_running_stats = False
+        for module, _ in sparse:
+            module.sparse = False
         if fastpath_set is not None:
             fastpath_set(False)
         if tf32 is not None:
@@ -157,10 +181,16 @@ def product_context(model: nn.Module, batchnorm: str, dropout: str) -> Iterator[
             _set_tf32(tf32)
         if fastpath_set is not None and fastpath is not None:
             fastpath_set(fastpath)
-        for module, training, track in saved:
+        for module, was_sparse in sparse:
+            module.sparse = was_sparse
+        for module, track in norms:
+            module.track_running_stats = track
+        for module, training in flags:
             module.training = training
-            if track is not None:
-                module.track_running_stats = track
+
+
+def _is_sparse_embedding(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and bool(getattr(module, "sparse", False))
 
 
 def _get_tf32() -> tuple[bool, bool] | None:

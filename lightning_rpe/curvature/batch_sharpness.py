@@ -96,7 +96,10 @@ def batch_sharpness(
         model: the network (never modified; see :class:`~lightning_rpe.curvature.HessianOperator`).
         loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of a batch.
         batches: this process's mini-batches, each of the training batch size (non-empty sequence).
-        dtype, backend, batchnorm, dropout: as for :class:`~lightning_rpe.curvature.HessianOperator`.
+        dtype: computation dtype (as for :class:`~lightning_rpe.curvature.HessianOperator`).
+        backend: AD path (as for the operator).
+        batchnorm: BatchNorm policy (as for the operator).
+        dropout: dropout policy (as for the operator).
         reduce: SUM across processes for the operator's products, gradients and batch weights
             (module docstring); identity by default. Every process must call this function with
             the same number of batches.

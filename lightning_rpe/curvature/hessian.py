@@ -15,10 +15,21 @@ with a user ``reduce`` hook (a SUM across processes, identity by default). Block
 
 The operator is evaluated at a detached snapshot of the parameters taken at construction, in
 ``dtype`` (float32 or float64) whatever the model's dtype or an enclosing autocast; the model is
-never modified (see :mod:`lightning_rpe.curvature._functional` for the product context).
+never modified (see :mod:`lightning_rpe.curvature._functional` for the product context). On the
+``"autograd"`` and ``"finite_difference"`` paths the model is reparametrized with the snapshot
+(``torch.nn.utils.stateless._reparametrize_module``, what ``torch.func.functional_call`` uses) for
+the whole forward **and** backward of an evaluation, so that a recomputation inside backward
+(non-reentrant activation checkpointing) reads the snapshot in the operator's dtype, not the live
+parameters.
 
-AD paths (``backend``)
-----------------------
+Embedding rows that never train (``padding_idx`` of an untied ``nn.Embedding`` /
+``nn.EmbeddingBag``: its backward masks the pad row) are left out: with ``M`` the 0/1 mask of
+the other coordinates, every path computes ``M H M`` (:func:`frozen_padding_rows`). Double
+backward gives that by itself; forward-mode AD and differences of the gradient would give the
+non-symmetric ``M H``. Embeddings with ``sparse=True`` run with dense gradients during products.
+
+Paths (``backend``)
+-------------------
 ``"autograd"``: double backward. Per probe batch the loss and its gradient are built once with
 ``create_graph=True``; a product is then one backward pass through that gradient graph,
 ``H_b V = grad(g_b, theta, V)``, batched over the columns of a block with ``is_grads_batched=True``
@@ -34,39 +45,39 @@ build of torch 2.13 (measured relative error 5e-2 and 1e-1 against a float64 den
 cannot trace a loss (e.g. ``F.mse_loss`` raises "ZeroTensors are immutable" under ``jvp(grad)`` in
 torch 2.13), an explicit ``backend="func"`` warns once and switches to ``"autograd"``.
 
-``"auto"`` (default) picks, per model and device (a fixed rule, so runs are reproducible):
-``"func"`` when the parameters are on CUDA and the model contains a convolution, ``"autograd"``
-otherwise; where ``torch.func`` cannot trace the loss it switches to ``"autograd"`` silently (the
-reason is kept in :attr:`HessianOperator.fallback_reason`). Both paths (``func`` where it traces)
-agree with float64 finite differences at relative error <= 1e-6 on every architecture in the test
-suite (MLPs, CNN,
-BatchNorm in both policies, LayerNorm, RMSNorm, MultiheadAttention, TransformerEncoderLayer,
-causal SDPA, tied embeddings), so the rule is chosen for speed. Measured cost of one product in
-units of one gradient of the same loss (``python -m lightning_rpe.curvature._hvp_timing``;
-float32, 512 examples on CPU, 4096 on the GPU, best of 15 / 20 repeats; ag-c = autograd with cached
-graphs, ag = autograd rebuilding the graph per product, func = ``vmap(jvp(grad))``; "1" = one
-vector, "8" = per column of a block of 8; 2026-11-27):
+``"finite_difference"``: central differences of first-order gradients at the snapshot,
 
-=============================  =======  ======  ======  ======  ======  ======  ======
-workload (params)              device   ag-c 1  ag-c 8  ag 1    ag 8    func 1  func 8
-=============================  =======  ======  ======  ======  ======  ======  ======
-tanh MLP + MSE (3.6k)          CPU      1.91    0.92    3.55    1.12    8.19    1.63
-CNN + CE (21.5k)               CPU      2.12    2.08    2.05    1.98    1.86    1.65
-MLP 64-512-512-10 + MSE (301k) CPU      2.21    3.05    3.41    3.10    3.81    2.65
-tanh MLP + MSE (3.6k)          H200     1.50    0.22    1.96    0.35    3.80    0.56
-CNN + CE (21.5k)               H200     9.93    9.48    11.64   9.74    6.32    1.71
-MLP 64-512-512-10 + MSE (301k) H200     1.67    0.54    2.96    0.68    5.26    0.73
-=============================  =======  ======  ======  ======  ======  ======  ======
+    H v = (g(theta + eps v) - g(theta - eps v)) / (2 eps),   eps = s (1 + ||theta||) / ||v||,
 
-CPU rows: torch 2.11.0 on an otherwise idle 16-core host, one thread; a first run on the same
-host gave CNN ag-c 2.19 / 2.45 against func 2.24 / 2.52, so on the CPU the CNN is a tie and the
-MLPs favour double backward (on the loaded 2-core development machine with torch 2.13.0+cpu the
-ordering was the same: ag-c 1.47 / 2.07 / 2.58 against func 7.07 / 2.44 / 5.86 for one vector).
-H200 rows: torch 2.11.0+cu130; the gradient uses the default TF32 convolutions while products run
-in IEEE float32 (TF32 off, see :mod:`~lightning_rpe.curvature._functional`); an IEEE float32
-gradient of the CNN takes 1.5x the TF32 one (2.42 against 1.61 ms), so the CNN's double backward
-costs about 6.5 IEEE gradients and ``vmap(jvp(grad))`` over a block of 8 about 1.1. Hence the
-rule: double backward with cached graphs everywhere except convolutional models on CUDA.
+2 gradients per probe batch and column (no double backward, no forward-mode AD: it measures
+models whose second derivatives PyTorch gets wrong, see :mod:`lightning_rpe.curvature.verify`,
+and models without any, e.g. ``torch.compile``). The relative step ``s`` (``fd_step``) defaults to
+``FD_STEP[dtype]``: 3e-3 in float32, 1e-6 in float64, about the cube root of the unit roundoff
+(balancing the O(eps^2) truncation error with the O(u / eps) rounding error); measured relative
+error on the smooth benchmark workloads 2.3e-5 (float32) and 1e-10 (float64), see docs/models.md.
+It assumes a smooth loss: where the gradient jumps (ReLU / max-pooling kinks within ``eps v``) a
+difference is off by ``jump / (2 eps)``. Floating-point inputs are made to require grad (kept
+when the loss accepts it) and, when the graph holds a reentrant checkpoint, the gradient is taken
+with ``loss.backward()`` into the snapshot leaves: torch gives no gradient to the parameters
+inside a reentrant checkpoint through ``autograd.grad`` or when no input requires grad.
+:meth:`HessianOperator.with_backend` builds it from an existing operator (same snapshot).
+
+``"auto"`` (default) never picks finite differences. It picks, per model and device (a fixed
+rule, so runs are reproducible): ``"func"`` when the parameters are on CUDA and the model contains
+a convolution, ``"autograd"`` otherwise; where ``torch.func`` cannot trace the loss it switches to
+``"autograd"`` silently (the reason is kept in :attr:`HessianOperator.fallback_reason`). Both AD
+paths (``func`` where it traces) agree with float64 finite differences at relative error <= 1e-6
+on every architecture in the test suite (MLPs, CNN, BatchNorm in both policies, LayerNorm,
+RMSNorm, MultiheadAttention, TransformerEncoderLayer, causal SDPA, tied, sparse and padded
+embeddings, LSTM, non-reentrant checkpointing, spectral norm), so the rule is chosen for speed.
+Neither can be right where PyTorch's own second derivatives are wrong (``weight_norm``, reentrant
+checkpointing, custom Functions whose backward is not differentiable):
+:func:`lightning_rpe.curvature.verify.verify_operator` detects those (docs/models.md).
+
+The rule: double backward with cached graphs everywhere except convolutional models on CUDA, where
+``vmap(jvp(grad))`` over a block is cheaper per column. The measured cost of one product per path
+and device, in gradients, is in docs/benchmarks.md ("Cost of one product per AD path";
+``python benchmarks/hvp_timing.py``).
 
 ``cache_graphs=None`` (auto): the bytes saved for backward while building the first batch's
 gradient graph are counted (identity ``saved_tensors_hooks``, storages counted once, the parameter
@@ -78,19 +89,24 @@ estimate is at most a quarter of the memory currently available on the parameter
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from ._functional import (
     BATCHNORM_POLICIES,
     DROPOUT_POLICIES,
     default_batch_size,
+    graph_nodes,
+    is_reentrant_checkpoint,
     map_tensors,
     product_context,
     seed_batch,
@@ -99,16 +115,23 @@ from .operator import CurvatureOperator
 
 __all__ = ["HessianOperator"]
 
-BACKENDS = ("auto", "func", "autograd")
+BACKENDS = ("auto", "func", "autograd", "finite_difference")
 DTYPES = (torch.float32, torch.float64)
+# Relative step of the finite-difference backend: eps = FD_STEP[dtype] * (1 + ||theta||) / ||v||,
+# about the cube root of the unit roundoff (the step that balances the O(eps^2) truncation error of
+# a central difference with its O(u / eps) rounding error). Accuracy measured in docs/models.md.
+FD_STEP = {torch.float32: 3e-3, torch.float64: 1e-6}
 _CACHE_FRACTION = 0.25
 _CACHE_FALLBACK_BYTES = 1 << 30
 # Blocks on the double-backward path: the batched backward (``is_grads_batched``, a vmap over the
 # backward) is faster per column than a loop of backward passes on CUDA and for small CPU models,
-# slower for larger CPU models. Measured per column of a block of 6, in gradients, batched / loop
-# (benchmarks/block_products.py, 1 thread, 2026-11-27): 25k CNN 2.3-2.7 / 1.6-1.7, 301k MLP
-# 2.2-2.3 / 1.8-2.0; bench_engine.py row (c): 3.5k MLP batched 0.9-1.1 against 1.4-1.8 single.
+# slower for larger CPU models (measurements: docs/benchmarks.md, "Cost of one product per AD path").
 _BATCHED_BACKWARD_MAX_DIM_CPU = 20_000
+
+
+# (snapshot leaves, detached loss, gradients (with their graph when built for double backward),
+#  the state dict the model read: held again around every backward through that graph)
+_Graph = tuple[tuple[Tensor, ...], Tensor, tuple[Tensor | None, ...], dict[str, Tensor]]
 
 
 class _LossModule(nn.Module):
@@ -158,10 +181,14 @@ class HessianOperator(CurvatureOperator):
         batches: the probe batches (non-empty sequence).
         dtype: computation dtype of products and of the flat vectors, ``torch.float32`` or
             ``torch.float64``.
-        backend: ``"auto"``, ``"func"`` (forward-over-reverse) or ``"autograd"`` (double backward).
+        backend: ``"auto"``, ``"func"`` (forward-over-reverse), ``"autograd"`` (double backward) or
+            ``"finite_difference"`` (central differences of first-order gradients, 2 gradients
+            per product; see the module docstring). ``"auto"`` never picks finite differences.
         batchnorm: ``"eval"`` (running statistics) or ``"batch"`` (batch statistics; running
             statistics untouched).
-        dropout: ``"off"`` or ``"on"`` (masks fixed per batch: the same in every product).
+        dropout: ``"off"`` (every module evaluated as in ``model.eval()``: anything that reads
+            ``self.training`` is off; normalization layers then follow ``batchnorm``) or ``"on"``
+            (every module keeps its own flag; masks fixed per batch: the same in every product).
         reduce: SUM across processes applied to every product, to the total weight and to the
             loss/gradient sums; identity by default.
         batch_size_fn: ``n_b = batch_size_fn(batch)``; default: size of dim 0 of the first tensor
@@ -169,12 +196,22 @@ class HessianOperator(CurvatureOperator):
         cache_graphs: keep the per-batch double-backward graphs for the operator's lifetime
             (``True``/``False``; ``None`` = when they fit, see the module docstring). Only used by
             the autograd path.
+        fd_step: relative step ``s`` of the finite-difference backend,
+            ``eps = s * (1 + ||theta||) / ||v||``; default ``FD_STEP[dtype]`` (3e-3 in float32,
+            1e-6 in float64).
+
+    Raises:
+        ValueError: a bad argument (naming it and the accepted values), an empty ``batches``, a
+            model without trainable parameters, a non-positive batch size.
 
     Attributes:
         parameters: live trainable parameters in vector order.
         names: their names in ``model.named_parameters()``.
-        backend: the AD path actually in use (``"autograd"`` or ``"func"``); ``fallback_reason``:
-            why ``torch.func`` was abandoned (None if it was not).
+        backend: the path actually in use (``"autograd"``, ``"func"`` or ``"finite_difference"``);
+            ``fallback_reason``: why ``torch.func`` was abandoned (None if it was not).
+        frozen_rows: ``(name, row)`` of the embedding rows that never train (``padding_idx`` of an
+            untied ``nn.Embedding`` / ``nn.EmbeddingBag``); products are taken over the other
+            coordinates (these rows and columns of ``H`` are zero).
         batch_sizes: ``n_b`` per probe batch; ``total_weight``: ``reduce(sum_b n_b)``.
         cache_graphs: whether the autograd path keeps its graphs (decided at the first call when
             constructed with None); ``graph_bytes_estimate``: the estimate it was decided on.
@@ -193,6 +230,7 @@ class HessianOperator(CurvatureOperator):
         reduce: Callable[[Tensor], Tensor] | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
         cache_graphs: bool | None = None,
+        fd_step: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -208,6 +246,8 @@ class HessianOperator(CurvatureOperator):
             raise _choice_error("dropout", dropout, DROPOUT_POLICIES)
         if cache_graphs not in (None, True, False):
             raise _choice_error("cache_graphs", cache_graphs, (None, True, False))
+        if fd_step is not None and not (isinstance(fd_step, (int, float)) and math.isfinite(fd_step) and fd_step > 0):
+            raise ValueError(f"HessianOperator: fd_step must be a positive finite number or None; got {fd_step!r}")
         if reduce is not None and not callable(reduce):
             raise ValueError("reduce must be a callable Tensor -> Tensor (a SUM across processes) or None")
         if batches is None or isinstance(batches, (Tensor, str, bytes)):
@@ -242,13 +282,17 @@ class HessianOperator(CurvatureOperator):
         self.dropout = dropout
         self.requested_backend = backend
         self.backend = _auto_backend(model, device) if backend == "auto" else backend
+        self.fd_step = float(fd_step) if fd_step is not None else FD_STEP[dtype]
+        self._batch_size_fn = batch_size_fn
+        self._track_inputs: bool | None = None  # finite-difference path: inputs require grad (decided once)
+        self._plain_backward = False  # finite-difference path: loss.backward() (reentrant checkpointing)
         self.fallback_reason: str | None = None
         self._reduce = reduce if reduce is not None else (lambda t: t)
         self._wrapper = wrapper
         self._cache_request = cache_graphs
         self.cache_graphs: bool | None = cache_graphs
         self.graph_bytes_estimate: int | None = None  # set when cache_graphs=None decides
-        self._graphs: list[tuple[tuple[Tensor, ...], Tensor, tuple[Tensor | None, ...]]] | None = None
+        self._graphs: list[_Graph] | None = None
         # a fixed rule rather than a timing, so runs are reproducible bit for bit
         self._batched_backward_ok = device.type != "cpu" or self.dim <= _BATCHED_BACKWARD_MAX_DIM_CPU
         self._warned: set[str] = set()
@@ -264,6 +308,14 @@ class HessianOperator(CurvatureOperator):
                 k: b.detach().to(dtype=dtype, copy=True) if b.is_floating_point() else b.detach().clone()
                 for k, b in wrapper.named_buffers()
             }
+            self._theta_norm = float(torch.cat([s.double().reshape(-1) for s in self._snapshot]).norm())
+        self.frozen_rows = frozen_padding_rows(model, self.parameters, self.names)
+        self._mask: Tensor | None = None
+        if self.frozen_rows:
+            mask = [torch.ones(shape, dtype=dtype, device=device) for shape in self._shapes]
+            for name, row in self.frozen_rows:
+                mask[self.names.index(name)][row] = 0
+            self._mask = torch.cat([m.reshape(-1) for m in mask]).unsqueeze(1)
 
         size_fn = batch_size_fn if batch_size_fn is not None else default_batch_size
         sizes = []
@@ -325,34 +377,82 @@ class HessianOperator(CurvatureOperator):
         return torch.cat(cols, dim=0)
 
     # ------------------------------------------------------------------ evaluation
-    def _prepare_batch(self, batch: Any) -> Any:
+    def _prepare_batch(self, batch: Any, track: bool = False) -> Any:
+        """Cast floating-point tensors to the operator's dtype; with ``track`` they also require grad.
+
+        Tracked inputs are non-leaf copies (``detach().requires_grad_().clone()``), so a loss that
+        writes into its inputs in place still works.
+        """
+
         def cast(t: Tensor) -> Tensor:
             if t.is_floating_point() and t.dtype != self.dtype:
-                return t.to(self.dtype)
-            return t.clone() if t.is_inference() else t
+                t = t.to(self.dtype)
+            elif t.is_inference():
+                t = t.clone()
+            if track and t.is_floating_point():
+                return t.detach().requires_grad_(True).clone()
+            return t
 
         return map_tensors(batch, cast)
 
-    def _loss(self, params: Sequence[Tensor], batch: Any, index: int) -> Tensor:
+    def _state(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Everything the wrapper reads: frozen parameters, fresh buffer copies and ``params``."""
         state: dict[str, Tensor] = dict(self._frozen)
         state.update({k: b.clone() for k, b in self._buffers.items()})
         state.update(zip(self._keys, params))
-        loss = torch.func.functional_call(self._wrapper, state, (batch,))
+        return state
+
+    @contextlib.contextmanager
+    def _reparametrized(self, state: dict[str, Tensor]) -> Iterator[None]:
+        """The model reads ``state`` (not its live tensors) until the context exits.
+
+        Held for the whole forward **and** backward of an evaluation, so that a recomputation
+        inside backward (activation checkpointing) sees the snapshot in the operator's dtype.
+        """
+        with _reparametrize_module(self._wrapper, state, tie_weights=True):
+            yield
+
+    def _checked(self, loss: Any, index: int) -> Tensor:
         if not isinstance(loss, Tensor):
             raise ValueError(f"loss_fn must return a tensor; got {type(loss).__name__} for batch {index}")
         if loss.numel() != 1:
             raise ValueError(f"loss_fn must return a scalar; got shape {tuple(loss.shape)} for batch {index}")
         return loss.reshape(()).to(self.dtype)
 
-    def _build_graph(self, index: int, create_graph: bool, count: list[int] | None = None):
-        """Loss and gradient of batch ``index`` at the snapshot (with its graph when ``create_graph``)."""
-        leaves = tuple(s.detach().requires_grad_(True) for s in self._snapshot)
-        batch = self._prepare_batch(self.batches[index])
-        if count is None:
-            loss = self._loss(leaves, batch, index)
-            grads = self._grad(loss, leaves, create_graph)
+    def _loss(self, params: Sequence[Tensor], batch: Any, index: int) -> Tensor:
+        """Loss of one batch through ``functional_call`` (the ``torch.func`` path)."""
+        loss = torch.func.functional_call(self._wrapper, self._state(params), (batch,))
+        return self._checked(loss, index)
+
+    def loss_graph(self, index: int = 0) -> Tensor:
+        """Loss of probe batch ``index`` at the snapshot with its autograd graph (one forward, no backward).
+
+        Evaluated in the product context with floating-point inputs requiring grad, so that
+        every ``autograd.Function`` of the forward (reentrant checkpointing included) appears in
+        the graph. For inspection (:func:`lightning_rpe.curvature.verify.known_causes`).
+        """
+        if not 0 <= index < len(self.batches):
+            raise ValueError(f"HessianOperator.loss_graph: index must be in [0, {len(self.batches)}); got {index}")
+        with product_context(self.model, self.batchnorm, self.dropout) as devices:
+            seed_batch(index, devices)
+            leaves = tuple(s.detach().requires_grad_(True) for s in self._snapshot)
+            with self._reparametrized(self._state(leaves)):
+                return self._checked(self._wrapper(self._prepare_batch(self.batches[index], track=True)), index)
+
+    def _build_graph(
+        self, index: int, create_graph: bool, count: list[int] | None = None, shift: Sequence[Tensor] | None = None,
+        track: bool = False,
+    ) -> _Graph:
+        """Loss and gradient of batch ``index`` at the snapshot (+ ``shift``), with its graph when ``create_graph``."""
+        if shift is None:
+            leaves = tuple(s.detach().requires_grad_(True) for s in self._snapshot)
         else:
-            leaf_ptrs = {s.untyped_storage().data_ptr() for s in self._snapshot}
+            leaves = tuple((s + d).detach().requires_grad_(True) for s, d in zip(self._snapshot, shift))
+        batch = self._prepare_batch(self.batches[index], track=track)
+        state = self._state(leaves)
+        hooks: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if count is not None:
+            leaf_ptrs = {s.untyped_storage().data_ptr() for s in leaves}
             seen: set[int] = set()
 
             def pack(t: Tensor) -> Tensor:
@@ -365,16 +465,28 @@ class HessianOperator(CurvatureOperator):
                     count[0] += t.numel() * t.element_size()
                 return t
 
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = self._loss(leaves, batch, index)
+            hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with self._reparametrized(state), hooks:
+            loss = self._checked(self._wrapper(batch), index)
+            if track and self._track_inputs is None and loss.grad_fn is not None:
+                # decided at the first evaluation of the finite-difference path
+                self._plain_backward = any(is_reentrant_checkpoint(n) for n in graph_nodes(loss))
+            if track and self._plain_backward and not create_graph and loss.requires_grad:
+                # torch.autograd.grad gives None to the parameters inside a reentrant checkpoint
+                # (its backward accumulates into .grad): the fresh leaves collect them instead
+                loss.backward()
+                grads = tuple(None if x.grad is None else (x.grad.to_dense() if x.grad.is_sparse else x.grad) for x in leaves)
+            else:
                 grads = self._grad(loss, leaves, create_graph)
-        return leaves, loss.detach(), grads
+        return leaves, loss.detach(), grads, state
 
     @staticmethod
     def _grad(loss: Tensor, leaves: tuple[Tensor, ...], create_graph: bool) -> tuple[Tensor | None, ...]:
         if not loss.requires_grad:
             return tuple(None for _ in leaves)
-        return torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+        # a gradient with a sparse layout (F.embedding(sparse=True) called directly) is made dense
+        return tuple(None if g is None else (g.to_dense() if g.is_sparse else g) for g in grads)
 
     def _ensure_graphs(self, devices: list[int]) -> None:
         """Build and cache the per-batch gradient graphs when caching is on (or auto and they fit)."""
@@ -395,6 +507,31 @@ class HessianOperator(CurvatureOperator):
                 graphs.append(self._build_graph(i, True))
         self._graphs = graphs
 
+    def _first_order(self, index: int, devices: list[int], shift: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Loss and flat gradient of batch ``index`` (first order only) for the finite-difference path.
+
+        Floating-point inputs require grad (decided at the first call: kept when the loss accepts
+        it), so that parameters inside a reentrant ``checkpoint`` whose inputs do not require grad
+        still get their gradient (torch gives them None there). When the graph holds a reentrant
+        checkpoint, the gradient is taken with ``loss.backward()`` into the fresh snapshot leaves:
+        ``torch.autograd.grad`` returns None for the parameters inside it.
+        """
+        seed_batch(index, devices)
+        if self._track_inputs is None:
+            try:
+                _, loss, grads, _ = self._build_graph(index, False, shift=shift, track=True)
+                self._track_inputs = True
+            except ValueError:
+                raise
+            except Exception:  # noqa: BLE001 - the loss rejects inputs that require grad (e.g. calls .numpy())
+                self._track_inputs = False
+                seed_batch(index, devices)
+                _, loss, grads, _ = self._build_graph(index, False, shift=shift)
+        else:
+            _, loss, grads, _ = self._build_graph(index, False, shift=shift, track=self._track_inputs)
+        flat = self._join_block([None if g is None else g.detach().unsqueeze(0) for g in grads], 1)[:, 0]
+        return loss, flat
+
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """Mean loss ``L`` and flat mean gradient ``dL/dtheta`` at the snapshot (both reduced).
 
@@ -408,14 +545,17 @@ class HessianOperator(CurvatureOperator):
             total = torch.zeros(self.dim + 1, dtype=self.dtype, device=self.device)
             bad: tuple[int, float] | None = None
             for i, n in enumerate(self.batch_sizes):
-                if self._graphs is not None:
-                    _, loss, grads = self._graphs[i]
+                if self.backend == "finite_difference":
+                    loss, flat = self._first_order(i, devices)
                 else:
-                    seed_batch(i, devices)
-                    _, loss, grads = self._build_graph(i, False)
+                    if self._graphs is not None:
+                        _, loss, grads, _ = self._graphs[i]
+                    else:
+                        seed_batch(i, devices)
+                        _, loss, grads, _ = self._build_graph(i, False)
+                    flat = self._join_block([None if g is None else g.detach().unsqueeze(0) for g in grads], 1)[:, 0]
                 if bad is None and not bool(torch.isfinite(loss)):
                     bad = (i, float(loss))
-                flat = self._join_block([None if g is None else g.detach().unsqueeze(0) for g in grads], 1)[:, 0]
                 total[0] += n * loss.to(self.dtype)
                 total[1:] += n * flat
             # reduce first, raise after: under DDP every process must take part in the collective
@@ -426,10 +566,64 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"the reduced mean loss is non-finite ({float(total[0])}): a non-finite loss on another process")
         return float(total[0]), total[1:].clone()
 
+    # ------------------------------------------------------------------ other backends
+    def with_backend(self, backend: str, *, dtype: torch.dtype | None = None, fd_step: float | None = None) -> HessianOperator:
+        """The same operator (same snapshot, batches and settings) on another path, with ``n_hvp = 0``.
+
+        Args:
+            backend: one of ``BACKENDS`` (e.g. ``"finite_difference"`` after a failed
+                verification).
+            dtype: computation dtype of the new operator (default: this one's); the snapshot is
+                cast from this operator's (exact when going from float32 to float64).
+            fd_step: relative finite-difference step (default: ``FD_STEP`` of the new dtype, or
+                this operator's own ``fd_step`` when the dtype is unchanged).
+
+        Raises:
+            ValueError: an unknown backend or dtype.
+        """
+        if backend not in BACKENDS:
+            raise _choice_error("HessianOperator.with_backend: backend", backend, BACKENDS)
+        dtype = self.dtype if dtype is None else dtype
+        if dtype not in DTYPES:
+            raise _choice_error("HessianOperator.with_backend: dtype", dtype, DTYPES)
+        if fd_step is not None and not (isinstance(fd_step, (int, float)) and math.isfinite(fd_step) and fd_step > 0):
+            raise ValueError(f"HessianOperator.with_backend: fd_step must be a positive finite number or None; got {fd_step!r}")
+        other = copy.copy(self)
+        other.n_hvp = 0
+        other.requested_backend = backend
+        other.backend = _auto_backend(self.model, self.device) if backend == "auto" else backend
+        other.fallback_reason = None
+        other._warned = set()
+        other._graphs = None
+        other.cache_graphs = self._cache_request
+        other.graph_bytes_estimate = None
+        other._track_inputs = None
+        other._plain_backward = False
+        other._batched_backward_ok = self.device.type != "cpu" or self.dim <= _BATCHED_BACKWARD_MAX_DIM_CPU
+        if fd_step is not None:
+            other.fd_step = float(fd_step)
+        elif dtype != self.dtype:
+            other.fd_step = FD_STEP[dtype]
+        if dtype != self.dtype:
+            other.dtype = dtype
+
+            def cast(t: Tensor) -> Tensor:
+                return t.to(dtype) if t.is_floating_point() else t
+
+            other._snapshot = tuple(cast(t) for t in self._snapshot)
+            other._frozen = {k: cast(t) for k, t in self._frozen.items()}
+            other._buffers = {k: cast(t) for k, t in self._buffers.items()}
+            other._mask = None if self._mask is None else self._mask.to(dtype)
+        return other
+
     # ------------------------------------------------------------------ products
     def _matmat(self, V: Tensor) -> Tensor:
+        if self._mask is not None:  # coordinates that never train: products over the others
+            V = V * self._mask
         with product_context(self.model, self.batchnorm, self.dropout) as devices:
-            if self.backend == "func":
+            if self.backend == "finite_difference":
+                local = self._fd_products(V, devices)
+            elif self.backend == "func":
                 try:
                     local = self._func_products(V, devices)
                 except ValueError:
@@ -446,12 +640,39 @@ class HessianOperator(CurvatureOperator):
                     local = self._autograd_products(V, devices)
             else:
                 local = self._autograd_products(V, devices)
-            return self._reduce(local) / self.total_weight
+            out = self._reduce(local) / self.total_weight
+        return out if self._mask is None else out * self._mask
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def fd_epsilon(self, v_norm: float) -> float:
+        """Finite-difference step for a direction of norm ``v_norm``: ``fd_step * (1 + ||theta||) / v_norm``.
+
+        The perturbation ``eps * v`` then has norm ``fd_step * (1 + ||theta||)`` (a relative step
+        of ``fd_step`` for models with ``||theta|| >> 1``).
+        """
+        return self.fd_step * (1.0 + self._theta_norm) / v_norm
+
+    def _fd_products(self, V: Tensor, devices: list[int]) -> Tensor:
+        """``H v = (g(theta + eps v) - g(theta - eps v)) / (2 eps)`` per column; 2 gradients per batch and column."""
+        out = torch.zeros(self.dim, V.shape[1], dtype=self.dtype, device=self.device)
+        for j in range(V.shape[1]):
+            v = V[:, j]
+            v_norm = float(v.norm())
+            if v_norm == 0.0 or not math.isfinite(v_norm):
+                out[:, j] = v * 0.0 if v_norm == 0.0 else float("nan")
+                continue
+            eps = self.fd_epsilon(v_norm)
+            step = self.unflatten(eps * v)
+            minus = [-d for d in step]
+            for i, n in enumerate(self.batch_sizes):
+                _, g_plus = self._first_order(i, devices, step)
+                _, g_minus = self._first_order(i, devices, minus)
+                out[:, j] += (n / (2.0 * eps)) * (g_plus - g_minus)
+        return out
 
     def _autograd_products(self, V: Tensor, devices: list[int]) -> Tensor:
         self._ensure_graphs(devices)
@@ -461,11 +682,12 @@ class HessianOperator(CurvatureOperator):
         cached = self._graphs is not None
         for i, n in enumerate(self.batch_sizes):
             if cached:
-                leaves, _, grads = self._graphs[i]
+                leaves, _, grads, state = self._graphs[i]
             else:
                 seed_batch(i, devices)
-                leaves, _, grads = self._build_graph(i, True)
-            out += n * self._double_backward(leaves, grads, Vb, b, retain=cached)
+                leaves, _, grads, state = self._build_graph(i, True)
+            with self._reparametrized(state):  # a recomputation inside backward sees the snapshot
+                out += n * self._double_backward(leaves, grads, Vb, b, retain=cached)
         return out
 
     def _double_backward(
@@ -528,3 +750,33 @@ class HessianOperator(CurvatureOperator):
                 hv = vmap(hvp, randomness="same")(Vb)
             out += n * self._join_block(hv, b)
         return out
+
+
+def frozen_padding_rows(
+    model: nn.Module, parameters: Sequence[nn.Parameter], names: Sequence[str]
+) -> tuple[tuple[str, int], ...]:
+    """``(parameter name, row)`` of the embedding rows whose gradient is always zero.
+
+    ``nn.Embedding`` / ``nn.EmbeddingBag`` with ``padding_idx`` give the pad row a zero gradient
+    (the backward masks it), so that row never trains. The forward still reads it, so the
+    second derivatives of the loss in that row are not zero: double backward masks them again
+    (it returns ``M H M``, ``M`` the 0/1 mask of the rows that train) while forward-mode AD and
+    finite differences of the gradient give ``M H`` (not symmetric). The operator is therefore
+    taken over the coordinates that train: ``M H M`` on every path. A weight tied to another
+    module (e.g. an output layer) gets a gradient there, and its pad row does train: it is not
+    listed.
+    """
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    index = {id(p): i for i, p in enumerate(parameters)}
+    rows = []
+    for module in model.modules():
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            continue
+        pad = getattr(module, "padding_idx", None)
+        weight = getattr(module, "weight", None)
+        if pad is None or not isinstance(weight, nn.Parameter) or id(weight) not in index or uses.get(id(weight), 0) != 1:
+            continue
+        rows.append((names[index[id(weight)]], int(pad) % weight.shape[0]))
+    return tuple(rows)

@@ -1,6 +1,6 @@
 """Measure the cost of one Hessian-vector product per AD path, in units of one gradient.
 
-Run ``python -m lightning_rpe.curvature._hvp_timing [--threads N] [--examples N] [--repeats N]``.
+Run ``python benchmarks/hvp_timing.py [--threads N] [--examples N] [--repeats N]``.
 Prints, for three workloads shaped like the bundled digits data (8x8 inputs, 10 classes; random
 values, since only the cost matters), the time of one product divided by the time of one
 gradient of the same loss (plain ``torch.autograd.grad`` on the model), for:
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hessian import HessianOperator
+from lightning_rpe.curvature import HessianOperator
 
 
 def _workloads() -> dict[str, tuple[nn.Module, Callable]]:
