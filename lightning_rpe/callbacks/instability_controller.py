@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import Any
 
 import lightning.pytorch as pl
@@ -43,12 +43,10 @@ from lightning_rpe.control import (
     ControlState,
     Gauge,
 )
-from lightning_rpe.measure import MeasureSettings
 
 __all__ = ["InstabilityController"]
 
 _STATE_ATTRS = tuple(f.name for f in fields(ControlState))
-_AUTO_BATCH_SHARPNESS = 16  # mini-batches per estimate when gauge="auto" switches the monitor's batch sharpness on
 
 
 def _host_copy(obj: Any) -> Any:
@@ -92,9 +90,9 @@ class InstabilityController(Callback):
     ``gauge="sharpness"`` the monitor's ``rpe/stability_ratio`` (``lambda_max * lr / 2`` for plain
     GD, the preconditioned sharpness for the Adam family), with ``gauge="batch_sharpness"`` its
     ``rpe/batch_sharpness_ratio`` (the batch sharpness of Andreyev & Beneventano, arXiv 2412.20553,
-    over the same threshold). ``"auto"`` (default) takes the sharpness for full-batch training and
-    the batch sharpness for minibatch training. Exactly one of ``target_ratio`` and ``band`` is
-    required while ``enabled``.
+    over the same threshold). ``"auto"`` (default) takes the sharpness, for full-batch and minibatch
+    training (the measurements behind the rule: :func:`lightning_rpe.control.resolve_gauge`).
+    Exactly one of ``target_ratio`` and ``band`` is required while ``enabled``.
 
     Args:
         target_ratio: ratio to steer to after every measurement (> 0).
@@ -103,8 +101,7 @@ class InstabilityController(Callback):
         band_goal: ``"center"`` (geometric centre ``sqrt(low * high)``, default) or ``"edge"``
             (the crossed edge: minimal change).
         gauge: ``"sharpness"``, ``"batch_sharpness"`` or ``"auto"`` (above). ``"batch_sharpness"``
-            needs ``SharpnessMonitor(batch_sharpness=...)``; ``"auto"`` under minibatch training
-            switches the monitor's batch sharpness on (16 mini-batches) if it is off.
+            needs ``SharpnessMonitor(batch_sharpness=...)``.
         max_change: largest factor change per decision (> 1, default 1.5).
         max_factor: bound on the total factor, ``1 / max_factor <= f <= max_factor`` (>= 1,
             default 4; None: unbounded).
@@ -293,19 +290,10 @@ class InstabilityController(Callback):
         full_batch = int(getattr(trainer, "num_training_batches", 0) or 0) == 1
         self.active_gauge = control.resolve_gauge(self.settings.gauge, full_batch)
         if self.active_gauge == "batch_sharpness" and not getattr(self._monitor, "batch_sharpness", False):
-            measure_settings = getattr(self._monitor, "settings", None)
-            if self.settings.gauge != "auto" or not isinstance(measure_settings, MeasureSettings):
-                raise ValueError(
-                    f"InstabilityController(gauge={self.settings.gauge!r}) steers the batch sharpness, which this "
-                    "SharpnessMonitor does not measure: set SharpnessMonitor(batch_sharpness=True), or "
-                    "InstabilityController(gauge='sharpness')"
-                )
-            # gauge="auto" under minibatch training: the monitor measures the batch sharpness from now on
-            self._monitor.settings = replace(measure_settings, batch_sharpness=_AUTO_BATCH_SHARPNESS)
-            rank_zero_info(
-                "InstabilityController(gauge='auto'): minibatch training, so the controller steers the batch "
-                f"sharpness; the SharpnessMonitor now measures it on {_AUTO_BATCH_SHARPNESS} mini-batches "
-                "(SharpnessMonitor(batch_sharpness=...) sets the number)"
+            raise ValueError(
+                "InstabilityController(gauge='batch_sharpness') steers the batch sharpness, which this "
+                "SharpnessMonitor does not measure: set SharpnessMonitor(batch_sharpness=True), or "
+                "InstabilityController(gauge='sharpness')"
             )
         self._snapshot_due = True
         if self.log and getattr(self._monitor, "custom_scalars", False):
@@ -444,8 +432,6 @@ class InstabilityController(Callback):
         if self._monitor is None or self._optimizer is None:
             return
         reading = self._reading(m)
-        if m.trigger == "fit_start" and not math.isfinite(reading.key[2]):
-            return  # measured before the gauge was switched on (gauge="auto"): nothing to use, nothing to warn
         last = self.state.last_key
         if last is not None and last[0] == reading.key[0] and last[1] == reading.key[1] and (
             last[2] == reading.key[2] or (math.isnan(last[2]) and math.isnan(reading.key[2]))
