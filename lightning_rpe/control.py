@@ -22,7 +22,8 @@ now, the ratio at factor 1 is ``rho_i = c_i s_i / K_i``; at factor ``f`` it is `
 followed by ``1 / max_factor <= f <= max_factor`` and ``min_lr <= s_i f <= max_lr`` (``max_lr``
 wins). ``goal`` is ``target_ratio``; in band mode there is no change while
 ``low <= rho f <= high``, else the band's geometric centre (``band_goal="center"``) or the crossed
-edge (``"edge"``). For ``hold_steps`` steps after a rollback the factor may fall but not rise.
+edge (``"edge"``). For ``hold_steps`` steps after a rollback the factor may fall but not rise, and
+after a rollback it never rises above one ``max_change`` below the factor that diverged.
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ class ControlState:
         last_ratio: the predicted ratio at the last used reading, before its decision.
         last_key: identity ``(step, epoch, value)`` of the last reading considered.
         hold_until: no factor increase before this optimizer step (set by a rollback).
+        ceiling: the factor never rises above this again (set by a rollback: one ``max_change``
+            below the factor that diverged), or None.
         losses: the recent finite training losses (at most ``spike_window``).
     """
 
@@ -195,6 +198,7 @@ class ControlState:
     last_ratio: float | None = None
     last_key: tuple[int, int, float] | None = None
     hold_until: int = -1
+    ceiling: float | None = None
     losses: list[float] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
@@ -210,6 +214,7 @@ class ControlState:
             "last_ratio": None if self.last_ratio is None else float(self.last_ratio),
             "last_key": None if self.last_key is None else list(self.last_key),
             "hold_until": int(self.hold_until),
+            "ceiling": None if self.ceiling is None else float(self.ceiling),
             "losses": [float(x) for x in self.losses],
         }
 
@@ -228,6 +233,7 @@ class ControlState:
             last_ratio=None if ratio is None else float(ratio),
             last_key=None if key is None else (int(key[0]), int(key[1]), float(key[2])),
             hold_until=int(state.get("hold_until", -1)),
+            ceiling=None if state.get("ceiling") is None else float(state["ceiling"]),
             losses=[float(x) for x in state.get("losses", [])],
         )
 
@@ -376,6 +382,8 @@ def decide(
         proposed = f * min(max(goal / current, 1.0 / settings.max_change), settings.max_change)
     if step < state.hold_until:
         proposed = min(proposed, f)  # after a rollback: may fall, may not rise
+    if state.ceiling is not None:
+        proposed = min(proposed, max(state.ceiling, f)) if proposed > f else proposed
     lo, hi = _bounds(settings, scheduled, settings.controlled(n))
     proposed = min(max(proposed, lo), hi)  # max_lr / max_factor win
     new.factor = proposed
@@ -433,12 +441,20 @@ def after_rollback(settings: ControlSettings, state: ControlState, step: int) ->
     """The state after a rollback at ``step``.
 
     The factor times ``rollback_factor`` (not below ``1 / max_factor``), no increase before
-    ``step + hold_steps``, the EMA and the loss history cleared.
+    ``step + hold_steps``, a ceiling one ``max_change`` below the factor that diverged (never
+    raised again: a gauge that does not see the instability, e.g. Adam's full-batch preconditioned
+    sharpness under minibatch noise, cannot drive the run into it twice), the EMA and the loss
+    history cleared.
     """
     floor = 0.0 if settings.max_factor is None else 1.0 / settings.max_factor
+    factor = max(state.factor * settings.rollback_factor, floor)
+    ceiling = state.factor / settings.max_change
+    if state.ceiling is not None:
+        ceiling = min(ceiling, state.ceiling)
     return replace(
         state,
-        factor=max(state.factor * settings.rollback_factor, floor),
+        factor=factor,
+        ceiling=max(ceiling, factor),
         smoothed=[None] * len(state.smoothed),
         n_rollbacks=state.n_rollbacks + 1,
         hold_until=step + settings.hold_steps,

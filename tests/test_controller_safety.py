@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import typing
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -63,14 +64,22 @@ def test_rollback_lowers_the_factor_and_holds_it() -> None:
     state = ControlState(factor=3.0, smoothed=[5.0], losses=[1.0, 2.0])
     state = control.after_rollback(s, state, step=40)
     assert state.factor == 1.5 and state.hold_until == 70 and state.n_rollbacks == 1
+    assert state.ceiling == pytest.approx(3.0 / 1.5)  # one max_change below the factor that diverged
     assert state.smoothed == [None] and state.losses == []
     # during the hold a reading below the band does not raise the factor; one above it lowers it
     d = control.decide(s, state, _reading(50, 0.2), [0.1], 50)
     assert d.used and d.state.factor == 1.5 and not d.changed
     d = control.decide(s, state, _reading(50, 3.0), [0.1], 50)
     assert d.state.factor < 1.5
-    d = control.decide(s, state, _reading(70, 0.2), [0.1], 70)  # hold over
-    assert d.state.factor == pytest.approx(2.25)
+    d = control.decide(s, state, _reading(70, 0.2), [0.1], 70)  # hold over: up to the ceiling only
+    assert d.state.factor == pytest.approx(2.0)
+    d = control.decide(s, d.state, _reading(80, 0.2), [0.1], 80)
+    assert d.state.factor == pytest.approx(2.0)
+    d = control.decide(s, d.state, _reading(90, 50.0), [0.1], 90)  # falling is always allowed
+    assert d.state.factor < 2.0
+    # a second rollback lowers the ceiling further
+    again = control.after_rollback(s, replace(state, factor=1.9), step=100)
+    assert again.ceiling == pytest.approx(1.9 / 1.5) and again.factor == pytest.approx(0.95)
     # the floor is 1 / max_factor
     low = control.after_rollback(s, ControlState(factor=0.3), 0)
     assert low.factor == pytest.approx(0.25)
@@ -92,7 +101,8 @@ def test_loss_alarm() -> None:
 
 def test_state_round_trips_and_version_1_states_load() -> None:
     state = ControlState(factor=2.0, smoothed=[1.0, None], n_measurements=3, n_decisions=2, n_skipped=1,
-                         n_rollbacks=1, last_ratio=1.2, last_key=(10, 0, 4.0), hold_until=50, losses=[0.5])
+                         n_rollbacks=1, last_ratio=1.2, last_key=(10, 0, 4.0), hold_until=50, ceiling=2.5,
+                         losses=[0.5])
     d = state.state_dict()
     assert ControlState.from_state_dict(d) == state
     v1 = {"version": 1, "factor": 2.0, "smoothed": [1.0], "n_measurements": 1, "n_decisions": 1, "n_skipped": 0,
