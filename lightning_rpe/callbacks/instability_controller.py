@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -443,7 +443,8 @@ class InstabilityController(Callback):
             decision = control.decide(self.settings, self.state, reading, self._scheduled(), trainer.global_step)
         decision = trainer.strategy.broadcast(decision, src=0)
         assert decision is not None
-        self.state = decision.state
+        # rank zero's state, keyed by this rank's measurement (so that no rank reconsiders it alone)
+        self.state = replace(decision.state, last_key=reading.key)
         if decision.used and decision.ratio is not None:
             self._decision_to_log = float(decision.ratio)
             self._snapshot_due = True  # keep the state at the next batch whose loss passes the guard
