@@ -92,6 +92,7 @@ class ControlSettings:
     gauge: Gauge = "auto"
     max_change: float = 1.5
     max_factor: float | None = 4.0
+    adam_max_factor: float | None = 1.0
     min_lr: float | None = None
     max_lr: float | None = None
     smoothing: float = 0.0
@@ -136,6 +137,8 @@ class ControlSettings:
         check_choice(o, "after_stop", self.after_stop, get_args(AfterStop))
         put(self, "max_change", check_float(o, "max_change", self.max_change, minimum=1.0, inclusive=False))
         put(self, "max_factor", check_float(o, "max_factor", self.max_factor, minimum=1.0, allow_none=True))
+        put(self, "adam_max_factor", check_float(o, "adam_max_factor", self.adam_max_factor, minimum=1.0,
+                                                 allow_none=True))
         for name in ("min_lr", "max_lr"):
             put(self, name, check_float(o, name, getattr(self, name), minimum=0.0, allow_none=True))
         if self.min_lr is not None and self.max_lr is not None:
@@ -166,6 +169,16 @@ class ControlSettings:
         check_int(o, "spike_window", self.spike_window, minimum=2)
         put(self, "rollback_factor", check_float(o, "rollback_factor", self.rollback_factor, minimum=0.0, maximum=1.0,
                                                  inclusive=False))
+
+    def for_optimizer(self, adam_family: bool) -> ControlSettings:
+        """The settings the law uses for an optimizer (``adam_family``: Adam, AdamW, ClippedAdam).
+
+        For the Adam family ``max_factor`` is lowered to ``adam_max_factor``.
+        """
+        if not adam_family or self.adam_max_factor is None:
+            return self
+        bound = self.adam_max_factor if self.max_factor is None else min(self.max_factor, self.adam_max_factor)
+        return replace(self, max_factor=bound)
 
     def controlled(self, n_groups: int) -> tuple[int, ...]:
         """Indices of the controlled param groups of an optimizer with ``n_groups`` groups."""

@@ -210,8 +210,8 @@ def legacy_controller(**kwargs: Any) -> InstabilityController:
     factor, max_change 2, no loss-spike rollback and the sharpness gauge (the behaviour before the safe
     defaults of issue 9).
     Tests of the new defaults and of the divergence guard are in test_controller_safety.py."""
-    options: dict[str, Any] = {"warmup_steps": 0, "max_factor": None, "max_change": 2.0, "spike_factor": None,
-                               "gauge": "sharpness"}
+    options: dict[str, Any] = {"warmup_steps": 0, "max_factor": None, "adam_max_factor": None, "max_change": 2.0,
+                               "spike_factor": None, "gauge": "sharpness"}
     options.update(kwargs)
     return InstabilityController(**options)
 

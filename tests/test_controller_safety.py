@@ -99,6 +99,22 @@ def test_loss_alarm() -> None:
     assert state.losses == [float(i) for i in range(15, 25)]
 
 
+def test_adam_family_bound() -> None:
+    s = ControlSettings(band=(1.1, 1.5))
+    assert s.for_optimizer(False) is s
+    assert s.for_optimizer(True).max_factor == 1.0  # the controller only lowers Adam's lr by default
+    assert ControlSettings(band=(1.1, 1.5), adam_max_factor=2.0).for_optimizer(True).max_factor == 2.0
+    assert ControlSettings(band=(1.1, 1.5), adam_max_factor=None).for_optimizer(True).max_factor == 4.0
+    assert ControlSettings(band=(1.1, 1.5), max_factor=None, adam_max_factor=8.0).for_optimizer(True).max_factor == 8.0
+    state = ControlState()
+    law = s.for_optimizer(True)
+    for k in range(5):
+        state = control.decide(law, state, _reading(100 + 10 * k, 0.1 * state.factor), [0.1], 100 + 10 * k).state
+    assert state.factor == 1.0
+    state = control.decide(law, state, _reading(200, 5.0), [0.1], 200).state
+    assert state.factor < 1.0
+
+
 def test_state_round_trips_and_version_1_states_load() -> None:
     state = ControlState(factor=2.0, smoothed=[1.0, None], n_measurements=3, n_decisions=2, n_skipped=1,
                          n_rollbacks=1, last_ratio=1.2, last_key=(10, 0, 4.0), hold_until=50, ceiling=2.5,
@@ -120,6 +136,7 @@ def test_state_round_trips_and_version_1_states_load() -> None:
         ({"spike_window": 1}, "spike_window"),
         ({"rollback_factor": 1.0}, "rollback_factor"),
         ({"hold_steps": -1}, "hold_steps"),
+        ({"adam_max_factor": 0.9}, "adam_max_factor"),
     ],
 )
 def test_new_options_are_validated(kwargs: dict[str, Any], match: str) -> None:

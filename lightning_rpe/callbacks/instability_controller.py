@@ -43,6 +43,7 @@ from lightning_rpe.control import (
     ControlState,
     Gauge,
 )
+from lightning_rpe.stability import group_thresholds
 
 __all__ = ["InstabilityController"]
 
@@ -105,6 +106,9 @@ class InstabilityController(Callback):
         max_change: largest factor change per decision (> 1, default 1.5).
         max_factor: bound on the total factor, ``1 / max_factor <= f <= max_factor`` (>= 1,
             default 4; None: unbounded).
+        adam_max_factor: the bound for the Adam family (Adam, AdamW, ClippedAdam; >= 1, default 1:
+            the controller only lowers their lr; None: ``max_factor``). Measured: raising Adam's lr
+            did not raise its preconditioned ratio (Adam adapts ``P``) but spiked the loss.
         min_lr, max_lr: bounds on every controlled group's effective rate, enforced at every step
             (``max_lr`` wins when they conflict; a scheduled rate of exactly 0 stays 0).
         smoothing: EMA coefficient ``beta`` in ``[0, 1)`` of the measured curvature.
@@ -140,6 +144,7 @@ class InstabilityController(Callback):
         gauge: Gauge = "auto",
         max_change: float = 1.5,
         max_factor: float | None = 4.0,
+        adam_max_factor: float | None = 1.0,
         min_lr: float | None = None,
         max_lr: float | None = None,
         smoothing: float = 0.0,
@@ -159,7 +164,8 @@ class InstabilityController(Callback):
         super().__init__()
         self.settings = ControlSettings(
             target_ratio=target_ratio, band=band, band_goal=band_goal, gauge=gauge, max_change=max_change,
-            max_factor=max_factor, min_lr=min_lr, max_lr=max_lr, smoothing=smoothing, warmup_steps=warmup_steps,
+            max_factor=max_factor, adam_max_factor=adam_max_factor, min_lr=min_lr, max_lr=max_lr,
+            smoothing=smoothing, warmup_steps=warmup_steps,
             start_step=start_step, stop_step=stop_step, after_stop=after_stop,
             param_groups=None if param_groups is None else param_groups,  # type: ignore[arg-type]
             initial_factor=initial_factor, spike_factor=spike_factor, spike_window=spike_window,
@@ -169,6 +175,7 @@ class InstabilityController(Callback):
             raise ValueError(f"InstabilityController: log must be True or False, got {log!r}")  # noqa: TRY004
         self.log = log
         self.state = ControlState(factor=self.settings.initial_factor)
+        self._law = self.settings  # the settings for the optimizer in use (see ControlSettings.for_optimizer)
         # runtime only
         self.active_gauge: str | None = None  # what "auto" resolved to at train start
         self.snapshot_bytes: int | None = None  # host memory of the rollback snapshot
@@ -275,6 +282,8 @@ class InstabilityController(Callback):
                 f"param_groups must be indices in [0, {n_groups - 1}] for this optimizer "
                 f"({n_groups} param groups), got {list(groups)}"
             )
+        adam_family = any(g.preconditioned for g in group_thresholds(optimizer))
+        self._law = self.settings.for_optimizer(adam_family)
         if len(self.state.smoothed) != n_groups:
             self.state.smoothed = (self.state.smoothed + [None] * n_groups)[:n_groups]
         self._remove_hooks()
@@ -342,13 +351,13 @@ class InstabilityController(Callback):
             if optimizer is None and self._trainer is not None and self._trainer.optimizers:
                 optimizer = self._trainer.optimizers[0]
             return [1.0] * (0 if optimizer is None else len(optimizer.param_groups))
-        return control.group_factors(self.settings, self.state, self._scheduled(), self._trainer.global_step)
+        return control.group_factors(self._law, self.state, self._scheduled(), self._trainer.global_step)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._restore_pending()  # a previous step raised before its post-hook ran
         assert self._trainer is not None
         step = self._trainer.global_step
-        factors = control.group_factors(self.settings, self.state, self._scheduled(), step)
+        factors = control.group_factors(self._law, self.state, self._scheduled(), step)
         pending: list[tuple[int, Any, Any]] = []
         for i, f in enumerate(factors):
             if f == 1.0:
@@ -359,7 +368,7 @@ class InstabilityController(Callback):
             group["lr"] = effective
             pending.append((i, scheduled, effective))
         self._pending = pending
-        self._applied = (step, control.factor_at(self.settings, self.state, step),
+        self._applied = (step, control.factor_at(self._law, self.state, step),
                          tuple(g["lr"] for g in optimizer.param_groups))
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -440,7 +449,7 @@ class InstabilityController(Callback):
         # decide on rank zero only, then broadcast the whole new state so that ranks cannot drift
         decision: control.Decision | None = None
         if trainer.is_global_zero:
-            decision = control.decide(self.settings, self.state, reading, self._scheduled(), trainer.global_step)
+            decision = control.decide(self._law, self.state, reading, self._scheduled(), trainer.global_step)
         decision = trainer.strategy.broadcast(decision, src=0)
         assert decision is not None
         # rank zero's state, keyed by this rank's measurement (so that no rank reconsiders it alone)
@@ -481,8 +490,8 @@ class InstabilityController(Callback):
     def _guard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: float | None) -> None:
         """Check the loss of the batch that just stepped; roll back when it is non-finite or spikes."""
         alarm = None
-        if control.controls(self.settings, trainer.global_step - 1):
-            alarm = None if loss is None else control.loss_alarm(self.settings, self.state.losses, loss)
+        if control.controls(self._law, trainer.global_step - 1):
+            alarm = None if loss is None else control.loss_alarm(self._law, self.state.losses, loss)
             if trainer.world_size > 1:  # every rank rolls back when any rank sees a bad loss
                 flag = torch.tensor(0.0 if alarm is None else 1.0, device=pl_module.device)
                 flag = trainer.strategy.reduce(flag, reduce_op="sum")
@@ -493,12 +502,12 @@ class InstabilityController(Callback):
             self._rollback(trainer, pl_module, alarm)
             return
         if loss is not None and math.isfinite(loss):
-            control.record_loss(self.settings, self.state, loss)
+            control.record_loss(self._law, self.state, loss)
         self._commit_snapshot()
 
     def _rollback(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
         old = self.state.factor
-        self.state = control.after_rollback(self.settings, self.state, trainer.global_step)
+        self.state = control.after_rollback(self._law, self.state, trainer.global_step)
         restored = self._snapshot is not None and self._optimizer is not None
         if restored:
             assert self._snapshot is not None and self._optimizer is not None
