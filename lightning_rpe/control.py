@@ -83,7 +83,8 @@ class ControlSettings:
 
     Raises ``ValueError`` naming ``InstabilityController``, the option and the accepted values.
     ``band`` is stored as a tuple of floats and ``param_groups`` as a tuple of ints (lists, as YAML
-    gives them, are accepted).
+    gives them, are accepted). ``adam_family`` is not an option: :meth:`for_optimizer` sets it for
+    the optimizer in use.
     """
 
     target_ratio: float | None = None
@@ -107,6 +108,7 @@ class ControlSettings:
     rollback_factor: float = 0.5
     hold_steps: int = 100
     enabled: bool = True
+    adam_family: bool = False
 
     def __post_init__(self) -> None:
         o, put = _OWNER, object.__setattr__
@@ -167,18 +169,29 @@ class ControlSettings:
         put(self, "spike_factor", check_float(o, "spike_factor", self.spike_factor, minimum=1.0, inclusive=False,
                                               allow_none=True))
         check_int(o, "spike_window", self.spike_window, minimum=2)
+        check_bool(o, "adam_family", self.adam_family)
         put(self, "rollback_factor", check_float(o, "rollback_factor", self.rollback_factor, minimum=0.0, maximum=1.0,
                                                  inclusive=False))
 
     def for_optimizer(self, adam_family: bool) -> ControlSettings:
         """The settings the law uses for an optimizer (``adam_family``: Adam, AdamW, ClippedAdam).
 
-        For the Adam family ``max_factor`` is lowered to ``adam_max_factor``.
+        For the Adam family the factor may not rise above ``adam_max_factor`` (the lower bound
+        stays ``1 / max_factor``).
         """
-        if not adam_family or self.adam_max_factor is None:
-            return self
-        bound = self.adam_max_factor if self.max_factor is None else min(self.max_factor, self.adam_max_factor)
-        return replace(self, max_factor=bound)
+        return self if adam_family == self.adam_family else replace(self, adam_family=adam_family)
+
+    def factor_bounds(self) -> tuple[float, float]:
+        """``(lowest, highest)`` total factor.
+
+        ``1 / max_factor`` and ``max_factor``, the latter at most ``adam_max_factor`` for the Adam
+        family (0 and inf when unbounded).
+        """
+        lo = 0.0 if self.max_factor is None else 1.0 / self.max_factor
+        hi = math.inf if self.max_factor is None else self.max_factor
+        if self.adam_family and self.adam_max_factor is not None:
+            hi = min(hi, self.adam_max_factor)
+        return lo, hi
 
     def controlled(self, n_groups: int) -> tuple[int, ...]:
         """Indices of the controlled param groups of an optimizer with ``n_groups`` groups."""
@@ -312,9 +325,7 @@ def factor_at(settings: ControlSettings, state: ControlState, step: int) -> floa
 
 
 def _bounds(settings: ControlSettings, scheduled: Sequence[float], groups: Sequence[int]) -> tuple[float, float]:
-    lo, hi = 0.0, math.inf
-    if settings.max_factor is not None:
-        lo, hi = 1.0 / settings.max_factor, settings.max_factor
+    lo, hi = settings.factor_bounds()
     for i in groups:
         s = float(scheduled[i])
         if s > 0:
@@ -459,8 +470,7 @@ def after_rollback(settings: ControlSettings, state: ControlState, step: int) ->
     sharpness under minibatch noise, cannot drive the run into it twice), the EMA and the loss
     history cleared.
     """
-    floor = 0.0 if settings.max_factor is None else 1.0 / settings.max_factor
-    factor = max(state.factor * settings.rollback_factor, floor)
+    factor = max(state.factor * settings.rollback_factor, settings.factor_bounds()[0])
     ceiling = state.factor / settings.max_change
     if state.ceiling is not None:
         ceiling = min(ceiling, state.ceiling)

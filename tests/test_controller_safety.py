@@ -102,10 +102,11 @@ def test_loss_alarm() -> None:
 def test_adam_family_bound() -> None:
     s = ControlSettings(band=(1.1, 1.5))
     assert s.for_optimizer(False) is s
-    assert s.for_optimizer(True).max_factor == 1.0  # the controller only lowers Adam's lr by default
-    assert ControlSettings(band=(1.1, 1.5), adam_max_factor=2.0).for_optimizer(True).max_factor == 2.0
-    assert ControlSettings(band=(1.1, 1.5), adam_max_factor=None).for_optimizer(True).max_factor == 4.0
-    assert ControlSettings(band=(1.1, 1.5), max_factor=None, adam_max_factor=8.0).for_optimizer(True).max_factor == 8.0
+    assert s.for_optimizer(True).factor_bounds() == (0.25, 1.0)  # the controller only lowers Adam's lr by default
+    assert ControlSettings(band=(1.1, 1.5), adam_max_factor=2.0).for_optimizer(True).factor_bounds() == (0.25, 2.0)
+    assert ControlSettings(band=(1.1, 1.5), adam_max_factor=None).for_optimizer(True).factor_bounds() == (0.25, 4.0)
+    unbounded = ControlSettings(band=(1.1, 1.5), max_factor=None, adam_max_factor=8.0)
+    assert unbounded.for_optimizer(True).factor_bounds() == (0.0, 8.0)
     state = ControlState()
     law = s.for_optimizer(True)
     for k in range(5):
