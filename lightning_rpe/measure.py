@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_rpe.curvature import HessianOperator, ScaledOperator, eigenpairs
+from lightning_rpe.curvature import HessianOperator, ScaledOperator, eigenpairs, known_causes, verify_operator
 from lightning_rpe.curvature.trace import trace as trace_estimate
 from lightning_rpe.geometry import Rotation, gradient_alignment
 from lightning_rpe.names import STABILITY_RATIO, THRESHOLD, MetricNames
@@ -45,13 +45,15 @@ Solver = Literal["auto", "lanczos", "block"]
 DType = Literal["float32", "float64"]
 BatchNormPolicy = Literal["eval", "batch"]
 DropoutPolicy = Literal["off", "on"]
-Backend = Literal["auto", "func", "autograd"]
+Backend = Literal["auto", "func", "autograd", "finite_difference"]
+Verify = Literal["first", "every", "off"]
 
 SOLVERS: tuple[Solver, ...] = ("auto", "lanczos", "block")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 BATCHNORM_POLICIES: tuple[BatchNormPolicy, ...] = ("eval", "batch")
 DROPOUT_POLICIES: tuple[DropoutPolicy, ...] = ("off", "on")
-BACKENDS: tuple[Backend, ...] = ("auto", "func", "autograd")
+BACKENDS: tuple[Backend, ...] = ("auto", "func", "autograd", "finite_difference")
+VERIFY: tuple[Verify, ...] = ("first", "every", "off")
 
 
 class MeasurementSkipped(Exception):
@@ -101,6 +103,9 @@ class MeasureSettings:
         solver: ``"lanczos"``, ``"block"`` or ``"auto"``.
         dtype: ``"float32"`` or ``"float64"``, precision of the products.
         batchnorm, dropout, backend: the :class:`~lightning_rpe.curvature.HessianOperator` policies.
+        verify: check the Hessian-vector products against float64 finite differences of gradients
+            (:func:`~lightning_rpe.curvature.verify_operator`) at the first measurement of a run
+            (``"first"``), at every one (``"every"``) or never (``"off"``).
         preconditioned: compute ``lambda_max(P^-1/2 H P^-1/2)`` for Adam-family groups.
         grad_alignment: compute the probe gradient and ``|cos(g, v_1)|``.
         warm_start: start each solve from the previous eigenvectors.
@@ -123,6 +128,7 @@ class MeasureSettings:
     batchnorm: BatchNormPolicy = "batch"
     dropout: DropoutPolicy = "off"
     backend: Backend = "auto"
+    verify: Verify = "first"
     preconditioned: bool = True
     grad_alignment: bool = True
     warm_start: bool = True
@@ -146,6 +152,7 @@ class MeasureSettings:
         check_choice(o, "batchnorm", self.batchnorm, BATCHNORM_POLICIES)
         check_choice(o, "dropout", self.dropout, DROPOUT_POLICIES)
         check_choice(o, "backend", self.backend, BACKENDS)
+        check_choice(o, "verify", self.verify, VERIFY)
         check_int(o, "seed", self.seed, minimum=0)
 
     def generator(self, step: int) -> torch.Generator:
@@ -177,6 +184,12 @@ class Solve:
             column is tracked to tell crossings from rotations); ``min_vector``, ``preconditioned_vector``:
             ``(dim,)`` or None.
         notes: ``(key, message)`` pairs a caller should warn about once per key.
+        backend: the product path that produced the numbers (``"autograd"``, ``"func"``,
+            ``"finite_difference"``).
+        verification: the verdict of this solve's product check (``"passed"``, ``"failed"``,
+            ``"inconclusive"``), or None when none was made.
+        verify_error: relative error of the checked product against finite differences, or None.
+        switched: the check failed and the solve fell back to the finite-difference backend.
     """
 
     eigenvalues: tuple[float, ...]
@@ -195,6 +208,10 @@ class Solve:
     min_vector: Tensor | None
     preconditioned_vector: Tensor | None
     notes: tuple[tuple[str, str], ...] = ()
+    backend: str = "autograd"
+    verification: str | None = None
+    verify_error: float | None = None
+    switched: bool = False
 
 
 @dataclass(frozen=True)
@@ -243,6 +260,12 @@ class Measurement:
             changed order (eigenvectors matched by overlap; see
             :func:`lightning_rpe.geometry.match_eigenvectors`). ``rotation_cos`` and ``polarity`` follow
             the matched vector, so a crossing is not reported as a rotation.
+        backend: the product path that produced the numbers (``"finite_difference"`` after a
+            failed check, see ``verify``).
+        verify_error: relative error of the product check made at this measurement, or None.
+        unverified: True when a product check of this run failed (or could not decide) and the
+            numbers still come from the unchecked path (an explicit ``backend``, or an
+            inconclusive check): they may be wrong.
     """
 
     step: int
@@ -271,6 +294,9 @@ class Measurement:
     lambda_min_residual: float | None = None
     stability_ratio: float | None = None
     eigenvalue_crossings: int | None = None
+    backend: str = "autograd"
+    verify_error: float | None = None
+    unverified: bool = False
 
     def to_state(self) -> dict[str, Any]:
         """Plain-Python form (tuples as lists) for checkpoints."""
@@ -283,6 +309,32 @@ class Measurement:
         names = {f.name for f in fields(cls)}
         kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in state.items() if k in names}
         return cls(**kwargs)
+
+
+def _check(op: HessianOperator) -> tuple[str, float | None, int, tuple[str, str] | None]:
+    """Verify ``op``: (verdict, relative error, product-equivalents of the reference, note or None)."""
+    try:
+        v = verify_operator(op)
+    except LossFunctionError:
+        raise
+    except Exception as exc:  # e.g. no double backward at all (a compiled model)
+        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        return "failed", None, 0, ("verify-failed", _verify_message("failed", reason, known_causes(op.model), op.backend))
+    extra = math.ceil(v.n_gradients / 2)  # a product costs about two gradients
+    note = None if v.passed else ("verify-" + v.verdict, _verify_message(v.verdict, v.reason, v.suspects, v.backend))
+    return v.verdict, v.rel_error, extra, note
+
+
+def _verify_message(verdict: str, reason: str | None, suspects: Sequence[str], backend: str) -> str:
+    causes = f" Known causes found in the model: {', '.join(suspects)}." if suspects else ""
+    if verdict == "failed":
+        what = ("With backend='auto' this run uses the finite-difference backend from now on (2 gradients per "
+                "product); with an explicit backend every measurement is flagged rpe/unverified.")
+    else:
+        what = ("The loss is not smooth here (ReLU / max-pooling kinks): finite differences cannot check the "
+                "products, which stay on the AD path; measurements are flagged rpe/unverified.")
+    return (f"the Hessian-vector products ({backend}) do not match float64 finite differences of gradients "
+            f"({verdict}: {reason}).{causes} {what}")
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -333,6 +385,8 @@ def solve(
     lr_scales: Sequence[float] | None = None,
     warm: Any = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    check: bool = False,
+    finite_difference: bool = False,
 ) -> Solve:
     """Measure the Hessian of ``loss_fn`` over ``batches`` at the model's current parameters.
 
@@ -347,16 +401,28 @@ def solve(
         warm: an :class:`~lightning_rpe.geometry.EigenvectorTracker` whose previous vectors start
             the solves (used only with ``settings.warm_start``), or None.
         reduce: SUM across processes of every product (None: one process).
+        check: verify one product against finite differences first (every process must pass the
+            same value: the check's products are collective); on failure with ``backend="auto"``
+            the solve switches to the finite-difference backend.
+        finite_difference: use the finite-difference backend (a run whose check failed before).
 
     Raises:
         MeasurementSkipped: non-finite loss or eigenvalues, or a solve that did not converge.
         LossFunctionError: the loss function is wrong (wrong signature, no scalar tensor).
     """
     op = HessianOperator(
-        model, checked_loss(loss_fn), batches, dtype=DTYPES[settings.dtype], backend=settings.backend,
+        model, checked_loss(loss_fn), batches, dtype=DTYPES[settings.dtype],
+        backend="finite_difference" if finite_difference else settings.backend,
         batchnorm=settings.batchnorm, dropout=settings.dropout, reduce=reduce,
     )
     notes: list[tuple[str, str]] = []
+    verdict, verify_error, switched, extra = None, None, False, 0
+    if check and op.backend != "finite_difference":
+        verdict, verify_error, extra, note = _check(op)
+        if note is not None:
+            notes.append(note)
+        if verdict == "failed" and settings.backend == "auto":
+            op, switched = op.with_backend("finite_difference"), True
     loss, grad = None, None
     if settings.grad_alignment:
         try:
@@ -440,14 +506,17 @@ def solve(
             align = None
     return Solve(
         eigenvalues=top_vals, lambda_min=lam_min, trace=tr, preconditioned_sharpness=pre_val, groups=tuple(groups),
-        ratios=ratios, stability_ratio=ratio, n_hvp=int(op.n_hvp), residuals=tuple(float(r) for r in res.residuals[:k]),
+        ratios=ratios, stability_ratio=ratio, n_hvp=int(op.n_hvp) + extra, residuals=tuple(float(r) for r in res.residuals[:k]),
         lambda_min_residual=float(res.residuals[k_solve]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
+        backend=op.backend, verification=verdict, verify_error=verify_error, switched=switched,
     )
 
 
-def assemble(s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: float, trigger: str) -> Measurement:
+def assemble(
+    s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: float, trigger: str, unverified: bool = False
+) -> Measurement:
     """The public :class:`Measurement` of a solve and its rotation against earlier measurements."""
     return Measurement(
         step=step,
@@ -476,6 +545,9 @@ def assemble(s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: fl
         lambda_min_residual=s.lambda_min_residual,
         stability_ratio=s.stability_ratio,
         eigenvalue_crossings=rotation.crossings,
+        backend=s.backend,
+        verify_error=s.verify_error,
+        unverified=unverified,
     )
 
 
@@ -504,6 +576,9 @@ def measurement_metrics(m: Measurement, names: MetricNames) -> dict[str, float]:
     out[names.probe_loss] = m.probe_loss
     out[names.sharpness_residual] = m.residuals[0] if m.residuals else None
     out[names.lambda_min_residual] = m.lambda_min_residual
+    out[names.finite_difference] = float(m.backend == "finite_difference")
+    out[names.verify_error] = m.verify_error
+    out[names.unverified] = 1.0 if m.unverified else None
     out[names.hvps] = float(m.n_hvp)
     out[names.measure_seconds] = m.seconds
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}

@@ -47,6 +47,7 @@ from lightning_rpe.measure import (
     MeasureSettings,
     Solve,
     Solver,
+    Verify,
     assemble,
     measurement_metrics,
     solve,
@@ -91,7 +92,12 @@ class SharpnessMonitor(Callback):
             training batch size, running statistics untouched: the loss training differentiates) or
             ``"eval"`` (running statistics, as in most published research code; a different function).
         dropout: ``"off"`` or ``"on"`` (fixed masks per probe batch).
-        backend: ``"auto"``, ``"func"`` or ``"autograd"`` (see HessianOperator).
+        backend: ``"auto"``, ``"func"``, ``"autograd"`` or ``"finite_difference"`` (see HessianOperator).
+        verify: check the Hessian-vector products against float64 finite differences of gradients
+            at the first measurement of a run (``"first"``), at every one (``"every"``) or never
+            (``"off"``). A failed check is warned about (naming the known causes found in the
+            model) and, with ``backend="auto"``, switches the run to the finite-difference backend;
+            otherwise every later measurement is flagged ``rpe/unverified``.
         probe: ``"fixed"`` (first ``probe_size`` training samples, captured once), ``"batch"``
             (the current training batch) or a user iterable of batches (read once at fit start).
         probe_size: number of samples of the fixed probe set (or taken from a user loader).
@@ -131,6 +137,7 @@ class SharpnessMonitor(Callback):
         batchnorm: BatchNormPolicy = "batch",
         dropout: DropoutPolicy = "off",
         backend: Backend = "auto",
+        verify: Verify = "first",
         probe: Literal["fixed", "batch"] | Iterable[Any] = "fixed",
         probe_size: int = 1000,
         probe_batch_size: int | None = None,
@@ -167,7 +174,7 @@ class SharpnessMonitor(Callback):
         self.settings = MeasureSettings(
             top_k=top_k, lambda_min=lambda_min, trace=trace, trace_hvps=trace_hvps, tol=tol,
             lambda_min_tol=lambda_min_tol, max_hvp=max_hvp, solver=solver, dtype=dtype, batchnorm=batchnorm,
-            dropout=dropout, backend=backend, preconditioned=preconditioned, grad_alignment=grad_alignment,
+            dropout=dropout, backend=backend, verify=verify, preconditioned=preconditioned, grad_alignment=grad_alignment,
             warm_start=warm_start, seed=seed, owner=_OWNER,
         )
         self.probe_size = check_int(_OWNER, "probe_size", probe_size, minimum=1)
@@ -200,6 +207,9 @@ class SharpnessMonitor(Callback):
         self._uses_training_step = False
         self._step_at_batch_start: int | None = None
         self._last_batch: Any = None
+        self._verified = False  # a product check was made in this run
+        self._finite_difference = False  # the check failed: products by finite differences
+        self._unverified = False  # the check failed or was inconclusive and nothing was switched
 
     def __getattr__(self, name: str) -> Any:
         # the measurement settings read as monitor attributes (monitor.tol, monitor.dtype, ...)
@@ -238,6 +248,9 @@ class SharpnessMonitor(Callback):
             "last_attempt_step": self._last_attempt_step,
             "latest": None if self.latest is None else self.latest.to_state(),
             "warned": sorted(self._warned),
+            "verified": self._verified,
+            "finite_difference": self._finite_difference,
+            "unverified": self._unverified,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -253,6 +266,9 @@ class SharpnessMonitor(Callback):
         self._last_attempt_step = state_dict["last_attempt_step"]
         self.latest = None if state_dict["latest"] is None else Measurement.from_state(state_dict["latest"])
         self._warned = set(state_dict.get("warned", []))
+        self._verified = bool(state_dict.get("verified", False))
+        self._finite_difference = bool(state_dict.get("finite_difference", False))
+        self._unverified = bool(state_dict.get("unverified", False))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -287,6 +303,7 @@ class SharpnessMonitor(Callback):
         self._probe_fingerprint = None
         self._probe_kind = None
         self._last_batch = None
+        self._verified = self._finite_difference = self._unverified = False
 
     @staticmethod
     def _check_strategy(trainer: pl.Trainer) -> None:
@@ -416,9 +433,11 @@ class SharpnessMonitor(Callback):
         # self.log must not replace the logged training values with probe-batch values
         with isolate_rng(), torch.enable_grad(), RankZeroBuffers(pl_module, enabled=is_distributed), \
                 MutedLogging(pl_module):
+            check = self.settings.verify == "every" or (self.settings.verify == "first" and not self._verified)
             return solve(pl_module, self._loss, batches, self.settings, step=step, optimizer=optimizer,
                          lr_scales=self._lr_scales(), warm=self._tracker,
-                         reduce=all_reduce_sum if is_distributed else None)
+                         reduce=all_reduce_sum if is_distributed else None, check=check,
+                         finite_difference=self._finite_difference)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, trigger: str) -> None:
         step = trainer.global_step
@@ -462,11 +481,15 @@ class SharpnessMonitor(Callback):
             result = trainer.strategy.broadcast(result, src=0)
         for key, message in result.notes:
             self._warn_once(key, f"SharpnessMonitor: {message}")
+        if result.verification is not None:
+            self._verified = True
+            self._finite_difference = self._finite_difference or result.switched
+            self._unverified = result.verification != "passed" and not result.switched
         rotation = self._tracker.update(step, result.top_vectors, result.min_vector, result.preconditioned_vector,
                                         k=len(result.eigenvalues))
         self.n_measurements += 1
         self.latest = assemble(result, rotation, step=step, epoch=int(trainer.current_epoch),
-                               seconds=time.perf_counter() - start, trigger=trigger)
+                               seconds=time.perf_counter() - start, trigger=trigger, unverified=self._unverified)
         self._publish(trainer, self.latest)
 
     # ------------------------------------------------------------------ logging
