@@ -15,6 +15,7 @@ exactly that. Definitions of every quantity: ``docs/metrics.md``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
@@ -410,12 +411,16 @@ def solve(
         MeasurementSkipped: non-finite loss or eigenvalues, or a solve that did not converge.
         LossFunctionError: the loss function is wrong (wrong signature, no scalar tensor).
     """
-    op = HessianOperator(
-        model, checked_loss(loss_fn), batches, dtype=DTYPES[settings.dtype],
-        backend="finite_difference" if finite_difference else settings.backend,
-        batchnorm=settings.batchnorm, dropout=settings.dropout, reduce=reduce,
-    )
     notes: list[tuple[str, str]] = []
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        op = HessianOperator(
+            model, checked_loss(loss_fn), batches, dtype=DTYPES[settings.dtype],
+            backend="finite_difference" if finite_difference else settings.backend,
+            batchnorm=settings.batchnorm, dropout=settings.dropout, reduce=reduce,
+        )
+    for w in said:  # the engine's notes (e.g. auto picked finite differences) are warned once per run
+        notes.append(("operator-" + str(w.message)[:40], str(w.message)))
     verdict, verify_error, switched, extra = None, None, False, 0
     if check and op.backend != "finite_difference":
         verdict, verify_error, extra, note = _check(op)

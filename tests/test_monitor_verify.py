@@ -74,8 +74,9 @@ def test_weight_norm_is_caught_and_measured_by_finite_differences() -> None:
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         make_trainer([monitor], max_steps=4).fit(model, _loader())
-    messages = [str(w.message) for w in record if "do not match float64 finite differences" in str(w.message)]
-    assert len(messages) == 1 and "parametriz" in messages[0] and "finite-difference backend" in messages[0]
+    # backend="auto" sees the weight_norm parametrization and uses finite differences from the start
+    messages = [str(w.message) for w in record if "uses finite differences of gradients" in str(w.message)]
+    assert len(messages) == 1 and "weight_norm: wrong double backward" in messages[0]
     m = monitor.latest
     assert m.backend == "finite_difference" and not m.unverified
     assert monitor.metrics(m)["rpe/finite_difference"] == 1.0
@@ -100,3 +101,44 @@ def test_a_right_model_passes_and_is_checked_once() -> None:
     make_trainer([monitor], max_steps=3).fit(model, _loader())
     assert monitor.state_dict()["verified"] and not monitor.state_dict()["finite_difference"]
     assert monitor.latest.backend == "autograd" and monitor.latest.verify_error is None  # checked at fit start only
+
+
+class OnceDifferentiableNet(WeightNormNet):
+    """A custom autograd.Function whose backward is not differentiable: found only by the check."""
+
+    def __init__(self) -> None:
+        super().__init__(hand=True)
+
+    def compute_loss(self, batch):
+        h = _TanhOnce.apply(self.net[0](batch[0]))
+        return F.cross_entropy(self.net[2](h), batch[1])
+
+
+class _TanhOnce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+def test_a_custom_function_without_double_backward_fails_the_check_and_switches() -> None:
+    monitor = SharpnessMonitor(every_n_steps=2, dtype="float64", tol=1e-8, probe_size=32)
+    model = OnceDifferentiableNet()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer([monitor], max_steps=4).fit(model, _loader())
+    messages = [str(w.message) for w in record if "do not match float64 finite differences" in str(w.message)]
+    assert len(messages) == 1 and "finite-difference backend" in messages[0]
+    assert monitor.n_skipped == 0 and monitor.latest.backend == "finite_difference"
+    # reference: the same function with torch.tanh (right double backward)
+    twin = WeightNormNet(hand=True)
+    twin.load_state_dict(model.state_dict())
+    op = HessianOperator(twin, lambda m, b: m.compute_loss(b), [next(iter(_loader()))], dtype=torch.float64)
+    assert monitor.latest.sharpness == pytest.approx(float(eigenpairs(op, tol=1e-10).lambda_max), rel=1e-6)
