@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import final_sharpness, markdown_table, mean_std, write_results  # noqa: E402
+from _common import final_sharpness, markdown_table, mean_std, write_results
+
 from lightning_rpe.curvature import HessianOperator, PreconditionedOperator, eigenpairs
 from lightning_rpe.data import DigitsDataModule
 from lightning_rpe.models import MLPClassifier, RPEClassifier, SmallCNN
@@ -174,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.005, 0.01])
-    p.add_argument("--quantiles", type=float, nargs="+", default=[0.5, 0.9, 0.99])
-    p.add_argument("--warmup", type=int, default=100, help="clip_warmup of the relative clip (steps)")
-    p.add_argument("--mlp-steps", type=int, default=1000)
-    p.add_argument("--cnn-steps", type=int, default=600)
-    p.add_argument("--every", type=int, default=100, help="stability-ratio measurement interval (steps)")
+    p.add_argument("--quantiles", type=float, nargs="+", default=[0.1, 0.5, 0.9, 0.99])
+    p.add_argument("--warmup", type=int, default=0, help="clip_warmup of the relative clip (steps)")
+    p.add_argument("--mlp-steps", type=int, default=800)
+    p.add_argument("--cnn-steps", type=int, default=400)
+    p.add_argument("--every", type=int, default=50, help="stability-ratio measurement interval (steps)")
     p.add_argument("--calibrate-step", type=int, default=200, help="Adam step at which abs p99 is read")
     p.add_argument("--gd-lr", type=float, default=0.2)
     p.add_argument("--no-abs", action="store_true", help="skip the absolute-clip arm")

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["ClipStatistics", "ClippedAdam", "EXACT_QUANTILE_MAX", "QUANTILE_SAMPLE"]
+__all__ = ["EXACT_QUANTILE_MAX", "QUANTILE_SAMPLE", "ClipStatistics", "ClippedAdam"]
 
 _MODES = ("upper", "lower")
 #: Largest number of coordinates in a group whose quantile is computed exactly (torch.kthvalue).
@@ -75,6 +75,11 @@ def _as_float(value: Any) -> float:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _float_or_same(value: Any) -> Any:
+    """Ints become floats (so that checkpoints hold one type); anything else is left to _validate."""
+    return float(value) if _is_real(value) else value
 
 
 def _validate(g: dict[str, Any]) -> None:
@@ -201,19 +206,19 @@ class ClippedAdam(Optimizer):
             raise ValueError(f"ClippedAdam: maximize must be True or False, got {maximize!r}")
         if clip is None and clip_quantile is None:
             clip = 1.0
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            clip=float(clip) if _is_real(clip) else clip,
-            mode=mode,
-            clip_quantile=float(clip_quantile) if _is_real(clip_quantile) else clip_quantile,
-            clip_scale=float(clip_scale) if _is_real(clip_scale) else clip_scale,
-            clip_warmup=clip_warmup,
-            maximize=maximize,
-        )
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas) if isinstance(betas, (tuple, list)) else betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "clip": _float_or_same(clip),
+            "mode": mode,
+            "clip_quantile": _float_or_same(clip_quantile),
+            "clip_scale": _float_or_same(clip_scale),
+            "clip_warmup": clip_warmup,
+            "maximize": maximize,
+        }
         _validate(defaults)
         self._samples: dict[tuple[int, tuple[int, ...]], list[Tensor]] = {}
         super().__init__(params, defaults)
