@@ -27,6 +27,7 @@ A run whose training loss becomes non-finite or exceeds 1e3 is stopped and count
 
     python examples/clipped_adam_sweep.py --out /tmp/clipped_sweep           # the full sweep
     python examples/clipped_adam_sweep.py --smoke --out /tmp/clipped_smoke   # seconds
+    python examples/clipped_adam_sweep.py --out /tmp/all --merge /tmp/a/results.json /tmp/b/results.json
 """
 
 from __future__ import annotations
@@ -185,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-abs", action="store_true", help="skip the absolute-clip arm")
     p.add_argument("--no-gd", action="store_true", help="skip the GD arm")
     p.add_argument("--smoke", action="store_true", help="tiny run (seconds) for the test suite")
+    p.add_argument("--merge", type=Path, nargs="+", help="only rebuild the table from these results.json files")
     args = p.parse_args(argv)
+    if args.merge:
+        merged = [r for f in args.merge for r in json.loads(f.read_text())]
+        write_results(args.out, f"ClippedAdam sweep: merged from {[str(f) for f in args.merge]}", summarize(merged),
+                      merged)
+        return 0
     if args.smoke:
         args.models, args.seeds, args.lrs, args.quantiles = ["mlp"], [0], [0.005], [0.9]
         args.mlp_steps, args.cnn_steps, args.every, args.calibrate_step, args.warmup = 12, 12, 6, 6, 3

@@ -27,3 +27,7 @@ def test_clipped_adam_sweep_smoke(tmp_path, capsys):
     assert abs(relative["clip_fraction"] - 0.1) < 0.01  # q = 0.9: about 10% clipped
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("ClippedAdam sweep") and "rel q=0.9" in table and "rel q=0.9" in capsys.readouterr().out
+    merged = tmp_path / "merged"
+    assert mod.main(["--out", str(merged), "--merge", str(tmp_path / "results.json")]) == 0
+    rows = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert [ln for ln in (merged / "results.md").read_text().splitlines() if ln.startswith("| ")] == rows
