@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     table = summarize(results)
     header = (f"ClippedAdam sweep: models {args.models}, seeds {args.seeds}, lrs {args.lrs}, quantiles "
               f"{args.quantiles}, warm-up {args.warmup}, steps {args.steps}, every {args.every}, GD lr {args.gd_lr}; "
-              f"{time.perf_counter() - t0:.0f} s on 1 thread")
+              f"{time.perf_counter() - t0:.0f} s wall, 1 torch thread")
     write_results(args.out, header, table, results)
     return 0
 
