@@ -245,6 +245,7 @@ def test_checkpoint_without_the_relative_options_loads_as_absolute():
         ({"clip_quantile": float("nan")}, "clip_quantile must be"),
         ({"clip_quantile": "0.9"}, "clip_quantile must be"),
         ({"clip_quantile": 0.9, "clip_scale": 0.0}, "clip_scale must be a finite float > 0"),
+        ({"clip": 0.5, "clip_scale": -1.0}, "clip_scale must be"),
         ({"clip_quantile": 0.9, "clip_scale": float("inf")}, "clip_scale must be"),
         ({"clip_quantile": 0.9, "clip_warmup": -1}, r"clip_warmup must be an integer >= 0"),
         ({"clip_quantile": 0.9, "clip_warmup": 2.5}, "clip_warmup must be"),

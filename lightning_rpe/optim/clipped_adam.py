@@ -115,6 +115,12 @@ def _validate(g: dict[str, Any]) -> None:
         raise ValueError(f"ClippedAdam: mode must be one of {_MODES}, got {mode!r}")
     if not isinstance(g["decoupled_weight_decay"], bool):
         raise ValueError(f"ClippedAdam: decoupled_weight_decay must be True or False, got {g['decoupled_weight_decay']!r}")
+    s = g["clip_scale"]
+    if not (_is_real(s) and math.isfinite(s) and s > 0.0):
+        raise ValueError(f"ClippedAdam: clip_scale must be a finite float > 0, got {s!r}")
+    w = g["clip_warmup"]
+    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+        raise ValueError(f"ClippedAdam: clip_warmup must be an integer >= 0 (steps), got {w!r}")
     if q is None:
         if not _is_real(clip) or math.isnan(clip):
             raise ValueError(f"ClippedAdam: clip must be a float, got {clip!r}")
@@ -130,12 +136,6 @@ def _validate(g: dict[str, Any]) -> None:
         )
     if not (_is_real(q) and 0.0 < q <= 1.0):
         raise ValueError(f"ClippedAdam: clip_quantile must be a float in (0, 1] or None, got {q!r}")
-    s = g["clip_scale"]
-    if not (_is_real(s) and math.isfinite(s) and s > 0.0):
-        raise ValueError(f"ClippedAdam: clip_scale must be a finite float > 0, got {s!r}")
-    w = g["clip_warmup"]
-    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-        raise ValueError(f"ClippedAdam: clip_warmup must be an integer >= 0 (steps), got {w!r}")
 
 
 @dataclass(frozen=True)
