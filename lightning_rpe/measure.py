@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from lightning_rpe.curvature import HessianOperator, ScaledOperator, eigenpairs, known_causes, verify_operator
 from lightning_rpe.curvature.trace import trace as trace_estimate
 from lightning_rpe.geometry import Rotation, gradient_alignment
-from lightning_rpe.names import STABILITY_RATIO, THRESHOLD, MetricNames
+from lightning_rpe.optim import ClippedAdam
+from lightning_rpe.names import CLIP_FRACTION, CLIP_LEVEL, STABILITY_RATIO, THRESHOLD, MetricNames
 from lightning_rpe.stability import GroupThreshold, StepScales, group_thresholds, stability_ratio, step_scales
 from lightning_rpe.validation import check_bool, check_choice, check_float, check_int
 
@@ -191,6 +192,9 @@ class Solve:
             ``"inconclusive"``), or None when none was made.
         verify_error: relative error of the checked product against finite differences, or None.
         switched: the check failed and the solve fell back to the finite-difference backend.
+        clip_fractions, clip_levels: per param group of a ClippedAdam, the fraction of coordinates
+            whose denominator the clip replaced at the last step and the level used (NaN while a
+            relative clip warms up); empty for other optimizers.
     """
 
     eigenvalues: tuple[float, ...]
@@ -213,6 +217,8 @@ class Solve:
     verification: str | None = None
     verify_error: float | None = None
     switched: bool = False
+    clip_fractions: tuple[float, ...] = ()
+    clip_levels: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -267,6 +273,9 @@ class Measurement:
         unverified: True when a product check of this run failed (or could not decide) and the
             numbers still come from the unchecked path (an explicit ``backend``, or an
             inconclusive check): they may be wrong.
+        clip_fractions, clip_levels: ClippedAdam only, per param group: fraction of coordinates
+            clipped at the last step, in [0, 1], and the clip level (gradient units; NaN while a
+            relative clip warms up).
     """
 
     step: int
@@ -298,6 +307,8 @@ class Measurement:
     backend: str = "autograd"
     verify_error: float | None = None
     unverified: bool = False
+    clip_fractions: tuple[float, ...] = ()
+    clip_levels: tuple[float, ...] = ()
 
     def to_state(self) -> dict[str, Any]:
         """Plain-Python form (tuples as lists) for checkpoints."""
@@ -336,6 +347,16 @@ def _verify_message(verdict: str, reason: str | None, suspects: Sequence[str], b
                 "products, which stay on the AD path; measurements are flagged rpe/unverified.")
     return (f"the Hessian-vector products ({backend}) do not match float64 finite differences of gradients "
             f"({verdict}: {reason}).{causes} {what}")
+
+
+def _clip_statistics(optimizer: torch.optim.Optimizer | None) -> dict[str, tuple[float, ...]]:
+    if not isinstance(optimizer, ClippedAdam):
+        return {}
+    stats = optimizer.clip_statistics()
+    return {
+        "clip_fractions": tuple(float(st.fraction) for st in stats),
+        "clip_levels": tuple(float(st.level) if st.active else math.nan for st in stats),
+    }
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -516,6 +537,7 @@ def solve(
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
         backend=op.backend, verification=verdict, verify_error=verify_error, switched=switched,
+        **_clip_statistics(optimizer),
     )
 
 
@@ -553,6 +575,8 @@ def assemble(
         backend=s.backend,
         verify_error=s.verify_error,
         unverified=unverified,
+        clip_fractions=s.clip_fractions,
+        clip_levels=s.clip_levels,
     )
 
 
@@ -584,6 +608,9 @@ def measurement_metrics(m: Measurement, names: MetricNames) -> dict[str, float]:
     out[names.finite_difference] = float(m.backend == "finite_difference")
     out[names.verify_error] = m.verify_error
     out[names.unverified] = 1.0 if m.unverified else None
+    for values, name in ((m.clip_fractions, CLIP_FRACTION), (m.clip_levels, CLIP_LEVEL)):
+        for i, value in enumerate(values, start=1):
+            out[names.tag(name) if len(values) == 1 else names.group(name, i)] = value
     out[names.hvps] = float(m.n_hvp)
     out[names.measure_seconds] = m.seconds
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}

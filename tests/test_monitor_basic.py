@@ -362,3 +362,20 @@ def test_adam_with_an_unused_parameter_keeps_every_metric_and_says_why() -> None
     assert unused.stability_ratio == pytest.approx(plain.stability_ratio, rel=1e-6)
     assert results[False][1] == []
     assert len(results[True][1]) == 1 and "aux_head.weight, aux_head.bias" in results[True][1][0]
+
+
+def test_clipped_adam_clip_statistics_are_logged() -> None:
+    from lightning_rpe.optim import ClippedAdam
+
+    class Clipped(TinyMLP):
+        def configure_optimizers(self):
+            return ClippedAdam(self.parameters(), lr=0.01, clip_quantile=0.5)
+
+    monitor = SharpnessMonitor(every_n_steps=2, probe_size=8)
+    model = Clipped()
+    make_trainer([monitor], max_steps=4).fit(model, full_batch_loader(8))
+    stats = model.trainer.optimizers[0].clip_statistics()
+    logged = monitor.metrics(monitor.latest)
+    assert logged["rpe/clip_fraction"] == pytest.approx(stats[0].fraction)
+    assert logged["rpe/clip_level"] == pytest.approx(stats[0].level)
+    assert 0.3 <= logged["rpe/clip_fraction"] <= 0.7  # the median clips about half the coordinates
