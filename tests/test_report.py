@@ -161,3 +161,65 @@ def test_lr_read_from_hparams_with_python_tuple_tags(tmp_path):
     (run / "hparams.yaml").write_text("betas: !!python/tuple\n- 0.9\n- 0.999\nlr: 0.2\n")
     s = summarize(load_run(run))
     assert s.lr == 0.2 and s.lr_source == "hparams.yaml:lr"
+
+
+def test_event_files_read_in_writing_order_not_name_order(tmp_path):
+    # Two writers in the same second of one process: the file names differ only in the counter
+    # (".9" then ".10"), which sorts the second file first as text. The later value must win.
+    run = tmp_path / "r"
+    paths = []
+    for values in (((0, 1.0), (10, 2.0)), ((10, 3.0), (20, 4.0))):
+        w = SummaryWriter(str(run), filename_suffix=f".tmp{len(paths)}")
+        for step, v in values:
+            w.add_scalar("rpe/sharpness", v, step)
+        w.close()
+        (new,) = [p for p in run.iterdir() if p.name.endswith(f".tmp{len(paths)}")]
+        paths.append(new)
+    for counter, p in zip((9, 10), paths):
+        p.rename(run / f"events.out.tfevents.1700000000.host.123.{counter}")
+    assert sorted(p.name for p in run.iterdir())[0].endswith(".10")  # text order is the wrong order
+    s = load_run(run).scalars["rpe/sharpness"]
+    assert s.steps.tolist() == [0, 10, 20] and s.values.tolist() == [1.0, 3.0, 4.0]
+
+
+def test_other_prefix_is_read_back(tmp_path):
+    run = tmp_path / "p"
+    w = SummaryWriter(str(run))
+    for step, v in ((0, 5.0), (10, 7.5)):
+        w.add_scalar("curv/sharpness", v, step)
+        w.add_scalar("curv/threshold", 40.0, step)
+        w.add_scalar("curv/stability_ratio", v / 40.0, step)
+        w.add_scalar("curv/lambda_min", -0.5 - step, step)
+    w.close()
+    s = summarize(load_run(run, prefix="curv/"))
+    assert s.final_sharpness == 7.5 and s.final_threshold == 40.0 and s.measurements == 2
+    assert s.min_lambda_min == pytest.approx(-10.5) and s.min_lambda_min_step == 10  # step 0 is the warm-up
+    assert summarize(load_run(run)).final_sharpness is None  # default prefix: nothing of it
+    (run / "run_card.json").write_text(json.dumps({"format": 1, "prefix": "curv/"}))
+    assert summarize(load_run(run)).final_sharpness == 7.5  # the run card's prefix is the default
+    res = write_report([run], out=tmp_path / "rep", prefix="curv/")
+    assert "7.5" in res["markdown"].read_text()
+
+
+def test_lambda_min_after_warmup_and_residuals(tmp_path):
+    run = tmp_path / "lm"
+    w = SummaryWriter(str(run))
+    rows = [(0, -2.0, 0.01), (100, -0.3, 0.05), (200, 0.04, 0.1), (300, -0.2, 0.5), (1000, -0.1, 0.01)]
+    for step, lam, res in rows:
+        w.add_scalar("rpe/sharpness", 10.0, step)
+        w.add_scalar("rpe/sharpness_residual", 0.02, step)
+        w.add_scalar("rpe/lambda_min", lam, step)
+        w.add_scalar("rpe/lambda_min_residual", res, step)
+    w.close()
+    data = load_run(run)
+    s = summarize(data)  # warm-up: the first 10% of steps 0..1000, i.e. before step 100
+    assert s.warmup_step == 100 and s.min_lambda_min == pytest.approx(-0.3) and s.min_lambda_min_step == 100
+    assert s.min_lambda_min_residual == pytest.approx(0.05) and s.lambda_min_resolved is True
+    assert s.final_sharpness_residual == pytest.approx(0.02)
+    s = summarize(data, warmup=0.25)
+    assert s.min_lambda_min == pytest.approx(-0.2) and s.lambda_min_resolved is False  # -0.2 + 0.5 >= 0
+    res = write_report([run], out=tmp_path / "rep", warmup=0.25)
+    md = res["markdown"].read_text()
+    assert "-0.2 ± 0.5" in md and "no negative curvature resolved" in md
+    with pytest.raises(ValueError, match="warmup"):
+        write_report([run], warmup=1.0)

@@ -140,7 +140,7 @@ def build_run_card(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: 
         "trainer": {
             "max_steps": trainer.max_steps, "max_epochs": trainer.max_epochs,
             "accumulate_grad_batches": trainer.accumulate_grad_batches, "world_size": trainer.world_size,
-            "log_every_n_steps": trainer.log_every_n_steps,
+            "log_every_n_steps": getattr(trainer, "log_every_n_steps", None),
         },
         "model": {"class": _qualname(pl_module), "n_params": int(sum(p.numel() for p in pl_module.parameters()))},
         "data": None if datamodule is None else {"class": _qualname(datamodule),
