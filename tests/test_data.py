@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from lightning_rpe.data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule, standardize
+from lightning_rpe.data import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    standardize,
+)
 
 
 def test_digits_split_is_deterministic_and_disjoint():

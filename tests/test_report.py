@@ -8,7 +8,13 @@ import pytest
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_rpe.report import ReportError, find_runs, load_run, summarize, write_report
+from lightning_rpe.report import (
+    ReportError,
+    find_runs,
+    load_run,
+    summarize,
+    write_report,
+)
 
 
 def _synthetic_run(path, lr, n=40, rotate=True, seed=0, with_first=True, hparams=True):
@@ -177,7 +183,7 @@ def test_event_files_read_in_writing_order_not_name_order(tmp_path):
         paths.append(new)
     for counter, p in zip((9, 10), paths):
         p.rename(run / f"events.out.tfevents.1700000000.host.123.{counter}")
-    assert sorted(p.name for p in run.iterdir())[0].endswith(".10")  # text order is the wrong order
+    assert min(p.name for p in run.iterdir()).endswith(".10")  # text order is the wrong order
     s = load_run(run).scalars["rpe/sharpness"]
     assert s.steps.tolist() == [0, 10, 20] and s.values.tolist() == [1.0, 3.0, 4.0]
 
