@@ -68,6 +68,7 @@ __all__ = [
     "RunData",
     "RunSummary",
     "Series",
+    "figure_labels",
     "find_runs",
     "load_run",
     "summarize",
@@ -350,10 +351,10 @@ def _run_name(run_dir: Path) -> str:
 # -- summary -------------------------------------------------------------------------------------
 def threshold_label(run: RunData) -> str:
     """The threshold in the optimizer's terms from the run card: ``"2/lr (GD)"``,
-    ``"38/lr (Adam, beta1=0.9)"``; ``"stability threshold"`` without a card."""
+    ``"38/lr (Adam, beta1=0.9)"``; ``"(optimizer not recorded: no run card)"`` without a card."""
     opt = run.optimizer
     if opt is None:
-        return "stability threshold (optimizer not recorded)"
+        return "(optimizer not recorded: no run card)"
     g = opt["groups"][0]
     num = g.get("threshold_times_lr")
     kind = g.get("kind", "unknown")
@@ -537,17 +538,18 @@ def _set_top(ax: Any, *arrays: np.ndarray) -> None:
         ax.set_ylim(bottom=0, top=1.08 * vals.max())
 
 
-def _rollback_lines(run: RunData, axes: Sequence[Any]) -> None:
+def _rollback_lines(run: RunData, ax: Any) -> list[Any]:
+    """Vertical lines at the steps where the logged rollback count rose; the legend handle (if any)."""
     rb = run.metric("rollbacks")
     if rb is None:
-        return
+        return []
     steps = rb.steps[np.nonzero(np.diff(np.concatenate([[0.0], rb.values])) > 0)[0]]
-    for ax in axes:
-        for i, s in enumerate(steps):
-            ax.axvline(s, color="C3", lw=0.8, ls=":", alpha=0.8, label="controller rollback" if i == 0 else None)
+    lines = [ax.axvline(s, color="C3", lw=0.8, ls=":", alpha=0.8, label="controller rollback" if i == 0 else None)
+             for i, s in enumerate(steps)]
+    return lines[:1]
 
 
-def _plot_sharpness(run: RunData, out: Path) -> Path:
+def _sharpness_figure(run: RunData) -> Any:
     n = run.names
     pre = run.preconditioned
     eff_lr = run.grouped(LR) or [(t[3:], run.scalars[t]) for t in sorted(run.scalars) if t.startswith("lr-")]
@@ -558,7 +560,8 @@ def _plot_sharpness(run: RunData, out: Path) -> Path:
         + (["clip"] if clip else []) + (["verify"] if verify is not None else [])
     heights = {"main": 2.4, "raw": 1.1, "ratio": 1.3, "lr": 1.1, "clip": 0.9, "verify": 0.9}
     fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, 1.0 + 2.0 * sum(heights[p] for p in panels)),
-                             sharex=True, gridspec_kw={"height_ratios": [heights[p] for p in panels]})
+                             sharex=True, gridspec_kw={"height_ratios": [heights[p] for p in panels]},
+                             layout="constrained")
     axes = np.atleast_1d(axes)
     ax_of = dict(zip(panels, axes))
     ax = ax_of["main"]
@@ -566,6 +569,9 @@ def _plot_sharpness(run: RunData, out: Path) -> Path:
     compared = run.metric("preconditioned_sharpness") if pre else sharp
     thr = run.metric(THRESHOLD)
     thr_text = threshold_label(run)
+    ctl = run.controller
+    if ctl is not None and ctl.get("enabled", True):
+        thr_text += " at the controller's effective lr"
     handles: list[Any] = []
     if compared is None:
         _missing(ax, n.preconditioned_sharpness if pre else n.sharpness)
@@ -593,7 +599,8 @@ def _plot_sharpness(run: RunData, out: Path) -> Path:
             if g:
                 handles += ax.plot(s.steps, s.values, ":", lw=1.0, label=f"threshold {g}")
         ax.set_ylabel(("preconditioned sharpness" if pre else r"$\lambda_{max}(H)$") + "\n(loss / parameter$^2$)")
-        _set_top(ax, compared.values, thr.values if thr is not None else np.zeros(0))
+        _set_top(ax, compared.values, thr.values if thr is not None else np.zeros(0),
+                 bs.values if bs is not None else np.zeros(0))
         loss = run.get(*_LOSS_TAGS)
         if loss is not None:
             ax2 = ax.twinx()
@@ -626,8 +633,8 @@ def _plot_sharpness(run: RunData, out: Path) -> Path:
             ax_r.plot(bsr.steps, bsr.values, "d-", ms=2.5, lw=0.8, color="C2", label="batch sharpness / threshold")
         ax_r.axhline(1.0, color="C3", ls="--", lw=1.2, label="ratio 1 (edge of stability)")
         low, high, target = run.metric("band_low"), run.metric("band_high"), run.metric("target_ratio")
-        ctl = run.controller or {}
-        band = ctl.get("band") if ctl.get("enabled", True) else None
+        card_ctl = run.controller or {}
+        band = card_ctl.get("band") if card_ctl.get("enabled", True) else None
         if low is not None and high is not None:
             ax_r.fill_between(low.steps, low.values, high.at(low.steps), step="post", color="C2", alpha=0.15,
                               label="controller band")
@@ -635,11 +642,12 @@ def _plot_sharpness(run: RunData, out: Path) -> Path:
             ax_r.axhspan(band[0], band[1], color="C2", alpha=0.15, label="controller band (run card)")
         if target is not None:
             ax_r.plot(target.steps, target.values, "-", color="C2", lw=1, label="controller target")
-        elif ctl.get("enabled", True) and ctl.get("target_ratio") is not None:
-            ax_r.axhline(ctl["target_ratio"], color="C2", lw=1, label="controller target (run card)")
+        elif card_ctl.get("enabled", True) and card_ctl.get("target_ratio") is not None:
+            ax_r.axhline(card_ctl["target_ratio"], color="C2", lw=1, label="controller target (run card)")
         cr = run.metric("controller_ratio")
         if cr is not None:
             ax_r.plot(cr.steps, cr.values, "^", ms=4, color="C1", label="ratio seen by the controller at a decision")
+        _rollback_lines(run, ax_r)
         ax_r.set_ylabel("stability ratio")
         ax_r.grid(alpha=0.3)
         _legend_above(ax_r, ncol=3)
@@ -655,9 +663,10 @@ def _plot_sharpness(run: RunData, out: Path) -> Path:
         ax_l.set_ylabel("learning rate")
         if scale is not None:
             ax_s = ax_l.twinx()
-            lr_handles += ax_s.plot(scale.steps, scale.values, "-", color="C1", lw=0.9, drawstyle="steps-post",
-                                    label="controller factor (right)")
+            lr_handles += ax_s.plot(scale.steps, scale.values, "--", color="C1", lw=0.9, drawstyle="steps-post",
+                                    label="controller factor (right, dashed)")
             ax_s.set_ylabel("factor")
+        lr_handles += _rollback_lines(run, ax_l)
         ax_l.grid(alpha=0.3)
         _legend_above(ax_l, lr_handles, ncol=3)
     if "clip" in ax_of:
@@ -681,19 +690,15 @@ def _plot_sharpness(run: RunData, out: Path) -> Path:
         ax_v.set_ylabel("verify error")
         ax_v.grid(alpha=0.3)
         _legend_above(ax_v, ncol=1)
-    _rollback_lines(run, [a for p, a in ax_of.items() if p in ("ratio", "lr")])
     axes[-1].set_xlabel("optimizer step")
     _title(fig, run, "sharpness against the stability threshold" + (" (preconditioned)" if pre else ""))
-    fig.tight_layout()
-    path = out / f"{run.name}_sharpness.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _plot_spectrum(run: RunData, out: Path) -> Path:
+def _spectrum_figure(run: RunData) -> Any:
     n = run.names
-    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(8.5, 7), sharex=True, gridspec_kw={"height_ratios": [2, 1.3]})
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(8.5, 7), sharex=True, gridspec_kw={"height_ratios": [2, 1.3]},
+                                   layout="constrained")
     eig_tags = run.eig_tags()
     if not eig_tags and run.metric("sharpness") is not None:
         eig_tags = [n.sharpness]
@@ -750,16 +755,12 @@ def _plot_spectrum(run: RunData, out: Path) -> Path:
         _legend_above(ax_n, ncol=2)
     ax_n.set_xlabel("optimizer step")
     _title(fig, run, f"top-{max(1, len(eig_tags))} Hessian spectrum and the most negative eigenvalue")
-    fig.tight_layout()
-    path = out / f"{run.name}_spectrum.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _plot_rotation(run: RunData, out: Path, rotation_threshold: float) -> Path:
+def _rotation_figure(run: RunData, rotation_threshold: float) -> Any:
     n = run.names
-    fig, (ax, ax_s, ax_p) = plt.subplots(3, 1, figsize=(8.5, 8.5), sharex=True)
+    fig, (ax, ax_s, ax_p) = plt.subplots(3, 1, figsize=(8.5, 8.5), sharex=True, layout="constrained")
     cos, angle = run.metric("rotation_cos"), run.metric("rotation_angle")
     if angle is None and cos is not None:
         angle = Series(cos.steps, np.degrees(np.arccos(np.clip(np.abs(cos.values), 0.0, 1.0))))
@@ -805,11 +806,7 @@ def _plot_rotation(run: RunData, out: Path, rotation_threshold: float) -> Path:
         _legend_above(ax_p, handles, ncol=3)
     ax_p.set_xlabel("optimizer step")
     _title(fig, run, "rotation of the leading eigenvectors between measurements")
-    fig.tight_layout()
-    path = out / f"{run.name}_rotation.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _series_key(s: RunSummary) -> str:
@@ -826,7 +823,7 @@ def _sweep_y(s: RunSummary, attr: str) -> float | None:
     return getattr(s, attr)  # type: ignore[no-any-return]
 
 
-def _plot_sweep(summaries: Sequence[RunSummary], out: Path, rotation_threshold: float) -> Path | None:
+def _sweep_figure(summaries: Sequence[RunSummary], rotation_threshold: float) -> Any:
     pts = [s for s in summaries if s.lr is not None]
     if len(pts) < 2:
         return None
@@ -883,6 +880,7 @@ def _plot_sweep(summaries: Sequence[RunSummary], out: Path, rotation_threshold: 
     ax.plot([], [], "o", color="0.3", mfc="none", ms=4, label="one run, hollow: not rotated or not logged")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
     ax.set_ylabel(sharp_label)
     ax_a.set_ylabel("test accuracy")
     ax.set_title("flatness against the learning rate", fontsize=10)
@@ -890,10 +888,26 @@ def _plot_sweep(summaries: Sequence[RunSummary], out: Path, rotation_threshold: 
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(labels) / 2), 1, 1))
-    path = out / "sweep.png"
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def figure_labels(fig: Any) -> list[str]:
+    """Every legend entry, axis label and title of a figure (for checks of what a figure says)."""
+    texts = [t.get_text() for t in fig.texts]
+    for legend in fig.legends:
+        texts += [t.get_text() for t in legend.get_texts()]
+    for ax in fig.axes:
+        texts += [ax.get_title(), ax.get_ylabel(), ax.get_xlabel()]
+        legend = ax.get_legend()
+        if legend is not None:
+            texts += [t.get_text() for t in legend.get_texts()]
+    return [t for t in texts if t]
 
 
 # -- Markdown --------------------------------------------------------------------------------------
@@ -1044,10 +1058,12 @@ def write_report(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathL
     for run in runs:
         label = run.label()
         figures[f"Run {run.name}" + (f" ({label})" if label else "")] = [
-            _plot_sharpness(run, out), _plot_spectrum(run, out), _plot_rotation(run, out, rotation_threshold)]
-    sweep = _plot_sweep(summaries, out, rotation_threshold)
+            _save(_sharpness_figure(run), out / f"{run.name}_sharpness.png"),
+            _save(_spectrum_figure(run), out / f"{run.name}_spectrum.png"),
+            _save(_rotation_figure(run, rotation_threshold), out / f"{run.name}_rotation.png")]
+    sweep = _sweep_figure(summaries, rotation_threshold)
     if sweep is not None:
-        figures = {"Across runs": [sweep], **figures}
+        figures = {"Across runs": [_save(sweep, out / "sweep.png")], **figures}
     md = out / "summary.md"
     md.write_text(_markdown(summaries, figures, out, rotation_threshold, warmup))
     (out / "summary.json").write_text(json.dumps([asdict(s) for s in summaries], indent=2))
