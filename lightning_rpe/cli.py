@@ -140,7 +140,7 @@ def _demo_parser() -> _Parser:
                    help="no progress bar (without a terminal the bar is replaced by a line every 10%% of the steps)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: 1 on machines with at most 2 cores, where a second thread "
-                        "competing with other work made the demo up to 10x slower; else torch's default)")
+                        "competes with other work for the cores; else torch's default)")
     return p
 
 
