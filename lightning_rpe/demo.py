@@ -239,11 +239,11 @@ def run_demo(
     seconds = time.perf_counter() - t0
 
     run = load_run(run_dir)
-    sharp = run.get("rpe/sharpness")
-    ratio = run.get("rpe/stability_ratio")
-    thr = run.get("rpe/threshold")
-    hvps = run.get("rpe/hvps")
-    msec = run.get("rpe/measure_seconds")
+    sharp = run.metric("sharpness")
+    ratio = run.metric("stability_ratio")
+    thr = run.metric("threshold")
+    hvps = run.metric("hvps")
+    msec = run.metric("measure_seconds")
     acc = run.get("test_acc")
     loss = run.get("train_loss")
     trajectory = [(int(s), float(v)) for s, v in zip(sharp.steps, sharp.values)] if sharp is not None else []

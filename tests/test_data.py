@@ -74,7 +74,7 @@ def test_digits_images_for_cnn():
      ({"batch_size": 2.5}, "batch_size"), ({"seed": "x"}, "seed")],
 )
 def test_digits_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=f"^DigitsDataModule: {match} must be"):
         DigitsDataModule(**kwargs)
 
 
