@@ -27,12 +27,13 @@ from typing import Any, NoReturn
 import torch
 from jsonargparse import lazy_instance
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_rpe import __version__
 from lightning_rpe.callbacks import InstabilityController, SharpnessMonitor
 from lightning_rpe.data import DigitsDataModule
-from lightning_rpe.demo import format_summary, run_demo
+from lightning_rpe.demo import _is_terminal, format_summary, run_demo
 from lightning_rpe.models import MLPClassifier
 from lightning_rpe.names import DEFAULT_PREFIX
 from lightning_rpe.report import (
@@ -249,9 +250,15 @@ class RPELightningCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         keys = self._parser(self.subcommand).callback_keys
-        extra = [self._get(self.config_init, c) for c in keys]
+        extra = [c for c in (self._get(self.config_init, k) for k in keys) if c is not None]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        return self._instantiate_trainer(trainer_config, [c for c in extra if c is not None])
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if (trainer_config.get("enable_progress_bar") is None and not _is_terminal(sys.stderr)
+                and not any(isinstance(c, ProgressBar) for c in [*callbacks, *extra])):
+            # Lightning's bar would write thousands of carriage-return updates into a log file
+            trainer_config["enable_progress_bar"] = False
+        return self._instantiate_trainer(trainer_config, extra)
 
 
 def _has_monitor(cfg: Any) -> bool:

@@ -93,7 +93,9 @@ def test_fit_every_config(config, tmp_path, capsys):
     assert "rpe/sharpness" in run.scalars and len(run.scalars["rpe/sharpness"]) >= 2
     assert (events_dir / "config.yaml").is_file() and (events_dir / "run_card.json").is_file()
     # fit closes like the demo: run folder, a summary with the logged numbers, the report command
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "\r" not in captured.err  # no carriage-return progress bar when stderr is not a terminal
     assert "Finished 6 optimizer steps with" in out and f"Run folder: {events_dir}" in out
     assert f"lightning-rpe report {events_dir}" in out
     assert f"stability ratio {run.scalars['rpe/stability_ratio'].last:.3f}" in out
