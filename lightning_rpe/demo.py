@@ -94,6 +94,19 @@ class StepProgressBar(ProgressBar):
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         return next((c for c in callbacks if isinstance(c, SharpnessMonitor)), None)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The monitor's measurement of the initial parameters runs before any bar exists (it is
+        # the slowest one: no warm start); say what the wait is for.
+        monitor = self._monitor(trainer)
+        if (not self._enabled or not trainer.is_global_zero or monitor is None or trainer.global_step != 0
+                or not getattr(monitor, "on_fit_start_measure", False)):
+            return
+        stream = self.stream if self.stream is not None else sys.stderr
+        what = f"top-{monitor.top_k} eigenvalues" + (" and lambda_min" if monitor.lambda_min else "")
+        stream.write(f"{self.description}: measuring the Hessian of the initial parameters ({what}) before the "
+                     "first step; the first measurement has no warm start and takes longest\n")
+        stream.flush()
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._enabled or not trainer.is_global_zero:
             return

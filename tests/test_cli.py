@@ -192,7 +192,9 @@ def test_step_progress_bar_counts_optimizer_steps(tmp_path):
     text = stream.getvalue()
     # not a terminal: plain lines, one per 10% of the steps, no carriage returns
     assert res.steps == 12 and "step 12/12" in text and "sharpness=" in text and "ratio=" in text
-    assert "\r" not in text and text.count("\n") == 12
+    assert "\r" not in text and text.count("\n") == 13
+    assert text.startswith("full-batch GD: measuring the Hessian of the initial parameters (top-3 eigenvalues and "
+                           "lambda_min) before the first step")
     assert res.measurements == len(res.trajectory) >= 3
 
     class Terminal(io.StringIO):
