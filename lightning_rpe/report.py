@@ -598,7 +598,8 @@ def _sharpness_figure(run: RunData) -> Any:
         for g, s in run.grouped(THRESHOLD):
             if g:
                 handles += ax.plot(s.steps, s.values, ":", lw=1.0, label=f"threshold {g}")
-        ax.set_ylabel(("preconditioned sharpness" if pre else r"$\lambda_{max}(H)$") + "\n(loss / parameter$^2$)")
+        ax.set_ylabel("preconditioned sharpness\n" + r"$\lambda_{max}(P^{-1/2}HP^{-1/2})$" if pre
+                      else r"$\lambda_{max}(H)$" + "\n(loss / parameter$^2$)")
         _set_top(ax, compared.values, thr.values if thr is not None else np.zeros(0),
                  bs.values if bs is not None else np.zeros(0))
         loss = run.get(*_LOSS_TAGS)
@@ -618,7 +619,7 @@ def _sharpness_figure(run: RunData) -> Any:
         else:
             _errorbars(ax_raw, sharp, run.metric("sharpness_residual"), fmt="o-", ms=2.5, color="C0",
                        label=r"raw sharpness $\lambda_{max}(H)$ (not compared with the threshold)")
-            ax_raw.set_ylabel(r"$\lambda_{max}(H)$")
+            ax_raw.set_ylabel(r"$\lambda_{max}(H)$" + "\n(loss / parameter$^2$)")
             _legend_above(ax_raw, ncol=1)
             ax_raw.grid(alpha=0.3)
     ax_r = ax_of["ratio"]
@@ -695,7 +696,7 @@ def _sharpness_figure(run: RunData) -> Any:
     return fig
 
 
-def _spectrum_figure(run: RunData) -> Any:
+def _spectrum_figure(run: RunData, warmup: float = DEFAULT_WARMUP) -> Any:
     n = run.names
     fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(8.5, 7), sharex=True, gridspec_kw={"height_ratios": [2, 1.3]},
                                    layout="constrained")
@@ -716,6 +717,9 @@ def _spectrum_figure(run: RunData) -> Any:
         if thr is not None and not run.preconditioned:
             handles += ax.plot(thr.steps, thr.values, "--", color="C3", lw=1.2, drawstyle="steps-post",
                                label=f"stability threshold {threshold_label(run)}")
+        elif run.preconditioned:
+            handles += ax.plot([], [], " ", label="(the threshold applies to the preconditioned sharpness: "
+                                                   "see the sharpness figure)")
         ax.set_ylabel(r"eigenvalue of $H$ (loss / parameter$^2$)")
         cross = run.metric("eigenvalue_crossings")
         if cross is not None:
@@ -745,11 +749,14 @@ def _spectrum_figure(run: RunData) -> Any:
         if pos.any():
             ax_n.plot(lam.steps[pos], lam.values[pos], "s", ms=4, mfc="none", color="C3",
                       label=f"positive beyond the residual ({int(pos.sum())})")
-        cut, value, step, _ = _lambda_min_after(run, DEFAULT_WARMUP)
+        cut, value, step, residual = _lambda_min_after(run, warmup)
         if cut is not None and cut > lam.steps[0]:
             ax_n.axvspan(lam.steps[0], cut, color="0.85", alpha=0.5, label=f"warm-up (before step {cut})")
         if step is not None and value is not None:
-            ax_n.plot([step], [value], "*", ms=10, color="C3", label=f"min after warm-up: {value:.3g} at step {step}")
+            text = f"min after warm-up: {value:.3g}"
+            if residual is not None:
+                text += f" ± {residual:.2g}" + ("" if value + residual < 0 else " (not resolved)")
+            ax_n.plot([step], [value], "*", ms=10, color="C3", label=f"{text} at step {step}")
         ax_n.set_ylabel(r"$\lambda_{min}(H)$" + "\n(loss / parameter$^2$)")
         ax_n.grid(alpha=0.3)
         _legend_above(ax_n, ncol=2)
@@ -1060,7 +1067,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathL
         label = run.label()
         figures[f"Run {run.name}" + (f" ({label})" if label else "")] = [
             _save(_sharpness_figure(run), out / f"{run.name}_sharpness.png"),
-            _save(_spectrum_figure(run), out / f"{run.name}_spectrum.png"),
+            _save(_spectrum_figure(run, warmup), out / f"{run.name}_spectrum.png"),
             _save(_rotation_figure(run, rotation_threshold), out / f"{run.name}_rotation.png")]
     sweep = _sweep_figure(summaries, rotation_threshold)
     if sweep is not None:
