@@ -15,6 +15,12 @@ from lightning_rpe.report import (
     summarize,
     write_report,
 )
+from lightning_rpe.report.figures import (
+    figure_labels,
+    sharpness_figure,
+    spectrum_figure,
+    sweep_figure,
+)
 
 
 def _synthetic_run(path, lr, n=40, rotate=True, seed=0, with_first=True, hparams=True):
@@ -241,8 +247,6 @@ def _card(path, kind, name, lr, beta=None, controller=None, prefix="rpe/"):
 
 
 def test_figure_labels_follow_the_optimizer_in_use(tmp_path):
-    from lightning_rpe.report import _sharpness_figure, _spectrum_figure, figure_labels
-
     gd, adam = tmp_path / "gd", tmp_path / "adam"
     _synthetic_run(gd, 0.05, n=6)
     _card(gd, "gd", "SGD", 0.05)
@@ -254,10 +258,10 @@ def test_figure_labels_follow_the_optimizer_in_use(tmp_path):
         w.add_scalar("rpe/stability_ratio", (7000.0 + step) / 7600.0, step)
     w.close()
     _card(adam, "adam", "Adam", 0.005, beta=0.9)
-    labels = " | ".join(figure_labels(_sharpness_figure(load_run(gd))))
+    labels = " | ".join(figure_labels(sharpness_figure(load_run(gd))))
     assert "stability threshold 2/lr (GD)" in labels and "stability ratio = sharpness / threshold" in labels
     assert "preconditioned" not in labels and "SGD lr=0.05, no controller" in labels
-    fig = _sharpness_figure(load_run(adam))
+    fig = sharpness_figure(load_run(adam))
     labels = " | ".join(figure_labels(fig))
     assert "stability threshold 38/lr (Adam, beta1=0.9)" in labels and "2/lr" not in labels
     assert "stability ratio = preconditioned sharpness / threshold" in labels
@@ -266,14 +270,12 @@ def test_figure_labels_follow_the_optimizer_in_use(tmp_path):
     (raw,) = [ax for ax in fig.axes if ax.get_ylabel().startswith(r"$\lambda_{max}(H)$")]
     assert main is not raw and raw.get_ylim()[1] < 100 < main.get_ylim()[1]
     # the threshold is not drawn on the eigenvalues of H for Adam (it applies to the preconditioned one)
-    spectrum = figure_labels(_spectrum_figure(load_run(adam)))
+    spectrum = figure_labels(spectrum_figure(load_run(adam)))
     assert not any(t.startswith("stability threshold") for t in spectrum)
     assert any("applies to the preconditioned sharpness" in t for t in spectrum)
 
 
 def test_coming_metrics_are_drawn_when_present(tmp_path):
-    from lightning_rpe.report import _sharpness_figure, _spectrum_figure, figure_labels
-
     run = tmp_path / "all"
     w = SummaryWriter(str(run))
     for i, step in enumerate(range(0, 200, 20)):
@@ -287,7 +289,7 @@ def test_coming_metrics_are_drawn_when_present(tmp_path):
             w.add_scalar(tag, v, step)
     w.close()
     data = load_run(run)
-    labels = " | ".join(figure_labels(_sharpness_figure(data)) + figure_labels(_spectrum_figure(data)))
+    labels = " | ".join(figure_labels(sharpness_figure(data)) + figure_labels(spectrum_figure(data)))
     for needle in ("batch sharpness (bars: standard error)", "batch sharpness / threshold",
                    "clip fraction pg1", "clip fraction pg2", "controller rollback", "finite differences",
                    "verify error", "eigenvalue crossings", "effective lr", "controller factor"):
@@ -302,13 +304,11 @@ def test_coming_metrics_are_drawn_when_present(tmp_path):
     _synthetic_run(tmp_path / "plain", 0.05, n=4)
     md = write_report([tmp_path / "plain"], out=tmp_path / "rep2")["markdown"].read_text()
     assert "rollbacks" not in md and "verify error" not in md and "eigenvalue crossings" not in md
-    labels = " | ".join(figure_labels(_sharpness_figure(load_run(tmp_path / "plain"))))
+    labels = " | ".join(figure_labels(sharpness_figure(load_run(tmp_path / "plain"))))
     assert "batch sharpness" not in labels and "clip fraction" not in labels and "effective lr" not in labels
 
 
 def test_sweep_groups_seeds_by_lr_with_spread(tmp_path):
-    from lightning_rpe.report import _sweep_figure, figure_labels
-
     dirs = []
     for lr in (0.02, 0.05):
         for seed in range(3):
@@ -317,7 +317,7 @@ def test_sweep_groups_seeds_by_lr_with_spread(tmp_path):
             _card(d, "gd", "SGD", lr)
             dirs.append(d)
     summaries = [summarize(load_run(d)) for d in dirs]
-    fig = _sweep_figure(summaries, 0.7)
+    fig = sweep_figure(summaries, 0.7)
     labels = figure_labels(fig)
     assert "SGD, no controller (mean ± sd over 3 runs per lr)" in labels
     assert "threshold 2/lr (GD)" in labels
