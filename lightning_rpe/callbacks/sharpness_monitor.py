@@ -35,6 +35,7 @@ from lightning_rpe.callbacks import _logging
 from lightning_rpe.callbacks._distributed import RankZeroBuffers, all_reduce_sum, distributed
 from lightning_rpe.callbacks._loss import MutedLogging, resolve_loss
 from lightning_rpe.callbacks._probe import ProbeSet, capture_probe
+from lightning_rpe.callbacks.run_card import write_run_card
 from lightning_rpe.geometry import EigenvectorTracker, PolarityTracker
 from lightning_rpe.measure import (
     Backend,
@@ -327,6 +328,7 @@ class SharpnessMonitor(Callback):
             self._loss, self._uses_training_step = resolve_loss(pl_module, self.loss_fn, self.use_training_step)
         if self.custom_scalars:
             _logging.add_custom_scalars(trainer, self.layout())
+        write_run_card(trainer, pl_module, self)
         if self.probe != "batch":
             self._capture_probe(trainer, pl_module)
         if self.on_fit_start_measure and trainer.global_step == 0 and self._last_attempt_step != 0:
