@@ -502,7 +502,9 @@ class SharpnessMonitor(Callback):
     def _publish(self, trainer: pl.Trainer, m: Measurement) -> None:
         values = self.metrics(m)
         _logging.publish_callback_metrics(trainer, values)
-        _logging.log_to_loggers(trainer, values, step=_logging.batches_that_stepped(trainer))
+        # x = the number of optimizer updates applied to the measured parameters (Measurement.step),
+        # the same x at which Lightning logs a training_step's loss computed on those parameters
+        _logging.log_to_loggers(trainer, values, step=m.step)
 
     def layout(self) -> dict[str, dict[str, list[str]]]:
         """TensorBoard custom-scalars categories of this monitor (anchored tag regexes)."""
