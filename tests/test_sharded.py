@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from lightning_rpe.curvature import HessianOperator
-from lightning_rpe.curvature.sharded import DEFAULT_EPS, ShardedHessianOperator, sharded_eigenpairs, sharding_kind
+from lightning_rpe.curvature.sharded import (
+    DEFAULT_EPS,
+    ShardedHessianOperator,
+    sharded_eigenpairs,
+    sharding_kind,
+)
 
 WORKER = Path(__file__).with_name("_sharded_worker.py")
 
@@ -22,7 +27,7 @@ def _run_worker(worker: Path, out: Path, *args: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for key in ("LOCAL_RANK", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(worker), str(out), *args], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(worker), str(out), *args], env=env, capture_output=True, text=True,  # noqa: PLW1510
                           timeout=600, cwd=str(worker.parent.parent))
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -71,7 +71,7 @@ except ImportError:  # pragma: no cover - torch < 2.6
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 from torch.distributed.fsdp._flat_param import FlatParameter
 
-__all__ = ["DEFAULT_EPS", "ShardedHessianOperator", "sharded_eigenpairs", "sharding_kind"]
+__all__ = ["DEFAULT_EPS", "ShardedHessianOperator", "compute_dtypes", "sharded_eigenpairs", "sharding_kind"]
 
 #: Default central-difference step for a unit direction, per parameter dtype. Near the optimum
 #: ``(3 u_mach ||g|| / ||T||)^(1/3)`` for weights and curvatures of order one (u_mach = 1.1e-16
@@ -107,6 +107,22 @@ def _fsdp2_groups(module: nn.Module) -> list[Any]:
     return groups
 
 
+def compute_dtypes(module: nn.Module) -> set[torch.dtype]:
+    """Dtypes in which FSDP mixed precision runs the forward/backward of ``module`` (empty: the
+    parameters' own dtypes). FSDP2: ``MixedPrecisionPolicy.param_dtype``; FSDP1: ``MixedPrecision.param_dtype``."""
+    out: set[torch.dtype] = set()
+    for g in _fsdp2_groups(module):
+        dtype = getattr(getattr(g, "mp_policy", None), "param_dtype", None)
+        if dtype is not None:
+            out.add(dtype)
+    for m in module.modules():
+        if isinstance(m, FullyShardedDataParallel):
+            dtype = getattr(getattr(m, "mixed_precision", None), "param_dtype", None)
+            if dtype is not None:
+                out.add(dtype)
+    return out
+
+
 class ShardedHessianOperator(CurvatureOperator):
     """Hessian of the mean probe loss of a sharded model, on local parameter shards.
 
@@ -118,10 +134,10 @@ class ShardedHessianOperator(CurvatureOperator):
         loss_fn: ``loss_fn(module, batch) -> scalar tensor`` (mean loss of the batch).
         batches: this process's probe batches (non-empty).
         dtype: dtype of the vectors (``torch.float32`` / ``torch.float64``); default float64 when
-            every trainable parameter is float64, else float32. Gradients are always computed in
+            every trainable parameter is float64 and computed in float64, else float32. Gradients are always computed in
             the parameters' own dtype.
         eps: central-difference step for a unit direction; default :data:`DEFAULT_EPS` of the
-            lowest-precision parameter dtype.
+            lowest-precision dtype among the parameters and FSDP's mixed-precision ``param_dtype``.
         batchnorm, dropout: the policies of :class:`~lightning_rpe.curvature.HessianOperator`.
         batch_size_fn: ``n_b = batch_size_fn(batch)``; default size of dim 0 of the first tensor.
 
@@ -137,7 +153,8 @@ class ShardedHessianOperator(CurvatureOperator):
     Raises:
         ValueError: (naming the parameter) a bad argument, a parameter that is not sharded on
             every process (a Replicate placement, a multi-dimensional mesh, FSDP1 NO_SHARD/HYBRID or
-            flat parameters), a dtype other than float32/float64, or a non-positive batch size.
+            flat parameters), a parameter or mixed-precision compute dtype other than float32/float64,
+            or a non-positive batch size.
     """
 
     def __init__(
@@ -165,22 +182,12 @@ class ShardedHessianOperator(CurvatureOperator):
         batches = list(batches)
 
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("ShardedHessianOperator: module has no trainable parameters (requires_grad=True)")
-        self.kind = sharding_kind(module)
-        self.group = self._check_sharding(module, named)
-        param_dtypes = {p.dtype for _, p in named}
-        bad = [n for n, p in named if p.dtype not in DEFAULT_EPS]
-        if bad:
-            raise ValueError(
-                f"ShardedHessianOperator: parameters must be float32 or float64 for finite differences; "
-                f"{bad[0]!r} is {dict(named)[bad[0]].dtype}"
-            )
+        self.kind, self.group, self.compute_dtypes = self.check_module(module)
         if dtype is None:
-            dtype = torch.float64 if param_dtypes == {torch.float64} else torch.float32
+            dtype = torch.float64 if self.compute_dtypes == {torch.float64} else torch.float32
         if dtype not in (torch.float32, torch.float64):
             raise _choice_error("dtype", dtype, (torch.float32, torch.float64))
-        coarsest = torch.float32 if torch.float32 in param_dtypes else torch.float64
+        coarsest = torch.float32 if torch.float32 in self.compute_dtypes else torch.float64
         if eps is None:
             eps = DEFAULT_EPS[coarsest]
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
@@ -234,9 +241,41 @@ class ShardedHessianOperator(CurvatureOperator):
                 self._grad_factor = float(factors.pop())
 
     # ------------------------------------------------------------------ sharding
-    def _check_sharding(self, module: nn.Module, named: list[tuple[str, nn.Parameter]]) -> Any:
+    @staticmethod
+    def check_module(module: nn.Module) -> tuple[str, Any, set[torch.dtype]]:
+        """Validate a module for sharded finite differences (no collective, nothing built).
+
+        Returns ``(kind, group, compute_dtypes)``: :func:`sharding_kind`, the process group of the
+        shards (None for an ordinary module) and the dtypes the gradients are computed in.
+
+        Raises:
+            ValueError: the reasons listed in the class docstring (naming the parameter).
+        """
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("ShardedHessianOperator: module has no trainable parameters (requires_grad=True)")
+        bad = [n for n, p in named if p.dtype not in DEFAULT_EPS]
+        if bad:
+            raise ValueError(
+                f"ShardedHessianOperator: parameters must be float32 or float64 for finite differences; "
+                f"{bad[0]!r} is {dict(named)[bad[0]].dtype}"
+            )
+        mixed = compute_dtypes(module)
+        low = sorted(str(d) for d in mixed if d not in DEFAULT_EPS)
+        if low:
+            raise ValueError(
+                f"ShardedHessianOperator: FSDP mixed precision computes in {', '.join(low)}; finite differences of "
+                "half-precision gradients are accurate to about 1e-2 at best, so they are refused. Measure with "
+                "param_dtype float32 or float64 (e.g. precision='32-true')"
+            )
+        dtypes = {p.dtype for _, p in named} | mixed
+        kind = sharding_kind(module)
+        return kind, ShardedHessianOperator._shard_group(kind, module, named), dtypes
+
+    @staticmethod
+    def _shard_group(kind: str, module: nn.Module, named: list[tuple[str, nn.Parameter]]) -> Any:
         """Validate the sharding and return the process group of the shards (None: one process)."""
-        if self.kind == "fsdp2":
+        if kind == "fsdp2":
             meshes = set()
             for name, p in named:
                 if not isinstance(p, DTensor):
@@ -257,7 +296,7 @@ class ShardedHessianOperator(CurvatureOperator):
             first = named[0][1]
             assert isinstance(first, DTensor)
             return first.device_mesh.get_group()
-        if self.kind == "fsdp1":
+        if kind == "fsdp1":
             wrappers = [m for m in module.modules() if isinstance(m, FullyShardedDataParallel)]
             for w in wrappers:
                 if w.sharding_strategy not in _SUPPORTED_FSDP1:
