@@ -20,7 +20,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import (
+    FullyShardedDataParallel,
+    MixedPrecisionPolicy,
+    ShardingStrategy,
+    fully_shard,
+)
+from torch.distributed.tensor import Replicate, distribute_tensor
 
 from lightning_rpe.curvature import HessianOperator
 from lightning_rpe.curvature.sharded import ShardedHessianOperator, sharded_eigenpairs
@@ -118,8 +124,50 @@ def run(rank: int, out_dir: str, port: int) -> None:
                 },
                 os.path.join(out_dir, f"{name}_rank{rank}.pt"),
             )
+        torch.save(refusals(mesh), os.path.join(out_dir, f"refusals_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def refusals(mesh) -> dict[str, str]:
+    """The ValueError message of ShardedHessianOperator.check_module for each unsupported layout."""
+    cases = {}
+
+    def hsdp() -> nn.Module:
+        m = make_model(torch.float32)
+        fully_shard(m, mesh=init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")))
+        return m
+
+    def replicate() -> nn.Module:
+        m = nn.Module()
+        m.w = nn.Parameter(distribute_tensor(torch.ones(4), mesh, [Replicate()]))
+        return m
+
+    def plain_next_to_sharded() -> nn.Module:
+        m = make_model(torch.float32)
+        fully_shard(m[0], mesh=mesh)
+        return m  # m[2] was never sharded: plain tensors next to DTensors
+
+    def bf16() -> nn.Module:
+        m = make_model(torch.float32)
+        fully_shard(m, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        return m
+
+    def flat() -> nn.Module:
+        return FullyShardedDataParallel(make_model(torch.float32), device_id=torch.device("cpu"), use_orig_params=False)
+
+    def no_shard() -> nn.Module:
+        return FullyShardedDataParallel(make_model(torch.float32), device_id=torch.device("cpu"), use_orig_params=True,
+                                        sharding_strategy=ShardingStrategy.NO_SHARD)
+
+    for name, build in [("hsdp", hsdp), ("replicate", replicate), ("plain", plain_next_to_sharded), ("bf16", bf16),
+                        ("flat", flat), ("no_shard", no_shard)]:
+        try:
+            ShardedHessianOperator.check_module(build())
+            cases[name] = "accepted"
+        except ValueError as exc:
+            cases[name] = str(exc)
+    return cases
 
 
 def free_port() -> int:

@@ -33,13 +33,15 @@ def _run_worker(worker: Path, out: Path, *args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fsdp2_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+def fsdp2_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     out = tmp_path_factory.mktemp("sharded")
     _run_worker(WORKER, out)
-    return {d: [torch.load(out / f"{d}_rank{r}.pt", weights_only=False) for r in (0, 1)]
-            for d in ("float64", "float32")}
+    results = {d: [torch.load(out / f"{d}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+               for d in ("float64", "float32")}
+    results["refusals"] = torch.load(out / "refusals_rank0.pt", weights_only=False)
+    return results
 
 
 @pytest.mark.slow
@@ -177,3 +179,14 @@ def test_sharded_eigenpairs_argument_checks() -> None:
         sharded_eigenpairs(op, k=26, which="both")
     with pytest.raises(ValueError, match="max_hvp must be"):
         sharded_eigenpairs(op, k=2, max_hvp=1)
+
+
+@pytest.mark.slow
+def test_unsupported_layouts_are_refused_with_a_clear_message(fsdp2_results) -> None:
+    cases = fsdp2_results["refusals"]
+    assert "Replicate" in cases["hsdp"] and "HSDP" in cases["hsdp"]
+    assert "Replicate" in cases["replicate"]
+    assert "is not sharded" in cases["plain"] and "'2.weight'" in cases["plain"]
+    assert "bfloat16" in cases["bf16"] and "refused" in cases["bf16"]
+    assert "use_orig_params=True" in cases["flat"]
+    assert "NO_SHARD" in cases["no_shard"]
