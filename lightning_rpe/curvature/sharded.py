@@ -437,11 +437,14 @@ class ShardedHessianOperator(CurvatureOperator):
                 target = self._local(p)
                 target.copy_((s.to(torch.float64) + scale * d.view_as(s).to(torch.float64)).to(s.dtype))
 
-    def _evaluate(self, fn: Callable[[list[int]], Tensor]) -> Tensor:
-        """Run ``fn`` inside the product context with ``.grad`` and FSDP flags saved, weights restored."""
+    def _evaluate(self, fn: Callable[[list[int], Tensor], Tensor], local: Tensor | None = None) -> Tensor:
+        """Run ``fn(devices, reduced)`` in the product context with ``.grad`` and FSDP flags saved and
+        the weights restored; ``reduced`` is ``local`` (float64) summed over the processes, in the same
+        all-reduce that checks that no process's weights changed since construction."""
         unchanged = all(torch.equal(self._local(p), s) for p, s in zip(self.parameters, self._snapshot))
-        flag = self._all_reduce(torch.tensor([0.0 if unchanged else 1.0], dtype=torch.float64, device=self.device))
-        if float(flag[0]) > 0:
+        head = torch.tensor([0.0 if unchanged else 1.0], dtype=torch.float64, device=self.device)
+        reduced = self._all_reduce(torch.cat([head, local.reshape(-1)]) if local is not None else head)
+        if float(reduced[0]) > 0:
             raise ValueError(
                 "ShardedHessianOperator: the parameters changed since the operator was built; build a new operator "
                 "after each optimizer step"
@@ -450,7 +453,7 @@ class ShardedHessianOperator(CurvatureOperator):
         flags = self._fsdp_state()
         try:
             with product_context(self.module, self.batchnorm, self.dropout) as devices:
-                return fn(devices)
+                return fn(devices, reduced[1:])
         finally:
             self._write(None, 0.0)
             for obj, attr, value in flags:
@@ -464,8 +467,7 @@ class ShardedHessianOperator(CurvatureOperator):
         One gradient evaluation; a collective. The gradient is in :attr:`dtype`.
         """
 
-        def run(devices: list[int]) -> Tensor:
-            self._write(None, 0.0)
+        def run(devices: list[int], _: Tensor) -> Tensor:
             grad, loss = self._gradient(devices)
             total = self._all_reduce(loss.reshape(1).clone())
             return torch.cat([total / self.total_weight, grad])
@@ -474,9 +476,11 @@ class ShardedHessianOperator(CurvatureOperator):
         return float(out[0]), out[1:].to(self.dtype)
 
     def _matmat(self, V: Tensor) -> Tensor:
-        norms = self.norms(V)  # identical on every process: all take the same branches below
+        V64 = V.to(torch.float64)
+        squares = (V64 * V64).sum(dim=0)  # the global norms come back from _evaluate's one all-reduce
 
-        def run(devices: list[int]) -> Tensor:
+        def run(devices: list[int], reduced: Tensor) -> Tensor:
+            norms = reduced.clamp_min(0).sqrt()  # identical on every process: all take the same branches
             cols = []
             for j in range(V.shape[1]):
                 nrm = float(norms[j])
@@ -484,7 +488,7 @@ class ShardedHessianOperator(CurvatureOperator):
                     fill = 0.0 if nrm == 0.0 else math.nan
                     cols.append(torch.full((self.dim,), fill, dtype=torch.float64, device=self.device))
                     continue
-                u = V[:, j].to(torch.float64) / nrm
+                u = V64[:, j] / nrm
                 self._write(u, self.eps)
                 g_plus, _ = self._gradient(devices)
                 self._write(u, -self.eps)
@@ -492,7 +496,7 @@ class ShardedHessianOperator(CurvatureOperator):
                 cols.append((g_plus - g_minus) * (nrm / (2.0 * self.eps)))
             return torch.stack(cols, dim=1) if cols else torch.zeros(self.dim, 0, dtype=torch.float64, device=self.device)
 
-        out = self._evaluate(run)
+        out = self._evaluate(run, squares)
         # a non-finite entry on any process makes the product non-finite on all of them
         bad = self._all_reduce(torch.tensor([float(not bool(torch.isfinite(out).all()))], dtype=torch.float64,
                                             device=self.device))
