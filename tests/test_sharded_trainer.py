@@ -4,6 +4,7 @@ the unsharded model, with the trained weights bitwise equal with and without mea
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -68,3 +70,15 @@ def test_is_sharded_and_check_supported_refusals() -> None:
     assert is_sharded(deepspeed)
     with pytest.raises(ValueError, match="DeepSpeed"):
         check_supported(deepspeed)
+
+
+def test_example_sharded_config_names_a_supported_strategy() -> None:
+    config = yaml.safe_load((WORKER.parent.parent / "examples" / "configs" / "sharded.yaml").read_text())
+    spec = config["trainer"]["strategy"]
+    module, _, name = spec["class_path"].rpartition(".")
+    strategy = getattr(importlib.import_module(module), name)(**spec["init_args"])
+    assert is_sharded(strategy)
+    check_supported(strategy)
+    assert config["trainer"]["precision"] == "32-true"
+    monitor = config["monitor"]["class_path"].rpartition(".")
+    assert hasattr(importlib.import_module(monitor[0]), monitor[2])
