@@ -98,6 +98,13 @@ def run(rank: int, out_dir: str, port: int) -> None:
             hv = op.matvec(torch.cat(local_v))
             loss, grad = op.loss_and_gradient()
             _, grad_ref = HessianOperator(full, loss_fn, all_batches, dtype=torch.float64).loss_and_gradient()
+            model.set_requires_gradient_sync(False)  # as in gradient accumulation without sync
+            try:
+                op.matvec(torch.cat(local_v))
+                accumulating = "accepted"
+            except ValueError as exc:
+                accumulating = str(exc)
+            model.set_requires_gradient_sync(True)
             after = [p.to_local() for p in model.parameters()]
             grads_after = [p.grad.to_local() for p in model.parameters()]
             name = "float64" if dtype == torch.float64 else "float32"
@@ -115,6 +122,7 @@ def run(rank: int, out_dir: str, port: int) -> None:
                     "grad_ref": torch.cat([grad_ref[lo:hi] for lo, hi in offsets]),
                     "loss": loss,
                     "weights_bitwise": all(torch.equal(a, b) for a, b in zip(before, after)),
+                    "accumulating": accumulating,
                     "grads_bitwise": all(torch.equal(a, b) for a, b in zip(grads_before, grads_after)),
                     "n_hvp": op.n_hvp,
                     "n_gradients": op.n_gradients,

@@ -76,6 +76,8 @@ def test_fsdp2_uneven_and_empty_shards_and_bitwise_restoration(fsdp2_results) ->
         assert r0["total_dim"] == r1["total_dim"] == 26 and r0["dim"] + r1["dim"] == 26
         assert r0["weights_bitwise"] and r1["weights_bitwise"]
         assert r0["grads_bitwise"] and r1["grads_bitwise"]
+        for r in (r0, r1):  # refused on every process while FSDP's gradient sync is off
+            assert "gradient sync is off" in r["accumulating"]
         # a product costs two gradients (plus one for loss_and_gradient)
         assert r0["n_gradients"] == 2 * r0["n_hvp"] + 1
 
@@ -119,6 +121,8 @@ def test_unsharded_module_matches_hessian_operator_and_restores_weights() -> Non
 def test_parameters_changed_after_construction_raise() -> None:
     model = _mlp(torch.float64)
     op = ShardedHessianOperator(model, _loss, _batches(torch.float64))
+    with pytest.raises(ValueError, match="dense matrix is not available"):
+        op.to_dense()
     with torch.no_grad():
         model[0].bias.add_(1.0)
     with pytest.raises(ValueError, match="parameters changed"):

@@ -28,7 +28,9 @@ Replicate placement would be counted once per replica, so it is refused).
 
 Nothing observable changes: the local shards are overwritten in place under ``torch.no_grad()``
 for each gradient and restored **bitwise** from a copy taken at construction (also when a product
-raises); ``.grad`` of every parameter, FSDP's gradient-sync flags and the global RNG are as before.
+raises); ``.grad`` of every parameter and the global RNG are as before.
+Products are refused (ValueError on every process) while FSDP's gradient sync is off, i.e. in the
+middle of gradient accumulation, whose unsharded partial gradients a backward would consume.
 Each product runs the same collectives on every process (the number of forward/backward rounds is
 the maximum number of probe batches over the ranks; a rank with fewer batches runs its first batch
 again with weight 0), so all processes must call every method together.
@@ -375,25 +377,18 @@ class ShardedHessianOperator(CurvatureOperator):
             raise ValueError(f"ShardedHessianOperator.unflatten: v must have shape ({self.dim},), got {tuple(v.shape)}")
         return [part.view_as(s) for part, s in zip(torch.split(v, list(self.local_numels)), self._snapshot)]
 
-    def to_dense(self) -> Tensor:  # pragma: no cover - a dense matrix needs whole vectors
+    def to_dense(self) -> Tensor:
         raise ValueError("ShardedHessianOperator.to_dense: the vectors are sharded; a dense matrix is not available")
 
     # ------------------------------------------------------------------ gradients
-    def _fsdp_state(self) -> list[tuple[Any, str, Any]]:
-        """Gradient-sync flags forced on for the products (restored afterwards)."""
-        saved: list[tuple[Any, str, Any]] = []
+    def _accumulating(self) -> bool:
+        """True when FSDP's gradient sync is off somewhere (``no_sync`` / ``set_requires_gradient_sync(False)``)."""
         if self.kind == "fsdp2":
-            for g in _fsdp2_groups(self.module):
-                for attr in ("reduce_grads", "all_reduce_grads"):
-                    if hasattr(g, attr):
-                        saved.append((g, attr, getattr(g, attr)))
-                        setattr(g, attr, True)
-        elif self.kind == "fsdp1":
-            for m in self.module.modules():
-                if isinstance(m, FullyShardedDataParallel) and hasattr(m, "_sync_gradients"):
-                    saved.append((m, "_sync_gradients", m._sync_gradients))
-                    m._sync_gradients = True  # type: ignore[assignment]
-        return saved
+            return any(not getattr(g, "reduce_grads", True) for g in _fsdp2_groups(self.module))
+        if self.kind == "fsdp1":
+            return any(not getattr(m, "_sync_gradients", True) for m in self.module.modules()
+                       if isinstance(m, FullyShardedDataParallel))
+        return False
 
     def _gradient(self, devices: list[int]) -> tuple[Tensor, Tensor]:
         """Local shard of ``sum_r sum_b n_{r,b} grad L_{r,b}`` at the current weights, and the local
@@ -438,26 +433,30 @@ class ShardedHessianOperator(CurvatureOperator):
                 target.copy_((s.to(torch.float64) + scale * d.view_as(s).to(torch.float64)).to(s.dtype))
 
     def _evaluate(self, fn: Callable[[list[int], Tensor], Tensor], local: Tensor | None = None) -> Tensor:
-        """Run ``fn(devices, reduced)`` in the product context with ``.grad`` and FSDP flags saved and
+        """Run ``fn(devices, reduced)`` in the product context with ``.grad`` saved and
         the weights restored; ``reduced`` is ``local`` (float64) summed over the processes, in the same
         all-reduce that checks that no process's weights changed since construction."""
         unchanged = all(torch.equal(self._local(p), s) for p, s in zip(self.parameters, self._snapshot))
-        head = torch.tensor([0.0 if unchanged else 1.0], dtype=torch.float64, device=self.device)
+        head = torch.tensor([0.0 if unchanged else 1.0, float(self._accumulating())], dtype=torch.float64,
+                            device=self.device)
         reduced = self._all_reduce(torch.cat([head, local.reshape(-1)]) if local is not None else head)
         if float(reduced[0]) > 0:
             raise ValueError(
                 "ShardedHessianOperator: the parameters changed since the operator was built; build a new operator "
                 "after each optimizer step"
             )
+        if float(reduced[1]) > 0:
+            raise ValueError(
+                "ShardedHessianOperator: FSDP gradient sync is off (gradient accumulation without sync is in "
+                "progress); the products' backward passes would consume the accumulated gradients. Measure after "
+                "the optimizer step"
+            )
         grads = [p.grad for p in self.parameters]
-        flags = self._fsdp_state()
         try:
             with product_context(self.module, self.batchnorm, self.dropout) as devices:
-                return fn(devices, reduced[1:])
+                return fn(devices, reduced[2:])
         finally:
             self._write(None, 0.0)
-            for obj, attr, value in flags:
-                setattr(obj, attr, value)
             for p, g in zip(self.parameters, grads):
                 p.grad = g
 
