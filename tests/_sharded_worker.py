@@ -123,6 +123,9 @@ def run(rank: int, out_dir: str, port: int) -> None:
                     "loss": loss,
                     "weights_bitwise": all(torch.equal(a, b) for a, b in zip(before, after)),
                     "accumulating": accumulating,
+                    "flatten_dtensors": torch.equal(
+                        op.flatten(list(model.parameters())),
+                        torch.cat([p.to_local().reshape(-1) for p in model.parameters()]).to(op.dtype)),
                     "grads_bitwise": all(torch.equal(a, b) for a, b in zip(grads_before, grads_after)),
                     "n_hvp": op.n_hvp,
                     "n_gradients": op.n_gradients,

@@ -78,6 +78,7 @@ def test_fsdp2_uneven_and_empty_shards_and_bitwise_restoration(fsdp2_results) ->
         assert r0["grads_bitwise"] and r1["grads_bitwise"]
         for r in (r0, r1):  # refused on every process while FSDP's gradient sync is off
             assert "gradient sync is off" in r["accumulating"]
+            assert r["flatten_dtensors"]  # DTensors (parameters, optimizer state) flatten to their local shards
         # a product costs two gradients (plus one for loss_and_gradient)
         assert r0["n_gradients"] == 2 * r0["n_hvp"] + 1
 
@@ -140,6 +141,21 @@ def test_zero_and_non_finite_columns() -> None:
     assert torch.equal(op.matvec(torch.zeros(op.dim)), torch.zeros(op.dim))
 
 
+def test_flatten_and_unflatten_in_vector_order() -> None:
+    model = _mlp(torch.float64)
+    op = ShardedHessianOperator(model, _loss, _batches(torch.float64))
+    params = list(model.parameters())
+    flat = op.flatten({p: torch.full_like(p, float(i)) for i, p in enumerate(params)})
+    assert torch.equal(flat, torch.cat([torch.full((p.numel(),), float(i), dtype=torch.float64)
+                                        for i, p in enumerate(params)]))
+    assert [t.shape for t in op.unflatten(flat)] == [p.shape for p in params]
+    assert torch.equal(op.flatten(op.unflatten(flat)), flat)
+    with pytest.raises(ValueError, match="missing entries"):
+        op.flatten({params[0]: params[0]})
+    with pytest.raises(ValueError, match="'0.bias' has 2 local elements"):
+        op.flatten([params[0], torch.zeros(2), params[2], params[3]])
+
+
 def test_inner_and_norms_are_float64_dot_products() -> None:
     op = ShardedHessianOperator(_mlp(torch.float32), _loss, _batches(torch.float32))
     X = torch.randn(op.dim, 3)
@@ -194,3 +210,21 @@ def test_unsupported_layouts_are_refused_with_a_clear_message(fsdp2_results) -> 
     assert "bfloat16" in cases["bf16"] and "refused" in cases["bf16"]
     assert "use_orig_params=True" in cases["flat"]
     assert "NO_SHARD" in cases["no_shard"]
+
+
+@pytest.mark.parametrize(("batchnorm", "dropout"), [("eval", "off"), ("batch", "off"), ("batch", "on")])
+def test_normalisation_and_dropout_policies_match_hessian_operator(batchnorm: str, dropout: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 2)).double()
+    model.train()
+    model(torch.randn(8, 3, dtype=torch.float64))  # non-trivial running statistics
+    batches = _batches(torch.float64)
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.random.get_rng_state()
+    op = ShardedHessianOperator(model, _loss, batches, batchnorm=batchnorm, dropout=dropout)
+    ref = HessianOperator(model, _loss, batches, dtype=torch.float64, batchnorm=batchnorm, dropout=dropout)
+    V = torch.randn(op.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    expected = ref.matmat(V)
+    assert torch.allclose(op.matmat(V), expected, rtol=0, atol=1e-8 * float(expected.abs().max()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # running statistics untouched
+    assert torch.equal(rng, torch.random.get_rng_state()) and model.training

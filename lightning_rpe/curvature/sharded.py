@@ -43,7 +43,7 @@ solver with the same stopping rule, every reduction through the operator) for th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -370,6 +370,41 @@ class ShardedHessianOperator(CurvatureOperator):
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         local = torch.Generator(device="cpu").manual_seed(seed + self.rank)
         return torch.randn(self.dim, b, generator=local, dtype=torch.float64).to(dtype=self.dtype, device=self.device)
+
+    def flatten(self, tensors: Mapping[Tensor, Tensor] | Sequence[Tensor]) -> Tensor:
+        """Per-parameter tensors -> local flat ``(dim,)`` in :attr:`dtype`.
+
+        ``tensors``: a mapping parameter -> tensor (e.g. an optimizer's per-parameter state such as
+        Adam's ``exp_avg_sq``) or a sequence in vector order. Each tensor is a DTensor sharded like
+        its parameter (its local shard is used) or a plain tensor holding this process's shard.
+
+        Raises:
+            ValueError: a missing parameter, a wrong count, or a local size that differs from the
+                parameter's local shard (naming the parameter).
+        """
+        if isinstance(tensors, Mapping):
+            by_id = {id(k): v for k, v in tensors.items()}
+            missing = [n for n, p in zip(self.names, self.parameters) if id(p) not in by_id]
+            if missing:
+                raise ValueError(f"ShardedHessianOperator.flatten: tensors is missing entries for parameters {missing}")
+            seq = [by_id[id(p)] for p in self.parameters]
+        else:
+            seq = list(tensors)
+            if len(seq) != len(self.parameters):
+                raise ValueError(
+                    f"ShardedHessianOperator.flatten: tensors must hold {len(self.parameters)} tensors (one per "
+                    f"parameter), got {len(seq)}"
+                )
+        parts = []
+        for name, numel, t in zip(self.names, self.local_numels, seq):
+            local = self._local(t)
+            if local.numel() != numel:
+                raise ValueError(
+                    f"ShardedHessianOperator.flatten: tensor for parameter {name!r} has {local.numel()} local elements, "
+                    f"the parameter's local shard has {numel}"
+                )
+            parts.append(local.detach().reshape(-1).to(dtype=self.dtype, device=self.device))
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype, device=self.device)
 
     def unflatten(self, v: Tensor) -> list[Tensor]:
         """Local flat ``(dim,)`` -> per-parameter local shards (views of ``v``)."""
