@@ -72,10 +72,17 @@ def run(rank: int, out_dir: str, port: int) -> None:
             ref_evals = torch.linalg.eigvalsh(ref)
             fully_shard(model[0], mesh=mesh)
             fully_shard(model, mesh=mesh)
+            sharded = list(model.parameters())  # the DTensors (registered while the model is sharded)
+            if dtype == torch.float32:
+                # unsharded parameters stay registered after backward: the products must not run on
+                # (or leave behind) a stale or perturbed unsharded copy
+                model.set_reshard_after_backward(False)
             # a training step first: FSDP's lazy init, and a .grad that must survive the products
             loss_fn(model, batches[0]).backward()
-            grads_before = [p.grad.to_local().clone() for p in model.parameters()]
-            before = [p.to_local().clone() for p in model.parameters()]
+            grads_before = [p.grad.to_local().clone() for p in sharded]
+            with torch.no_grad():
+                loss_before = loss_fn(model, batches[0])
+            before = [p.to_local().clone() for p in sharded]
             op = ShardedHessianOperator(model, loss_fn, batches)
             res = sharded_eigenpairs(op, k=2, which="both", tol=1e-10, max_hvp=op.total_dim)
             # H v on a fixed global vector, compared with the dense reference entry by entry
@@ -83,7 +90,7 @@ def run(rank: int, out_dir: str, port: int) -> None:
             v_full = torch.randn(op.total_dim, generator=g, dtype=torch.float64)
             hv_ref = ref @ v_full
             offsets, local_v, local_ref, start = [], [], [], 0
-            for p in model.parameters():
+            for p in sharded:
                 full_numel = p.numel()
                 local = p.to_local()
                 rows = p.shape[0]
@@ -105,8 +112,10 @@ def run(rank: int, out_dir: str, port: int) -> None:
             except ValueError as exc:
                 accumulating = str(exc)
             model.set_requires_gradient_sync(True)
-            after = [p.to_local() for p in model.parameters()]
-            grads_after = [p.grad.to_local() for p in model.parameters()]
+            after = [p.to_local() for p in sharded]
+            with torch.no_grad():
+                loss_after = loss_fn(model, batches[0])
+            grads_after = [p.grad.to_local() for p in sharded]
             name = "float64" if dtype == torch.float64 else "float32"
             torch.save(
                 {
@@ -123,9 +132,9 @@ def run(rank: int, out_dir: str, port: int) -> None:
                     "loss": loss,
                     "weights_bitwise": all(torch.equal(a, b) for a, b in zip(before, after)),
                     "accumulating": accumulating,
+                    "loss_bitwise": torch.equal(loss_before, loss_after),
                     "flatten_dtensors": torch.equal(
-                        op.flatten(list(model.parameters())),
-                        torch.cat([p.to_local().reshape(-1) for p in model.parameters()]).to(op.dtype)),
+                        op.flatten(sharded), torch.cat([p.to_local().reshape(-1) for p in sharded]).to(op.dtype)),
                     "grads_bitwise": all(torch.equal(a, b) for a, b in zip(grads_before, grads_after)),
                     "n_hvp": op.n_hvp,
                     "n_gradients": op.n_gradients,

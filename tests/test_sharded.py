@@ -78,7 +78,8 @@ def test_fsdp2_uneven_and_empty_shards_and_bitwise_restoration(fsdp2_results) ->
         assert r0["grads_bitwise"] and r1["grads_bitwise"]
         for r in (r0, r1):  # refused on every process while FSDP's gradient sync is off
             assert "gradient sync is off" in r["accumulating"]
-            assert r["flatten_dtensors"]  # DTensors (parameters, optimizer state) flatten to their local shards
+            assert r["flatten_dtensors"]
+            assert r["loss_bitwise"]  # a forward after the products sees the unperturbed weights  # DTensors (parameters, optimizer state) flatten to their local shards
         # a product costs two gradients (plus one for loss_and_gradient)
         assert r0["n_gradients"] == 2 * r0["n_hvp"] + 1
 

@@ -125,6 +125,16 @@ def compute_dtypes(module: nn.Module) -> set[torch.dtype]:
     return out
 
 
+def _reshard(module: nn.Module) -> None:
+    """Drop FSDP2's unsharded parameters (kept with ``reshard_after_backward=False`` or a root's
+    ``reshard_after_forward=False``): the sharded DTensors become the registered parameters again,
+    the next forward all-gathers the shards just written, and training never runs on a stale or
+    perturbed unsharded copy. Not a collective. (FSDP1 reshards after every backward.)"""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 class ShardedHessianOperator(CurvatureOperator):
     """Hessian of the mean probe loss of a sharded model, on local parameter shards.
 
@@ -183,8 +193,8 @@ class ShardedHessianOperator(CurvatureOperator):
             raise ValueError("ShardedHessianOperator: batches must be a non-empty sequence of batches")
         batches = list(batches)
 
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.kind, self.group, self.compute_dtypes = self.check_module(module)
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if dtype is None:
             dtype = torch.float64 if self.compute_dtypes == {torch.float64} else torch.float32
         if dtype not in (torch.float32, torch.float64):
@@ -245,7 +255,8 @@ class ShardedHessianOperator(CurvatureOperator):
     # ------------------------------------------------------------------ sharding
     @staticmethod
     def check_module(module: nn.Module) -> tuple[str, Any, set[torch.dtype]]:
-        """Validate a module for sharded finite differences (no collective, nothing built).
+        """Validate a module for sharded finite differences (no collective, nothing built; FSDP2
+        modules holding unsharded parameters are resharded first).
 
         Returns ``(kind, group, compute_dtypes)``: :func:`sharding_kind`, the process group of the
         shards (None for an ordinary module) and the dtypes the gradients are computed in.
@@ -253,6 +264,7 @@ class ShardedHessianOperator(CurvatureOperator):
         Raises:
             ValueError: the reasons listed in the class docstring (naming the parameter).
         """
+        _reshard(module)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("ShardedHessianOperator: module has no trainable parameters (requires_grad=True)")
@@ -416,6 +428,9 @@ class ShardedHessianOperator(CurvatureOperator):
         raise ValueError("ShardedHessianOperator.to_dense: the vectors are sharded; a dense matrix is not available")
 
     # ------------------------------------------------------------------ gradients
+    def _reshard(self) -> None:
+        _reshard(self.module)
+
     def _accumulating(self) -> bool:
         """True when FSDP's gradient sync is off somewhere (``no_sync`` / ``set_requires_gradient_sync(False)``)."""
         if self.kind == "fsdp2":
@@ -430,6 +445,7 @@ class ShardedHessianOperator(CurvatureOperator):
         weighted loss sum (float64). Every process runs ``self._rounds`` forward/backward rounds."""
         for p in self.parameters:
             p.grad = None
+        self._reshard()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i in range(self._rounds):
             index = i if i < len(self.batches) else 0
@@ -492,6 +508,7 @@ class ShardedHessianOperator(CurvatureOperator):
                 return fn(devices, reduced[2:])
         finally:
             self._write(None, 0.0)
+            self._reshard()
             for p, g in zip(self.parameters, grads):
                 p.grad = g
 
