@@ -20,7 +20,9 @@ Run::
 (3) Product accuracy, 1 process: float32 finite-difference products of 64-W-W-10 MLPs (256
     examples) against float64 double-backward products, relative error per direction for 3 random
     Gaussian directions and the top eigenvector (float64 finite-difference Lanczos), and the
-    Rayleigh quotient's relative error along the top eigenvector, for a ladder of ``eps``.
+    Rayleigh quotient's relative error along the top eigenvector, for a ladder of ``eps``; then
+    ``sharded_eigenpairs(which="both")`` on the 26k MLP in float32 (default eps) at a ladder of
+    ``tol``, against float64 (``tol=1e-6``): converged?, products, relative errors.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ def accuracy(quick: bool) -> None:
 def product_accuracy(quick: bool) -> None:
     print("product accuracy: float32 FD products against float64 double backward, 256 examples")
     print(f"{'params':>8} {'eps':>8} {'rel err: random 1, 2, 3, top':>36} {'Rayleigh top':>14}")
+    solves = []
     for sizes in ([64, 128, 128, 10],) if quick else ([64, 128, 128, 10], [64, 512, 512, 10]):
         g = torch.Generator().manual_seed(0)
         b64 = [(torch.randn(256, 64, generator=g, dtype=torch.float64),
@@ -153,6 +156,18 @@ def product_accuracy(quick: bool) -> None:
             errs = ", ".join(f"{e:.1e}" for e in ((out - R).norm(dim=0) / R.norm(dim=0)).tolist())
             rq = abs(float(V[:, -1] @ out[:, -1]) - top.lambda_max) / top.lambda_max
             print(f"{ref.dim:>8} {eps:8.0e} {errs:>36} {rq:14.1e}")
+        if sizes[1] == 128:
+            solves.append((m64, m32, b64, b32))
+    m64, m32, b64, b32 = solves[0]
+    ref_both = sharded_eigenpairs(ShardedHessianOperator(m64, loss_fn, b64), k=1, which="both", tol=1e-6, max_hvp=400)
+    print(f"float32 solves (which='both'), 26k MLP; float64 reference lambda_max={ref_both.eigenvalues[0]:.8g}, "
+          f"lambda_min={ref_both.eigenvalues[1]:.8g} ({ref_both.n_hvp} products, converged "
+          f"{ref_both.converged.tolist()})")
+    for tol in (1e-3, 3e-4, 1e-4, 3e-5):
+        res = sharded_eigenpairs(ShardedHessianOperator(m32, loss_fn, b32), k=1, which="both", tol=tol, max_hvp=300)
+        errs = [abs(float(a) - float(b)) / abs(float(b)) for a, b in zip(res.eigenvalues, ref_both.eigenvalues)]
+        print(f"  tol={tol:.0e}: converged {res.converged.tolist()}, {res.n_hvp} products, rel err lambda_max "
+              f"{errs[0]:.1e}, lambda_min {errs[1]:.1e}")
 
 
 def free_port() -> int:
