@@ -1,6 +1,7 @@
 """Lightning worker for tests/test_sharded_trainer.py (run as a script; Lightning re-launches it per rank).
 
-Usage: python tests/_sharded_trainer_worker.py OUT_DIR {model_parallel|fsdp}
+Usage: python tests/_sharded_trainer_worker.py OUT_DIR {model_parallel|fsdp} [ACCELERATOR [DEVICES]]
+(default ``cpu 2``; ``cuda 1`` is the one-GPU check of tests/test_sharded_cuda.py).
 
 ``model_parallel``: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with
 FSDP2 ``fully_shard`` in ``configure_model``, float64 parameters built by hand.
@@ -74,7 +75,7 @@ def local_shards(module: nn.Module) -> list[torch.Tensor]:
     out = []
     for p in module.parameters():
         t = p._local_tensor if hasattr(p, "_local_tensor") else p.data
-        out.append(t.detach().clone())
+        out.append(t.detach().cpu().clone())
     return out
 
 
@@ -89,8 +90,8 @@ def full_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[
     """The unsharded parameters by name (a collective)."""
     if isinstance(trainer.strategy, FSDPStrategy):
         with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
-            return {n: p.detach().to(torch.float64).clone() for n, p in pl_module.named_parameters()}
-    return {n: p.full_tensor().detach().to(torch.float64).clone() for n, p in pl_module.named_parameters()}
+            return {n: p.detach().cpu().to(torch.float64).clone() for n, p in pl_module.named_parameters()}
+    return {n: p.full_tensor().detach().cpu().to(torch.float64).clone() for n, p in pl_module.named_parameters()}
 
 
 class Measure(pl.Callback):
@@ -100,7 +101,7 @@ class Measure(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         rank = trainer.global_rank
-        probe = probe_batches(rank, self.dtype)
+        probe = [tuple(t.to(pl_module.device) for t in b) for b in probe_batches(rank, self.dtype)]
         before = local_shards(trainer.strategy.model)
         op = sharded_operator(trainer, pl_module, lambda m, b: m.compute_loss(b), probe)
         res = sharded_eigenpairs(op, k=1, which="both", tol=1e-10, max_hvp=op.total_dim)
@@ -108,7 +109,7 @@ class Measure(pl.Callback):
         # dense float64 reference of the unsharded model over both ranks' probe batches
         params = full_parameters(trainer, pl_module)
         gathered: list = [None] * trainer.world_size
-        dist.all_gather_object(gathered, [tuple(t.to(torch.float64) for t in b) for b in probe])
+        dist.all_gather_object(gathered, [tuple(t.cpu().to(torch.float64) for t in b) for b in probe])
         ref_model = ShardMLP(torch.float64, shard=False)
         ref_model.load_state_dict(params)
         union = [b for share in gathered for b in share]
@@ -124,18 +125,19 @@ class Measure(pl.Callback):
         })
 
 
-def fit(mode: str, measure: bool, out_dir: str) -> tuple[list[torch.Tensor], list[dict], pl.Trainer]:
+def fit(mode: str, measure: bool, out_dir: str, accelerator: str, devices: int
+        ) -> tuple[list[torch.Tensor], list[dict], pl.Trainer]:
     dtype = torch.float64 if mode == "model_parallel" else torch.float32
     if mode == "model_parallel":
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     else:
-        strategy = CPUFSDPStrategy()
+        strategy = CPUFSDPStrategy() if accelerator == "cpu" else FSDPStrategy()
     model = ShardMLP(dtype, shard=mode == "model_parallel")
     g = torch.Generator().manual_seed(3)
     data = TensorDataset(torch.randn(16, 3, generator=g, dtype=torch.float64).to(dtype),
                          torch.randn(16, 1, generator=g, dtype=torch.float64).to(dtype))
     callbacks = [Measure(dtype)] if measure else []
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, max_steps=3, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=callbacks, default_root_dir=out_dir)
     trainer.fit(model, DataLoader(data, batch_size=4, shuffle=False))
@@ -145,18 +147,21 @@ def fit(mode: str, measure: bool, out_dir: str) -> tuple[list[torch.Tensor], lis
 
 def main() -> None:
     out_dir, mode = sys.argv[1], sys.argv[2]
+    accelerator = sys.argv[3] if len(sys.argv) > 3 else "cpu"
+    devices = int(sys.argv[4]) if len(sys.argv) > 4 else 2
     torch.set_num_threads(1)
-    shards_measured, records, trainer = fit(mode, True, out_dir)
+    shards_measured, records, trainer = fit(mode, True, out_dir, accelerator, devices)
     sharded, problem = is_sharded(trainer.strategy), None
     try:
         check_supported(trainer.strategy, trainer.strategy.model)
     except ValueError as exc:  # pragma: no cover - reported to the test
         problem = str(exc)
-    shards_plain, _, _ = fit(mode, False, out_dir)
+    shards_plain, _, _ = fit(mode, False, out_dir, accelerator, devices)
     torch.save({
         "records": records,
         "invisible": all(torch.equal(a, b) for a, b in zip(shards_measured, shards_plain)),
         "world_size": trainer.world_size, "is_sharded": sharded, "problem": problem,
+        "device": str(trainer.strategy.root_device),
     }, os.path.join(out_dir, f"{mode}_rank{trainer.global_rank}.pt"))
 
 

@@ -313,7 +313,8 @@ class ShardedHessianOperator(CurvatureOperator):
         if kind == "fsdp1":
             wrappers = [m for m in module.modules() if isinstance(m, FullyShardedDataParallel)]
             for w in wrappers:
-                if w.sharding_strategy not in _SUPPORTED_FSDP1:
+                # one process replicates nothing (FSDP itself switches to NO_SHARD at world size 1)
+                if w.sharding_strategy not in _SUPPORTED_FSDP1 and dist.get_world_size(w.process_group) > 1:
                     raise ValueError(
                         f"ShardedHessianOperator: FSDP sharding_strategy {w.sharding_strategy.name} is not supported; "
                         "use FULL_SHARD or SHARD_GRAD_OP (NO_SHARD and HYBRID replicate parameters)"
