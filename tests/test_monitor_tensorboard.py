@@ -70,7 +70,9 @@ def test_event_file_tags_steps_and_layout(run_dir) -> None:
     charts = {c.title: [t for t in c.multiline.tag] for cat in layout.category for c in cat.chart}
     assert [cat.title for cat in layout.category] == ["rpe/curvature"]
     assert set(charts) == {"sharpness vs stability threshold", "spectrum: top-k and lambda_min", "stability ratio",
-                           "rotation and polarity (degrees)", "rotation cosines and alignment"}
+                           "rotation and polarity (degrees)", "rotation cosines and alignment",
+                           "solver residuals and product checks", "crossings, backend, unverified",
+                           "ClippedAdam: fraction clipped and clip level"}
 
     def matched(title: str) -> set[str]:
         return {t for t in tags for rx in charts[title] if re.search(rx, t)}

@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import (
     ModelParallelStrategy,
     SingleDeviceStrategy,
 )
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
@@ -53,7 +53,7 @@ from lightning_rpe.measure import (
     measurement_metrics,
     solve,
 )
-from lightning_rpe.names import LAMBDA_MIN, STABILITY_RATIO, THRESHOLD, MetricNames
+from lightning_rpe.names import CLIP_FRACTION, CLIP_LEVEL, LAMBDA_MIN, STABILITY_RATIO, THRESHOLD, MetricNames
 from lightning_rpe.validation import check_bool, check_choice, check_int, fail
 
 __all__ = ["Measurement", "SharpnessMonitor"]
@@ -332,6 +332,12 @@ class SharpnessMonitor(Callback):
         if self.probe != "batch":
             self._capture_probe(trainer, pl_module)
         if self.on_fit_start_measure and trainer.global_step == 0 and self._last_attempt_step != 0:
+            n_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            rank_zero_info(
+                f"SharpnessMonitor: measuring the Hessian of the initial parameters ({n_params:,} parameters, "
+                f"{self.probe_size} probe samples, top-{self.top_k}{' and lambda_min' if self.lambda_min else ''}); "
+                "the first measurement has no warm start and takes longest"
+            )
             self._run(trainer, pl_module, self._probe.batches if self._probe else None, "fit_start")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -522,6 +528,15 @@ class SharpnessMonitor(Callback):
                     _logging.tag_regex(
                         n.rotation_cos, n.subspace_similarity, n.subspace_similarity_to_first, n.grad_alignment
                     )
+                ],
+                "solver residuals and product checks": [
+                    _logging.tag_regex(n.sharpness_residual, n.lambda_min_residual, n.verify_error),
+                ],
+                "crossings, backend, unverified": [
+                    _logging.tag_regex(n.eigenvalue_crossings, n.finite_difference, n.unverified),
+                ],
+                "ClippedAdam: fraction clipped and clip level": [
+                    n.grouped_pattern(CLIP_FRACTION), n.grouped_pattern(CLIP_LEVEL),
                 ],
             }
         }
