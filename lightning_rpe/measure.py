@@ -24,11 +24,19 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rpe.curvature import HessianOperator, ScaledOperator, eigenpairs, known_causes, verify_operator
+from lightning_rpe.curvature.sharded import ShardedHessianOperator, sharded_eigenpairs
 from lightning_rpe.curvature.trace import trace as trace_estimate
 from lightning_rpe.geometry import Rotation, gradient_alignment
 from lightning_rpe.optim import ClippedAdam
 from lightning_rpe.names import CLIP_FRACTION, CLIP_LEVEL, STABILITY_RATIO, THRESHOLD, MetricNames
-from lightning_rpe.stability import GroupThreshold, StepScales, group_thresholds, stability_ratio, step_scales
+from lightning_rpe.stability import (
+    GroupThreshold,
+    StepScales,
+    dimensionless_threshold,
+    group_thresholds,
+    stability_ratio,
+    step_scales,
+)
 from lightning_rpe.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = [
@@ -41,6 +49,7 @@ __all__ = [
     "checked_loss",
     "measurement_metrics",
     "solve",
+    "solve_sharded",
 ]
 
 Solver = Literal["auto", "lanczos", "block"]
@@ -538,6 +547,71 @@ def solve(
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
         backend=op.backend, verification=verdict, verify_error=verify_error, switched=switched,
         **_clip_statistics(optimizer),
+    )
+
+
+def solve_sharded(
+    op: ShardedHessianOperator,
+    settings: MeasureSettings,
+    *,
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scales: Sequence[float] | None = None,
+) -> Solve:
+    """Measure a sharded model through its :class:`~lightning_rpe.curvature.sharded.ShardedHessianOperator`.
+
+    Every process calls this with its own shards (the products and inner products are collective)
+    and gets the same eigenvalues. Available: the top-k eigenvalues, lambda_min, residuals, the
+    probe loss and gradient alignment, thresholds, and the stability ratio when every param group
+    shares one ``lr / K`` and the optimizer is not preconditioned. Not available on sharded vectors
+    (left out, with a note): the preconditioned sharpness, the trace, and the eigenvector geometry
+    (the returned vectors are empty ``(0, m)`` blocks: each process holds only its shard).
+
+    Raises:
+        MeasurementSkipped: non-finite values or a solve that did not converge.
+    """
+    notes: list[tuple[str, str]] = []
+    loss, align = None, None
+    which = "both" if settings.lambda_min else "largest"
+    room = op.total_dim - 1 if which == "both" else op.total_dim
+    k = min(settings.top_k, room)
+    res = sharded_eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.max_hvp,
+                             generator=settings.generator(step))
+    if not bool(torch.isfinite(res.eigenvalues).all()):
+        raise MeasurementSkipped(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)")
+    if not res.all_converged:
+        raise MeasurementSkipped(f"the eigen-solver did not converge ({res.reason or 'not converged'}; {res.n_hvp} products)")
+    if settings.grad_alignment:
+        try:
+            loss, grad = op.loss_and_gradient()
+        except ValueError as exc:
+            raise MeasurementSkipped(str(exc)) from exc
+        v1 = res.eigenvectors[:, :1].to(grad)
+        g = grad.reshape(-1, 1)
+        dot, gg = float(op.inner(g, v1)), float(op.inner(g, g))
+        align = abs(dot) / math.sqrt(gg) if gg > 0 else None
+    top_vals = tuple(float(v) for v in res.eigenvalues[:k])
+    groups: list[GroupThreshold] = [] if optimizer is None else list(group_thresholds(optimizer, lr_scales))
+    ratio = None
+    if groups:
+        per = {g.lr / dimensionless_threshold(g) for g in groups if dimensionless_threshold(g) > 0}
+        if not any(g.preconditioned for g in groups) and len(per) == 1:
+            ratio = per.pop() * top_vals[0]
+        else:
+            notes.append(("sharded-ratio", "on a sharded model the stability ratio is computed only for a "
+                          "non-preconditioned optimizer whose param groups share one lr / K (docs/sharded.md)"))
+    if settings.trace or (settings.preconditioned and any(g.preconditioned for g in groups)):
+        notes.append(("sharded-unavailable", "on a sharded model the trace and the preconditioned sharpness are "
+                      "not computed (docs/sharded.md)"))
+    empty = torch.zeros(0, max(k, 1))
+    return Solve(
+        eigenvalues=top_vals, lambda_min=float(res.eigenvalues[k]) if which == "both" else None, trace=None,
+        preconditioned_sharpness=None, groups=tuple(groups),
+        ratios=tuple(stability_ratio(math.nan if g.preconditioned else top_vals[0], g.threshold) for g in groups),
+        stability_ratio=ratio, n_hvp=int(op.n_hvp), residuals=tuple(float(r) for r in res.residuals[:k]),
+        lambda_min_residual=float(res.residuals[k]) if which == "both" else None, probe_loss=loss,
+        grad_alignment=align, top_vectors=empty, min_vector=None, preconditioned_vector=None, notes=tuple(notes),
+        backend="finite_difference",
     )
 
 

@@ -145,6 +145,49 @@ def fit(mode: str, measure: bool, out_dir: str, accelerator: str, devices: int
     return local_shards(trainer.strategy.model), records, trainer
 
 
+class MonitorSpy(pl.Callback):
+    """After the SharpnessMonitor (earlier in the callback list): its values and a dense reference."""
+
+    def __init__(self, monitor) -> None:
+        self.monitor = monitor
+        self.records: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        m = self.monitor.latest
+        gathered: list = [None] * trainer.world_size
+        mine = [tuple(t.cpu().to(torch.float64) for t in b) for b in self.monitor.probe_batches]
+        dist.all_gather_object(gathered, mine)
+        ref_model = ShardMLP(torch.float64, shard=False)
+        ref_model.load_state_dict(full_parameters(trainer, pl_module))
+        union = [b for share in gathered for b in share]
+        ref = HessianOperator(ref_model, lambda mod, b: mod.compute_loss(b), union, dtype=torch.float64).to_dense()
+        evals = torch.linalg.eigvalsh(ref)
+        self.records.append({"step": m.step, "sharpness": m.sharpness, "lambda_min": m.lambda_min,
+                             "ratio": m.stability_ratio, "lr": m.lrs[0], "backend": m.backend,
+                             "ref_max": float(evals[-1]), "ref_min": float(evals[0])})
+
+
+def fit_monitor(mode: str, out_dir: str, accelerator: str, devices: int) -> tuple[list[torch.Tensor], list[dict]]:
+    from lightning_rpe import SharpnessMonitor
+
+    dtype = torch.float64 if mode == "model_parallel" else torch.float32
+    strategy = (ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if mode == "model_parallel"
+                else CPUFSDPStrategy() if accelerator == "cpu" else FSDPStrategy())
+    model = ShardMLP(dtype, shard=mode == "model_parallel")
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(16, 3, generator=g, dtype=torch.float64).to(dtype),
+                         torch.randn(16, 1, generator=g, dtype=torch.float64).to(dtype))
+    monitor = SharpnessMonitor(every_n_steps=1, on_fit_start=False, on_fit_end=False, probe_size=16,
+                               dtype="float64" if dtype == torch.float64 else "float32",
+                               tol=1e-9 if dtype == torch.float64 else 1e-4, batchnorm="eval", custom_scalars=False)
+    spy = MonitorSpy(monitor)
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, max_steps=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[monitor, spy], default_root_dir=out_dir)
+    trainer.fit(model, DataLoader(data, batch_size=4, shuffle=False))
+    return local_shards(trainer.strategy.model), spy.records
+
+
 def main() -> None:
     out_dir, mode = sys.argv[1], sys.argv[2]
     accelerator = sys.argv[3] if len(sys.argv) > 3 else "cpu"
@@ -157,7 +200,10 @@ def main() -> None:
     except ValueError as exc:  # pragma: no cover - reported to the test
         problem = str(exc)
     shards_plain, _, _ = fit(mode, False, out_dir, accelerator, devices)
+    shards_monitored, monitor_records = fit_monitor(mode, out_dir, accelerator, devices)
     torch.save({
+        "monitor_records": monitor_records,
+        "monitor_invisible": all(torch.equal(a, b) for a, b in zip(shards_monitored, shards_plain)),
         "records": records,
         "invisible": all(torch.equal(a, b) for a, b in zip(shards_measured, shards_plain)),
         "world_size": trainer.world_size, "is_sharded": sharded, "problem": problem,

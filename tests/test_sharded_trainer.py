@@ -48,6 +48,15 @@ def test_sharpness_inside_trainer_matches_dense_reference_and_is_invisible(tmp_p
         assert a["lambda_max"] == pytest.approx(a["ref_max"], rel=rel)
         assert a["lambda_min"] == pytest.approx(a["ref_min"], rel=rel) and a["lambda_min"] < 0
         assert a["n_gradients"] == 2 * a["n_hvp"]
+    # the SharpnessMonitor itself under the sharded strategy: the same values on both ranks, equal to the
+    # dense reference, the exact heavy-ball ratio lr * lambda_max / (2 + 2 beta), and training bitwise unchanged
+    assert r0["monitor_invisible"] and r1["monitor_invisible"]
+    assert [rec["step"] for rec in r0["monitor_records"]] == [1, 2, 3]
+    for a, b in zip(r0["monitor_records"], r1["monitor_records"]):
+        assert a == b and a["backend"] == "finite_difference"
+        assert a["sharpness"] == pytest.approx(a["ref_max"], rel=rel)
+        assert a["lambda_min"] == pytest.approx(a["ref_min"], rel=max(rel, 1e-3))
+        assert a["ratio"] == pytest.approx(a["lr"] * a["sharpness"] / 3.8, rel=1e-12)  # heavy ball, beta 0.9
 
 
 def test_is_sharded_and_check_supported_refusals() -> None:

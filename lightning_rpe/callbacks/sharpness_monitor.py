@@ -20,13 +20,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    DeepSpeedStrategy,
-    FSDPStrategy,
-    ModelParallelStrategy,
-    SingleDeviceStrategy,
-)
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
@@ -35,9 +29,11 @@ from lightning_rpe.callbacks import _logging
 from lightning_rpe.callbacks._distributed import RankZeroBuffers, all_reduce_sum, distributed
 from lightning_rpe.callbacks._loss import MutedLogging, resolve_loss
 from lightning_rpe.callbacks._probe import ProbeSet, capture_probe
+from lightning_rpe.callbacks._sharded import check_supported, is_sharded, sharded_operator
 from lightning_rpe.callbacks.run_card import write_run_card
-from lightning_rpe.geometry import EigenvectorTracker, PolarityTracker
+from lightning_rpe.geometry import EigenvectorTracker, PolarityTracker, Rotation
 from lightning_rpe.measure import (
+    DTYPES,
     Backend,
     BatchNormPolicy,
     DropoutPolicy,
@@ -52,6 +48,7 @@ from lightning_rpe.measure import (
     assemble,
     measurement_metrics,
     solve,
+    solve_sharded,
 )
 from lightning_rpe.names import CLIP_FRACTION, CLIP_LEVEL, LAMBDA_MIN, STABILITY_RATIO, THRESHOLD, MetricNames
 from lightning_rpe.validation import check_bool, check_choice, check_int, fail
@@ -208,6 +205,7 @@ class SharpnessMonitor(Callback):
         self._uses_training_step = False
         self._step_at_batch_start: int | None = None
         self._last_batch: Any = None
+        self._sharded = False  # the strategy shards parameters: finite-difference products on local shards
         self._verified = False  # a product check was made in this run
         self._finite_difference = False  # the check failed: products by finite differences
         self._unverified = False  # the check failed or was inconclusive and nothing was switched
@@ -306,15 +304,24 @@ class SharpnessMonitor(Callback):
         self._last_batch = None
         self._verified = self._finite_difference = self._unverified = False
 
-    @staticmethod
-    def _check_strategy(trainer: pl.Trainer) -> None:
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
         strategy = trainer.strategy
-        sharded = isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy))
-        if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        self._sharded = is_sharded(strategy)
+        if self._sharded:
+            try:
+                check_supported(strategy)
+            except ValueError as exc:
+                raise ValueError(
+                    f"SharpnessMonitor does not support this {type(strategy).__name__} setup: {exc}. Supported: "
+                    "single-device strategies, DDPStrategy, FSDPStrategy and ModelParallelStrategy with "
+                    "tensor_parallel_size=1 (docs/sharded.md)."
+                ) from exc
+            return
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
-                f"SharpnessMonitor does not support the {type(strategy).__name__} strategy: it needs every "
-                "process to hold all parameters. Supported: single-device strategies ('auto' on one device) "
-                "and data parallel DDPStrategy ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook')."
+                f"SharpnessMonitor does not support the {type(strategy).__name__} strategy. Supported: "
+                "single-device strategies ('auto' on one device), data parallel DDPStrategy ('ddp', 'ddp_spawn', "
+                "'ddp_fork', 'ddp_notebook'), FSDPStrategy and ModelParallelStrategy (docs/sharded.md)."
             )
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -441,6 +448,10 @@ class SharpnessMonitor(Callback):
         # self.log must not replace the logged training values with probe-batch values
         with isolate_rng(), torch.enable_grad(), RankZeroBuffers(pl_module, enabled=is_distributed), \
                 MutedLogging(pl_module):
+            if self._sharded:
+                op = sharded_operator(trainer, pl_module, self._loss, batches, DTYPES[self.settings.dtype],
+                                      batchnorm=self.settings.batchnorm, dropout=self.settings.dropout)
+                return solve_sharded(op, self.settings, step=step, optimizer=optimizer, lr_scales=self._lr_scales())
             check = self.settings.verify == "every" or (self.settings.verify == "first" and not self._verified)
             return solve(pl_module, self._loss, batches, self.settings, step=step, optimizer=optimizer,
                          lr_scales=self._lr_scales(), warm=self._tracker,
@@ -485,7 +496,7 @@ class SharpnessMonitor(Callback):
             )
             return
         assert result is not None
-        if distributed(trainer):
+        if distributed(trainer) and not self._sharded:  # sharded: every rank holds its own shard of the vectors
             result = trainer.strategy.broadcast(result, src=0)
         for key, message in result.notes:
             self._warn_once(key, f"SharpnessMonitor: {message}")
@@ -493,8 +504,8 @@ class SharpnessMonitor(Callback):
             self._verified = True
             self._finite_difference = self._finite_difference or result.switched
             self._unverified = result.verification != "passed" and not result.switched
-        rotation = self._tracker.update(step, result.top_vectors, result.min_vector, result.preconditioned_vector,
-                                        k=len(result.eigenvalues))
+        rotation = Rotation() if self._sharded else self._tracker.update(
+            step, result.top_vectors, result.min_vector, result.preconditioned_vector, k=len(result.eigenvalues))
         self.n_measurements += 1
         self.latest = assemble(result, rotation, step=step, epoch=int(trainer.current_epoch),
                                seconds=time.perf_counter() - start, trigger=trigger, unverified=self._unverified)
