@@ -46,7 +46,8 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import dict_table, final_sharpness  # noqa: E402
+from _common import dict_table, final_sharpness
+
 from lightning_rpe import SharpnessMonitor
 from lightning_rpe.data import DigitsDataModule
 from lightning_rpe.models import MLPClassifier
@@ -54,23 +55,16 @@ from lightning_rpe.optim import ClippedAdam
 
 
 def clip_binding(optimizer: torch.optim.Optimizer) -> float | None:
-    """Fraction of coordinates whose denominator ClippedAdam clips now (None for other optimizers).
+    """Fraction of coordinates whose denominator ClippedAdam clipped at the last step, over all
+    param groups (None for other optimizers): ``ClippedAdam.clip_statistics()`` weighted by size.
 
     Upper mode clips where ``sqrt(v_hat) > c`` (there the step is larger than Adam's).
     """
     if not isinstance(optimizer, ClippedAdam):
         return None
-    bound = total = 0
-    for group in optimizer.param_groups:
-        beta2, c = float(group["betas"][1]), float(group["clip"])
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if not state or "exp_avg_sq" not in state:
-                continue
-            root = (state["exp_avg_sq"] / (1.0 - beta2 ** float(state["step"]))).sqrt()
-            bound += int((root > c).sum() if group["mode"] == "upper" else (root < c).sum())
-            total += root.numel()
-    return bound / total if total else None
+    stats = [s for s in optimizer.clip_statistics() if s.numel]
+    total = sum(s.numel for s in stats)
+    return sum(s.fraction * s.numel for s in stats) / total if total else None
 
 
 class RatioLog(pl.Callback):
@@ -83,7 +77,7 @@ class RatioLog(pl.Callback):
         self.binding: list[float] = []
         self._seen: Any = None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         m = self.monitor.latest
         if m is not None and m is not self._seen:
             self._seen = m

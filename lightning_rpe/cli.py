@@ -16,11 +16,35 @@ Usage errors (unknown option, missing file, invalid value) print one line and ex
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["main", "RPELightningCLI"]
+import torch
+from jsonargparse import lazy_instance
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_rpe import __version__
+from lightning_rpe.callbacks import InstabilityController, SharpnessMonitor
+from lightning_rpe.data import DigitsDataModule
+from lightning_rpe.demo import _is_terminal, format_summary, run_demo
+from lightning_rpe.models import MLPClassifier
+from lightning_rpe.names import DEFAULT_PREFIX
+from lightning_rpe.report import (
+    DEFAULT_WARMUP,
+    ReportError,
+    load_run,
+    summarize,
+    write_report,
+)
+
+__all__ = ["RPELightningCLI", "main"]
 
 PROG = "lightning-rpe"
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -113,18 +137,34 @@ def _demo_parser() -> _Parser:
     p.add_argument("--out", default=None,
                    help="run folder for the logs and the report (default: runs/demo-DATE-TIME)")
     p.add_argument("--no-report", action="store_true", help="skip the figures and summary.md")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (without a terminal the bar is replaced by a line every 10%% of the steps)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: 1 on machines with at most 2 cores, where a second thread "
+                        "competes with other work for the cores; else torch's default)")
     return p
 
 
-def _run_demo(argv: Sequence[str]) -> int:
-    from lightning_rpe.demo import format_summary, run_demo
+def demo_threads(requested: int | None, cores: int | None = None) -> int | None:
+    """The torch thread count the demo sets: ``requested``, else 1 on machines with at most 2 cores
+    (``os.cpu_count()``), else ``None`` (torch's default is kept)."""
+    if requested is not None:
+        return requested
+    cores = os.cpu_count() if cores is None else cores
+    return 1 if cores is not None and cores <= 2 else None
 
+
+def _run_demo(argv: Sequence[str]) -> int:
     args = _demo_parser().parse_args(list(argv))
     if args.n_train >= 1797:
         raise _UsageError(f"{PROG} demo: error: --n-train must be below 1797 (the rest is the test set), "
                           f"got {args.n_train}")
     _quiet_lightning()
+    threads = demo_threads(args.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+        why = "" if args.threads is not None else f" ({os.cpu_count()} CPU cores; --threads N to change)"
+        print(f"Using {threads} torch thread{'s' if threads > 1 else ''}{why}.", flush=True)
     try:
         res = run_demo(steps=args.steps, lr=args.lr, out=args.out, seed=args.seed, every=args.every,
                        top_k=args.top_k, n_train=args.n_train, hidden=args.hidden, report=not args.no_report,
@@ -154,15 +194,20 @@ def _report_parser() -> _Parser:
     p.add_argument("--rotation-threshold", type=float, default=0.7, dest="rotation_threshold",
                    help="a run counts as 'rotated' when the similarity between its first and final top-k "
                         "eigenvector subspace is below this value; 1 = unchanged, 0 = orthogonal (default: %(default)s)")
+    p.add_argument("--prefix", default=None,
+                   help=f"the monitor's tag prefix (default: the prefix in each run's run_card.json, else "
+                        f"'{DEFAULT_PREFIX}')")
+    p.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
+                   help="fraction of the measured steps skipped before 'min lambda_min' is taken, so the value at "
+                        "initialisation does not dominate (default: %(default)s)")
     return p
 
 
 def _run_report(argv: Sequence[str]) -> int:
-    from lightning_rpe.report import ReportError, write_report
-
     args = _report_parser().parse_args(list(argv))
     try:
-        res = write_report(args.run_dirs, out=args.out, rotation_threshold=args.rotation_threshold)
+        res = write_report(args.run_dirs, out=args.out, rotation_threshold=args.rotation_threshold,
+                           prefix=args.prefix, warmup=args.warmup)
     except (ReportError, ValueError) as err:
         raise _UsageError(f"{PROG} report: error: {err}") from err
     print(f"{len(res['summaries'])} run(s), {len(res['figures'])} figure(s) written to {res['out']}")
@@ -172,9 +217,6 @@ def _run_report(argv: Sequence[str]) -> int:
 
 # -- LightningCLI ----------------------------------------------------------------------------------
 def _quiet_lightning() -> None:
-    import logging
-    import warnings
-
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
@@ -185,45 +227,38 @@ def _quiet_lightning() -> None:
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
 
 
-def _make_cli_class() -> type:
-    from lightning.pytorch.cli import LightningCLI
+class RPELightningCLI(LightningCLI):
+    """LightningCLI with the package's defaults: digits data, the tanh MLP, and optional
+    ``monitor:`` / ``controller:`` sections for the package's callbacks."""
 
-    from lightning_rpe.callbacks import InstabilityController, SharpnessMonitor
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(SharpnessMonitor, "monitor", subclass_mode=True, required=False)
+        parser.add_lightning_class_args(InstabilityController, "controller", subclass_mode=True, required=False)
+        parser.set_defaults({"model": lazy_instance(MLPClassifier), "data": lazy_instance(DigitsDataModule)})
 
-    class RPELightningCLI(LightningCLI):
-        """LightningCLI with the package's defaults: digits data, the tanh MLP, and optional
-        ``monitor:`` / ``controller:`` sections for the package's callbacks."""
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(str(self.subcommand), self.config)
+        if cfg.get("lr_scheduler") is not None and cfg.get("optimizer") is None:
+            raise _UsageError(
+                f"{PROG} {self.subcommand}: error: an lr_scheduler section needs a top-level optimizer section "
+                "too (e.g. optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.05}}); the model's own "
+                "optimizer argument cannot be combined with a scheduler from the config")
+        if cfg.get("controller") is not None and cfg.get("monitor") is None and not _has_monitor(cfg):
+            raise _UsageError(
+                f"{PROG} {self.subcommand}: error: the controller section needs a SharpnessMonitor "
+                "(add a monitor: section or a lightning_rpe.SharpnessMonitor in trainer.callbacks)")
 
-        def add_arguments_to_parser(self, parser: Any) -> None:
-            from jsonargparse import lazy_instance
-
-            from lightning_rpe.data import DigitsDataModule
-            from lightning_rpe.models import MLPClassifier
-
-            parser.add_lightning_class_args(SharpnessMonitor, "monitor", subclass_mode=True, required=False)
-            parser.add_lightning_class_args(InstabilityController, "controller", subclass_mode=True, required=False)
-            parser.set_defaults({"model": lazy_instance(MLPClassifier), "data": lazy_instance(DigitsDataModule)})
-
-        def before_instantiate_classes(self) -> None:
-            cfg = self.config.get(str(self.subcommand), self.config)
-            if cfg.get("lr_scheduler") is not None and cfg.get("optimizer") is None:
-                raise _UsageError(
-                    f"{PROG} {self.subcommand}: error: an lr_scheduler section needs a top-level optimizer section "
-                    "too (e.g. optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.05}}); the model's own "
-                    "optimizer argument cannot be combined with a scheduler from the config")
-            if cfg.get("controller") is not None and cfg.get("monitor") is None and not _has_monitor(cfg):
-                raise _UsageError(
-                    f"{PROG} {self.subcommand}: error: the controller section needs a SharpnessMonitor "
-                    "(add a monitor: section or a lightning_rpe.SharpnessMonitor in trainer.callbacks)")
-
-        def instantiate_trainer(self, **kwargs: Any) -> Any:
-            keys = self._parser(self.subcommand).callback_keys
-            extra = [self._get(self.config_init, c) for c in keys]
-            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-            return self._instantiate_trainer(trainer_config, [c for c in extra if c is not None])
-
-    globals()["RPELightningCLI"] = RPELightningCLI
-    return RPELightningCLI
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        keys = self._parser(self.subcommand).callback_keys
+        extra = [c for c in (self._get(self.config_init, k) for k in keys) if c is not None]
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if (trainer_config.get("enable_progress_bar") is None and not _is_terminal(sys.stderr)
+                and not any(isinstance(c, ProgressBar) for c in [*callbacks, *extra])):
+            # Lightning's bar would write thousands of carriage-return updates into a log file
+            trainer_config["enable_progress_bar"] = False
+        return self._instantiate_trainer(trainer_config, extra)
 
 
 def _has_monitor(cfg: Any) -> bool:
@@ -238,15 +273,12 @@ def _has_monitor(cfg: Any) -> bool:
 
 
 def _run_lightning(argv: Sequence[str]) -> int:
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    cli_class = _make_cli_class()
     _quiet_lightning()
     parser_kwargs: dict[str, Any] = {"exit_on_error": False}
     for sub in LIGHTNING_COMMANDS:
         parser_kwargs[sub] = {"exit_on_error": False}
     try:
-        cli_class(
+        cli = RPELightningCLI(
             args=list(argv),
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
@@ -260,7 +292,46 @@ def _run_lightning(argv: Sequence[str]) -> int:
             ImportError) as err:
         sub = argv[0] if argv else ""
         raise _UsageError(f"{PROG} {sub}: error: {_one_line(err)}") from err
+    if argv and argv[0] == "fit" and cli.trainer.is_global_zero:
+        print(fit_summary(cli.trainer))
     return 0
+
+
+def fit_summary(trainer: Any) -> str:
+    """What ``lightning-rpe fit`` prints at the end: the run folder, a short summary of the monitor's
+    measurements (read back from the event files and the run card, like ``report``) and the
+    ``report`` command for the figures."""
+    log_dir = None if trainer.logger is None else getattr(trainer.logger, "log_dir", None)
+    lines = [f"Finished {trainer.global_step} optimizer steps."]
+    if log_dir is None or not any(Path(log_dir).glob("events.out.tfevents.*")):
+        lines.append("No TensorBoard logger with a log folder: nothing to report (add trainer.logger: "
+                     "lightning.pytorch.loggers.TensorBoardLogger).")
+        return "\n".join(lines)
+    run = load_run(log_dir)
+    s = summarize(run)
+    if s.optimizer is not None:
+        lines[0] = (f"Finished {trainer.global_step} optimizer steps with {run.label()}; stability threshold "
+                    f"{s.threshold_formula}.")
+    if s.measurements:
+        compared = "preconditioned sharpness" if s.final_preconditioned_sharpness is not None else "sharpness"
+        value = s.final_preconditioned_sharpness if s.final_preconditioned_sharpness is not None else s.final_sharpness
+        line = f"{s.measurements} Hessian measurements; final {compared} {value:.4g}"
+        if s.final_threshold is not None and s.final_ratio is not None:
+            line += (f" against the threshold {s.final_threshold:.4g}: stability ratio {s.final_ratio:.3f} "
+                     f"(max {s.max_ratio:.3f})")
+        lines.append(line + ".")
+        if s.final_effective_lr is not None:
+            lines.append(f"Controller ({s.controller}): final effective lr {s.final_effective_lr:.4g}"
+                         + (f" (factor {s.final_lr_scale:.3g})" if s.final_lr_scale is not None else "") + ".")
+    else:
+        lines.append("No Hessian measurement was logged (add a monitor: section).")
+    if s.final_train_loss is not None:
+        lines.append(f"Final training loss {s.final_train_loss:.4g}"
+                     + (f"; {s.test_acc_tag} {s.test_acc:.3f}." if s.test_acc is not None else "."))
+    lines.append(f"Run folder: {log_dir}")
+    lines.append(f"  TensorBoard: tensorboard --logdir {log_dir}")
+    lines.append(f"  Figures:     {PROG} report {log_dir}")
+    return "\n".join(lines)
 
 
 def _one_line(err: BaseException) -> str:
@@ -296,8 +367,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_TOP_HELP)
             return 0
         if args[0] in ("-V", "--version"):
-            from lightning_rpe import __version__
-
             print(f"{PROG} {__version__}")
             return 0
         command, rest = args[0], args[1:]

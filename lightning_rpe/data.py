@@ -22,13 +22,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
+from lightning_rpe.validation import check_bool, check_int, fail
+
 __all__ = [
-    "TensorDataModule",
     "BatchedTensorDataset",
-    "collate_stacked",
+    "CIFAR10DataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",
-    "CIFAR10DataModule",
+    "TensorDataModule",
+    "collate_stacked",
     "standardize",
 ]
 
@@ -70,13 +72,6 @@ def collate_stacked(data: Any) -> Any:
     return default_collate(data)
 
 
-def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        accepted = "a positive integer or None" if allow_none else "a positive integer"
-        raise ValueError(f"{name} must be {accepted}, got {value!r}")
-
 
 class TensorDataModule(pl.LightningDataModule):
     """Base class: train / val / test splits held as tensors, fast batching.
@@ -104,10 +99,12 @@ class TensorDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_positive_int("batch_size", batch_size, allow_none=True)
-        _check_positive_int("eval_batch_size", eval_batch_size, allow_none=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        owner = type(self).__name__
+        check_int(owner, "batch_size", batch_size, minimum=1, allow_none=True)
+        check_int(owner, "eval_batch_size", eval_batch_size, minimum=1, allow_none=True)
+        check_int(owner, "seed", seed)
+        check_bool(owner, "shuffle", shuffle)
+        check_bool(owner, "drop_last", drop_last)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.shuffle = bool(shuffle)
@@ -206,10 +203,10 @@ class DigitsDataModule(TensorDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle,
                          drop_last=drop_last, seed=seed)
-        _check_positive_int("n_train", n_train)
+        check_int(type(self).__name__, "n_train", n_train, minimum=1)
         if n_train >= self.N_TOTAL:
-            raise ValueError(f"n_train must be between 1 and {self.N_TOTAL - 1} (the rest is the test set), "
-                             f"got {n_train}")
+            raise fail(type(self).__name__, "n_train",
+                       f"an int from 1 to {self.N_TOTAL - 1} (the rest is the test set)", n_train)
         self.n_train_requested = n_train
         self.flatten = bool(flatten)
         self.save_hyperparameters()
@@ -250,12 +247,10 @@ class _TorchvisionDataModule(TensorDataModule):
                  seed: int) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle,
                          drop_last=drop_last, seed=seed)
-        _check_positive_int("n_train", n_train)
-        _check_positive_int("n_test", n_test)
-        if n_train > self._TRAIN_SIZE:
-            raise ValueError(f"n_train must be at most {self._TRAIN_SIZE} for {self._NAME}, got {n_train}")
-        if n_test > self._TEST_SIZE:
-            raise ValueError(f"n_test must be at most {self._TEST_SIZE} for {self._NAME}, got {n_test}")
+        owner = type(self).__name__
+        for name, value, size in (("n_train", n_train, self._TRAIN_SIZE), ("n_test", n_test, self._TEST_SIZE)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= size:
+                raise fail(owner, name, f"an int from 1 to {size} ({self._NAME})", value)
         self.root = str(root)
         self.download = bool(download)
         self.n_train_requested = n_train

@@ -11,7 +11,7 @@ logs go to TensorBoard in the run folder, followed by the figures and summary of
 
 from __future__ import annotations
 
-import math
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -20,8 +20,16 @@ from typing import Any, TextIO
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
-__all__ = ["DemoResult", "StepProgressBar", "run_demo", "default_run_dir", "format_summary"]
+from lightning_rpe.callbacks import SharpnessMonitor
+from lightning_rpe.data import DigitsDataModule
+from lightning_rpe.models import MLPClassifier
+from lightning_rpe.report import load_run, write_report
+from lightning_rpe.validation import check_float, check_int
+
+__all__ = ["DemoResult", "StepProgressBar", "default_run_dir", "format_summary", "run_demo"]
 
 
 def default_run_dir() -> Path:
@@ -59,7 +67,8 @@ class StepProgressBar(ProgressBar):
     Lightning's own bars restart every epoch; with full batches an epoch is one step, so they show
     nothing useful. Use this one instead (from YAML: ``trainer.callbacks: [{class_path:
     lightning_rpe.demo.StepProgressBar}]``). The total is ``trainer.max_steps`` (or ``total``);
-    validation and test loops get no bar.
+    validation and test loops get no bar. When ``stream`` is not a terminal (output redirected to a
+    log file), no carriage-return bar is drawn: one plain line is written every 10% of the steps.
 
     Args:
         total: number of steps the bar counts to (default: ``trainer.max_steps``; unknown = no total).
@@ -73,6 +82,7 @@ class StepProgressBar(ProgressBar):
         self.total, self.stream, self.description = total, stream, description
         self.bar: Any = None
         self._enabled = True
+        self._lines: _LineProgress | None = None
 
     def disable(self) -> None:
         self._enabled = False
@@ -81,25 +91,34 @@ class StepProgressBar(ProgressBar):
         self._enabled = True
 
     def _monitor(self, trainer: pl.Trainer) -> Any:
-        from lightning_rpe.callbacks import SharpnessMonitor
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        return next((c for c in callbacks if isinstance(c, SharpnessMonitor)), None)
 
-        return next((c for c in trainer.callbacks if isinstance(c, SharpnessMonitor)), None)
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The monitor's measurement of the initial parameters runs before any bar exists (it is
+        # the slowest one: no warm start); say what the wait is for.
+        monitor = self._monitor(trainer)
+        if (not self._enabled or not trainer.is_global_zero or monitor is None or trainer.global_step != 0
+                or not getattr(monitor, "on_fit_start_measure", False)):
+            return
+        stream = self.stream if self.stream is not None else sys.stderr
+        what = f"top-{monitor.top_k} eigenvalues" + (" and lambda_min" if monitor.lambda_min else "")
+        stream.write(f"{self.description}: measuring the Hessian of the initial parameters ({what}) before the "
+                     "first step; the first measurement has no warm start and takes longest\n")
+        stream.flush()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._enabled or not trainer.is_global_zero:
             return
-        from tqdm.auto import tqdm
-
         total = self.total if self.total is not None else (trainer.max_steps if trainer.max_steps > 0 else None)
-        self.bar = tqdm(total=total, initial=trainer.global_step, desc=self.description, unit="step",
-                        file=self.stream if self.stream is not None else sys.stderr, dynamic_ncols=True,
-                        mininterval=0.5)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self.bar is None:
+        stream = self.stream if self.stream is not None else sys.stderr
+        if not _is_terminal(stream):
+            self._lines = _LineProgress(stream, self.description, total, trainer.global_step)
             return
-        self.bar.update(trainer.global_step - self.bar.n)
+        self.bar = tqdm(total=total, initial=trainer.global_step, desc=self.description, unit="step",
+                        file=stream, dynamic_ncols=True, mininterval=0.5)
+
+    def _postfix(self, trainer: pl.Trainer) -> dict[str, str]:
         post = {}
         loss = trainer.callback_metrics.get("train_loss")
         if loss is not None:
@@ -110,7 +129,17 @@ class StepProgressBar(ProgressBar):
             post["sharpness"] = f"{m.sharpness:.2f}"
             if m.stability_ratio is not None:
                 post["ratio"] = f"{m.stability_ratio:.3f}"
-        self.bar.set_postfix(post, refresh=False)
+        return post
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._lines is not None:
+            self._lines.update(trainer.global_step, self._postfix(trainer))
+            return
+        if self.bar is None:
+            return
+        self.bar.update(trainer.global_step - self.bar.n)
+        self.bar.set_postfix(self._postfix(trainer), refresh=False)
         if self.bar.total is not None and self.bar.n >= self.bar.total:
             # Close now, before Lightning prints its "stopped: max_steps reached" notice.
             self.bar.refresh()
@@ -118,10 +147,39 @@ class StepProgressBar(ProgressBar):
             self.bar = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._lines = None
         if self.bar is not None:
             self.bar.update(trainer.global_step - self.bar.n)
             self.bar.close()
             self.bar = None
+
+
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (ValueError, OSError):  # a closed stream
+        return False
+
+
+class _LineProgress:
+    """Progress for streams that are not terminals: one line per 10% of ``total`` (or every 100
+    steps without a total), no carriage returns."""
+
+    def __init__(self, stream: TextIO, description: str, total: int | None, start: int) -> None:
+        self.stream, self.description, self.total = stream, description, total
+        self.every = max(1, total // 10) if total else 100
+        self.next = (start // self.every + 1) * self.every
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, post: dict[str, str]) -> None:
+        if step < self.next and step != self.total:
+            return
+        self.next = (step // self.every + 1) * self.every
+        of = f"/{self.total}" if self.total else ""
+        extra = "".join(f", {k}={v}" for k, v in post.items())
+        self.stream.write(f"{self.description}: step {step}{of} ({time.perf_counter() - self.t0:.0f} s{extra})\n")
+        self.stream.flush()
 
 
 def run_demo(
@@ -153,18 +211,9 @@ def run_demo(
         progress: show a progress bar on ``stream``.
         stream: where the progress bar goes (default ``sys.stderr``).
     """
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from lightning_rpe import SharpnessMonitor
-    from lightning_rpe.data import DigitsDataModule
-    from lightning_rpe.models import MLPClassifier
-    from lightning_rpe.report import load_run, write_report
-
     for name, value in (("steps", steps), ("every", every), ("top_k", top_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+        check_int("run_demo", name, value, minimum=1)
+    check_float("run_demo", "lr", lr, minimum=0.0, inclusive=False)
     run_dir = Path(out) if out is not None else default_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     if any(run_dir.glob("events.out.tfevents.*")):
@@ -173,8 +222,6 @@ def run_demo(
 
     if progress:
         # Lightning's start/stop notices would break the progress bar's line.
-        import logging
-
         logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
@@ -205,11 +252,11 @@ def run_demo(
     seconds = time.perf_counter() - t0
 
     run = load_run(run_dir)
-    sharp = run.get("rpe/sharpness")
-    ratio = run.get("rpe/stability_ratio")
-    thr = run.get("rpe/threshold")
-    hvps = run.get("rpe/hvps")
-    msec = run.get("rpe/measure_seconds")
+    sharp = run.metric("sharpness")
+    ratio = run.metric("stability_ratio")
+    thr = run.metric("threshold")
+    hvps = run.metric("hvps")
+    msec = run.metric("measure_seconds")
     acc = run.get("test_acc")
     loss = run.get("train_loss")
     trajectory = [(int(s), float(v)) for s, v in zip(sharp.steps, sharp.values)] if sharp is not None else []

@@ -15,6 +15,7 @@ exactly that. Definitions of every quantity: ``docs/metrics.md``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
@@ -27,14 +28,19 @@ from lightning_rpe.curvature import (
     ScaledOperator,
     batch_sharpness,
     eigenpairs,
+    known_causes,
     sample_minibatches,
+    verify_operator,
 )
+from lightning_rpe.curvature.sharded import ShardedHessianOperator, sharded_eigenpairs
 from lightning_rpe.curvature.trace import trace as trace_estimate
 from lightning_rpe.geometry import Rotation, gradient_alignment
-from lightning_rpe.names import STABILITY_RATIO, THRESHOLD, MetricNames
+from lightning_rpe.names import CLIP_FRACTION, CLIP_LEVEL, STABILITY_RATIO, THRESHOLD, MetricNames
+from lightning_rpe.optim import ClippedAdam
 from lightning_rpe.stability import (
     GroupThreshold,
     StepScales,
+    dimensionless_threshold,
     group_thresholds,
     stability_ratio,
     step_scales,
@@ -52,19 +58,22 @@ __all__ = [
     "checked_loss",
     "measurement_metrics",
     "solve",
+    "solve_sharded",
 ]
 
 Solver = Literal["auto", "lanczos", "block"]
 DType = Literal["float32", "float64"]
 BatchNormPolicy = Literal["eval", "batch"]
 DropoutPolicy = Literal["off", "on"]
-Backend = Literal["auto", "func", "autograd"]
+Backend = Literal["auto", "func", "autograd", "finite_difference"]
+Verify = Literal["first", "every", "off"]
 
 SOLVERS: tuple[Solver, ...] = ("auto", "lanczos", "block")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 BATCHNORM_POLICIES: tuple[BatchNormPolicy, ...] = ("eval", "batch")
 DROPOUT_POLICIES: tuple[DropoutPolicy, ...] = ("off", "on")
-BACKENDS: tuple[Backend, ...] = ("auto", "func", "autograd")
+BACKENDS: tuple[Backend, ...] = ("auto", "func", "autograd", "finite_difference")
+VERIFY: tuple[Verify, ...] = ("first", "every", "off")
 
 
 class MeasurementSkipped(Exception):
@@ -114,6 +123,9 @@ class MeasureSettings:
         solver: ``"lanczos"``, ``"block"`` or ``"auto"``.
         dtype: ``"float32"`` or ``"float64"``, precision of the products.
         batchnorm, dropout, backend: the :class:`~lightning_rpe.curvature.HessianOperator` policies.
+        verify: check the Hessian-vector products against float64 finite differences of gradients
+            (:func:`~lightning_rpe.curvature.verify_operator`) at the first measurement of a run
+            (``"first"``), at every one (``"every"``) or never (``"off"``).
         preconditioned: compute ``lambda_max(P^-1/2 H P^-1/2)`` for Adam-family groups.
         grad_alignment: compute the probe gradient and ``|cos(g, v_1)|``.
         warm_start: start each solve from the previous eigenvectors.
@@ -138,6 +150,7 @@ class MeasureSettings:
     batchnorm: BatchNormPolicy = "batch"
     dropout: DropoutPolicy = "off"
     backend: Backend = "auto"
+    verify: Verify = "first"
     preconditioned: bool = True
     grad_alignment: bool = True
     warm_start: bool = True
@@ -162,6 +175,7 @@ class MeasureSettings:
         check_choice(o, "batchnorm", self.batchnorm, BATCHNORM_POLICIES)
         check_choice(o, "dropout", self.dropout, DROPOUT_POLICIES)
         check_choice(o, "backend", self.backend, BACKENDS)
+        check_choice(o, "verify", self.verify, VERIFY)
         check_int(o, "seed", self.seed, minimum=0)
         check_int(o, "batch_sharpness", self.batch_sharpness, minimum=0)
 
@@ -206,6 +220,15 @@ class Solve:
             (above 1: the average mini-batch step raises its own loss), and its standard error; None
             without an optimizer.
         batch_sharpness_batches: mini-batches the estimate used.
+        backend: the product path that produced the numbers (``"autograd"``, ``"func"``,
+            ``"finite_difference"``).
+        verification: the verdict of this solve's product check (``"passed"``, ``"failed"``,
+            ``"inconclusive"``), or None when none was made.
+        verify_error: relative error of the checked product against finite differences, or None.
+        switched: the check failed and the solve fell back to the finite-difference backend.
+        clip_fractions, clip_levels: per param group of a ClippedAdam, the fraction of coordinates
+            whose denominator the clip replaced at the last step and the level used (NaN while a
+            relative clip warms up); empty for other optimizers.
     """
 
     eigenvalues: tuple[float, ...]
@@ -229,6 +252,12 @@ class Solve:
     batch_sharpness_ratio: float | None = None
     batch_sharpness_ratio_se: float | None = None
     batch_sharpness_batches: int = 0
+    backend: str = "autograd"
+    verification: str | None = None
+    verify_error: float | None = None
+    switched: bool = False
+    clip_fractions: tuple[float, ...] = ()
+    clip_levels: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -282,6 +311,15 @@ class Measurement:
         batch_sharpness_se: its standard error over the mini-batches, or None.
         batch_sharpness_ratio: the batch sharpness over the optimizer's threshold (exactly: the
             quotient along ``S g_B`` of the step-scaled Hessian, see :class:`Solve`), or None.
+        backend: the product path that produced the numbers (``"finite_difference"`` after a
+            failed check, see ``verify``).
+        verify_error: relative error of the product check made at this measurement, or None.
+        unverified: True when a product check of this run failed (or could not decide) and the
+            numbers still come from the unchecked path (an explicit ``backend``, or an
+            inconclusive check): they may be wrong.
+        clip_fractions, clip_levels: ClippedAdam only, per param group: fraction of coordinates
+            clipped at the last step, in [0, 1], and the clip level (gradient units; NaN while a
+            relative clip warms up).
     """
 
     step: int
@@ -313,6 +351,11 @@ class Measurement:
     batch_sharpness: float | None = None
     batch_sharpness_se: float | None = None
     batch_sharpness_ratio: float | None = None
+    backend: str = "autograd"
+    verify_error: float | None = None
+    unverified: bool = False
+    clip_fractions: tuple[float, ...] = ()
+    clip_levels: tuple[float, ...] = ()
 
     def to_state(self) -> dict[str, Any]:
         """Plain-Python form (tuples as lists) for checkpoints."""
@@ -325,6 +368,42 @@ class Measurement:
         names = {f.name for f in fields(cls)}
         kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in state.items() if k in names}
         return cls(**kwargs)
+
+
+def _check(op: HessianOperator) -> tuple[str, float | None, int, tuple[str, str] | None]:
+    """Verify ``op``: (verdict, relative error, product-equivalents of the reference, note or None)."""
+    try:
+        v = verify_operator(op)
+    except LossFunctionError:
+        raise
+    except Exception as exc:  # e.g. no double backward at all (a compiled model)
+        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        return "failed", None, 0, ("verify-failed", _verify_message("failed", reason, known_causes(op.model), op.backend))
+    extra = math.ceil(v.n_gradients / 2)  # a product costs about two gradients
+    note = None if v.passed else ("verify-" + v.verdict, _verify_message(v.verdict, v.reason, v.suspects, v.backend))
+    return v.verdict, v.rel_error, extra, note
+
+
+def _verify_message(verdict: str, reason: str | None, suspects: Sequence[str], backend: str) -> str:
+    causes = f" Known causes found in the model: {', '.join(suspects)}." if suspects else ""
+    if verdict == "failed":
+        what = ("With backend='auto' this run uses the finite-difference backend from now on (2 gradients per "
+                "product); with an explicit backend every measurement is flagged rpe/unverified.")
+    else:
+        what = ("The loss is not smooth here (ReLU / max-pooling kinks): finite differences cannot check the "
+                "products, which stay on the AD path; measurements are flagged rpe/unverified.")
+    return (f"the Hessian-vector products ({backend}) do not match float64 finite differences of gradients "
+            f"({verdict}: {reason}).{causes} {what}")
+
+
+def _clip_statistics(optimizer: torch.optim.Optimizer | None) -> dict[str, tuple[float, ...]]:
+    if not isinstance(optimizer, ClippedAdam):
+        return {}
+    stats = optimizer.clip_statistics()
+    return {
+        "clip_fractions": tuple(float(st.fraction) for st in stats),
+        "clip_levels": tuple(float(st.level) if st.active else math.nan for st in stats),
+    }
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -376,6 +455,8 @@ def solve(
     warm: Any = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
     batch_size: int | None = None,
+    check: bool = False,
+    finite_difference: bool = False,
 ) -> Solve:
     """Measure the Hessian of ``loss_fn`` over ``batches`` at the model's current parameters.
 
@@ -394,16 +475,32 @@ def solve(
             sharpness is averaged over that many mini-batches of this size drawn from ``batches``
             (:func:`~lightning_rpe.curvature.sample_minibatches`; under DDP each mini-batch is the
             union of the processes' draws, as the SGD step is). None: not measured.
+        check: verify one product against finite differences first (every process must pass the
+            same value: the check's products are collective); on failure with ``backend="auto"``
+            the solve switches to the finite-difference backend.
+        finite_difference: use the finite-difference backend (a run whose check failed before).
 
     Raises:
         MeasurementSkipped: non-finite loss or eigenvalues, or a solve that did not converge.
         LossFunctionError: the loss function is wrong (wrong signature, no scalar tensor).
     """
-    op = HessianOperator(
-        model, checked_loss(loss_fn), batches, dtype=DTYPES[settings.dtype], backend=settings.backend,
-        batchnorm=settings.batchnorm, dropout=settings.dropout, reduce=reduce,
-    )
     notes: list[tuple[str, str]] = []
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        op = HessianOperator(
+            model, checked_loss(loss_fn), batches, dtype=DTYPES[settings.dtype],
+            backend="finite_difference" if finite_difference else settings.backend,
+            batchnorm=settings.batchnorm, dropout=settings.dropout, reduce=reduce,
+        )
+    for w in said:  # the engine's notes (e.g. auto picked finite differences) are warned once per run
+        notes.append(("operator-" + str(w.message)[:40], str(w.message)))
+    verdict, verify_error, switched, extra = None, None, False, 0
+    if check and op.backend != "finite_difference":
+        verdict, verify_error, extra, note = _check(op)
+        if note is not None:
+            notes.append(note)
+        if verdict == "failed" and settings.backend == "auto":
+            op, switched = op.with_backend("finite_difference"), True
     loss, grad = None, None
     if settings.grad_alignment:
         try:
@@ -491,11 +588,12 @@ def solve(
             align = None
     return Solve(
         eigenvalues=top_vals, lambda_min=lam_min, trace=tr, preconditioned_sharpness=pre_val, groups=tuple(groups),
-        ratios=ratios, stability_ratio=ratio, n_hvp=int(op.n_hvp), residuals=tuple(float(r) for r in res.residuals[:k]),
+        ratios=ratios, stability_ratio=ratio, n_hvp=int(op.n_hvp) + extra, residuals=tuple(float(r) for r in res.residuals[:k]),
         lambda_min_residual=float(res.residuals[k_solve]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
-        **bs,
+        backend=op.backend, verification=verdict, verify_error=verify_error, switched=switched,
+        **{**_clip_statistics(optimizer), **bs},
     )
 
 
@@ -521,9 +619,11 @@ def _batch_sharpness(
                                      settings.minibatch_generator(step))
     flat = None if scales is None else op.flatten(list(scales.scales))
     try:
-        res = batch_sharpness(model, checked_loss(loss_fn), minibatches, dtype=DTYPES[settings.dtype],
-                              backend=settings.backend, batchnorm=settings.batchnorm, dropout=settings.dropout,
-                              reduce=reduce, scales=flat)
+        with warnings.catch_warnings():  # the operator's notes were collected for the probe operator already
+            warnings.simplefilter("ignore")
+            res = batch_sharpness(model, checked_loss(loss_fn), minibatches, dtype=DTYPES[settings.dtype],
+                                  backend=op.backend, batchnorm=settings.batchnorm, dropout=settings.dropout,
+                                  reduce=reduce, scales=flat)
     except ValueError as exc:  # no usable mini-batch (decided on reduced values: the same on every process)
         return {}, ("batch-sharpness", f"batch sharpness not measured at step {step}: {exc}")
     se = None if math.isnan(res.std_error) else res.std_error
@@ -537,7 +637,74 @@ def _batch_sharpness(
     return out, None
 
 
-def assemble(s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: float, trigger: str) -> Measurement:
+def solve_sharded(
+    op: ShardedHessianOperator,
+    settings: MeasureSettings,
+    *,
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scales: Sequence[float] | None = None,
+) -> Solve:
+    """Measure a sharded model through its :class:`~lightning_rpe.curvature.sharded.ShardedHessianOperator`.
+
+    Every process calls this with its own shards (the products and inner products are collective)
+    and gets the same eigenvalues. Available: the top-k eigenvalues, lambda_min, residuals, the
+    probe loss and gradient alignment, thresholds, and the stability ratio when every param group
+    shares one ``lr / K`` and the optimizer is not preconditioned. Not available on sharded vectors
+    (left out, with a note): the preconditioned sharpness, the trace, and the eigenvector geometry
+    (the returned vectors are empty ``(0, m)`` blocks: each process holds only its shard).
+
+    Raises:
+        MeasurementSkipped: non-finite values or a solve that did not converge.
+    """
+    notes: list[tuple[str, str]] = []
+    loss, align = None, None
+    which = "both" if settings.lambda_min else "largest"
+    room = op.total_dim - 1 if which == "both" else op.total_dim
+    k = min(settings.top_k, room)
+    res = sharded_eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.max_hvp,
+                             generator=settings.generator(step))
+    if not bool(torch.isfinite(res.eigenvalues).all()):
+        raise MeasurementSkipped(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)")
+    if not res.all_converged:
+        raise MeasurementSkipped(f"the eigen-solver did not converge ({res.reason or 'not converged'}; {res.n_hvp} products)")
+    if settings.grad_alignment:
+        try:
+            loss, grad = op.loss_and_gradient()
+        except ValueError as exc:
+            raise MeasurementSkipped(str(exc)) from exc
+        v1 = res.eigenvectors[:, :1].to(grad)
+        g = grad.reshape(-1, 1)
+        dot, gg = float(op.inner(g, v1)), float(op.inner(g, g))
+        align = abs(dot) / math.sqrt(gg) if gg > 0 else None
+    top_vals = tuple(float(v) for v in res.eigenvalues[:k])
+    groups: list[GroupThreshold] = [] if optimizer is None else list(group_thresholds(optimizer, lr_scales))
+    ratio = None
+    if groups:
+        per = {g.lr / dimensionless_threshold(g) for g in groups if dimensionless_threshold(g) > 0}
+        if not any(g.preconditioned for g in groups) and len(per) == 1:
+            ratio = per.pop() * top_vals[0]
+        else:
+            notes.append(("sharded-ratio", "on a sharded model the stability ratio is computed only for a "
+                          "non-preconditioned optimizer whose param groups share one lr / K (docs/sharded.md)"))
+    if settings.trace or (settings.preconditioned and any(g.preconditioned for g in groups)):
+        notes.append(("sharded-unavailable", "on a sharded model the trace and the preconditioned sharpness are "
+                      "not computed (docs/sharded.md)"))
+    empty = torch.zeros(0, max(k, 1))
+    return Solve(
+        eigenvalues=top_vals, lambda_min=float(res.eigenvalues[k]) if which == "both" else None, trace=None,
+        preconditioned_sharpness=None, groups=tuple(groups),
+        ratios=tuple(stability_ratio(math.nan if g.preconditioned else top_vals[0], g.threshold) for g in groups),
+        stability_ratio=ratio, n_hvp=int(op.n_hvp), residuals=tuple(float(r) for r in res.residuals[:k]),
+        lambda_min_residual=float(res.residuals[k]) if which == "both" else None, probe_loss=loss,
+        grad_alignment=align, top_vectors=empty, min_vector=None, preconditioned_vector=None, notes=tuple(notes),
+        backend="finite_difference",
+    )
+
+
+def assemble(
+    s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: float, trigger: str, unverified: bool = False
+) -> Measurement:
     """The public :class:`Measurement` of a solve and its rotation against earlier measurements."""
     return Measurement(
         step=step,
@@ -566,6 +733,11 @@ def assemble(s: Solve, rotation: Rotation, *, step: int, epoch: int, seconds: fl
         lambda_min_residual=s.lambda_min_residual,
         stability_ratio=s.stability_ratio,
         eigenvalue_crossings=rotation.crossings,
+        backend=s.backend,
+        verify_error=s.verify_error,
+        unverified=unverified,
+        clip_fractions=s.clip_fractions,
+        clip_levels=s.clip_levels,
         batch_sharpness=s.batch_sharpness,
         batch_sharpness_se=s.batch_sharpness_se,
         batch_sharpness_ratio=s.batch_sharpness_ratio,
@@ -627,6 +799,12 @@ def measurement_metrics(m: Measurement, names: MetricNames) -> dict[str, float]:
     out[names.batch_sharpness] = m.batch_sharpness
     out[names.batch_sharpness_se] = m.batch_sharpness_se
     out[names.batch_sharpness_ratio] = m.batch_sharpness_ratio
+    out[names.finite_difference] = float(m.backend == "finite_difference")
+    out[names.verify_error] = m.verify_error
+    out[names.unverified] = 1.0 if m.unverified else None
+    for values, name in ((m.clip_fractions, CLIP_FRACTION), (m.clip_levels, CLIP_LEVEL)):
+        for i, value in enumerate(values, start=1):
+            out[names.tag(name) if len(values) == 1 else names.group(name, i)] = value
     out[names.hvps] = float(m.n_hvp)
     out[names.measure_seconds] = m.seconds
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}

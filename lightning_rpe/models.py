@@ -23,25 +23,39 @@ overrides ``configure_optimizers`` and says so in a warning).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["RPEClassifier", "MLPClassifier", "SmallCNN", "OPTIMIZERS", "LOSSES", "ACTIVATIONS", "build_optimizer"]
+from lightning_rpe.callbacks import SharpnessMonitor, _logging
+from lightning_rpe.optim import ClippedAdam
+from lightning_rpe.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    fail,
+)
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "clipped_adam")
-LOSSES = ("mse", "cross_entropy")
+__all__ = ["ACTIVATIONS", "LOSSES", "OPTIMIZERS", "MLPClassifier", "RPEClassifier", "SmallCNN", "build_optimizer"]
+
+OptimizerName = Literal["sgd", "adam", "adamw", "clipped_adam"]
+LossName = Literal["mse", "cross_entropy"]
+ActivationName = Literal["tanh", "relu", "gelu", "elu", "silu"]
+ClipMode = Literal["upper", "lower"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+LOSSES: tuple[str, ...] = get_args(LossName)
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "silu": nn.SiLU}
-CLIP_MODES = ("upper", "lower")
+CLIP_MODES: tuple[str, ...] = get_args(ClipMode)
 
 
-def _choice(name: str, value: Any, accepted: Sequence[str]) -> str:
-    if not isinstance(value, str) or value.lower() not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in accepted)}; got {value!r}")
-    return value.lower()
+def _choice(owner: str, name: str, value: Any, accepted: Sequence[str]) -> str:
+    """``check_choice`` that also accepts other letter cases (``"SGD"`` is ``"sgd"``)."""
+    return str(check_choice(owner, name, value.lower() if isinstance(value, str) else value, tuple(accepted)))
 
 
 def build_optimizer(
@@ -64,44 +78,59 @@ def build_optimizer(
     * ``"clipped_adam"``: :class:`lightning_rpe.optim.ClippedAdam` with denominator clip ``clip``
       and ``clip_mode`` (``"upper"`` restores instabilities, ``"lower"`` is the stable control).
     """
-    name = _choice("optimizer", optimizer, OPTIMIZERS)
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+    owner = "build_optimizer"
+    name = _choice(owner, "optimizer", optimizer, OPTIMIZERS)
+    check_float(owner, "lr", lr, minimum=0.0, inclusive=False)
     if name == "sgd":
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        _check_momentum(owner, momentum)
         if nesterov and momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0")
+            raise fail(owner, "nesterov", "False when momentum is 0 (Nesterov needs momentum > 0)", nesterov)
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     betas = (float(betas[0]), float(betas[1]))
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    from lightning_rpe.optim import ClippedAdam
-
-    mode = _choice("clip_mode", clip_mode, CLIP_MODES)
+    mode = _choice(owner, "clip_mode", clip_mode, CLIP_MODES)
     return ClippedAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip, mode=mode)
+
+
+def _check_momentum(owner: str, momentum: Any) -> float:
+    value = check_float(owner, "momentum", momentum, minimum=0.0)
+    if value is None or value >= 1:
+        raise fail(owner, "momentum", "a float in [0, 1)", momentum)
+    return value
 
 
 class RPEClassifier(pl.LightningModule):
     """Base class: a classifier with ``compute_loss``, accuracy logging and a named optimizer.
 
-    Subclasses build ``self.net`` (inputs -> logits). Logged: ``train_loss`` (every step),
-    ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss``, ``test_acc`` (accuracy in [0, 1]).
+    Subclasses build ``self.net`` (inputs -> logits). Logged: ``train_loss``, ``train_acc``,
+    ``val_loss``, ``val_acc``, ``test_loss``, ``test_acc`` (accuracy in [0, 1], torchmetrics'
+    ``MulticlassAccuracy`` with micro averaging: the fraction of correct predictions, aggregated
+    over batches and processes).
+
+    ``train_loss`` goes to the loggers at every optimizer step when ``log_loss_every_step`` is True,
+    or when it is None (default) and a :class:`~lightning_rpe.SharpnessMonitor` is in the Trainer:
+    at the edge of stability the loss oscillates with period 2, which Lightning's default cadence
+    (``log_every_n_steps``, 50) aliases. Otherwise it follows ``log_every_n_steps``.
 
     Args:
         loss: ``"mse"`` (squared error on one-hot targets, summed over the classes, averaged over
             the samples) or ``"cross_entropy"``.
         optimizer, lr, momentum, nesterov, betas, eps, weight_decay, clip, clip_mode: see
             :func:`build_optimizer`.
+        log_loss_every_step: see above (None = every step when a SharpnessMonitor is present).
+
+    Raises:
+        ValueError: a bad argument, naming the class, the parameter and the accepted values.
     """
 
     def __init__(
         self,
         num_classes: int = 10,
-        loss: str = "mse",
-        optimizer: str = "sgd",
+        loss: LossName = "mse",
+        optimizer: OptimizerName = "sgd",
         lr: float = 0.05,
         momentum: float = 0.0,
         nesterov: bool = False,
@@ -109,26 +138,36 @@ class RPEClassifier(pl.LightningModule):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         clip: float = 1.0,
-        clip_mode: str = "upper",
+        clip_mode: ClipMode = "upper",
+        log_loss_every_step: bool | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        self.num_classes = num_classes
-        self.loss_name = _choice("loss", loss, LOSSES)
-        self.optimizer_name = _choice("optimizer", optimizer, OPTIMIZERS)
-        _choice("clip_mode", clip_mode, CLIP_MODES)
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if not clip > 0:
-            raise ValueError(f"clip must be positive, got {clip!r}")
-        self._optim_kwargs = dict(lr=float(lr), momentum=float(momentum), nesterov=bool(nesterov),
-                                  betas=(float(betas[0]), float(betas[1])), eps=float(eps),
-                                  weight_decay=float(weight_decay), clip=float(clip), clip_mode=clip_mode)
+        owner = type(self).__name__
+        self.num_classes = int(check_int(owner, "num_classes", num_classes, minimum=2))  # type: ignore[arg-type]
+        self.loss_name = _choice(owner, "loss", loss, LOSSES)
+        self.optimizer_name = _choice(owner, "optimizer", optimizer, OPTIMIZERS)
+        mode = _choice(owner, "clip_mode", clip_mode, CLIP_MODES)
+        check_float(owner, "lr", lr, minimum=0.0, inclusive=False)
+        _check_momentum(owner, momentum)
+        check_bool(owner, "nesterov", nesterov)
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise fail(owner, "betas", "two floats in [0, 1)", betas)
+        check_float(owner, "eps", eps, minimum=0.0)
+        check_float(owner, "weight_decay", weight_decay, minimum=0.0)
+        check_float(owner, "clip", clip, minimum=0.0, inclusive=False)
+        if log_loss_every_step is not None:
+            check_bool(owner, "log_loss_every_step", log_loss_every_step)
+        self.log_loss_every_step = log_loss_every_step
+        self._loss_every_step = False
+        self._optim_kwargs: dict[str, Any] = {
+            "lr": float(lr), "momentum": float(momentum), "nesterov": bool(nesterov),
+            "betas": (float(betas[0]), float(betas[1])), "eps": float(eps), "weight_decay": float(weight_decay),
+            "clip": float(clip), "clip_mode": mode}
+        # one accuracy per stage (torchmetrics aggregates over batches and, under DDP, over processes)
+        self.train_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
 
     # -- loss --------------------------------------------------------------------------------------
     def loss_from_logits(self, logits: Tensor, y: Tensor) -> Tensor:
@@ -146,15 +185,28 @@ class RPEClassifier(pl.LightningModule):
         x, y = batch[0], batch[1]
         return self.loss_from_logits(self(x), y)
 
+    def on_train_start(self) -> None:
+        every = self.log_loss_every_step
+        if every is None:
+            every = any(isinstance(c, SharpnessMonitor) for c in self.trainer.callbacks)  # type: ignore[attr-defined]
+        self._loss_every_step = bool(every)
+
     def _shared_step(self, batch: Any, stage: str) -> Tensor:
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = self.loss_from_logits(logits, y)
-        acc = (logits.argmax(dim=1) == y).float().mean()
+        metric: MulticlassAccuracy = {"train": self.train_acc, "val": self.val_acc, "test": self.test_acc}[stage]
+        metric(logits.detach(), y)
         on_step = stage == "train"
+        every_step = on_step and self._loss_every_step
         self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True,
-                 batch_size=len(y))
-        self.log(f"{stage}_acc", acc, on_step=on_step, on_epoch=not on_step, prog_bar=stage != "train",
+                 batch_size=len(y), logger=not every_step)
+        if every_step:
+            # at every optimizer step, not every log_every_n_steps: the edge-of-stability loss
+            # oscillates with period 2, which a coarser cadence aliases
+            _logging.log_to_loggers(self.trainer, {f"{stage}_loss": float(loss.detach())},
+                                    step=_logging.batches_that_stepped(self.trainer))
+        self.log(f"{stage}_acc", metric, on_step=on_step, on_epoch=not on_step, prog_bar=stage != "train",
                  batch_size=len(y))
         return loss
 
@@ -195,11 +247,11 @@ class MLPClassifier(RPEClassifier):
         self,
         input_dim: int = 64,
         hidden: Sequence[int] = (200, 200),
-        activation: str = "tanh",
+        activation: ActivationName = "tanh",
         bias: bool = True,
         num_classes: int = 10,
-        loss: str = "mse",
-        optimizer: str = "sgd",
+        loss: LossName = "mse",
+        optimizer: OptimizerName = "sgd",
         lr: float = 0.05,
         momentum: float = 0.0,
         nesterov: bool = False,
@@ -207,18 +259,19 @@ class MLPClassifier(RPEClassifier):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         clip: float = 1.0,
-        clip_mode: str = "upper",
+        clip_mode: ClipMode = "upper",
+        log_loss_every_step: bool | None = None,
     ) -> None:
         super().__init__(num_classes=num_classes, loss=loss, optimizer=optimizer, lr=lr, momentum=momentum,
                          nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip,
-                         clip_mode=clip_mode)
+                         clip_mode=clip_mode, log_loss_every_step=log_loss_every_step)
         self.save_hyperparameters()
-        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim <= 0:
-            raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
+        owner = type(self).__name__
+        check_int(owner, "input_dim", input_dim, minimum=1)
         hidden = tuple(hidden)
         if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
-            raise ValueError(f"hidden must be a sequence of positive integers, got {hidden!r}")
-        act = ACTIVATIONS[_choice("activation", activation, tuple(ACTIVATIONS))]
+            raise fail(owner, "hidden", "a sequence of positive ints (empty = a linear model)", hidden)
+        act = ACTIVATIONS[_choice(owner, "activation", activation, tuple(ACTIVATIONS))]
         layers: list[nn.Module] = [nn.Flatten()]
         width = input_dim
         for h in hidden:
@@ -253,10 +306,10 @@ class SmallCNN(RPEClassifier):
         input_shape: Sequence[int] = (1, 8, 8),
         channels: Sequence[int] = (16, 32),
         batch_norm: bool = False,
-        activation: str = "relu",
+        activation: ActivationName = "relu",
         num_classes: int = 10,
-        loss: str = "cross_entropy",
-        optimizer: str = "sgd",
+        loss: LossName = "cross_entropy",
+        optimizer: OptimizerName = "sgd",
         lr: float = 0.05,
         momentum: float = 0.0,
         nesterov: bool = False,
@@ -264,19 +317,22 @@ class SmallCNN(RPEClassifier):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         clip: float = 1.0,
-        clip_mode: str = "upper",
+        clip_mode: ClipMode = "upper",
+        log_loss_every_step: bool | None = None,
     ) -> None:
         super().__init__(num_classes=num_classes, loss=loss, optimizer=optimizer, lr=lr, momentum=momentum,
                          nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip,
-                         clip_mode=clip_mode)
+                         clip_mode=clip_mode, log_loss_every_step=log_loss_every_step)
         self.save_hyperparameters()
+        owner = type(self).__name__
         input_shape = tuple(int(s) for s in input_shape)
         if len(input_shape) != 3 or min(input_shape) <= 0:
-            raise ValueError(f"input_shape must be (channels, height, width) of positive integers, got {input_shape!r}")
+            raise fail(owner, "input_shape", "(channels, height, width) of positive ints", input_shape)
         channels = tuple(channels)
         if not channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
-            raise ValueError(f"channels must be a non-empty sequence of positive integers, got {channels!r}")
-        act = ACTIVATIONS[_choice("activation", activation, tuple(ACTIVATIONS))]
+            raise fail(owner, "channels", "a non-empty sequence of positive ints", channels)
+        check_bool(owner, "batch_norm", batch_norm)
+        act = ACTIVATIONS[_choice(owner, "activation", activation, tuple(ACTIVATIONS))]
         self.input_shape = input_shape
         layers: list[nn.Module] = []
         in_c, size = input_shape[0], min(input_shape[1:])

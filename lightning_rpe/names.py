@@ -43,6 +43,7 @@ BATCH_SHARPNESS_SE = "batch_sharpness_se"
 BATCH_SHARPNESS_RATIO = "batch_sharpness_ratio"
 FINITE_DIFFERENCE = "finite_difference"  # 1 when the finite-difference backend produced the measurement
 VERIFY_ERROR = "verify_error"  # relative error of an exact product against finite differences
+UNVERIFIED = "unverified"  # 1 when a product check failed and the numbers come from the unchecked path
 CLIP_FRACTION = "clip_fraction"  # ClippedAdam: fraction of coordinates whose denominator was clipped
 CLIP_LEVEL = "clip_level"
 # controller (InstabilityController)

@@ -162,8 +162,10 @@ def adam_preconditioner(optimizer: Optimizer) -> dict[nn.Parameter, Tensor] | No
     With t = ``state["step"]`` and v = ``state["exp_avg_sq"]`` (``max_exp_avg_sq`` with amsgrad)::
 
         Adam, AdamW:  P = (1 - beta1^t) * (sqrt(v / (1 - beta2^t)) + eps)
-        ClippedAdam:  P = (1 - beta1^t) * (clip(sqrt(v / (1 - beta2^t)), c) + eps)
-                      (clip = min for mode "upper", max for mode "lower")
+        ClippedAdam:  P = (1 - beta1^t) * (clip(sqrt(v / (1 - beta2^t)), c_t) + eps)
+                      (clip = min for mode "upper", max for mode "lower"; c_t the level used at
+                      the last step: the absolute clip, or the relative clip's level stored in
+                      the state, see ClippedAdam.clip_used)
 
     so that the step just taken was ``theta <- theta - lr * P^-1 * exp_avg`` (before weight decay).
     Keys are the trainable parameters (``requires_grad``) that have optimizer state, values have
@@ -195,7 +197,9 @@ def adam_preconditioner(optimizer: Optimizer) -> dict[nn.Parameter, Tensor] | No
             v = state["max_exp_avg_sq"] if amsgrad and "max_exp_avg_sq" in state else state["exp_avg_sq"]
             v = v.detach()
             if is_clipped:
-                denom = ClippedAdam.denominator(v, t, beta2, float(group["clip"]), group["mode"], eps)
+                if "clip_level" not in state and group.get("clip_quantile") is not None:
+                    return None  # a relative group whose parameter has not been stepped since
+                denom = ClippedAdam.denominator(v, t, beta2, ClippedAdam.clip_used(group, state), group["mode"], eps)
             else:
                 denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
             out[p] = denom.mul_(1.0 - beta1**t)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from lightning_rpe.cli import main
+from lightning_rpe.cli import RPELightningCLI, demo_threads, main
 from lightning_rpe.report import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
+CONFIGS = sorted(c for c in (ROOT / "examples" / "configs").glob("*.yaml") if c.stem != "sharded")  # sharded: 2 GPUs
 
 
 def _one_line_error(capsys, rc):
@@ -39,7 +39,8 @@ def test_top_level_help_and_version(capsys):
      (["report"], "RUN_DIR"), (["report", "/definitely/not/here"], "not found"),
      (["fit", "--config", "/definitely/not/here.yaml"], "does not exist"),
      (["fit", "--no-such-option", "1"], "unrecognized arguments"),
-     (["fit", "--model.lr", "-1"], "lr must be a positive number")],
+     (["fit", "--model.lr", "-1"], "MLPClassifier: lr must be a finite float > 0; got -1"),
+     (["report", "/definitely/not/here", "--warmup", "1.5"], "warmup must be in [0, 1)")],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(capsys, argv, needle):
     rc = main(argv)
@@ -80,7 +81,7 @@ def test_demo_tiny_run(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_fit_every_config(config, tmp_path):
+def test_fit_every_config(config, tmp_path, capsys):
     argv = ["fit", "--config", str(config), "--trainer.max_steps", "6", "--trainer.logger.init_args.save_dir",
             str(tmp_path), "--model.init_args.hidden", "[16]",
             "--trainer.enable_model_summary", "false"]
@@ -90,7 +91,16 @@ def test_fit_every_config(config, tmp_path):
     (events_dir,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
     run = load_run(events_dir)
     assert "rpe/sharpness" in run.scalars and len(run.scalars["rpe/sharpness"]) >= 2
-    assert (events_dir / "config.yaml").is_file()
+    assert (events_dir / "config.yaml").is_file() and (events_dir / "run_card.json").is_file()
+    # fit closes like the demo: run folder, a summary with the logged numbers, the report command
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "\r" not in captured.err  # no carriage-return progress bar when stderr is not a terminal
+    assert "Finished 6 optimizer steps with" in out and f"Run folder: {events_dir}" in out
+    assert f"lightning-rpe report {events_dir}" in out
+    assert f"stability ratio {run.scalars['rpe/stability_ratio'].last:.3f}" in out
+    # the loss is logged at every step when a monitor is present (the period-2 oscillation)
+    assert run.scalars["train_loss"].steps.tolist() == list(range(6))
     if config.stem == "monitor_controller":
         assert "enabled: false" in (events_dir / "config.yaml").read_text()
 
@@ -140,15 +150,34 @@ def test_report_command(tmp_path, capsys):
     assert (tmp_path / "rep" / "sweep.png").is_file()
 
 
+def test_cli_class_is_importable_and_demo_threads():
+    assert issubclass(RPELightningCLI, __import__("lightning.pytorch.cli", fromlist=["LightningCLI"]).LightningCLI)
+    assert demo_threads(None, cores=2) == 1 and demo_threads(None, cores=1) == 1
+    assert demo_threads(None, cores=8) is None and demo_threads(3, cores=2) == 3
+
+
+def test_report_prefix_and_warmup_options(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path / "run"))
+    for step, lam in ((0, -3.0), (50, -0.5), (100, -0.25)):
+        w.add_scalar("my/sharpness", 1.0 + step, step)
+        w.add_scalar("my/lambda_min", lam, step)
+    w.close()
+    assert main(["report", str(tmp_path / "run"), "--prefix", "my/", "--warmup", "0.6"]) == 0
+    summary = (tmp_path / "run" / "report" / "summary.md").read_text()
+    assert "| run | 3 | 100 | 101 |" in summary and "-0.25" in summary and "-3" not in summary.split("## Geometry")[0]
+
+
 def test_console_script_and_module_entry_point(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "lightning_rpe", "report", str(tmp_path / "none")],
-                         capture_output=True, text=True, env=env, timeout=120)
+                         check=False, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "not found" in res.stderr
     exe = shutil.which("lightning-rpe")
     if exe is None:
         pytest.skip("console script not installed (pip install -e .)")
-    res = subprocess.run([exe, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run([exe, "--help"], check=False, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and "demo" in res.stdout
 
 
@@ -161,5 +190,18 @@ def test_step_progress_bar_counts_optimizer_steps(tmp_path):
     res = run_demo(steps=12, every=6, hidden=(8,), n_train=100, out=tmp_path / "d", report=False, progress=True,
                    stream=stream)
     text = stream.getvalue()
-    assert res.steps == 12 and "12/12" in text and "sharpness=" in text and "ratio=" in text
+    # not a terminal: plain lines, one per 10% of the steps, no carriage returns
+    assert res.steps == 12 and "step 12/12" in text and "sharpness=" in text and "ratio=" in text
+    assert "\r" not in text and text.count("\n") == 13
+    assert text.startswith("full-batch GD: measuring the Hessian of the initial parameters (top-3 eigenvalues and "
+                           "lambda_min) before the first step")
     assert res.measurements == len(res.trajectory) >= 3
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    run_demo(steps=4, every=2, hidden=(8,), n_train=100, out=tmp_path / "e", report=False, progress=True,
+             stream=stream)
+    assert "4/4" in stream.getvalue() and "\r" in stream.getvalue()  # tqdm's bar on a terminal

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from lightning_rpe.data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule, standardize
+from lightning_rpe.data import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    standardize,
+)
 
 
 def test_digits_split_is_deterministic_and_disjoint():
@@ -51,7 +56,7 @@ def test_full_batch_and_minibatch_loaders():
     state = torch.get_rng_state()
     dm2 = DigitsDataModule(batch_size=128, drop_last=True, seed=5)
     dm2.setup()
-    assert torch.equal(list(dm2.train_dataloader())[0][1], e1[0][1])
+    assert torch.equal(next(iter(dm2.train_dataloader()))[1], e1[0][1])
     assert torch.equal(torch.get_rng_state(), state)
     val = list(dm.val_dataloader())
     assert sum(len(b[1]) for b in val) == 797
@@ -69,7 +74,7 @@ def test_digits_images_for_cnn():
      ({"batch_size": 2.5}, "batch_size"), ({"seed": "x"}, "seed")],
 )
 def test_digits_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=f"^DigitsDataModule: {match} must be"):
         DigitsDataModule(**kwargs)
 
 

@@ -92,7 +92,7 @@ def test_fd_backend_measures_a_compiled_model_that_has_no_double_backward():
     loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g))]
-    op = HessianOperator(compiled, loss, batches, dtype=torch.float64)
+    op = HessianOperator(compiled, loss, batches, dtype=torch.float64, backend="autograd")
     v = unit(op.dim)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -100,3 +100,10 @@ def test_fd_backend_measures_a_compiled_model_that_has_no_double_backward():
             op.matvec(v)
         fd = op.with_backend("finite_difference")
         assert rel(fd.matvec(v), fd_hvp(model, loss, batches, v)) <= 1e-7
+    # backend="auto" sees the compiled module and uses finite differences from the start, and says so
+    with pytest.warns(RuntimeWarning, match="compiled with torch.compile"):
+        auto = HessianOperator(compiled, loss, batches, dtype=torch.float64)
+    assert auto.backend == "finite_difference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert rel(auto.matvec(v), fd_hvp(model, loss, batches, v)) <= 1e-7

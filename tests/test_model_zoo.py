@@ -41,7 +41,9 @@ def test_zoo_product_right_or_caught(name):
     state = {k: t.clone() for k, t in case.model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's own deprecation / checkpoint notices
-        op = HessianOperator(case.model, case.loss_fn, case.batches, dtype=torch.float64, **case.settings)
+        # the AD path explicitly: backend="auto" already avoids the modules known to be wrong (below)
+        op = HessianOperator(case.model, case.loss_fn, case.batches, dtype=torch.float64,
+                             **{"backend": "autograd", **case.settings})
         result = verify_operator(op, generator=torch.Generator().manual_seed(0))
         v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         ref = _reference(case, v)
@@ -69,9 +71,30 @@ def test_zoo_in_float32_no_false_alarm_and_fd_within_its_accuracy(name):
     case = CASES[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        op = HessianOperator(case.model, case.loss_fn, case.batches, dtype=torch.float32, **case.settings)
+        op = HessianOperator(case.model, case.loss_fn, case.batches, dtype=torch.float32,
+                             **{"backend": "autograd", **case.settings})
         result = verify_operator(op)
         assert result.passed == (case.expect == "exact"), result
         v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         product = (op if case.expect == "exact" else op.with_backend("finite_difference")).matvec(v.float())
     assert _rel(product.double(), _reference(case, v)) <= (1e-5 if case.expect == "exact" else 1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_zoo_auto_backend_avoids_modules_known_to_be_wrong(name):
+    from lightning_rpe.curvature._functional import module_causes
+
+    case = CASES[name]
+    known = [c for c in module_causes(case.model) if "double backward" in c]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        op = HessianOperator(case.model, case.loss_fn, case.batches, dtype=torch.float64, **case.settings)
+    if "backend" in case.settings:
+        return
+    said = [str(w.message) for w in record if "uses finite differences of gradients" in str(w.message)]
+    if known:
+        assert op.backend == "finite_difference" and len(said) == 1
+        v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        assert _rel(op.matvec(v), _reference(case, v)) <= TOL
+    else:
+        assert op.backend != "finite_difference" and not said

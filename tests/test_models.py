@@ -77,8 +77,46 @@ def test_clipped_adam_optimizer():
      ({"clip_mode": "both"}, "clip_mode"), ({"num_classes": 1}, "num_classes")],
 )
 def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=f"^MLPClassifier: {match} must be"):
         MLPClassifier(**kwargs)
+
+
+def test_choices_accept_other_letter_cases_and_name_the_accepted_values():
+    assert MLPClassifier(optimizer="SGD", loss="MSE", hidden=(4,)).optimizer_name == "sgd"
+    with pytest.raises(ValueError, match=r"SmallCNN: activation must be one of 'tanh', 'relu', 'gelu', 'elu', 'silu'"):
+        SmallCNN(activation="sigmoid")
+    with pytest.raises(ValueError, match="build_optimizer: clip_mode must be one of 'upper', 'lower'"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], "clipped_adam", clip_mode="both")
+
+
+def test_accuracy_is_the_fraction_of_correct_predictions():
+    pl.seed_everything(0)
+    dm = DigitsDataModule(n_train=300, eval_batch_size=128)  # several test batches of unequal size
+    m = MLPClassifier(hidden=(16,), lr=0.1)
+    trainer = pl.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(m, dm)
+    (res,) = trainer.test(m, dm, verbose=False)
+    x, y = dm.full_test_batch()
+    with torch.no_grad():
+        expected = (m(x).argmax(dim=1) == y).double().mean().item()
+    assert res["test_acc"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("every, expected", [(None, list(range(8))), (False, [3, 7])])
+def test_train_loss_every_step_with_a_monitor(tmp_path, every, expected):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_rpe import SharpnessMonitor
+    from lightning_rpe.report import load_run
+
+    logger = TensorBoardLogger(str(tmp_path), name="", version="", default_hp_metric=False)
+    m = MLPClassifier(hidden=(8,), log_loss_every_step=every)
+    trainer = pl.Trainer(max_steps=8, max_epochs=-1, logger=logger, log_every_n_steps=4,
+                         callbacks=[SharpnessMonitor(every_n_steps=4)], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(m, DigitsDataModule(n_train=100))
+    assert load_run(tmp_path).scalars["train_loss"].steps.tolist() == expected
 
 
 def test_build_optimizer_rejects_nesterov_without_momentum():

@@ -124,24 +124,24 @@ def test_every_logger_gets_the_values_at_the_train_loss_steps(tmp_path: Path) ->
     rows = _read_csv(Path(csv_logger.log_dir) / "metrics.csv")
     loss_steps = [int(r["step"]) for r in rows if r.get("train_loss")]
     sharp = [(int(r["step"]), float(r["rpe/sharpness"])) for r in rows if r.get("rpe/sharpness")]
-    # Lightning logs train_loss when (batches_that_stepped + 1) % 3 == 0: steps 2, 5, 8. The monitor
-    # measures after optimizer steps 3, 6, 9, i.e. at the end of those same batches: same x values,
-    # each exactly once (never repeated between measurements).
+    # x = the number of updates applied to the parameters a value describes. Lightning logs the loss of
+    # batches 3, 6, 9 (computed on the parameters after 2, 5, 8 updates) at x = 2, 5, 8; the monitor
+    # measures after updates 3, 6, 9 and logs at x = 3, 6, 9, each exactly once.
     assert loss_steps == [2, 5, 8]
-    assert [s for s, _ in sharp] == loss_steps
+    assert [s for s, _ in sharp] == [3, 6, 9]
     assert sharp[-1][1] == pytest.approx(monitor.latest.sharpness, rel=1e-6)
     for name in ("rpe/eig_1", "rpe/eig_2", "rpe/lambda_min", "rpe/threshold", "rpe/stability_ratio", "rpe/hvps",
                  "rpe/measure_seconds", "rpe/grad_alignment", "rpe/probe_loss"):
-        assert [int(r["step"]) for r in rows if r.get(name)] == [2, 5, 8], name
+        assert [int(r["step"]) for r in rows if r.get(name)] == [3, 6, 9], name
     for name in ("rpe/rotation_cos", "rpe/rotation_angle", "rpe/subspace_similarity", "rpe/polarity", "rpe/polarity_flips"):
-        assert [int(r["step"]) for r in rows if r.get(name)] == [5, 8], name  # needs a previous measurement
+        assert [int(r["step"]) for r in rows if r.get(name)] == [6, 9], name  # needs a previous measurement
 
     acc = EventAccumulator(tb.log_dir, size_guidance={"scalars": 0})
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert [e.step for e in acc.Scalars("train_loss")] == [2, 5, 8]
-    assert [e.step for e in acc.Scalars("rpe/sharpness")] == [2, 5, 8]
-    assert [e.step for e in acc.Scalars("rpe/rotation_angle")] == [5, 8]
+    assert [e.step for e in acc.Scalars("rpe/sharpness")] == [3, 6, 9]
+    assert [e.step for e in acc.Scalars("rpe/rotation_angle")] == [6, 9]
     assert acc.Scalars("rpe/sharpness")[-1].value == pytest.approx(monitor.latest.sharpness, rel=1e-6)
     assert {"rpe/eig_1", "rpe/eig_2", "rpe/lambda_min", "rpe/threshold", "rpe/stability_ratio"} <= set(tags)
     # callback_metrics holds the latest values for EarlyStopping / ModelCheckpoint
@@ -154,8 +154,8 @@ def test_fit_start_and_fit_end_measurements(tmp_path: Path) -> None:
     trainer = make_trainer([monitor], max_epochs=3, logger=csv_logger, log_every_n_steps=1)
     trainer.fit(TinyMLP(), make_loader(make_dataset(16), batch_size=8))  # 2 steps per epoch
     rows = _read_csv(Path(csv_logger.log_dir) / "metrics.csv")
-    # fit start (global step 0, x = 0); end of epoch 1 (global step 4, x = 3); fit end (global step 6, x = 6)
-    assert [int(r["step"]) for r in rows if r.get("rpe/sharpness")] == [0, 3, 6]
+    # fit start (global step 0, x = 0); end of epoch 1 (global step 4, x = 4); fit end (global step 6, x = 6)
+    assert [int(r["step"]) for r in rows if r.get("rpe/sharpness")] == [0, 4, 6]
     assert monitor.n_measurements == 3 and monitor.latest.trigger == "fit_end" and monitor.latest.step == 6
 
 
@@ -198,7 +198,7 @@ def test_per_group_thresholds_and_lr_scale_provider(tmp_path: Path) -> None:
     assert names["rpe/threshold/pg1"] == pytest.approx(m.thresholds[0])
     assert names["rpe/stability_ratio/pg2"] == pytest.approx(m.ratios[1])
     rows = _read_csv(Path(csv_logger.log_dir) / "metrics.csv")
-    assert [int(r["step"]) for r in rows if r.get("rpe/threshold/pg2")] == [0, 1]
+    assert [int(r["step"]) for r in rows if r.get("rpe/threshold/pg2")] == [1, 2]
 
 
 def test_single_group_has_no_group_suffix() -> None:
@@ -362,3 +362,20 @@ def test_adam_with_an_unused_parameter_keeps_every_metric_and_says_why() -> None
     assert unused.stability_ratio == pytest.approx(plain.stability_ratio, rel=1e-6)
     assert results[False][1] == []
     assert len(results[True][1]) == 1 and "aux_head.weight, aux_head.bias" in results[True][1][0]
+
+
+def test_clipped_adam_clip_statistics_are_logged() -> None:
+    from lightning_rpe.optim import ClippedAdam
+
+    class Clipped(TinyMLP):
+        def configure_optimizers(self):
+            return ClippedAdam(self.parameters(), lr=0.01, clip_quantile=0.5)
+
+    monitor = SharpnessMonitor(every_n_steps=2, probe_size=8)
+    model = Clipped()
+    make_trainer([monitor], max_steps=4).fit(model, full_batch_loader(8))
+    stats = model.trainer.optimizers[0].clip_statistics()
+    logged = monitor.metrics(monitor.latest)
+    assert logged["rpe/clip_fraction"] == pytest.approx(stats[0].fraction)
+    assert logged["rpe/clip_level"] == pytest.approx(stats[0].level)
+    assert 0.3 <= logged["rpe/clip_fraction"] <= 0.7  # the median clips about half the coordinates

@@ -117,19 +117,20 @@ def test_invalid_options_fail_at_construction(kwargs: dict, message: str) -> Non
         SharpnessMonitor(**kwargs)
 
 
-def test_sharded_strategies_are_refused_at_setup() -> None:
-    from lightning.pytorch.strategies import FSDPStrategy
+def test_unsupported_sharded_setups_are_refused_at_setup() -> None:
+    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
-    fake_trainer = types.SimpleNamespace(strategy=FSDPStrategy(), callbacks=[])
-    with pytest.raises(ValueError, match=r"does not support the FSDPStrategy.*Supported: single-device.*DDPStrategy"):
+    # tensor parallelism (Replicate placements) and DeepSpeed: refused with the reason and what works
+    fake_trainer = types.SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
+                                         callbacks=[], global_step=1)
+    with pytest.raises(ValueError, match=r"does not support this ModelParallelStrategy setup: .*tensor_parallel_size=1"):
         SharpnessMonitor().setup(fake_trainer, TinyMLP(), "fit")
     try:
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        fake_trainer = types.SimpleNamespace(strategy=ModelParallelStrategy(), callbacks=[])
-    except Exception:  # pragma: no cover - not constructible here
+        strategy = DeepSpeedStrategy()
+    except Exception:  # pragma: no cover - deepspeed not importable
         return
-    with pytest.raises(ValueError, match="does not support the ModelParallelStrategy"):
+    fake_trainer = types.SimpleNamespace(strategy=strategy, callbacks=[], global_step=1)
+    with pytest.raises(ValueError, match=r"does not support this DeepSpeedStrategy setup"):
         SharpnessMonitor().setup(fake_trainer, TinyMLP(), "fit")
 
 

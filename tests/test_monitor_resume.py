@@ -80,9 +80,9 @@ def test_resumed_run_logs_the_same_measurements(tmp_path: Path) -> None:
     resumed.fit(TinyMLP(optimizer="adam", lr=0.02, batchnorm=True), _loader(), ckpt_path=str(path))
 
     a, b = _rpe_rows(full.logger.log_dir), _rpe_rows(resumed.logger.log_dir)
-    assert sorted(a) == [0, 1, 3, 5, 7, 9]  # fit start, then after steps 2, 4, 6, 8, 10
-    assert sorted(b) == [5, 7, 9]  # no fit-start measurement when resuming
-    for step in (5, 7, 9):
+    assert sorted(a) == [0, 2, 4, 6, 8, 10]  # fit start, then after steps 2, 4, 6, 8, 10
+    assert sorted(b) == [6, 8, 10]  # no fit-start measurement when resuming
+    for step in (6, 8, 10):
         assert b[step].keys() == a[step].keys(), step
         assert "rpe/rotation_cos" in b[step] and "rpe/polarity" in b[step]  # needs the restored state
         for k in a[step]:

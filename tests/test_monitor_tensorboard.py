@@ -53,10 +53,11 @@ def test_event_file_tags_steps_and_layout(run_dir) -> None:
                 "rpe/subspace_similarity_to_first", "rpe/polarity", "rpe/polarity_flips", "rpe/grad_alignment", "rpe/hvps", "rpe/measure_seconds",
                 "rpe/probe_loss"}
     assert expected <= tags, expected - tags
-    # fit start (x 0) and after steps 2, 4, 6 (x 1, 3, 5): the same x values as train_loss
+    # x = updates applied to the parameters a value describes: fit start (x 0) and after steps 2, 4, 6;
+    # train_loss of batches 2, 4, 6 was computed on the parameters after 1, 3, 5 updates
     assert [e.step for e in acc.Scalars("train_loss")] == [1, 3, 5]
-    assert [e.step for e in acc.Scalars("rpe/sharpness")] == [0, 1, 3, 5]
-    assert [e.step for e in acc.Scalars("rpe/rotation_cos")] == [1, 3, 5]
+    assert [e.step for e in acc.Scalars("rpe/sharpness")] == [0, 2, 4, 6]
+    assert [e.step for e in acc.Scalars("rpe/rotation_cos")] == [2, 4, 6]
     # similarity to the first (fit-start) subspace: 1 at the first measurement, then in [0, 1]
     to_first = [e.value for e in acc.Scalars("rpe/subspace_similarity_to_first")]
     assert len(to_first) == 4 and to_first[0] == pytest.approx(1.0) and all(0.0 <= v <= 1.0 + 1e-6 for v in to_first)
@@ -69,7 +70,9 @@ def test_event_file_tags_steps_and_layout(run_dir) -> None:
     charts = {c.title: [t for t in c.multiline.tag] for cat in layout.category for c in cat.chart}
     assert [cat.title for cat in layout.category] == ["rpe/curvature"]
     assert set(charts) == {"sharpness vs stability threshold", "spectrum: top-k and lambda_min", "stability ratio",
-                           "rotation and polarity (degrees)", "rotation cosines and alignment"}
+                           "rotation and polarity (degrees)", "rotation cosines and alignment",
+                           "solver residuals and product checks", "crossings, backend, unverified",
+                           "ClippedAdam: fraction clipped and clip level"}
 
     def matched(title: str) -> set[str]:
         return {t for t in tags for rx in charts[title] if re.search(rx, t)}
@@ -124,7 +127,7 @@ def test_tensorboard_server_serves_the_tags_and_layout(run_dir) -> None:
         assert {"rpe/sharpness", "rpe/threshold", "rpe/lambda_min", "rpe/polarity", "train_loss"} <= set(run_tags)
         run = next(r for r, t in tags.items() if "rpe/sharpness" in t)
         series = _get_json(f"{base}/data/plugin/scalars/scalars?run={urllib.parse.quote(run)}&tag=rpe/sharpness")
-        assert [int(point[1]) for point in series] == [0, 1, 3, 5]
+        assert [int(point[1]) for point in series] == [0, 2, 4, 6]
         layout = _get_json(f"{base}/data/plugin/custom_scalars/layout")
         titles = [c["title"] for cat in layout["category"] for c in cat["chart"]]
         assert "sharpness vs stability threshold" in titles and "spectrum: top-k and lambda_min" in titles

@@ -232,7 +232,7 @@ class InstabilityController(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.enabled or stage != "fit":
             return
-        monitors = [cb for cb in trainer.callbacks if isinstance(cb, SharpnessMonitor)]
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, SharpnessMonitor)]  # type: ignore[attr-defined]
         if not monitors:
             raise ValueError(
                 "InstabilityController needs a SharpnessMonitor in the same Trainer: add "

@@ -20,14 +20,8 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    DeepSpeedStrategy,
-    FSDPStrategy,
-    ModelParallelStrategy,
-    SingleDeviceStrategy,
-)
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
@@ -35,9 +29,12 @@ from lightning_rpe.callbacks import _logging
 from lightning_rpe.callbacks._distributed import RankZeroBuffers, all_reduce_sum, distributed
 from lightning_rpe.callbacks._loss import MutedLogging, resolve_loss
 from lightning_rpe.callbacks._probe import ProbeSet, capture_probe
+from lightning_rpe.callbacks._sharded import check_supported, is_sharded, sharded_operator
+from lightning_rpe.callbacks.run_card import write_run_card
 from lightning_rpe.curvature._functional import default_batch_size
-from lightning_rpe.geometry import EigenvectorTracker, PolarityTracker
+from lightning_rpe.geometry import EigenvectorTracker, PolarityTracker, Rotation
 from lightning_rpe.measure import (
+    DTYPES,
     Backend,
     BatchNormPolicy,
     DropoutPolicy,
@@ -48,12 +45,14 @@ from lightning_rpe.measure import (
     MeasureSettings,
     Solve,
     Solver,
+    Verify,
     assemble,
     at_lr_scales,
     measurement_metrics,
     solve,
+    solve_sharded,
 )
-from lightning_rpe.names import LAMBDA_MIN, STABILITY_RATIO, THRESHOLD, MetricNames
+from lightning_rpe.names import CLIP_FRACTION, CLIP_LEVEL, LAMBDA_MIN, STABILITY_RATIO, THRESHOLD, MetricNames
 from lightning_rpe.validation import check_bool, check_choice, check_int, fail
 
 __all__ = ["Measurement", "SharpnessMonitor"]
@@ -94,7 +93,12 @@ class SharpnessMonitor(Callback):
             training batch size, running statistics untouched: the loss training differentiates) or
             ``"eval"`` (running statistics, as in most published research code; a different function).
         dropout: ``"off"`` or ``"on"`` (fixed masks per probe batch).
-        backend: ``"auto"``, ``"func"`` or ``"autograd"`` (see HessianOperator).
+        backend: ``"auto"``, ``"func"``, ``"autograd"`` or ``"finite_difference"`` (see HessianOperator).
+        verify: check the Hessian-vector products against float64 finite differences of gradients
+            at the first measurement of a run (``"first"``), at every one (``"every"``) or never
+            (``"off"``). A failed check is warned about (naming the known causes found in the
+            model) and, with ``backend="auto"``, switches the run to the finite-difference backend;
+            otherwise every later measurement is flagged ``rpe/unverified``.
         probe: ``"fixed"`` (first ``probe_size`` training samples, captured once), ``"batch"``
             (the current training batch) or a user iterable of batches (read once at fit start).
         probe_size: number of samples of the fixed probe set (or taken from a user loader).
@@ -138,6 +142,7 @@ class SharpnessMonitor(Callback):
         batchnorm: BatchNormPolicy = "batch",
         dropout: DropoutPolicy = "off",
         backend: Backend = "auto",
+        verify: Verify = "first",
         probe: Literal["fixed", "batch"] | Iterable[Any] = "fixed",
         probe_size: int = 1000,
         probe_batch_size: int | None = None,
@@ -179,7 +184,7 @@ class SharpnessMonitor(Callback):
         self.settings = MeasureSettings(
             top_k=top_k, lambda_min=lambda_min, trace=trace, trace_hvps=trace_hvps, tol=tol,
             lambda_min_tol=lambda_min_tol, max_hvp=max_hvp, solver=solver, dtype=dtype, batchnorm=batchnorm,
-            dropout=dropout, backend=backend, preconditioned=preconditioned, grad_alignment=grad_alignment,
+            dropout=dropout, backend=backend, verify=verify, preconditioned=preconditioned, grad_alignment=grad_alignment,
             warm_start=warm_start, seed=seed, batch_sharpness=n_batch_sharpness, owner=_OWNER,
         )
         self.probe_size = check_int(_OWNER, "probe_size", probe_size, minimum=1)
@@ -217,6 +222,10 @@ class SharpnessMonitor(Callback):
         self._step_at_batch_start: int | None = None
         self._last_batch: Any = None
         self._train_batch_size: int | None = None
+        self._sharded = False  # the strategy shards parameters: finite-difference products on local shards
+        self._verified = False  # a product check was made in this run
+        self._finite_difference = False  # the check failed: products by finite differences
+        self._unverified = False  # the check failed or was inconclusive and nothing was switched
 
     def __getattr__(self, name: str) -> Any:
         # the measurement settings read as monitor attributes (monitor.tol, monitor.dtype, ...)
@@ -255,6 +264,9 @@ class SharpnessMonitor(Callback):
             "last_attempt_step": self._last_attempt_step,
             "latest": None if self.latest is None else self.latest.to_state(),
             "warned": sorted(self._warned),
+            "verified": self._verified,
+            "finite_difference": self._finite_difference,
+            "unverified": self._unverified,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -270,6 +282,9 @@ class SharpnessMonitor(Callback):
         self._last_attempt_step = state_dict["last_attempt_step"]
         self.latest = None if state_dict["latest"] is None else Measurement.from_state(state_dict["latest"])
         self._warned = set(state_dict.get("warned", []))
+        self._verified = bool(state_dict.get("verified", False))
+        self._finite_difference = bool(state_dict.get("finite_difference", False))
+        self._unverified = bool(state_dict.get("unverified", False))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -304,16 +319,26 @@ class SharpnessMonitor(Callback):
         self._probe_fingerprint = None
         self._probe_kind = None
         self._last_batch = None
+        self._verified = self._finite_difference = self._unverified = False
 
-    @staticmethod
-    def _check_strategy(trainer: pl.Trainer) -> None:
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
         strategy = trainer.strategy
-        sharded = isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy))
-        if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        self._sharded = is_sharded(strategy)
+        if self._sharded:
+            try:
+                check_supported(strategy)
+            except ValueError as exc:
+                raise ValueError(
+                    f"SharpnessMonitor does not support this {type(strategy).__name__} setup: {exc}. Supported: "
+                    "single-device strategies, DDPStrategy, FSDPStrategy and ModelParallelStrategy with "
+                    "tensor_parallel_size=1 (docs/sharded.md)."
+                ) from exc
+            return
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
-                f"SharpnessMonitor does not support the {type(strategy).__name__} strategy: it needs every "
-                "process to hold all parameters. Supported: single-device strategies ('auto' on one device) "
-                "and data parallel DDPStrategy ('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook')."
+                f"SharpnessMonitor does not support the {type(strategy).__name__} strategy. Supported: "
+                "single-device strategies ('auto' on one device), data parallel DDPStrategy ('ddp', 'ddp_spawn', "
+                "'ddp_fork', 'ddp_notebook'), FSDPStrategy and ModelParallelStrategy (docs/sharded.md)."
             )
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -327,9 +352,16 @@ class SharpnessMonitor(Callback):
             self._loss, self._uses_training_step = resolve_loss(pl_module, self.loss_fn, self.use_training_step)
         if self.custom_scalars:
             _logging.add_custom_scalars(trainer, self.layout())
+        write_run_card(trainer, pl_module, self)
         if self.probe != "batch":
             self._capture_probe(trainer, pl_module)
         if self.on_fit_start_measure and trainer.global_step == 0 and self._last_attempt_step != 0:
+            n_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            rank_zero_info(
+                f"SharpnessMonitor: measuring the Hessian of the initial parameters ({n_params:,} parameters, "
+                f"{self.probe_size} probe samples, top-{self.top_k}{' and lambda_min' if self.lambda_min else ''}); "
+                "the first measurement has no warm start and takes longest"
+            )
             self._run(trainer, pl_module, self._probe.batches if self._probe else None, "fit_start")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -450,9 +482,15 @@ class SharpnessMonitor(Callback):
         # self.log must not replace the logged training values with probe-batch values
         with isolate_rng(), torch.enable_grad(), RankZeroBuffers(pl_module, enabled=is_distributed), \
                 MutedLogging(pl_module):
+            if self._sharded:
+                op = sharded_operator(trainer, pl_module, self._loss, batches, DTYPES[self.settings.dtype],
+                                      batchnorm=self.settings.batchnorm, dropout=self.settings.dropout)
+                return solve_sharded(op, self.settings, step=step, optimizer=optimizer, lr_scales=self._lr_scales())
+            check = self.settings.verify == "every" or (self.settings.verify == "first" and not self._verified)
             return solve(pl_module, self._loss, batches, self.settings, step=step, optimizer=optimizer,
                          lr_scales=self._lr_scales(), warm=self._tracker,
-                         reduce=all_reduce_sum if is_distributed else None, batch_size=self._batch_size(trainer))
+                         reduce=all_reduce_sum if is_distributed else None, check=check,
+                         finite_difference=self._finite_difference, batch_size=self._batch_size(trainer))
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, trigger: str) -> None:
         step = trainer.global_step
@@ -493,15 +531,19 @@ class SharpnessMonitor(Callback):
             )
             return
         assert result is not None
-        if distributed(trainer):
+        if distributed(trainer) and not self._sharded:  # sharded: every rank holds its own shard of the vectors
             result = trainer.strategy.broadcast(result, src=0)
         for key, message in result.notes:
             self._warn_once(key, f"SharpnessMonitor: {message}")
-        rotation = self._tracker.update(step, result.top_vectors, result.min_vector, result.preconditioned_vector,
-                                        k=len(result.eigenvalues))
+        if result.verification is not None:
+            self._verified = True
+            self._finite_difference = self._finite_difference or result.switched
+            self._unverified = result.verification != "passed" and not result.switched
+        rotation = Rotation() if self._sharded else self._tracker.update(
+            step, result.top_vectors, result.min_vector, result.preconditioned_vector, k=len(result.eigenvalues))
         self.n_measurements += 1
         m = assemble(result, rotation, step=step, epoch=int(trainer.current_epoch),
-                     seconds=time.perf_counter() - start, trigger=trigger)
+                     seconds=time.perf_counter() - start, trigger=trigger, unverified=self._unverified)
         for listener in list(self.listeners):
             listener(trainer, m)
         scales_after = self._lr_scales()
@@ -518,7 +560,9 @@ class SharpnessMonitor(Callback):
     def _publish(self, trainer: pl.Trainer, m: Measurement) -> None:
         values = self.metrics(m)
         _logging.publish_callback_metrics(trainer, values)
-        _logging.log_to_loggers(trainer, values, step=_logging.batches_that_stepped(trainer))
+        # x = the number of optimizer updates applied to the measured parameters (Measurement.step),
+        # the same x at which Lightning logs a training_step's loss computed on those parameters
+        _logging.log_to_loggers(trainer, values, step=m.step)
 
     def layout(self) -> dict[str, dict[str, list[str]]]:
         """TensorBoard custom-scalars categories of this monitor (anchored tag regexes)."""
@@ -536,6 +580,15 @@ class SharpnessMonitor(Callback):
                     _logging.tag_regex(
                         n.rotation_cos, n.subspace_similarity, n.subspace_similarity_to_first, n.grad_alignment
                     )
+                ],
+                "solver residuals and product checks": [
+                    _logging.tag_regex(n.sharpness_residual, n.lambda_min_residual, n.verify_error),
+                ],
+                "crossings, backend, unverified": [
+                    _logging.tag_regex(n.eigenvalue_crossings, n.finite_difference, n.unverified),
+                ],
+                "ClippedAdam: fraction clipped and clip level": [
+                    n.grouped_pattern(CLIP_FRACTION), n.grouped_pattern(CLIP_LEVEL),
                 ],
             }
         }

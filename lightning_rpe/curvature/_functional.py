@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "BATCHNORM_POLICIES",
@@ -216,3 +217,37 @@ def _math_sdpa() -> contextlib.AbstractContextManager[Any]:
     except ImportError:  # pragma: no cover - torch < 2.3
         return contextlib.nullcontext()
     return sdpa_kernel(SDPBackend.MATH)
+
+
+def module_causes(model: nn.Module) -> list[str]:
+    """Modules of ``model`` whose second derivatives PyTorch gets wrong or lacks, one sentence each.
+
+    Compiled modules and ``nn.EmbeddingBag`` (no double backward), parametrized tensors
+    (``weight_norm``'s double backward is wrong; other parametrizations are listed because they run
+    user code in the forward) and the old ``weight_norm`` / ``spectral_norm`` forward pre-hooks.
+    A sentence that contains ``"double backward"`` names a cause known to give wrong or no
+    second derivatives.
+    """
+    found: list[str] = []
+    for name, module in model.named_modules():
+        where = name or "<model>"
+        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
+            found.append(f"{where}: compiled with torch.compile (no double backward)")
+        if isinstance(module, nn.EmbeddingBag):
+            found.append(f"{where}: nn.EmbeddingBag (no double backward in torch)")
+        if parametrize.is_parametrized(module):
+            for tensor_name, plist in module.parametrizations.items():
+                kinds = ", ".join(type(p).__name__ for p in plist)
+                torch_weight_norm = any(
+                    type(p).__name__ == "_WeightNorm" and type(p).__module__ == "torch.nn.utils.parametrizations"
+                    for p in plist
+                )
+                note = " (weight_norm: wrong double backward)" if torch_weight_norm else ""
+                found.append(f"{where}: parametrization {kinds} of {tensor_name!r}{note}")
+        for hook in module._forward_pre_hooks.values():
+            kind = type(hook).__name__
+            if kind == "WeightNorm":
+                found.append(f"{where}: torch.nn.utils.weight_norm hook on {hook.name!r} (wrong double backward)")
+            elif kind == "SpectralNorm":
+                found.append(f"{where}: torch.nn.utils.spectral_norm hook on {hook.name!r}")
+    return found

@@ -53,7 +53,8 @@ DEFAULT_GUARD = {"cold": 2, "warm": 0}
 
 def block_size(dim: int, k: int, which: str, init: Tensor | None) -> int:
     """Columns of the LOBPCG block: ``n + guard`` (n pairs wanted; guard 2 cold, 0 warm),
-    at least the number of ``init`` columns, and at most ``dim``."""
+    at least the number of ``init`` columns, and at most ``dim``.
+    """
     nw = n_wanted(k, which)
     guard = DEFAULT_GUARD["warm" if init is not None else "cold"]
     bs = nw + guard
@@ -114,7 +115,8 @@ def _small(M: Tensor) -> Tensor:
 
 def _rayleigh_ritz(S: Tensor, AS: Tensor) -> tuple[Tensor, Tensor] | None:
     """Ritz values (ascending, float64) and coefficients (float64, S^T S-orthonormal) or None
-    when ``S^T S`` is not numerically positive definite."""
+    when ``S^T S`` is not numerically positive definite.
+    """
     G = _small(S.T @ AS)
     M = _small(S.T @ S)
     L, info = torch.linalg.cholesky_ex(M)

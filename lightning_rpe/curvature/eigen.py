@@ -231,7 +231,8 @@ def eigenpairs(
 
 def _warm_start_vector(init: Tensor, generator: torch.Generator, operator: CurvatureOperator) -> Tensor:
     """Lanczos start from previous eigenvectors: the sum of their orthonormalised columns plus a
-    random part of relative weight 0.1, so directions absent from ``init`` are still reached."""
+    random part of relative weight 0.1, so directions absent from ``init`` are still reached.
+    """
     from .lanczos import random_block
 
     X = init.to(dtype=operator.dtype, device=operator.device)

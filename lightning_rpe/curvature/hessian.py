@@ -108,6 +108,7 @@ from ._functional import (
     graph_nodes,
     is_reentrant_checkpoint,
     map_tensors,
+    module_causes,
     product_context,
     seed_batch,
 )
@@ -147,7 +148,15 @@ class _LossModule(nn.Module):
 
 
 def _auto_backend(model: nn.Module, device: torch.device) -> str:
-    """The ``backend="auto"`` rule: ``"func"`` for convolutional models on CUDA, else ``"autograd"``."""
+    """The ``backend="auto"`` rule.
+
+    ``"finite_difference"`` when the model holds a module whose second derivatives PyTorch gets
+    wrong or lacks (``weight_norm``, ``nn.EmbeddingBag``, compiled modules; see
+    :func:`~lightning_rpe.curvature._functional.module_causes`), else ``"func"`` for convolutional
+    models on CUDA, else ``"autograd"``.
+    """
+    if any("double backward" in cause for cause in module_causes(model)):
+        return "finite_difference"
     if device.type == "cuda" and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
         return "func"
     return "autograd"
@@ -282,6 +291,13 @@ class HessianOperator(CurvatureOperator):
         self.dropout = dropout
         self.requested_backend = backend
         self.backend = _auto_backend(model, device) if backend == "auto" else backend
+        if backend == "auto" and self.backend == "finite_difference":
+            causes = [c for c in module_causes(model) if "double backward" in c]
+            warnings.warn(
+                "HessianOperator(backend='auto') uses finite differences of gradients: PyTorch's second "
+                f"derivatives are wrong or missing for {'; '.join(causes)} (docs/models.md)",
+                RuntimeWarning, stacklevel=2,
+            )
         self.fd_step = float(fd_step) if fd_step is not None else FD_STEP[dtype]
         self._batch_size_fn = batch_size_fn
         self._track_inputs: bool | None = None  # finite-difference path: inputs require grad (decided once)

@@ -1,9 +1,9 @@
-"""Checking a Hessian operator against finite differences, and naming the known causes of wrong ones.
+r"""Checking a Hessian operator against finite differences, and naming the known causes of wrong ones.
 
 PyTorch computes some second derivatives wrongly without an error: ``weight_norm`` (both APIs:
 the double backward of ``torch._weight_norm`` fails ``gradgradcheck``), reentrant activation
 checkpointing (its backward runs ``torch.autograd.backward`` without a graph), custom
-``autograd.Function``\\ s whose backward is not itself differentiable (intermediates kept on
+``autograd.Function``\ s whose backward is not itself differentiable (intermediates kept on
 ``ctx``, ``@once_differentiable`` raises). First-order gradients are right in all these cases, so
 one product is checked against a central difference of gradients:
 
@@ -41,9 +41,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from ._functional import graph_nodes, is_reentrant_checkpoint
+from ._functional import graph_nodes, is_reentrant_checkpoint, module_causes
 from .hessian import FD_STEP, HessianOperator
 
 __all__ = ["REFERENCE_RETRIES", "REFERENCE_STEP", "ROUNDING_FACTOR", "TOLERANCE", "Verification", "known_causes", "verify_operator"]
@@ -257,24 +256,7 @@ def known_causes(model: nn.Module, loss: Tensor | None = None) -> tuple[str, ...
         one plain sentence per cause, naming the module (``model.named_modules()`` name) or the
         Function; empty when none is found.
     """
-    found: list[str] = []
-    for name, module in model.named_modules():
-        where = name or "<model>"
-        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
-            found.append(f"{where}: compiled with torch.compile (no double backward)")
-        if isinstance(module, nn.EmbeddingBag):
-            found.append(f"{where}: nn.EmbeddingBag (no double backward in torch)")
-        if parametrize.is_parametrized(module):
-            for tensor_name, plist in module.parametrizations.items():
-                kinds = ", ".join(type(p).__name__ for p in plist)
-                note = " (weight_norm: wrong double backward)" if "WeightNorm" in kinds else ""
-                found.append(f"{where}: parametrization {kinds} of {tensor_name!r}{note}")
-        for hook in module._forward_pre_hooks.values():
-            kind = type(hook).__name__
-            if kind == "WeightNorm":
-                found.append(f"{where}: torch.nn.utils.weight_norm hook on {hook.name!r} (wrong double backward)")
-            elif kind == "SpectralNorm":
-                found.append(f"{where}: torch.nn.utils.spectral_norm hook on {hook.name!r}")
+    found = module_causes(model)
     if loss is not None and loss.grad_fn is not None:
         for node in graph_nodes(loss, _MAX_GRAPH_NODES):
             if is_reentrant_checkpoint(node):
