@@ -2,13 +2,19 @@
 
 Two solvers sit behind one call:
 
-- ``"lanczos"`` (:mod:`.lanczos`): Lanczos with full re-orthogonalisation from a random start.
-  One product per iteration; the best choice without prior information.
+- ``"lanczos"`` (:mod:`.lanczos`): thick-restart Lanczos with full re-orthogonalisation from a
+  random start, on a basis of at most ``max_basis`` vectors. One product per iteration; the best
+  choice without prior information.
 - ``"block"`` (:mod:`.block`): LOBPCG with soft locking, started from ``init`` (the previous
   eigenvectors) and padded with random columns. One batched product per iteration on the
   still-unconverged residuals; the best choice on a slowly moving Hessian.
 
 ``method="auto"`` picks the block solver when ``init`` is given and Lanczos otherwise.
+
+Working memory is bounded by design, independent of the product budget ``max_hvp``: Lanczos keeps
+``max_basis + 3 + n`` parameter-sized vectors, the block solver ``10 b + n`` (``n`` pairs wanted,
+``b`` its block size), each on top of what one product of the operator holds. Every reduction
+over the parameter dimension goes through :meth:`CurvatureOperator.inner`.
 """
 
 from __future__ import annotations
@@ -20,14 +26,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .lanczos import NONFINITE_REASON, lanczos, n_wanted
+from .block import block_size, lobpcg
+from .lanczos import NONFINITE_REASON, default_max_basis, lanczos, n_wanted, random_block
 from .operator import CurvatureOperator
+from .orthogonal import orthonormalize
 
-__all__ = ["EigenResult", "eigenpairs", "default_max_hvp", "DEFAULT_SEED"]
+__all__ = ["EigenResult", "eigenpairs", "default_max_hvp", "default_max_basis", "DEFAULT_SEED"]
 
 DEFAULT_SEED = 0
 _WHICH = ("largest", "smallest", "both")
 _METHODS = ("auto", "lanczos", "block")
+_CRITERIA = ("residual", "eigenvalue")
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,9 @@ class EigenResult:
         n_hvp: products this call spent.
         which: ``"largest"``, ``"smallest"`` or ``"both"``.
         reason: why some pair did not converge or the solve failed; ``None`` when all converged.
+        gaps: ``(m,)`` float64, the estimated distance of each eigenvalue to the rest of the
+            spectrum (from the solver's Ritz values, capped by the ``gap`` passed in); NaN where
+            the solver saw no other Ritz value. Pass it as ``gap=`` to the next warm solve.
     """
 
     eigenvalues: Tensor
@@ -55,6 +67,7 @@ class EigenResult:
     n_hvp: int
     which: str
     reason: str | None
+    gaps: Tensor | None = None
 
     @property
     def lambda_max(self) -> float | None:
@@ -119,6 +132,18 @@ def _check_init(init: Tensor | None, dim: int) -> Tensor | None:
     return init
 
 
+def _check_gap(gap: Any, nw: int) -> Tensor | None:
+    if gap is None:
+        return None
+    try:
+        out = torch.as_tensor(gap, dtype=torch.float64).reshape(-1).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        out = None
+    if out is None or out.shape[0] not in (1, nw):
+        raise ValueError(f"eigenpairs: gap must be None, a float or a tensor of {nw} gap estimates (one per pair), got {gap!r}")
+    return out.expand(nw).clone()
+
+
 def _check_tol(name: str, value: Any, alternatives: str = "") -> float:
     try:
         out = float(value)
@@ -139,13 +164,22 @@ def eigenpairs(
     generator: torch.Generator | None = None,
     method: str = "auto",
     tol_smallest: float | None = None,
+    max_basis: int | None = None,
+    criterion: str = "residual",
+    gap: Tensor | None = None,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator, stopped on residuals.
 
-    A pair ``(theta, v)`` has converged when ``||A v - theta v|| <= tol * max|theta|``, the max
-    over all current Ritz values (a relative tolerance on the operator's scale). By the
-    Bauer-Fike / Kato bounds its eigenvalue error is at most the residual, and at most
-    ``residual^2 / gap`` when the eigenvalue is separated from the rest by ``gap``.
+    A pair ``(theta, v)`` has converged when ``err <= tol * max|theta|``, the max over all current
+    Ritz values (a relative tolerance on the operator's scale). With ``criterion="residual"``
+    (default) ``err = ||A v - theta v||``; by the Bauer-Fike / Kato-Temple bounds the eigenvalue
+    error is then at most the residual, and at most ``residual^2 / gap`` when the eigenvalue is
+    separated from the rest by ``gap``. ``criterion="eigenvalue"`` stops on that second bound,
+    ``err = min(r, r^2 / gap)``, for when the eigenvalue and not the vector is what is reported: the
+    vectors then meet only ``r <= sqrt(tol * max|theta| * gap)``. The gap is estimated from the
+    solver's Ritz values (each less its residual) and capped by ``gap`` when given; an estimate
+    can only exceed the true gap when an eigenvalue next to the wanted one is missing from the
+    subspace, which ``gap`` from a previous, longer solve guards against.
 
     Args:
         operator: a :class:`CurvatureOperator` (products are counted on it).
@@ -161,6 +195,12 @@ def eigenpairs(
             Its residual is still measured against ``max|theta|``: when ``lambda_min`` sits in a
             cluster near 0 far below ``lambda_max``, a looser value here saves most of the products
             while the top pairs keep ``tol``.
+        max_basis: Lanczos basis cap in vectors (thick restart when full; default
+            :func:`default_max_basis`, ``min(dim, max(12, 2 n + 8))``); ``>= n + 3``. Ignored by the
+            block solver, whose memory is set by its block size.
+        criterion: ``"residual"`` | ``"eigenvalue"`` (see above).
+        gap: ``(m,)`` gap estimates of the wanted pairs in result order, e.g. ``previous.gaps``
+            (NaN entries ignored), or None. Only used with ``criterion="eigenvalue"``.
 
     Returns:
         :class:`EigenResult`. A non-finite product returns NaN values, ``converged`` all false and
@@ -188,11 +228,16 @@ def eigenpairs(
     generator = _check_generator(generator)
     if method == "auto":
         method = "block" if init is not None else "lanczos"
+    if criterion not in _CRITERIA:
+        raise ValueError(f"eigenpairs: criterion must be one of {_CRITERIA}, got {criterion!r}")
 
     nw = n_wanted(k, which)
+    if max_basis is not None and (
+        isinstance(max_basis, bool) or not isinstance(max_basis, int) or max_basis < min(nw + 3, dim)
+    ):
+        raise ValueError(f"eigenpairs: max_basis must be an int >= {min(nw + 3, dim)} or None, got {max_basis!r}")
+    gap = _check_gap(gap, nw)
     if method == "block":
-        from .block import block_size, lobpcg
-
         needed = block_size(dim, k, which, init)
     else:
         needed = nw
@@ -212,12 +257,14 @@ def eigenpairs(
     start_count = operator.n_hvp
     with torch.no_grad():
         if method == "block":
-            out = lobpcg(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, init=init)
+            out = lobpcg(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, init=init,
+                         criterion=criterion, gap=gap)
         else:
             start = None
             if init is not None:
                 start = _warm_start_vector(init, generator, operator)
-            out = lanczos(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, start=start)
+            out = lanczos(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, start=start,
+                          max_basis=max_basis, criterion=criterion, gap=gap)
     return EigenResult(
         eigenvalues=out.values,
         eigenvectors=out.vectors,
@@ -226,20 +273,18 @@ def eigenpairs(
         n_hvp=operator.n_hvp - start_count,
         which=which,
         reason=out.reason,
+        gaps=out.gaps,
     )
 
 
 def _warm_start_vector(init: Tensor, generator: torch.Generator, operator: CurvatureOperator) -> Tensor:
     """Lanczos start from previous eigenvectors: the sum of their orthonormalised columns plus a
     random part of relative weight 0.1, so directions absent from ``init`` are still reached."""
-    from .lanczos import random_block
-
-    X = init.to(dtype=operator.dtype, device=operator.device)
-    Qx, _ = torch.linalg.qr(X)
+    Qx = orthonormalize(operator, init.to(dtype=operator.dtype, device=operator.device), [])
     u = Qx.sum(dim=1)
-    u = u / u.norm()
+    u = u / operator.norms(u)[0]
     r = random_block(operator.dim, 1, generator, operator.dtype, operator.device)[:, 0]
-    return u + 0.1 * r / r.norm()
+    return u + 0.1 * r / operator.norms(r)[0]
 
 
 __all__ += ["NONFINITE_REASON"]

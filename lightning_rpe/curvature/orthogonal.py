@@ -1,0 +1,57 @@
+"""Orthonormal blocks of parameter-sized vectors, with every reduction through ``operator.inner``.
+
+Blocks are ``(dim, b)`` columns. Orthonormality is in the operator's inner product
+(:meth:`lightning_rpe.curvature.operator.CurvatureOperator.inner`), which is the Euclidean one by
+default and an all-reduced one on sharded vectors; nothing here reduces over ``dim`` itself.
+
+:func:`orthonormalize` is classical Gram-Schmidt against given orthonormal bases, applied twice
+("twice is enough", Giraud, Langou & Rozloznik 2005), followed each time by SVQB (Stathopoulos &
+Wu 2002): ``W <- W U D^-1/2`` from the eigendecomposition ``W^T W = U D U^T`` of the small Gram
+matrix, dropping directions with ``D`` at rounding level (numerically inside the span).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .operator import CurvatureOperator
+
+__all__ = ["project_out", "orthonormalize"]
+
+
+def project_out(operator: CurvatureOperator, W: Tensor, bases: list[Tensor | None]) -> Tensor:
+    """``W - B (B^T W)`` for each orthonormal ``B`` in ``bases`` (``(dim, j)`` blocks; None skipped)."""
+    for B in bases:
+        if B is not None and B.shape[1] > 0:
+            W = W - B @ operator.inner(B, W)
+    return W
+
+
+def orthonormalize(operator: CurvatureOperator, W: Tensor, bases: list[Tensor | None]) -> Tensor:
+    """Orthonormal columns spanning ``W`` minus its part in ``span(bases)`` (bases orthonormal).
+
+    ``W``: ``(dim, b)``. Returns ``(dim, b')`` with ``b' <= b``: columns numerically inside the
+    span (norm below ``1e3 eps`` after projection, or Gram eigenvalue below ``100 eps`` of the
+    largest) are dropped. Memory: a few ``(dim, b)`` temporaries.
+    """
+    eps = torch.finfo(W.dtype).eps
+    for _ in range(2):
+        if W.shape[1] == 0:
+            return W
+        norms = operator.norms(W)
+        keep = norms > 0
+        W = W[:, keep] / norms[keep]
+        W = project_out(operator, W, bases)
+        norms = operator.norms(W)
+        keep = norms > 1e3 * eps
+        if not bool(keep.any()):
+            return W[:, :0]
+        W = W[:, keep] / norms[keep]
+        G = operator.inner(W, W).to(torch.float64).cpu()
+        G = (G + G.T) / 2
+        d, U = torch.linalg.eigh(G)
+        keep = d > 100 * eps * float(d.max())
+        U = U[:, keep] / d[keep].sqrt()
+        W = W @ U.to(dtype=W.dtype, device=W.device)
+    return W
