@@ -48,13 +48,12 @@ from .lanczos import (
     eigenvalue_errors,
     n_wanted,
     random_block,
-    ritz_gaps,
     select_ritz,
 )
 from .operator import CurvatureOperator
 from .orthogonal import orthonormalize
 
-__all__ = ["lobpcg", "block_size", "DEFAULT_GUARD"]
+__all__ = ["DEFAULT_GUARD", "block_size", "lobpcg"]
 
 # extra block columns beyond the wanted pairs. They cost products only for the first A X and then
 # improve through the Rayleigh-Ritz step alone; they enlarge the subspace and so help to separate
@@ -144,10 +143,11 @@ def lobpcg(
     Stopping: every wanted pair has ``err_i <= tol_i * max|theta|``, with ``err_i`` the residual
     norm (``criterion="residual"``) or, with ``criterion="eigenvalue"``, the eigenvalue error
     estimate :func:`~lightning_rpe.curvature.lanczos.eigenvalue_errors` with the gap ``gap`` (one
-    lower estimate per wanted pair, e.g. a previous result's ``gaps``) capped, once the subspace holds
-    residual directions, by the Ritz gaps of the last Rayleigh-Ritz step. Without ``gap`` the first
-    Rayleigh-Ritz step (the block alone, whose few Ritz values say nothing about the neighbours
-    of the wanted eigenvalues) uses the residual. Arguments are assumed validated by
+    lower estimate per wanted pair, e.g. a previous Lanczos result's ``gaps``). The Ritz values of
+    the small subspace ``[X, P, W]`` are never used as gap estimates: they say little about the
+    neighbours of the wanted eigenvalues (measured: from a random block they over-estimated the
+    gap of lambda_min 2x and the solve stopped on the neighbouring eigenvalue). Without ``gap``
+    (or where it is NaN) the residual is used. Arguments are assumed validated by
     :func:`lightning_rpe.curvature.eigenpairs`.
     """
     dim, dtype, device = operator.dim, operator.dtype, operator.device
@@ -202,12 +202,12 @@ def lobpcg(
     _combine_rows(AV, nx, C)
     theta = theta_all.clone()
     n_p = 0  # columns of P (rows nx : nx + n_p)
-    ritz_gap = torch.full((theta.shape[0],), math.nan, dtype=torch.float64)  # per column of X
+    no_gap = torch.full((theta.shape[0],), math.nan, dtype=torch.float64)  # per column of X
 
     reason: str | None = None
     while True:
         X, AX = V[:nx].T, AV[:nx].T
-        R = AX - X * theta.to(dtype=dtype, device=device)
+        R = torch.addcmul(AX, X, theta.to(dtype=dtype, device=device), value=-1.0)
         rnorm = operator.norms(R).to(torch.float64).cpu()
         scale = float(theta_all.abs().max())
         idx = select_ritz(theta, k, which)
@@ -217,16 +217,15 @@ def lobpcg(
         limit[idx] = tol * scale
         err = rnorm.clone()
         if criterion == "eigenvalue":
-            col_gap = ritz_gap.clone()
+            col_gap = no_gap.clone()
             if hint is not None:
-                col_gap[idx] = torch.fmin(col_gap[idx], hint)
+                col_gap[idx] = hint
             err = eigenvalue_errors(rnorm, col_gap)
         conv = err <= limit
-        if float(tol.min()) > 0 and bool(conv[wanted].all()):
+        if (float(tol.min()) > 0 and bool(conv[wanted].all())) or max_hvp - spent() <= 0:
+            del R
             break
         remaining = max_hvp - spent()
-        if remaining <= 0:
-            break
         # active columns: the unconverged wanted ones, largest residual first. Guard columns
         # never cost products: they improve through the Rayleigh-Ritz step alone (measured:
         # fewer products than iterating them, cold and warm).
@@ -236,13 +235,15 @@ def lobpcg(
         )
         active = order[:remaining]
         P = V[nx : nx + n_p].T if n_p > 0 else None
-        W = orthonormalize(operator, R[:, active], [X, P])
+        if len(active) < R.shape[1] or active != list(range(R.shape[1])):
+            R = R[:, active]
+        W = orthonormalize(operator, R, [X, P], overwrite=True)
         del R
         if W.shape[1] == 0:
             # residuals numerically inside span[X, P]: widen with random directions instead
             W = orthonormalize(operator, random_block(dim, len(active), generator, dtype, device), [X, P])
             if W.shape[1] == 0:
-                break  # [X, P] spans the whole space: the Ritz pairs are exact
+                break  # [X, P] spans the whole space: the Ritz pairs are exact (X, rnorm unchanged)
         W = W[:, :remaining]
         n_w = W.shape[1]
         s = nx + n_p + n_w
@@ -263,13 +264,11 @@ def lobpcg(
             rr = _rayleigh_ritz(operator, V[:s].T, AV[:s].T)
         if rr is None:
             reason = "block solver: Rayleigh-Ritz basis lost rank"
-            break
+            break  # X and rnorm are those of the last completed step
         theta_all, Call = rr
         sel = _select(theta_all, n_top, n_bottom)
         C = Call[:, sel]
         theta = theta_all[sel]
-        # gaps to the other Ritz values of S (their residuals are unknown: taken as 0)
-        ritz_gap = ritz_gaps(theta_all, torch.zeros_like(theta_all), sel)
         # search directions: the [P, W] part of the kept coefficients, orthogonalised against
         # the kept coefficients in the S^T S inner product and made orthonormal (in float64)
         Y = C.clone()
@@ -286,15 +285,12 @@ def lobpcg(
         _combine_rows(AV, s, coeff)
         n_p = Y.shape[1]
 
-    X, AX = V[:nx].T, AV[:nx].T
+    # every exit leaves X, theta and rnorm of the same (last completed) Rayleigh-Ritz step
     idx = select_ritz(theta, k, which)
-    R = AX[:, idx] - X[:, idx] * theta[idx].to(dtype=dtype, device=device)
-    residuals = operator.norms(R).to(torch.float64).cpu()
-    del R
-    vectors = X[:, idx] / operator.norms(X[:, idx])
-    gaps = ritz_gap[idx].clone()
-    if hint is not None:
-        gaps = torch.fmin(gaps, hint)
+    residuals = rnorm[idx].clone()
+    vectors = V[:nx].T[:, idx]
+    vectors /= operator.norms(vectors)
+    gaps = no_gap[idx].clone() if hint is None else hint.clone()
     errors = eigenvalue_errors(residuals, gaps) if criterion == "eigenvalue" else residuals
     threshold = tol * float(theta_all.abs().max())
     converged = errors <= threshold

@@ -27,11 +27,17 @@ import torch
 from torch import Tensor
 
 from .block import block_size, lobpcg
-from .lanczos import NONFINITE_REASON, default_max_basis, lanczos, n_wanted, random_block
+from .lanczos import (
+    NONFINITE_REASON,
+    default_max_basis,
+    lanczos,
+    n_wanted,
+    random_block,
+)
 from .operator import CurvatureOperator
 from .orthogonal import orthonormalize
 
-__all__ = ["EigenResult", "eigenpairs", "default_max_hvp", "default_max_basis", "DEFAULT_SEED"]
+__all__ = ["DEFAULT_SEED", "EigenResult", "default_max_basis", "default_max_hvp", "eigenpairs"]
 
 DEFAULT_SEED = 0
 _WHICH = ("largest", "smallest", "both")
@@ -56,8 +62,8 @@ class EigenResult:
         which: ``"largest"``, ``"smallest"`` or ``"both"``.
         reason: why some pair did not converge or the solve failed; ``None`` when all converged.
         gaps: ``(m,)`` float64, the estimated distance of each eigenvalue to the rest of the
-            spectrum (from the solver's Ritz values, capped by the ``gap`` passed in); NaN where
-            the solver saw no other Ritz value. Pass it as ``gap=`` to the next warm solve.
+            spectrum (Lanczos: from its Ritz values, capped by the ``gap`` passed in; block solver:
+            the ``gap`` passed in); NaN where unknown. Pass it as ``gap=`` to the next warm solve.
     """
 
     eigenvalues: Tensor
@@ -176,10 +182,12 @@ def eigenpairs(
     error is then at most the residual, and at most ``residual^2 / gap`` when the eigenvalue is
     separated from the rest by ``gap``. ``criterion="eigenvalue"`` stops on that second bound,
     ``err = min(r, r^2 / gap)``, for when the eigenvalue and not the vector is what is reported: the
-    vectors then meet only ``r <= sqrt(tol * max|theta| * gap)``. The gap is estimated from the
-    solver's Ritz values (each less its residual) and capped by ``gap`` when given; an estimate
-    can only exceed the true gap when an eigenvalue next to the wanted one is missing from the
-    subspace, which ``gap`` from a previous, longer solve guards against.
+    vectors then meet only ``r <= sqrt(tol * max|theta| * gap)``. The gap is the ``gap`` argument
+    (Lanczos: capped by its Ritz gaps, each Ritz value less its residual); without it the residual
+    is used. A gap estimate exceeds the true gap when an eigenvalue next to the wanted one is
+    missing from the subspace, and the solve may then stop on that neighbour, so the gap must come
+    from a solve that ran to the residual tolerance: pass a cold Lanczos result's ``gaps`` to the
+    warm solves that follow.
 
     Args:
         operator: a :class:`CurvatureOperator` (products are counted on it).

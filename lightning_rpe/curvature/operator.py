@@ -67,7 +67,8 @@ class CurvatureOperator:
         if columnwise:
             if X.shape[1] != Y.shape[1]:
                 raise ValueError(f"inner(columnwise=True) needs blocks of equal width, got {tuple(X.shape)} and {tuple(Y.shape)}")
-            return torch.linalg.vecdot(X, Y, dim=0)
+            # one dot per column: no (dim, b) temporary
+            return torch.stack([torch.dot(X[:, j], Y[:, j]) for j in range(X.shape[1])]) if X.shape[1] else X.new_zeros(0)
         return X.T @ Y
 
     def norms(self, X: Tensor) -> Tensor:
