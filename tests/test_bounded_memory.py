@@ -15,7 +15,7 @@ import torch
 from _reference import spectrum_matrix
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_rpe.curvature.eigen import eigenpairs
+from lightning_rpe.curvature.eigen import eigenpairs, working_vectors
 from lightning_rpe.curvature.lanczos import (
     default_max_basis,
     eigenvalue_errors,
@@ -60,6 +60,20 @@ def test_restart_keeps_products_counted_and_budget_respected():
     res = eigenpairs(op, k=1, which="both", tol=0.0, max_hvp=57, max_basis=7, method="lanczos")
     assert res.n_hvp == 57 == op.n_hvp
     assert not res.all_converged and "max_hvp=57" in res.reason
+
+
+def test_solvers_reserve_their_working_vectors_on_the_operator():
+    A, _, _ = spectrum(n=200)
+    op = DenseOperator(A)
+    assert op.reserved_vectors == 0
+    eigenpairs(op, k=1, which="both")
+    assert op.reserved_vectors == default_max_basis(200, 1, "both") + 3 + 2 == working_vectors(200, 1, "both", "lanczos")
+    assert op.reserved_bytes == op.reserved_vectors * 200 * 8
+    eigenpairs(op, k=1, which="both", init=torch.randn(200, 2, dtype=torch.float64), method="block")
+    assert op.reserved_vectors == 10 * 2 + 2  # the larger request wins
+    op2 = DenseOperator(A)
+    trace(op2, n_hvp=30)
+    assert op2.reserved_vectors > 0
 
 
 def test_default_basis_cap_formula():
@@ -261,7 +275,7 @@ def test_peak_vector_count_is_the_documented_bound(method, k, which):
     d = torch.rand(dim, generator=g, dtype=torch.float64)
     nw = k + 1 if which == "both" else k
     init = torch.randn(dim, nw, generator=g, dtype=torch.float64) if method == "block" else None
-    bound = default_max_basis(dim, k, which) + 3 + nw if method == "lanczos" else 10 * nw + nw
+    bound = working_vectors(dim, k, which, method, init)
     peaks = []
     for max_hvp in (40, 200):
         tracker = _LiveVectors(dim)
@@ -279,7 +293,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import json, resource, sys, torch
     sys.path.insert(0, sys.argv[4])
     from test_bounded_memory import Diagonal
-    from lightning_rpe.curvature.eigen import eigenpairs
+    from lightning_rpe.curvature.eigen import eigenpairs, working_vectors
     torch.set_num_threads(1)
     dim, max_hvp, method = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     g = torch.Generator().manual_seed(0)

@@ -113,6 +113,24 @@ def default_max_hvp(dim: int, k: int, which: str) -> int:
     return min(int(dim), 50 + 30 * n_wanted(k, which))
 
 
+def working_vectors(
+    dim: int, k: int, which: str, method: str, init: Tensor | None = None, max_basis: int | None = None
+) -> int:
+    """Upper bound on the parameter-sized vectors a solve holds besides the operator's own memory.
+
+    Lanczos: ``max_basis + 3 + n`` (basis and next vector, product, projection temporary, returned
+    vectors); block solver: ``10 b + n`` (``[X, P, W]`` and their products in two ``3 b``-row buffers,
+    the residual block, orthonormalisation temporaries, returned vectors). ``n``: pairs wanted,
+    ``b``: :func:`~lightning_rpe.curvature.block.block_size`. Checked by counting live vectors in
+    tests/test_bounded_memory.py.
+    """
+    nw = n_wanted(k, which)
+    if method == "block":
+        return 10 * block_size(dim, k, which, init) + nw
+    basis = default_max_basis(dim, k, which) if max_basis is None else min(int(max_basis), dim)
+    return basis + 3 + nw
+
+
 def _check_generator(generator: torch.Generator | None) -> torch.Generator:
     if generator is None:
         return torch.Generator(device="cpu").manual_seed(DEFAULT_SEED)
@@ -263,6 +281,7 @@ def eigenpairs(
     if tol_smallest is not None:
         tols[-1] = tol_smallest  # "both": the smallest pair comes last
     start_count = operator.n_hvp
+    operator.reserve(working_vectors(dim, k, which, method, init, max_basis))
     with torch.no_grad():
         if method == "block":
             out = lobpcg(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, init=init,

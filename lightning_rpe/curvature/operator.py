@@ -34,6 +34,19 @@ class CurvatureOperator:
         self.dtype = dtype
         self.device = torch.device(device)
         self.n_hvp = 0
+        # parameter-sized vectors the solver running on this operator holds (set by eigenpairs and
+        # trace before their first product); an operator that decides on caches by the free memory
+        # should leave room for reserved_vectors * dim * itemsize bytes
+        self.reserved_vectors = 0
+
+    def reserve(self, n_vectors: int) -> None:
+        """Record that a solver will hold ``n_vectors`` parameter-sized vectors (the largest request wins)."""
+        self.reserved_vectors = max(self.reserved_vectors, int(n_vectors))
+
+    @property
+    def reserved_bytes(self) -> int:
+        """``reserved_vectors * dim * itemsize``: memory to leave free for the solver."""
+        return self.reserved_vectors * self.dim * torch.empty((), dtype=self.dtype).element_size()
 
     def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -118,6 +131,11 @@ class PreconditionedOperator(CurvatureOperator):
         super().__init__(operator.dim, operator.dtype, operator.device)
         self.operator = operator
         self.inv_sqrt = diagonal.to(dtype=operator.dtype, device=operator.device).rsqrt()
+
+    def reserve(self, n_vectors: int) -> None:
+        """Reserves on this operator and on the wrapped one (which holds the caches)."""
+        super().reserve(n_vectors)
+        self.operator.reserve(n_vectors)
 
     def inner(self, X: Tensor, Y: Tensor, *, columnwise: bool = False) -> Tensor:
         """The wrapped operator's inner product (same vector layout)."""

@@ -122,6 +122,9 @@ def trace(
 
     dim, dtype, device = operator.dim, operator.dtype, operator.device
     start = operator.n_hvp
+    # Hutchinson: probes and products of all n_hvp columns; Hutch++: sketch, its basis and products
+    # (s columns each) and the deflated probes with their products
+    operator.reserve(2 * n_hvp if method == "hutchinson" else 4 * min(n_hvp // 3, dim) + 2 * (n_hvp - 2 * (n_hvp // 3)))
     nan = TraceResult(math.nan, math.nan, 0, method)
     with torch.no_grad():
         if method == "hutchinson":
