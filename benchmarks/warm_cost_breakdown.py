@@ -22,6 +22,7 @@ import statistics
 import time
 
 import torch
+from workloads import DigitsGD
 
 
 def main() -> int:
@@ -33,28 +34,10 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import lightning.pytorch as pl
-
     from lightning_rpe.curvature import HessianOperator, eigenpairs
-    from lightning_rpe.data import DigitsDataModule
-    from lightning_rpe.models import MLPClassifier
 
-    pl.seed_everything(0, verbose=False)
-    model = MLPClassifier(lr=0.05)
-    dm = DigitsDataModule(n_train=1000)
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_fn(module, b):
-        return module.compute_loss(b)
-
-    def gd(n: int) -> None:
-        for _ in range(n):
-            grads = torch.autograd.grad(model.compute_loss(batch), params)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.sub_(g, alpha=0.05)
+    setup = DigitsGD()
+    model, batch, params, loss_fn, gd = setup.model, setup.batch, setup.params, setup.loss_fn, setup.gd
 
     kw = {"k": 1, "which": "both", "tol": 1e-3, "tol_smallest": 1e-2, "method": "lanczos"}
     prev = eigenpairs(HessianOperator(model, loss_fn, [batch]), **kw)  # cold
