@@ -1,4 +1,4 @@
-"""Lanczos with full re-orthogonalisation for extreme eigenpairs of a symmetric operator.
+"""Thick-restart Lanczos with full re-orthogonalisation for extreme eigenpairs of a symmetric operator.
 
 For a symmetric ``A`` and a unit start vector ``q_0`` the Lanczos process builds an orthonormal
 basis ``Q_m = [q_0, ..., q_{m-1}]`` of the Krylov space ``span{q_0, A q_0, ..., A^{m-1} q_0}``
@@ -24,6 +24,9 @@ basis is orthonormal. No product is spent on checking.
 A breakdown (``beta_j`` at rounding level: the Krylov space is invariant) is handled by
 continuing with a fresh random vector orthogonal to the basis (``T`` gets a zero off-diagonal
 entry), or by stopping when the dimension is exhausted.
+
+The basis is capped at ``max_basis`` vectors and restarted thickly when full (see :func:`lanczos`),
+so the working memory does not grow with the product budget.
 
 Limitation shared by every single-vector Krylov method: an eigenvalue of multiplicity ``r > 1``
 appears once in exact arithmetic; use the block solver (:mod:`lightning_rpe.curvature.block`)
