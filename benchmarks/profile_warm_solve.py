@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from workloads import DigitsGD
 
 
 def main() -> int:
@@ -28,36 +29,13 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import lightning.pytorch as pl
-
     from lightning_rpe.curvature import HessianOperator, eigenpairs
-    from lightning_rpe.data import DigitsDataModule
-    from lightning_rpe.models import MLPClassifier
 
-    pl.seed_everything(0, verbose=False)
-    model = MLPClassifier(lr=0.05)
-    dm = DigitsDataModule(n_train=1000)
-    dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_fn(module, batch):
-        return module.compute_loss(batch)
-
-    def gd(n: int) -> None:
-        for _ in range(n):
-            grads = torch.autograd.grad(model.compute_loss((x, y)), params)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.sub_(g, alpha=0.05)
+    setup = DigitsGD()
+    model, (x, y), loss_fn, gd = setup.model, setup.batch, setup.loss_fn, setup.gd
 
     def gradient_time() -> float:
-        times = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            torch.autograd.grad(model.compute_loss((x, y)), params)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return setup.gradient_time(20)
 
     gd(150)
     prev = eigenpairs(HessianOperator(model, loss_fn, [(x, y)]), k=1, which="both", tol=1e-3)

@@ -33,11 +33,12 @@ from torch import Tensor, nn
 
 __all__ = [
     "WORKLOADS",
-    "Workload",
+    "DigitsGD",
     "SquaredError",
-    "load_digits_tensors",
+    "Workload",
     "build_workload",
     "count_parameters",
+    "load_digits_tensors",
     "make_model",
 ]
 
@@ -143,7 +144,7 @@ class Workload:
         loss = self.loss_fn(self.model, self.batch)
         return list(torch.autograd.grad(loss, params))
 
-    def to(self, dtype: torch.dtype) -> "Workload":
+    def to(self, dtype: torch.dtype) -> Workload:
         """A deep copy in ``dtype`` (model and inputs; targets stay integer)."""
         return Workload(self.name, copy.deepcopy(self.model).to(dtype), self.criterion, self.x.to(dtype),
                         self.y, self.pretrain_steps, self.pretrain_lr)
@@ -183,3 +184,46 @@ def build_workload(name: str, n_samples: int = 1000, width: int | None = None, s
 
 def workload_loss(w: Workload) -> Callable[[nn.Module, Any], Tensor]:
     return w.loss_fn
+
+
+class DigitsGD:
+    """``lightning_rpe.models.MLPClassifier()`` (64-200-200-10 tanh, MSE, 55k parameters) on the first
+    1000 digits training samples, trained by plain full-batch GD: the setting of the monitor
+    benchmarks, without Lightning's loop. ``gd(n)`` takes ``n`` steps at ``lr``; ``loss_fn`` is the
+    model's own ``compute_loss``; ``gradient_time(n)`` is the median of ``n`` timed gradients."""
+
+    def __init__(self, lr: float = 0.05, seed: int = 0) -> None:
+        import lightning.pytorch as pl
+
+        from lightning_rpe.data import DigitsDataModule
+        from lightning_rpe.models import MLPClassifier
+
+        pl.seed_everything(seed, verbose=False)
+        self.model = MLPClassifier(lr=lr)
+        dm = DigitsDataModule(n_train=1000)
+        dm.setup("fit")
+        self.batch = next(iter(dm.train_dataloader()))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.lr = lr
+
+    @staticmethod
+    def loss_fn(module: nn.Module, batch: Any) -> Tensor:
+        return module.compute_loss(batch)
+
+    def gd(self, n: int) -> None:
+        for _ in range(n):
+            grads = torch.autograd.grad(self.model.compute_loss(self.batch), self.params)
+            with torch.no_grad():
+                for p, g in zip(self.params, grads):
+                    p.sub_(g, alpha=self.lr)
+
+    def gradient_time(self, n: int = 3) -> float:
+        import statistics
+        import time
+
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            torch.autograd.grad(self.model.compute_loss(self.batch), self.params)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)

@@ -35,13 +35,25 @@ certainty should cold-start Lanczos from time to time.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .lanczos import SolverOutput, _failure, budget_reason, n_wanted, random_block, select_ritz
+from .lanczos import (
+    SolverOutput,
+    _combine_rows,
+    _failure,
+    budget_reason,
+    eigenvalue_errors,
+    n_wanted,
+    random_block,
+    select_ritz,
+)
 from .operator import CurvatureOperator
+from .orthogonal import orthonormalize
 
-__all__ = ["lobpcg", "block_size", "DEFAULT_GUARD"]
+__all__ = ["DEFAULT_GUARD", "block_size", "lobpcg"]
 
 # extra block columns beyond the wanted pairs. They cost products only for the first A X and then
 # improve through the Rayleigh-Ritz step alone; they enlarge the subspace and so help to separate
@@ -73,52 +85,17 @@ def _split(bs: int, k: int, which: str) -> tuple[int, int]:
     return bs - n_bottom, n_bottom
 
 
-def _project_out(W: Tensor, bases: list[Tensor]) -> Tensor:
-    for B in bases:
-        if B is not None and B.shape[1] > 0:
-            W = W - B @ (B.T @ W)
-    return W
-
-
-def _orthonormalize(W: Tensor, bases: list[Tensor]) -> Tensor:
-    """Orthonormal columns spanning ``W`` minus its part in ``span(bases)`` (bases orthonormal).
-
-    Two passes of projection followed by SVQB (``W U D^-1/2`` from ``W^T W = U D U^T``),
-    dropping columns that are numerically inside the span. The result may have fewer columns.
-    """
-    eps = torch.finfo(W.dtype).eps
-    for _ in range(2):
-        if W.shape[1] == 0:
-            return W
-        norms = W.norm(dim=0)
-        keep = norms > 0
-        W = W[:, keep] / norms[keep]
-        W = _project_out(W, bases)
-        norms = W.norm(dim=0)
-        keep = norms > 1e3 * eps
-        if not bool(keep.any()):
-            return W[:, :0]
-        W = W[:, keep] / norms[keep]
-        G = (W.T @ W).to(torch.float64).cpu()
-        G = (G + G.T) / 2
-        d, U = torch.linalg.eigh(G)
-        keep = d > 100 * eps * float(d.max())
-        U = U[:, keep] / d[keep].sqrt()
-        W = W @ U.to(dtype=W.dtype, device=W.device)
-    return W
-
-
 def _small(M: Tensor) -> Tensor:
     M = M.to(torch.float64).cpu()
     return (M + M.T) / 2
 
 
-def _rayleigh_ritz(S: Tensor, AS: Tensor) -> tuple[Tensor, Tensor] | None:
+def _rayleigh_ritz(operator: CurvatureOperator, S: Tensor, AS: Tensor) -> tuple[Tensor, Tensor] | None:
     """Ritz values (ascending, float64) and coefficients (float64, S^T S-orthonormal) or None
     when ``S^T S`` is not numerically positive definite.
     """
-    G = _small(S.T @ AS)
-    M = _small(S.T @ S)
+    G = _small(operator.inner(S, AS))
+    M = _small(operator.inner(S, S))
     L, info = torch.linalg.cholesky_ex(M)
     if int(info) != 0:
         return None
@@ -147,18 +124,38 @@ def lobpcg(
     generator: torch.Generator,
     init: Tensor | None = None,
     guard: int | None = None,
+    criterion: str = "residual",
+    gap: Tensor | None = None,
 ) -> SolverOutput:
     """Extreme eigenpairs of ``operator`` by LOBPCG with soft locking (see module docstring).
 
     ``init``: ``(dim, j)`` start columns (warm start), padded with random columns from
     ``generator`` to the block size :func:`block_size` (or ``n_wanted + guard`` when ``guard`` is
-    given). Products: the block size for the first ``A X``, then one batched product per iteration
-    on the unconverged residual columns; never more than ``max_hvp`` in total. Arguments are
-    assumed validated by :func:`lightning_rpe.curvature.eigenpairs`.
+    given). Products: the block size for the first ``A X`` (one batched product), then one batched
+    product per iteration on the unconverged residual columns; never more than ``max_hvp`` in
+    total, and no product is repeated (``A X`` and ``A P`` follow from ``A S`` by the Ritz
+    coefficients).
+
+    Memory (parameter-sized vectors, ``b`` the block size): ``[X, P, W]`` and their products live in
+    two preallocated buffers of ``3 b`` rows each, updated in place in column chunks; the residual
+    block and the orthonormalisation temporaries add at most ``4 b``, the returned vectors
+    ``n_wanted``: at most ``10 b + n_wanted`` in all, independent of ``max_hvp``, on top of what
+    one product of the operator holds.
+
+    Stopping: every wanted pair has ``err_i <= tol_i * max|theta|``, with ``err_i`` the residual
+    norm (``criterion="residual"``) or, with ``criterion="eigenvalue"``, the eigenvalue error
+    estimate :func:`~lightning_rpe.curvature.lanczos.eigenvalue_errors` with the gap ``gap`` (one
+    lower estimate per wanted pair, e.g. a previous Lanczos result's ``gaps``). The Ritz values of
+    the small subspace ``[X, P, W]`` are never used as gap estimates: they say little about the
+    neighbours of the wanted eigenvalues (measured: from a random block they over-estimated the
+    gap of lambda_min 2x and the solve stopped on the neighbouring eigenvalue). Without ``gap``
+    (or where it is NaN) the residual is used. Arguments are assumed validated by
+    :func:`lightning_rpe.curvature.eigenpairs`.
     """
     dim, dtype, device = operator.dim, operator.dtype, operator.device
     nw = n_wanted(k, which)
     tol = torch.as_tensor(tol, dtype=torch.float64).reshape(-1).expand(nw)  # one per wanted pair
+    hint = None if gap is None else gap.to(torch.float64).reshape(-1).expand(nw)
     if guard is None:
         bs = block_size(dim, k, which, init)
     else:
@@ -174,52 +171,63 @@ def lobpcg(
         return operator.n_hvp - start
 
     # ---- initial block: init columns, padded with random ones
-    cols = []
-    if init is not None:
-        cols.append(init.to(dtype=dtype, device=device).reshape(dim, -1)[:, :bs])
     X = torch.empty(dim, 0, dtype=dtype, device=device)
     for attempt in range(4):
         need = bs - X.shape[1]
         if need <= 0:
             break
-        if attempt == 0 and cols:
-            cand = cols[0]
+        if attempt == 0 and init is not None:
+            cand = init.to(dtype=dtype, device=device).reshape(dim, -1)[:, :bs]
             if cand.shape[1] < need:
                 cand = torch.cat([cand, random_block(dim, need - cand.shape[1], generator, dtype, device)], 1)
         else:
             cand = random_block(dim, need, generator, dtype, device)
-        X = torch.cat([X, _orthonormalize(cand, [X])], dim=1)
+        X = torch.cat([X, orthonormalize(operator, cand, [X])], dim=1)
+        del cand
     X = X[:, :bs]
-    AX = operator.matmat(X)
-    if not bool(torch.isfinite(AX).all()):
+    nx = X.shape[1]
+    # [X, P, W] and A[X, P, W] as rows of two buffers: S = V[:s].T is a view, never a copy
+    V = torch.empty(3 * nx, dim, dtype=dtype, device=device)
+    AV = torch.empty(3 * nx, dim, dtype=dtype, device=device)
+    V[:nx] = X.T
+    del X
+    AX0 = operator.matmat(V[:nx].T)
+    AV[:nx] = AX0.T
+    del AX0
+    if not bool(torch.isfinite(AV[:nx]).all()):
         return _failure(dim, nw, dtype, device)
-    rr = _rayleigh_ritz(X, AX)
-    if rr is None:  # cannot happen for orthonormal X; guard anyway
-        X = _orthonormalize(X, [])
-        rr = _rayleigh_ritz(X, AX)
-        assert rr is not None
+    rr = _rayleigh_ritz(operator, V[:nx].T, AV[:nx].T)
+    if rr is None:  # cannot happen for orthonormal X
+        return _failure(dim, nw, dtype, device, "block solver: Rayleigh-Ritz basis lost rank")
     theta_all, C = rr
-    Cw = C.to(dtype=dtype, device=device)
-    X, AX = X @ Cw, AX @ Cw
+    _combine_rows(V, nx, C)
+    _combine_rows(AV, nx, C)
     theta = theta_all.clone()
-    P = AP = None
+    n_p = 0  # columns of P (rows nx : nx + n_p)
+    no_gap = torch.full((theta.shape[0],), math.nan, dtype=torch.float64)  # per column of X
 
     reason: str | None = None
     while True:
-        R = AX - X * theta.to(dtype=dtype, device=device)
-        rnorm = R.norm(dim=0).to(torch.float64).cpu()
+        X, AX = V[:nx].T, AV[:nx].T
+        R = torch.addcmul(AX, X, theta.to(dtype=dtype, device=device), value=-1.0)
+        rnorm = operator.norms(R).to(torch.float64).cpu()
         scale = float(theta_all.abs().max())
         idx = select_ritz(theta, k, which)
         wanted = torch.zeros(theta.shape[0], dtype=torch.bool)
         wanted[idx] = True
         limit = torch.zeros(theta.shape[0], dtype=torch.float64)
         limit[idx] = tol * scale
-        conv = rnorm <= limit
-        if float(tol.min()) > 0 and bool(conv[wanted].all()):
+        err = rnorm.clone()
+        if criterion == "eigenvalue":
+            col_gap = no_gap.clone()
+            if hint is not None:
+                col_gap[idx] = hint
+            err = eigenvalue_errors(rnorm, col_gap)
+        conv = err <= limit
+        if (float(tol.min()) > 0 and bool(conv[wanted].all())) or max_hvp - spent() <= 0:
+            del R
             break
         remaining = max_hvp - spent()
-        if remaining <= 0:
-            break
         # active columns: the unconverged wanted ones, largest residual first. Guard columns
         # never cost products: they improve through the Rayleigh-Ritz step alone (measured:
         # fewer products than iterating them, cold and warm).
@@ -228,62 +236,66 @@ def lobpcg(
             key=lambda i: -float(rnorm[i]),
         )
         active = order[:remaining]
-        W = _orthonormalize(R[:, active], [X] + ([P] if P is not None else []))
+        P = V[nx : nx + n_p].T if n_p > 0 else None
+        if len(active) < R.shape[1] or active != list(range(R.shape[1])):
+            R = R[:, active]
+        W = orthonormalize(operator, R, [X, P], overwrite=True)
+        del R
         if W.shape[1] == 0:
             # residuals numerically inside span[X, P]: widen with random directions instead
-            W = _orthonormalize(
-                random_block(dim, len(active), generator, dtype, device), [X] + ([P] if P is not None else [])
-            )
+            W = orthonormalize(operator, random_block(dim, len(active), generator, dtype, device), [X, P])
             if W.shape[1] == 0:
-                break  # [X, P] spans the whole space: the Ritz pairs are exact
+                break  # [X, P] spans the whole space: the Ritz pairs are exact (X, rnorm unchanged)
         W = W[:, :remaining]
-        AW = operator.matmat(W)
-        if not bool(torch.isfinite(AW).all()):
+        n_w = W.shape[1]
+        s = nx + n_p + n_w
+        V[nx + n_p : s] = W.T
+        del W
+        AW = operator.matmat(V[nx + n_p : s].T)
+        AV[nx + n_p : s] = AW.T
+        del AW
+        if not bool(torch.isfinite(AV[nx + n_p : s]).all()):
             return _failure(dim, nw, dtype, device)
 
-        blocks = [X, W] + ([P] if P is not None else [])
-        ablocks = [AX, AW] + ([AP] if AP is not None else [])
-        S, AS = torch.cat(blocks, 1), torch.cat(ablocks, 1)
-        rr = _rayleigh_ritz(S, AS)
-        if rr is None and P is not None:
+        rr = _rayleigh_ritz(operator, V[:s].T, AV[:s].T)
+        if rr is None and n_p > 0:
             # S lost rank through P: drop the search directions for this step
-            S, AS = torch.cat([X, W], 1), torch.cat([AX, AW], 1)
-            rr = _rayleigh_ritz(S, AS)
+            V[nx : nx + n_w] = V[nx + n_p : s].clone()
+            AV[nx : nx + n_w] = AV[nx + n_p : s].clone()
+            n_p, s = 0, nx + n_w
+            rr = _rayleigh_ritz(operator, V[:s].T, AV[:s].T)
         if rr is None:
             reason = "block solver: Rayleigh-Ritz basis lost rank"
-            break
+            break  # X and rnorm are those of the last completed step
         theta_all, Call = rr
         sel = _select(theta_all, n_top, n_bottom)
         C = Call[:, sel]
         theta = theta_all[sel]
-        # search directions: the [W, P] part of the kept coefficients, orthogonalised against
+        # search directions: the [P, W] part of the kept coefficients, orthogonalised against
         # the kept coefficients in the S^T S inner product and made orthonormal (in float64)
-        nx = X.shape[1]
         Y = C.clone()
         Y[:nx] = 0.0
-        M = _small(S.T @ S)
+        M = _small(operator.inner(V[:s].T, V[:s].T))
         for _ in range(2):
             Y = Y - C @ (C.T @ M @ Y)
         G = (Y.T @ M @ Y + (Y.T @ M @ Y).T) / 2
         d, U = torch.linalg.eigh(G)
         keep = d > 1e-12 * max(float(d.max()), 1e-300)
         Y = Y @ (U[:, keep] / d[keep].sqrt())
-        Cw = C.to(dtype=dtype, device=device)
-        Yw = Y.to(dtype=dtype, device=device)
-        X, AX = S @ Cw, AS @ Cw
-        if Yw.shape[1] > 0:
-            P, AP = S @ Yw, AS @ Yw
-        else:
-            P = AP = None
+        coeff = torch.cat([C, Y], dim=1)
+        _combine_rows(V, s, coeff)
+        _combine_rows(AV, s, coeff)
+        n_p = Y.shape[1]
 
+    # every exit leaves X, theta and rnorm of the same (last completed) Rayleigh-Ritz step
     idx = select_ritz(theta, k, which)
-    R = AX[:, idx] - X[:, idx] * theta[idx].to(dtype=dtype, device=device)
-    residuals = R.norm(dim=0).to(torch.float64).cpu()
-    norms = X[:, idx].norm(dim=0)
-    vectors = X[:, idx] / norms
+    residuals = rnorm[idx].clone()
+    vectors = V[:nx].T[:, idx]
+    vectors /= operator.norms(vectors)
+    gaps = no_gap[idx].clone() if hint is None else hint.clone()
+    errors = eigenvalue_errors(residuals, gaps) if criterion == "eigenvalue" else residuals
     threshold = tol * float(theta_all.abs().max())
-    converged = residuals <= threshold
+    converged = errors <= threshold
     if reason is None and not bool(converged.all()):
-        reason = budget_reason(max_hvp, residuals, threshold)
-    return SolverOutput(theta[idx].clone(), vectors, residuals, converged, reason)
-
+        reason = budget_reason(max_hvp, errors, threshold)
+    return SolverOutput(theta[idx].clone(), vectors, residuals, converged, reason, gaps)

@@ -2,13 +2,19 @@
 
 Two solvers sit behind one call:
 
-- ``"lanczos"`` (:mod:`.lanczos`): Lanczos with full re-orthogonalisation from a random start.
-  One product per iteration; the best choice without prior information.
+- ``"lanczos"`` (:mod:`.lanczos`): thick-restart Lanczos with full re-orthogonalisation from a
+  random start, on a basis of at most ``max_basis`` vectors. One product per iteration; the best
+  choice without prior information.
 - ``"block"`` (:mod:`.block`): LOBPCG with soft locking, started from ``init`` (the previous
   eigenvectors) and padded with random columns. One batched product per iteration on the
   still-unconverged residuals; the best choice on a slowly moving Hessian.
 
 ``method="auto"`` picks the block solver when ``init`` is given and Lanczos otherwise.
+
+Working memory is bounded by design, independent of the product budget ``max_hvp``: Lanczos keeps
+``max_basis + 3 + n`` parameter-sized vectors, the block solver ``10 b + n`` (``n`` pairs wanted,
+``b`` its block size), each on top of what one product of the operator holds. Every reduction
+over the parameter dimension goes through :meth:`CurvatureOperator.inner`.
 """
 
 from __future__ import annotations
@@ -20,14 +26,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .lanczos import NONFINITE_REASON, lanczos, n_wanted
+from .block import block_size, lobpcg
+from .lanczos import (
+    NONFINITE_REASON,
+    default_max_basis,
+    lanczos,
+    n_wanted,
+    random_block,
+)
 from .operator import CurvatureOperator
+from .orthogonal import orthonormalize
 
-__all__ = ["EigenResult", "eigenpairs", "default_max_hvp", "DEFAULT_SEED"]
+__all__ = ["DEFAULT_SEED", "EigenResult", "default_max_basis", "default_max_hvp", "eigenpairs"]
 
 DEFAULT_SEED = 0
 _WHICH = ("largest", "smallest", "both")
 _METHODS = ("auto", "lanczos", "block")
+_CRITERIA = ("residual", "eigenvalue")
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,9 @@ class EigenResult:
         n_hvp: products this call spent.
         which: ``"largest"``, ``"smallest"`` or ``"both"``.
         reason: why some pair did not converge or the solve failed; ``None`` when all converged.
+        gaps: ``(m,)`` float64, the estimated distance of each eigenvalue to the rest of the
+            spectrum (Lanczos: from its Ritz values, capped by the ``gap`` passed in; block solver:
+            the ``gap`` passed in); NaN where unknown. Pass it as ``gap=`` to the next warm solve.
     """
 
     eigenvalues: Tensor
@@ -55,6 +73,7 @@ class EigenResult:
     n_hvp: int
     which: str
     reason: str | None
+    gaps: Tensor | None = None
 
     @property
     def lambda_max(self) -> float | None:
@@ -94,6 +113,24 @@ def default_max_hvp(dim: int, k: int, which: str) -> int:
     return min(int(dim), 50 + 30 * n_wanted(k, which))
 
 
+def working_vectors(
+    dim: int, k: int, which: str, method: str, init: Tensor | None = None, max_basis: int | None = None
+) -> int:
+    """Upper bound on the parameter-sized vectors a solve holds besides the operator's own memory.
+
+    Lanczos: ``max_basis + 3 + n`` (basis and next vector, product, projection temporary, returned
+    vectors); block solver: ``10 b + n`` (``[X, P, W]`` and their products in two ``3 b``-row buffers,
+    the residual block, orthonormalisation temporaries, returned vectors). ``n``: pairs wanted,
+    ``b``: :func:`~lightning_rpe.curvature.block.block_size`. Checked by counting live vectors in
+    tests/test_bounded_memory.py.
+    """
+    nw = n_wanted(k, which)
+    if method == "block":
+        return 10 * block_size(dim, k, which, init) + nw
+    basis = default_max_basis(dim, k, which) if max_basis is None else min(int(max_basis), dim)
+    return basis + 3 + nw
+
+
 def _check_generator(generator: torch.Generator | None) -> torch.Generator:
     if generator is None:
         return torch.Generator(device="cpu").manual_seed(DEFAULT_SEED)
@@ -119,6 +156,18 @@ def _check_init(init: Tensor | None, dim: int) -> Tensor | None:
     return init
 
 
+def _check_gap(gap: Any, nw: int) -> Tensor | None:
+    if gap is None:
+        return None
+    try:
+        out = torch.as_tensor(gap, dtype=torch.float64).reshape(-1).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        out = None
+    if out is None or out.shape[0] not in (1, nw):
+        raise ValueError(f"eigenpairs: gap must be None, a float or a tensor of {nw} gap estimates (one per pair), got {gap!r}")
+    return out.expand(nw).clone()
+
+
 def _check_tol(name: str, value: Any, alternatives: str = "") -> float:
     try:
         out = float(value)
@@ -139,13 +188,24 @@ def eigenpairs(
     generator: torch.Generator | None = None,
     method: str = "auto",
     tol_smallest: float | None = None,
+    max_basis: int | None = None,
+    criterion: str = "residual",
+    gap: Tensor | None = None,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator, stopped on residuals.
 
-    A pair ``(theta, v)`` has converged when ``||A v - theta v|| <= tol * max|theta|``, the max
-    over all current Ritz values (a relative tolerance on the operator's scale). By the
-    Bauer-Fike / Kato bounds its eigenvalue error is at most the residual, and at most
-    ``residual^2 / gap`` when the eigenvalue is separated from the rest by ``gap``.
+    A pair ``(theta, v)`` has converged when ``err <= tol * max|theta|``, the max over all current
+    Ritz values (a relative tolerance on the operator's scale). With ``criterion="residual"``
+    (default) ``err = ||A v - theta v||``; by the Bauer-Fike / Kato-Temple bounds the eigenvalue
+    error is then at most the residual, and at most ``residual^2 / gap`` when the eigenvalue is
+    separated from the rest by ``gap``. ``criterion="eigenvalue"`` stops on that second bound,
+    ``err = min(r, r^2 / gap)``, for when the eigenvalue and not the vector is what is reported: the
+    vectors then meet only ``r <= sqrt(tol * max|theta| * gap)``. The gap is the ``gap`` argument
+    (Lanczos: capped by its Ritz gaps, each Ritz value less its residual); without it the residual
+    is used. A gap estimate exceeds the true gap when an eigenvalue next to the wanted one is
+    missing from the subspace, and the solve may then stop on that neighbour, so the gap must come
+    from a solve that ran to the residual tolerance: pass a cold Lanczos result's ``gaps`` to the
+    warm solves that follow.
 
     Args:
         operator: a :class:`CurvatureOperator` (products are counted on it).
@@ -161,6 +221,12 @@ def eigenpairs(
             Its residual is still measured against ``max|theta|``: when ``lambda_min`` sits in a
             cluster near 0 far below ``lambda_max``, a looser value here saves most of the products
             while the top pairs keep ``tol``.
+        max_basis: Lanczos basis cap in vectors (thick restart when full; default
+            :func:`default_max_basis`, ``min(dim, max(12, 2 n + 8))``); ``>= n + 3``. Ignored by the
+            block solver, whose memory is set by its block size.
+        criterion: ``"residual"`` | ``"eigenvalue"`` (see above).
+        gap: ``(m,)`` gap estimates of the wanted pairs in result order, e.g. ``previous.gaps``
+            (NaN entries ignored), or None. Only used with ``criterion="eigenvalue"``.
 
     Returns:
         :class:`EigenResult`. A non-finite product returns NaN values, ``converged`` all false and
@@ -188,11 +254,16 @@ def eigenpairs(
     generator = _check_generator(generator)
     if method == "auto":
         method = "block" if init is not None else "lanczos"
+    if criterion not in _CRITERIA:
+        raise ValueError(f"eigenpairs: criterion must be one of {_CRITERIA}, got {criterion!r}")
 
     nw = n_wanted(k, which)
+    if max_basis is not None and (
+        isinstance(max_basis, bool) or not isinstance(max_basis, int) or max_basis < min(nw + 3, dim)
+    ):
+        raise ValueError(f"eigenpairs: max_basis must be an int >= {min(nw + 3, dim)} or None, got {max_basis!r}")
+    gap = _check_gap(gap, nw)
     if method == "block":
-        from .block import block_size, lobpcg
-
         needed = block_size(dim, k, which, init)
     else:
         needed = nw
@@ -210,14 +281,17 @@ def eigenpairs(
     if tol_smallest is not None:
         tols[-1] = tol_smallest  # "both": the smallest pair comes last
     start_count = operator.n_hvp
+    operator.reserve(working_vectors(dim, k, which, method, init, max_basis))
     with torch.no_grad():
         if method == "block":
-            out = lobpcg(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, init=init)
+            out = lobpcg(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, init=init,
+                         criterion=criterion, gap=gap)
         else:
             start = None
             if init is not None:
                 start = _warm_start_vector(init, generator, operator)
-            out = lanczos(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, start=start)
+            out = lanczos(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, start=start,
+                          max_basis=max_basis, criterion=criterion, gap=gap)
     return EigenResult(
         eigenvalues=out.values,
         eigenvectors=out.vectors,
@@ -226,6 +300,7 @@ def eigenpairs(
         n_hvp=operator.n_hvp - start_count,
         which=which,
         reason=out.reason,
+        gaps=out.gaps,
     )
 
 
@@ -233,14 +308,11 @@ def _warm_start_vector(init: Tensor, generator: torch.Generator, operator: Curva
     """Lanczos start from previous eigenvectors: the sum of their orthonormalised columns plus a
     random part of relative weight 0.1, so directions absent from ``init`` are still reached.
     """
-    from .lanczos import random_block
-
-    X = init.to(dtype=operator.dtype, device=operator.device)
-    Qx, _ = torch.linalg.qr(X)
+    Qx = orthonormalize(operator, init.to(dtype=operator.dtype, device=operator.device), [])
     u = Qx.sum(dim=1)
-    u = u / u.norm()
+    u = u / operator.norms(u)[0]
     r = random_block(operator.dim, 1, generator, operator.dtype, operator.device)[:, 0]
-    return u + 0.1 * r / r.norm()
+    return u + 0.1 * r / operator.norms(r)[0]
 
 
 __all__ += ["NONFINITE_REASON"]

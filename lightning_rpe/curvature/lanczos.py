@@ -1,4 +1,4 @@
-"""Lanczos with full re-orthogonalisation for extreme eigenpairs of a symmetric operator.
+"""Thick-restart Lanczos with full re-orthogonalisation for extreme eigenpairs of a symmetric operator.
 
 For a symmetric ``A`` and a unit start vector ``q_0`` the Lanczos process builds an orthonormal
 basis ``Q_m = [q_0, ..., q_{m-1}]`` of the Krylov space ``span{q_0, A q_0, ..., A^{m-1} q_0}``
@@ -25,6 +25,9 @@ A breakdown (``beta_j`` at rounding level: the Krylov space is invariant) is han
 continuing with a fresh random vector orthogonal to the basis (``T`` gets a zero off-diagonal
 entry), or by stopping when the dimension is exhausted.
 
+The basis is capped at ``max_basis`` vectors and restarted thickly when full (see :func:`lanczos`),
+so the working memory does not grow with the product budget.
+
 Limitation shared by every single-vector Krylov method: an eigenvalue of multiplicity ``r > 1``
 appears once in exact arithmetic; use the block solver (:mod:`lightning_rpe.curvature.block`)
 when exact multiplicities matter.
@@ -39,8 +42,18 @@ import torch
 from torch import Tensor
 
 from .operator import CurvatureOperator
+from .orthogonal import project_out
 
-__all__ = ["lanczos", "SolverOutput", "select_ritz", "random_block", "n_wanted"]
+__all__ = [
+    "SolverOutput",
+    "default_max_basis",
+    "eigenvalue_errors",
+    "lanczos",
+    "n_wanted",
+    "random_block",
+    "ritz_gaps",
+    "select_ritz",
+]
 
 NONFINITE_REASON = "non-finite Hessian-vector product"
 
@@ -49,7 +62,9 @@ class SolverOutput(NamedTuple):
     """What a solver hands to :func:`lightning_rpe.curvature.eigenpairs` (already ordered).
 
     ``values`` / ``residuals``: float64 on the CPU; ``vectors``: ``(dim, m)`` in the operator's
-    dtype and device; ``converged``: bool on the CPU; ``reason``: ``None`` when all converged.
+    dtype and device; ``converged``: bool on the CPU; ``reason``: ``None`` when all converged;
+    ``gaps``: float64 estimated gap of each pair to the rest of the spectrum (:func:`ritz_gaps`),
+    NaN where the subspace holds no other Ritz value.
     """
 
     values: Tensor
@@ -57,6 +72,7 @@ class SolverOutput(NamedTuple):
     residuals: Tensor
     converged: Tensor
     reason: str | None
+    gaps: Tensor | None = None
 
 
 def n_wanted(k: int, which: str) -> int:
@@ -92,24 +108,97 @@ def random_block(
     return draw.to(dtype=dtype, device=device)
 
 
-def _failure(dim: int, m: int, dtype: torch.dtype, device: torch.device) -> SolverOutput:
+def _failure(
+    dim: int, m: int, dtype: torch.dtype, device: torch.device, reason: str = NONFINITE_REASON
+) -> SolverOutput:
     nan = torch.full((m,), math.nan, dtype=torch.float64)
     return SolverOutput(
         values=nan.clone(),
         vectors=torch.full((dim, m), math.nan, dtype=dtype, device=device),
         residuals=nan.clone(),
         converged=torch.zeros(m, dtype=torch.bool),
-        reason=NONFINITE_REASON,
+        reason=reason,
+        gaps=nan.clone(),
     )
 
 
-def _tridiagonal(alpha: list[float], beta: list[float]) -> Tensor:
-    m = len(alpha)
-    T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-    if m > 1:
-        off = torch.tensor(beta[: m - 1], dtype=torch.float64)
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    return T
+def default_max_basis(dim: int, k: int, which: str) -> int:
+    """Default basis cap of :func:`lanczos`: ``min(dim, max(12, 2 n + 8))`` vectors, ``n`` pairs wanted.
+
+    Chosen from measured product counts (docs/benchmarks.md, "Bounded memory"): at 12 vectors the
+    restarted solve of lambda_max (and lambda_min) on the benchmark networks needs at most a few
+    products more than the unrestarted one.
+    """
+    return min(int(dim), max(12, 2 * n_wanted(k, which) + 8))
+
+
+def _keep_count(cap: int, nw: int) -> int:
+    """Ritz vectors kept on a thick restart: the wanted ones and about as many neighbours, leaving
+    at least 3 new Lanczos vectors per cycle."""
+    return max(nw, min(cap - 3, max(2 * nw, (cap + 1) // 2)))
+
+
+def _keep_indices(theta: Tensor, n_keep: int, k: int, which: str) -> Tensor:
+    """Indices (into ascending ``theta``) of the Ritz vectors kept on restart: the wanted ends
+    first (``n_keep`` in all; for "both" the extra vectors are split between the two ends)."""
+    m = theta.shape[0]
+    order = torch.arange(m)
+    if which == "largest":
+        return order.flip(0)[:n_keep]
+    if which == "smallest":
+        return order[:n_keep]
+    extra = n_keep - (k + 1)
+    n_top = k + extra // 2
+    n_bottom = n_keep - n_top
+    return torch.cat([order.flip(0)[:n_top], order[:n_bottom]])
+
+
+def _combine_rows(Q: Tensor, m: int, coeff: Tensor) -> None:
+    """In place: ``Q[:l] <- coeff^T Q[:m]`` for ``coeff`` of shape ``(m, l)``, ``l <= m``.
+
+    Row-local (no reduction over ``dim``), done in column chunks of ``Q`` of ``ceil(dim / l)``
+    entries, so the temporary is about one parameter vector rather than ``l``.
+    """
+    l = coeff.shape[1]
+    C = coeff.T.to(dtype=Q.dtype, device=Q.device).contiguous()
+    chunk = max(1, -(-Q.shape[1] // max(l, 1)))
+    for c0 in range(0, Q.shape[1], chunk):
+        Q[:l, c0 : c0 + chunk] = C @ Q[:m, c0 : c0 + chunk]
+
+
+def ritz_gaps(theta: Tensor, res: Tensor, idx: Tensor) -> Tensor:
+    """Estimated distance from each selected Ritz value to the rest of the spectrum.
+
+    ``gap_i = min_{j != i} (|theta_i - theta_j| - res_j)``: each other Ritz value ``theta_j`` has an
+    eigenvalue within ``res_j`` of it (Bauer-Fike for symmetric matrices), so this is the distance
+    to the nearest eigenvalue the current subspace has seen, less its uncertainty. NaN when there
+    is no other Ritz value. It over-estimates the true gap when a neighbouring eigenvalue has not
+    been seen yet (an eigenvalue missing from the subspace); see :func:`eigenvalue_errors`.
+    """
+    out = torch.full((idx.shape[0],), math.nan, dtype=torch.float64)
+    if theta.shape[0] < 2:
+        return out
+    for n, i in enumerate(idx.tolist()):
+        others = torch.ones(theta.shape[0], dtype=torch.bool)
+        others[i] = False
+        out[n] = float(((theta[others] - theta[i]).abs() - res[others]).min())
+    return out
+
+
+def eigenvalue_errors(res: Tensor, gaps: Tensor) -> Tensor:
+    """Eigenvalue error estimate of Ritz pairs: ``r^2 / gap`` where ``r <= gap / 4``, else ``r``.
+
+    For a unit vector with Rayleigh quotient ``theta`` and residual ``r``, some eigenvalue lies
+    within ``r`` of ``theta`` (Bauer-Fike for symmetric matrices) and, when that eigenvalue is
+    separated from all others by ``gap``, within ``r^2 / gap`` (Kato-Temple; Parlett, The Symmetric
+    Eigenvalue Problem, ch. 11). The quadratic bound is used only once ``r <= gap / 4``, where the
+    eigenvalue near ``theta`` is unambiguous; above it a Ritz value between two eigenvalues could
+    be taken for converged to the wrong one (measured: a warm block solve stopped on the neighbour
+    of lambda_min without this condition, tests/test_bounded_memory.py). ``gap`` NaN or ``<= 0``: ``r``.
+    """
+    g = torch.nan_to_num(gaps.to(torch.float64), nan=0.0)
+    quad = (g > 0) & (res <= g / 4)
+    return torch.where(quad, res * res / g.clamp_min(1e-300), res)
 
 
 def lanczos(
@@ -121,13 +210,34 @@ def lanczos(
     max_hvp: int,
     generator: torch.Generator,
     start: Tensor | None = None,
+    max_basis: int | None = None,
+    criterion: str = "residual",
+    gap: Tensor | None = None,
 ) -> SolverOutput:
-    """Extreme eigenpairs of ``operator`` by Lanczos with full re-orthogonalisation.
+    """Extreme eigenpairs of ``operator`` by thick-restart Lanczos with full re-orthogonalisation.
 
-    Runs until every wanted Ritz pair has ``|beta_m s_m| <= tol_i * max|theta|`` (max over all
-    current Ritz values; ``tol`` holds one float64 tolerance per wanted pair, in result order), until ``max_hvp`` products were spent, or until the Krylov space is the
-    whole space (then the pairs are exact up to rounding and count as converged). One product per
-    iteration; memory ``(max_hvp + 1) * dim`` entries for the basis.
+    Lanczos (see the module docstring) on a basis of at most ``max_basis`` vectors (default
+    :func:`default_max_basis`). When the basis is full it is restarted thickly (Wu & Simon 2000,
+    "Thick-restart Lanczos method for large symmetric eigenvalue problems", SIAM J. Matrix Anal.
+    Appl. 22(2)): the basis is replaced in place by the ``l`` Ritz vectors nearest the wanted ends
+    (:func:`_keep_count`) plus the last Lanczos vector, and the projected matrix by the arrowhead
+    ``[[diag(theta), beta s_last], [beta s_last^T, .]]``, so that ``A Q = Q T + beta q e^T`` still
+    holds and the residual of a Ritz pair is still ``|beta s_last|``. No product is repeated.
+
+    Memory (parameter-sized vectors, independent of ``max_hvp``): the basis ``max_basis + 1``, the
+    product ``A q`` and one projection temporary, plus the ``n_wanted`` returned Ritz vectors:
+    ``max_basis + 3 + n_wanted``, on top of what one product of the operator holds.
+
+    Stops when every wanted Ritz pair meets ``err_i <= tol_i * max|theta|`` (max over all
+    current Ritz values; ``tol`` holds one float64 tolerance per wanted pair, in result order),
+    where ``err_i`` is the residual ``|beta s_last|`` (``criterion="residual"``, or no ``gap``) or,
+    with ``criterion="eigenvalue"`` and ``gap`` (one estimate per wanted pair, e.g. a previous
+    cold solve's ``gaps``), the eigenvalue error estimate :func:`eigenvalue_errors` with the gap
+    ``min(gap, ritz_gaps)``. Ritz gaps alone are not trusted: from a few Krylov vectors they
+    over-estimated the gap when an eigenvalue next to the wanted one had not appeared yet, and the
+    solve stopped on the neighbour (measured on a known spectrum, tests/test_bounded_memory.py);
+    or when ``max_hvp`` products were spent, or when the Krylov space
+    is the whole space (then the pairs are exact up to rounding and count as converged).
 
     ``start``: optional start vector ``(dim,)`` (normalised here); otherwise a Gaussian vector
     from ``generator``. Arguments are assumed validated by :func:`eigenpairs`.
@@ -135,64 +245,89 @@ def lanczos(
     dim, dtype, device = operator.dim, operator.dtype, operator.device
     nw = n_wanted(k, which)
     tol = torch.as_tensor(tol, dtype=torch.float64).reshape(-1).expand(nw)  # one per wanted pair
-    m_max = min(int(max_hvp), dim)
+    cap = min(int(max_basis) if max_basis is not None else default_max_basis(dim, k, which), dim)
+    cap = max(cap, min(nw + 3, dim))
     eps = torch.finfo(dtype).eps
     # beta below this (relative to the spectrum's scale seen so far) is an invariant subspace
     breakdown_tol = 100.0 * eps * math.sqrt(dim)
 
-    Q = torch.empty(m_max + 1, dim, dtype=dtype, device=device)  # basis as rows
+    Q = torch.empty(cap + 1, dim, dtype=dtype, device=device)  # basis as rows
     q = start.to(dtype=dtype, device=device).reshape(dim) if start is not None else None
-    if q is None or not bool(torch.isfinite(q).all()) or float(q.norm()) == 0.0:
+    if q is None or not bool(torch.isfinite(q).all()) or float(operator.norms(q)[0]) == 0.0:
         q = random_block(dim, 1, generator, dtype, device)[:, 0]
-    Q[0] = q / q.norm()
+    Q[0] = q / operator.norms(q)[0]
+    del q
 
-    alpha: list[float] = []
-    beta: list[float] = []
+    T = torch.zeros(cap + 1, cap + 1, dtype=torch.float64)  # projected matrix of the basis
+    j = 0  # index of the vector to multiply next; Q[:j] have known products
+    spent = 0
     scale = 0.0
     theta = S = res = None
-    last_beta = 0.0
     exhausted = False
-    for j in range(m_max):
+    while True:
         w = operator.matvec(Q[j])
+        spent += 1
         if not bool(torch.isfinite(w).all()):
             return _failure(dim, nw, dtype, device)
         basis = Q[: j + 1]
-        h = basis @ w
-        w = w - basis.T @ h
-        h2 = basis @ w
-        w = w - basis.T @ h2
-        alpha.append(float(h[j]) + float(h2[j]))
-        b = float(w.norm())
+        h = operator.inner(basis.T, w)[:, 0]
+        w -= basis.T @ h
+        h2 = operator.inner(basis.T, w)[:, 0]
+        w -= basis.T @ h2
+        col = (h + h2).to(torch.float64).cpu()
+        T[: j + 1, j] = col
+        T[j, : j + 1] = col
+        b = float(operator.norms(w)[0])
+        m = j + 1
 
-        T = _tridiagonal(alpha, beta)
-        theta, S = torch.linalg.eigh(T)
-        scale = max(scale, float(theta.abs().max()), abs(alpha[-1]))
+        theta, S = torch.linalg.eigh(T[:m, :m])
+        scale = max(scale, float(theta.abs().max()))
         breakdown = b <= breakdown_tol * max(scale, torch.finfo(dtype).tiny)
-        exhausted = j + 1 == dim
+        exhausted = m == dim
         last_beta = 0.0 if exhausted else b
         res = (last_beta * S[-1, :]).abs()
 
         if theta.shape[0] >= nw:
             idx = select_ritz(theta, k, which)
+            err = res[idx]
+            if criterion == "eigenvalue" and gap is not None:
+                err = eigenvalue_errors(err, torch.fmin(ritz_gaps(theta, res, idx), gap.to(torch.float64)))
             # tol=0 runs to the budget (a Ritz residual can be exactly 0 by deflation in eigh)
-            if float(tol.min()) > 0 and bool((res[idx] <= tol * float(theta.abs().max())).all()):
+            if float(tol.min()) > 0 and bool((err <= tol * float(theta.abs().max())).all()):
                 break
-        if exhausted or j + 1 == m_max:
+        if exhausted or spent >= max_hvp:
             break
         if breakdown:
             # invariant subspace: continue the basis with a random vector orthogonal to it
-            beta.append(0.0)
+            b = 0.0
             for _ in range(5):
-                r = random_block(dim, 1, generator, dtype, device)[:, 0]
-                r = r - basis.T @ (basis @ r)
-                r = r - basis.T @ (basis @ r)
-                nr = float(r.norm())
+                r = random_block(dim, 1, generator, dtype, device)
+                r = project_out(operator, project_out(operator, r, [basis.T]), [basis.T])[:, 0]
+                nr = float(operator.norms(r)[0])
                 if nr > 1e-3 * math.sqrt(dim):
                     break
-            Q[j + 1] = r / nr
+            w = r / nr
         else:
-            beta.append(b)
-            Q[j + 1] = w / b
+            w /= b
+        if m < cap:
+            Q[m] = w
+            T[m - 1, m] = T[m, m - 1] = b
+            j = m
+        else:
+            # thick restart: keep l Ritz vectors, then the residual direction w
+            l = _keep_count(cap, nw)
+            keep = _keep_indices(theta, l, k, which)
+            coeff = S[:, keep]
+            _combine_rows(Q, m, coeff)
+            Q[l] = w
+            T.zero_()
+            T[:l, :l] = torch.diag(theta[keep])
+            arrow = b * S[-1, keep]
+            T[:l, l] = arrow
+            T[l, :l] = arrow
+            j = l
+        del w
+    del w
 
     assert theta is not None and S is not None and res is not None
     m = theta.shape[0]
@@ -203,22 +338,27 @@ def lanczos(
     values = theta[idx].clone()
     coeff = S[:, idx].to(dtype=dtype, device=device)
     vectors = Q[:m].T @ coeff
-    vectors = vectors / vectors.norm(dim=0, keepdim=True)
+    vectors /= operator.norms(vectors)
     residuals = res[idx].clone()
+    gaps = ritz_gaps(theta, res, idx)
+    if gap is not None:
+        gaps = torch.fmin(gaps, gap.to(torch.float64))
+    errors = eigenvalue_errors(residuals, gaps) if criterion == "eigenvalue" and gap is not None else residuals
     threshold = tol * float(theta.abs().max())
-    converged = residuals <= threshold
+    converged = errors <= threshold
     if exhausted:
         converged = torch.ones_like(converged)
     reason = None
     if not bool(converged.all()):
-        reason = budget_reason(max_hvp, residuals, threshold)
-    return SolverOutput(values, vectors, residuals, converged, reason)
+        reason = budget_reason(max_hvp, errors, threshold)
+    return SolverOutput(values, vectors, residuals, converged, reason, gaps)
 
 
-def budget_reason(max_hvp: int, residuals: Tensor, threshold: Tensor) -> str:
-    """Why a solve stopped unconverged: the pair furthest above its tolerance, relative to it."""
-    worst = int(torch.argmax(residuals / threshold))
+def budget_reason(max_hvp: int, errors: Tensor, threshold: Tensor) -> str:
+    """Why a solve stopped unconverged: the pair furthest above its tolerance, relative to it
+    (``errors``: the residuals, or the eigenvalue error estimates with ``criterion="eigenvalue"``)."""
+    worst = int(torch.argmax(errors / threshold))
     return (
         f"max_hvp={max_hvp} products reached before the tolerance "
-        f"(residual {float(residuals[worst]):.3g} > tol * max|theta| = {float(threshold[worst]):.3g})"
+        f"(error {float(errors[worst]):.3g} > tol * max|theta| = {float(threshold[worst]):.3g})"
     )

@@ -4,6 +4,11 @@ Every curvature object in lightning-rpe is a :class:`CurvatureOperator`: a symme
 of size ``dim x dim`` that is only available through products. Blocks of vectors are stored as
 **columns**: ``matmat(V)`` takes ``V`` of shape ``(dim, b)`` and returns ``A @ V`` of shape
 ``(dim, b)``. ``n_hvp`` counts matrix-vector products (a block of ``b`` columns counts ``b``).
+
+Every reduction over the parameter dimension that a solver needs (dot products, norms, Gram
+matrices) goes through :meth:`CurvatureOperator.inner`, so that an operator whose vectors are
+sharded across processes can sum the local parts (an all-reduce) in that one place; no solver
+assumes it holds a whole vector when it reduces.
 """
 
 from __future__ import annotations
@@ -29,6 +34,19 @@ class CurvatureOperator:
         self.dtype = dtype
         self.device = torch.device(device)
         self.n_hvp = 0
+        # parameter-sized vectors the solver running on this operator holds (set by eigenpairs and
+        # trace before their first product); an operator that decides on caches by the free memory
+        # should leave room for reserved_vectors * dim * itemsize bytes
+        self.reserved_vectors = 0
+
+    def reserve(self, n_vectors: int) -> None:
+        """Record that a solver will hold ``n_vectors`` parameter-sized vectors (the largest request wins)."""
+        self.reserved_vectors = max(self.reserved_vectors, int(n_vectors))
+
+    @property
+    def reserved_bytes(self) -> int:
+        """``reserved_vectors * dim * itemsize``: memory to leave free for the solver."""
+        return self.reserved_vectors * self.dim * torch.empty((), dtype=self.dtype).element_size()
 
     def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -41,6 +59,35 @@ class CurvatureOperator:
         out = self._matmat(V)
         self.n_hvp += V.shape[1]
         return out
+
+    def inner(self, X: Tensor, Y: Tensor, *, columnwise: bool = False) -> Tensor:
+        """Inner products over the parameter dimension: ``X^T Y``.
+
+        ``X``: ``(dim, a)``, ``Y``: ``(dim, b)`` (flat ``(dim,)`` vectors are one column). Returns
+        the ``(a, b)`` Gram block, or with ``columnwise=True`` (``a == b``) the ``(b,)`` dots of
+        matching columns, ``sum_i X[i, j] Y[i, j]``. Same dtype and device as the inputs. The
+        default is a plain local matmul; an operator on sharded vectors overrides it to sum the
+        local products across processes. Raises ValueError on mismatched shapes.
+        """
+        if X.ndim == 1:
+            X = X.unsqueeze(1)
+        if Y.ndim == 1:
+            Y = Y.unsqueeze(1)
+        if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
+            raise ValueError(
+                f"inner expects blocks (dim, a) and (dim, b) with the same dim, got {tuple(X.shape)} and {tuple(Y.shape)}"
+            )
+        if columnwise:
+            if X.shape[1] != Y.shape[1]:
+                raise ValueError(f"inner(columnwise=True) needs blocks of equal width, got {tuple(X.shape)} and {tuple(Y.shape)}")
+            # one dot per column: no (dim, b) temporary
+            return torch.stack([torch.dot(X[:, j], Y[:, j]) for j in range(X.shape[1])]) if X.shape[1] else X.new_zeros(0)
+        return X.T @ Y
+
+    def norms(self, X: Tensor) -> Tensor:
+        """Euclidean norms of the columns of ``X`` ``(dim, b)`` (or of a flat vector: shape ``(1,)``),
+        through :meth:`inner`."""
+        return self.inner(X, X, columnwise=True).clamp_min(0).sqrt()
 
     def matvec(self, v: Tensor) -> Tensor:
         """Return ``A @ v`` for a flat vector ``v`` of shape ``(dim,)``."""
@@ -85,6 +132,15 @@ class PreconditionedOperator(CurvatureOperator):
         self.operator = operator
         self.inv_sqrt = diagonal.to(dtype=operator.dtype, device=operator.device).rsqrt()
 
+    def reserve(self, n_vectors: int) -> None:
+        """Reserves on this operator and on the wrapped one (which holds the caches)."""
+        super().reserve(n_vectors)
+        self.operator.reserve(n_vectors)
+
+    def inner(self, X: Tensor, Y: Tensor, *, columnwise: bool = False) -> Tensor:
+        """The wrapped operator's inner product (same vector layout)."""
+        return self.operator.inner(X, Y, columnwise=columnwise)
+
     def _matmat(self, V: Tensor) -> Tensor:
         scale = self.inv_sqrt.unsqueeze(1)
         return scale * self.operator.matmat(scale * V)
@@ -114,6 +170,10 @@ class ScaledOperator(CurvatureOperator):
         super().__init__(operator.dim, operator.dtype, operator.device)
         self.operator = operator
         self.sqrt = diagonal.to(dtype=operator.dtype, device=operator.device).sqrt()
+
+    def inner(self, X: Tensor, Y: Tensor, *, columnwise: bool = False) -> Tensor:
+        """The wrapped operator's inner product (same vector layout)."""
+        return self.operator.inner(X, Y, columnwise=columnwise)
 
     def _matmat(self, V: Tensor) -> Tensor:
         scale = self.sqrt.unsqueeze(1)

@@ -6,7 +6,7 @@ is the mean of ``z_i = g_i^T A g_i`` over the probes, with ``Var[z] = 2 (||A||_F
 Hutch++ (Meyer, Musco, Musco & Woodruff 2021) splits a budget of ``m`` products into
 
 1. ``s = m // 3`` products ``Y = A S`` on Rademacher probes ``S`` and an orthonormal basis ``Q``
-   of ``range(Y)`` (QR), which captures the dominant eigenspace,
+   of ``range(Y)`` (Gram-Schmidt with SVQB through the operator's inner product), which captures the dominant eigenspace,
 2. ``s`` products for the exact part ``tr(Q^T A Q)``,
 3. the remaining ``m - 2 s`` products for Hutchinson on the deflated operator
    ``(I - Q Q^T) A (I - Q Q^T)``, whose Frobenius norm (hence variance) is much smaller when the
@@ -16,7 +16,8 @@ The estimate is unbiased for any ``Q`` independent of the Hutchinson probes. ``s
 standard error of the stochastic part given the sketch: ``std(z) / sqrt(n_z)`` with the sample
 standard deviation (``n_z - 1`` in the denominator) over the ``n_z`` Hutchinson probes; NaN when
 ``n_z < 2``, 0 when the sketch spans the whole space (the estimate is then exact). Products are
-issued in blocks through :meth:`CurvatureOperator.matmat`.
+issued in blocks through :meth:`CurvatureOperator.matmat`; every reduction over the parameter
+dimension goes through :meth:`CurvatureOperator.inner`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .operator import CurvatureOperator
+from .orthogonal import orthonormalize, project_out
 
 __all__ = ["TraceResult", "trace", "DEFAULT_SEED"]
 
@@ -73,7 +75,7 @@ def _hutchinson_samples(operator: CurvatureOperator, G: Tensor) -> Tensor | None
     AG = _matmat(operator, G)
     if AG is None:
         return None
-    return (G * AG).sum(dim=0).to(torch.float64).cpu()
+    return operator.inner(G, AG, columnwise=True).to(torch.float64).cpu()
 
 
 def _mean_and_stderr(z: Tensor) -> tuple[float, float]:
@@ -120,6 +122,9 @@ def trace(
 
     dim, dtype, device = operator.dim, operator.dtype, operator.device
     start = operator.n_hvp
+    # Hutchinson: probes and products of all n_hvp columns; Hutch++: sketch, its basis and products
+    # (s columns each) and the deflated probes with their products
+    operator.reserve(2 * n_hvp if method == "hutchinson" else 4 * min(n_hvp // 3, dim) + 2 * (n_hvp - 2 * (n_hvp // 3)))
     nan = TraceResult(math.nan, math.nan, 0, method)
     with torch.no_grad():
         if method == "hutchinson":
@@ -133,17 +138,21 @@ def trace(
         Y = _matmat(operator, _rademacher(dim, s, generator, dtype, device))
         if Y is None:
             return TraceResult(nan.estimate, nan.std_error, operator.n_hvp - start, method)
-        Q, _ = torch.linalg.qr(Y)
+        Q = orthonormalize(operator, Y, [])
+        del Y
+        if Q.shape[1] < s:  # rank-deficient sketch: pad with random orthonormal directions (still unbiased)
+            pad = orthonormalize(operator, _rademacher(dim, s - Q.shape[1], generator, dtype, device), [Q])
+            Q = torch.cat([Q, pad], dim=1)
         AQ = _matmat(operator, Q)
         if AQ is None:
             return TraceResult(nan.estimate, nan.std_error, operator.n_hvp - start, method)
-        exact = float((Q * AQ).sum().to(torch.float64))
+        exact = float(operator.inner(Q, AQ, columnwise=True).to(torch.float64).sum())
         if Q.shape[1] >= dim:
             # the sketch spans the whole space: tr(Q^T A Q) is the trace
             return TraceResult(exact, 0.0, operator.n_hvp - start, method)
         n_probe = n_hvp - 2 * s
         G = _rademacher(dim, n_probe, generator, dtype, device)
-        G = G - Q @ (Q.T @ G)
+        G = project_out(operator, G, [Q])
         z = _hutchinson_samples(operator, G)
         if z is None:
             return TraceResult(nan.estimate, nan.std_error, operator.n_hvp - start, method)
