@@ -32,6 +32,7 @@ from lightning_rpe.curvature import (
     sample_minibatches,
     verify_operator,
 )
+from lightning_rpe.curvature.eigen import working_vectors
 from lightning_rpe.curvature.sharded import ShardedHessianOperator, sharded_eigenpairs
 from lightning_rpe.curvature.trace import trace as trace_estimate
 from lightning_rpe.geometry import Rotation, gradient_alignment
@@ -495,6 +496,16 @@ def solve(
     for w in said:  # the engine's notes (e.g. auto picked finite differences) are warned once per run
         notes.append(("operator-" + str(w.message)[:40], str(w.message)))
     verdict, verify_error, switched, extra = None, None, False, 0
+    which = "both" if settings.lambda_min else "largest"
+    room = op.dim - 1 if which == "both" else op.dim
+    k = min(settings.top_k, room)
+    # at least two leading vectors are solved for, so that a crossing of lambda_1 and lambda_2 is
+    # seen as a crossing (vectors matched by overlap), not reported as a 90-degree rotation of v_1
+    k_solve = min(max(k, 2), room)
+    use_warm = settings.warm_start and warm is not None
+    init = warm.warm_start(op.dim, which == "both") if use_warm else None
+    # the solver's working vectors, declared before the first graph is built (its cache decision)
+    op.reserve(working_vectors(op.dim, k_solve, which, settings.solver, init, None))
     if check and op.backend != "finite_difference":
         verdict, verify_error, extra, note = _check(op)
         if note is not None:
@@ -507,14 +518,6 @@ def solve(
             loss, grad = op.loss_and_gradient()
         except ValueError as exc:  # non-finite loss: numerical, skipped
             raise MeasurementSkipped(str(exc)) from exc
-    which = "both" if settings.lambda_min else "largest"
-    room = op.dim - 1 if which == "both" else op.dim
-    k = min(settings.top_k, room)
-    # at least two leading vectors are solved for, so that a crossing of lambda_1 and lambda_2 is
-    # seen as a crossing (vectors matched by overlap), not reported as a 90-degree rotation of v_1
-    k_solve = min(max(k, 2), room)
-    use_warm = settings.warm_start and warm is not None
-    init = warm.warm_start(op.dim, which == "both") if use_warm else None
     if init is not None:
         init = init.to(device=op.device, dtype=op.dtype)
     gen = settings.generator(step)

@@ -515,7 +515,9 @@ class HessianOperator(CurvatureOperator):
                 count = [0]
                 graphs.append(self._build_graph(i, True, count))
                 estimate = count[0] * sum(self.batch_sizes) / self.batch_sizes[0]
-                self.cache_graphs = estimate <= _CACHE_FRACTION * _available_bytes(self.device)
+                # decided against the memory left after what the solver declared it will hold (reserve)
+                free = max(0, _available_bytes(self.device) - self.reserved_bytes)
+                self.cache_graphs = estimate <= _CACHE_FRACTION * free
                 self.graph_bytes_estimate = int(estimate)
                 if not self.cache_graphs:
                     return
