@@ -435,8 +435,8 @@ class InstabilityController(Callback):
         elif m.stability_ratio is not None and math.isfinite(m.stability_ratio):
             # the exact ratio of the optimizer in use (lambda_max(S^1/2 H S^1/2): right with per-group
             # learning rates); scaling every controlled group by f scales it by f
-            value = float(m.stability_ratio)
-            ratios = (value,) * len(m.thresholds)
+            ratios = (float(m.stability_ratio),) * len(m.thresholds)
+            value = float(m.sharpness)  # identifies the measurement (the ratio is restated at the new lr)
         else:
             ratios, value = tuple(m.ratios), float(m.sharpness)
         return control.Reading(step=int(m.step), key=(int(m.step), int(m.epoch), value), ratios=ratios,
