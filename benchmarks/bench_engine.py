@@ -183,7 +183,7 @@ class _PyHessianCounter:
         self.module = sys.modules["pyhessian.hessian"]
         self.original = self.module.hessian_vector_product
 
-    def __enter__(self) -> "_PyHessianCounter":
+    def __enter__(self) -> _PyHessianCounter:
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.count += 1
             return self.original(*args, **kwargs)
@@ -538,7 +538,7 @@ def run(workloads: Sequence[str], repeats: int, parts: Sequence[str], n_samples:
         log(f"{name}: {w.n_params} parameters; float64 reference")
         ref = reference_spectrum(w)
         r["reference"] = ref
-        log(f"  top-5 {['%.6g' % v for v in ref['top']]}, lambda_min {ref['lambda_min']:.6g}, "
+        log(f"  top-5 {[f'{v:.6g}' for v in ref['top']]}, lambda_min {ref['lambda_min']:.6g}, "
             f"{ref['n_hvp']} HVP, converged {ref['converged']}")
         if name == "mlp_small" and "dense" in parts:
             r["dense_check"] = dense_check(w, ref)

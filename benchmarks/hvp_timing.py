@@ -51,7 +51,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best(fn: Callable[[], object], repeats: int, device: torch.device = torch.device("cpu")) -> float:
+def _best(fn: Callable[[], object], repeats: int, device: torch.device | None = None) -> float:
+    device = torch.device("cpu") if device is None else device
     fn()
     times = []
     for _ in range(repeats):

@@ -24,6 +24,7 @@ from lightning_rpe.data import DigitsDataModule
 from lightning_rpe.models import MLPClassifier
 from lightning_rpe.report import load_run
 
+
 def run_digits(
     out_dir: Path,
     lr: float,

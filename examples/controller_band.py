@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import dict_table, final_sharpness  # noqa: E402
+
 from lightning_rpe import InstabilityController, SharpnessMonitor
 from lightning_rpe.data import DigitsDataModule
 from lightning_rpe.models import MLPClassifier

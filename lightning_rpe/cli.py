@@ -147,7 +147,8 @@ def _demo_parser() -> _Parser:
 
 def demo_threads(requested: int | None, cores: int | None = None) -> int | None:
     """The torch thread count the demo sets: ``requested``, else 1 on machines with at most 2 cores
-    (``os.cpu_count()``), else ``None`` (torch's default is kept)."""
+    (``os.cpu_count()``), else ``None`` (torch's default is kept).
+    """
     if requested is not None:
         return requested
     cores = os.cpu_count() if cores is None else cores
@@ -229,7 +230,8 @@ def _quiet_lightning() -> None:
 
 class RPELightningCLI(LightningCLI):
     """LightningCLI with the package's defaults: digits data, the tanh MLP, and optional
-    ``monitor:`` / ``controller:`` sections for the package's callbacks."""
+    ``monitor:`` / ``controller:`` sections for the package's callbacks.
+    """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(SharpnessMonitor, "monitor", subclass_mode=True, required=False)
@@ -300,7 +302,8 @@ def _run_lightning(argv: Sequence[str]) -> int:
 def fit_summary(trainer: Any) -> str:
     """What ``lightning-rpe fit`` prints at the end: the run folder, a short summary of the monitor's
     measurements (read back from the event files and the run card, like ``report``) and the
-    ``report`` command for the figures."""
+    ``report`` command for the figures.
+    """
     log_dir = None if trainer.logger is None else getattr(trainer.logger, "log_dir", None)
     lines = [f"Finished {trainer.global_step} optimizer steps."]
     if log_dir is None or not any(Path(log_dir).glob("events.out.tfevents.*")):

@@ -66,7 +66,8 @@ class BatchedTensorDataset(TensorDataset):
 
 def collate_stacked(data: Any) -> Any:
     """Collate for :class:`BatchedTensorDataset`: gathered batches pass through (as a list, like
-    ``default_collate`` returns for tuple samples); lists of samples go to ``default_collate``."""
+    ``default_collate`` returns for tuple samples); lists of samples go to ``default_collate``.
+    """
     if isinstance(data, _StackedBatch):
         return list(data)
     return default_collate(data)

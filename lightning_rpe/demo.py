@@ -164,7 +164,8 @@ def _is_terminal(stream: Any) -> bool:
 
 class _LineProgress:
     """Progress for streams that are not terminals: one line per 10% of ``total`` (or every 100
-    steps without a total), no carriage returns."""
+    steps without a total), no carriage returns.
+    """
 
     def __init__(self, stream: TextIO, description: str, total: int | None, start: int) -> None:
         self.stream, self.description, self.total = stream, description, total

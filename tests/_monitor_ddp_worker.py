@@ -14,9 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
+from lit_models import TinyMLP, make_dataset, make_loader  # noqa: E402
 
 from lightning_rpe import SharpnessMonitor  # noqa: E402
-from lit_models import TinyMLP, make_dataset, make_loader  # noqa: E402
 
 
 class RecordingLogger(Logger):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _reference import spectrum_matrix
+
 from lightning_rpe.curvature.block import block_size, lobpcg
 from lightning_rpe.curvature.eigen import eigenpairs
 from lightning_rpe.curvature.operator import DenseOperator

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from _reference import spectrum_matrix
+
 from lightning_rpe.curvature import EigenResult, eigenpairs
 from lightning_rpe.curvature.eigen import default_max_hvp
 from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator

@@ -14,9 +14,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _reference import fd_hvp
 from torch import nn
 
-from _reference import fd_hvp
 from lightning_rpe.curvature.hessian import HessianOperator
 
 TOL = 1e-6

@@ -89,7 +89,9 @@ def test_fd_backend_measures_a_compiled_model_that_has_no_double_backward():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     compiled = torch.compile(model, backend="aot_eager")
-    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g))]
     op = HessianOperator(compiled, loss, batches, dtype=torch.float64, backend="autograd")

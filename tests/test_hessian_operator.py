@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _reference import cast_batch, fd_hvp, flat_grads
 from torch import nn
 
-from _reference import cast_batch, fd_hvp, flat_grads
 from lightning_rpe.curvature.hessian import HessianOperator
 
 BACKENDS = ["autograd", "func"]

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from _reference import spectrum_matrix
+
 from lightning_rpe.curvature.eigen import eigenpairs
 from lightning_rpe.curvature.lanczos import lanczos
 from lightning_rpe.curvature.operator import DenseOperator

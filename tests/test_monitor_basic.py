@@ -12,9 +12,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lit_models import ABModel, TinyMLP, ab_loader, full_batch_loader, make_dataset, make_loader, make_trainer
 
 from lightning_rpe import Measurement, SharpnessMonitor
-from lit_models import ABModel, TinyMLP, ab_loader, full_batch_loader, make_dataset, make_loader, make_trainer
 
 
 def _dense_spectrum(model: TinyMLP, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ pytest.importorskip("jsonargparse")
 
 def test_lightning_cli_yaml_builds_and_runs_the_monitor(tmp_path: Path) -> None:
     from lightning.pytorch.cli import LightningCLI
-
     from lit_models import TinyMLP, full_batch_loader
 
     config = tmp_path / "config.yaml"
@@ -56,7 +55,6 @@ model:
 
 def test_lightning_cli_rejects_an_invalid_option(capsys: pytest.CaptureFixture) -> None:
     from lightning.pytorch.cli import LightningCLI
-
     from lit_models import TinyMLP
 
     args = ["--trainer.callbacks+=lightning_rpe.SharpnessMonitor", "--trainer.callbacks.dtype=float16",

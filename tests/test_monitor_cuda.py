@@ -5,9 +5,9 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from lit_models import TinyMLP, make_dataset, make_loader, make_trainer
 
 from lightning_rpe import SharpnessMonitor
-from lit_models import TinyMLP, make_dataset, make_loader, make_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lit_models import TinyMLP, make_dataset
 
 from lightning_rpe.curvature import HessianOperator
-from lit_models import TinyMLP, make_dataset
 
 WORKER = Path(__file__).with_name("_monitor_ddp_worker.py")
 

@@ -7,9 +7,9 @@ import types
 import lightning.pytorch as pl
 import pytest
 import torch
+from lit_models import TinyMLP, TrainingStepOnly, full_batch_loader, make_trainer
 
 from lightning_rpe import SharpnessMonitor
-from lit_models import TinyMLP, TrainingStepOnly, full_batch_loader, make_trainer
 
 
 def _final_weights(monitor: SharpnessMonitor | None, steps: int = 5) -> dict[str, torch.Tensor]:
@@ -155,8 +155,9 @@ def test_loss_resolution_errors_at_setup() -> None:
 
 
 def test_training_step_recall_mutes_logging(tmp_path) -> None:
-    from lightning.pytorch.loggers import CSVLogger
     import csv
+
+    from lightning.pytorch.loggers import CSVLogger
 
     logger = CSVLogger(tmp_path)
     monitor = SharpnessMonitor(every_n_steps=1, use_training_step=True, probe_size=8)

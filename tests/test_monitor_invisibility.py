@@ -5,9 +5,9 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from lit_models import TinyMLP, TrainingStepOnly, make_dataset, make_loader, make_trainer
 
 from lightning_rpe import SharpnessMonitor
-from lit_models import TinyMLP, TrainingStepOnly, make_dataset, make_loader, make_trainer
 
 
 def _state(model: pl.LightningModule, trainer: pl.Trainer) -> dict[str, object]:

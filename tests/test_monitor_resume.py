@@ -10,9 +10,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lit_models import TinyMLP, make_dataset, make_loader, make_trainer
 
 from lightning_rpe import SharpnessMonitor
-from lit_models import TinyMLP, make_dataset, make_loader, make_trainer
 
 PLAIN = (type(None), bool, int, float, str)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
+from lit_models import TinyMLP, make_dataset, make_loader, make_trainer
 
 from lightning_rpe import SharpnessMonitor
-from lit_models import TinyMLP, make_dataset, make_loader, make_trainer
 
 LAYOUT_TAG = "custom_scalars__config__"
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
+from lit_models import make_trainer
 from torch import nn
 from torch.nn.utils import parametrizations
 
 from lightning_rpe import SharpnessMonitor
 from lightning_rpe.curvature import HessianOperator, eigenpairs
-from lit_models import make_trainer
 
 
 class _HandWeightNorm(nn.Module):

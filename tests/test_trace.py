@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lightning_rpe.curvature.trace import TraceResult, trace
 from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator
+from lightning_rpe.curvature.trace import TraceResult, trace
 
 
 def spectrum_matrix(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -125,7 +125,9 @@ def sharded_operator(
         loss_fn: ``loss_fn(pl_module, batch) -> scalar tensor`` (mean loss of the batch).
         batches: this process's probe batches (non-empty on every process).
         dtype: vector dtype (None: float64 when the model computes in float64, else float32).
-        batchnorm, dropout, eps: see :class:`~lightning_rpe.curvature.sharded.ShardedHessianOperator`.
+        batchnorm: the normalization policy (see :class:`~lightning_rpe.curvature.sharded.ShardedHessianOperator`).
+        dropout: the dropout policy (same).
+        eps: the finite-difference step (same; None: the documented default per dtype).
 
     Returns:
         The operator (vectors are local shards; solve with

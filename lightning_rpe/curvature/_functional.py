@@ -92,7 +92,7 @@ def map_tensors(obj: Any, fn: Any) -> Any:
         return fn(obj)
     if isinstance(obj, Mapping):
         try:
-            return type(obj)({k: map_tensors(v, fn) for k, v in obj.items()})
+            return type(obj)({k: map_tensors(v, fn) for k, v in obj.items()})  # type: ignore[call-arg]
         except TypeError:
             return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
@@ -161,9 +161,9 @@ def product_context(model: nn.Module, batchnorm: str, dropout: str) -> Iterator[
                 module.training = False
             else:
                 module.training = True
-                module.track_running_stats = False
+                module.track_running_stats = False  # type: ignore[assignment]
         for module, _ in sparse:
-            module.sparse = False
+            module.sparse = False  # type: ignore[assignment]
         if fastpath_set is not None:
             fastpath_set(False)
         if tf32 is not None:

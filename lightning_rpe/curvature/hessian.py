@@ -144,7 +144,7 @@ class _LossModule(nn.Module):
         object.__setattr__(self, "_loss_fn", loss_fn)  # never registered as a submodule
 
     def forward(self, batch: Any) -> Tensor:
-        return self._loss_fn(self.model, batch)
+        return self._loss_fn(self.model, batch)  # type: ignore[operator]
 
 
 def _auto_backend(model: nn.Module, device: torch.device) -> str:
@@ -373,13 +373,13 @@ class HessianOperator(CurvatureOperator):
         """Flat ``(dim,)`` -> list of tensors shaped like :attr:`parameters` (views of ``v``)."""
         if v.ndim != 1 or v.shape[0] != self.dim:
             raise ValueError(f"v must have shape ({self.dim},), got {tuple(v.shape)}")
-        return [part.view(shape) for part, shape in zip(torch.split(v, self._numels), self._shapes)]
+        return [part.view(shape) for part, shape in zip(torch.split(v, list(self._numels)), self._shapes)]
 
     def _split_block(self, V: Tensor) -> tuple[Tensor, ...]:
         """``(dim, b)`` -> per-parameter ``(b, *shape)``."""
         b = V.shape[1]
         return tuple(
-            part.T.reshape(b, *shape) for part, shape in zip(torch.split(V, self._numels, dim=0), self._shapes)
+            part.T.reshape(b, *shape) for part, shape in zip(torch.split(V, list(self._numels), dim=0), self._shapes)
         )
 
     def _join_block(self, parts: Sequence[Tensor | None], b: int) -> Tensor:
@@ -699,7 +699,7 @@ class HessianOperator(CurvatureOperator):
         out = torch.zeros(self.dim, b, dtype=self.dtype, device=self.device)
         cached = self._graphs is not None
         for i, n in enumerate(self.batch_sizes):
-            if cached:
+            if self._graphs is not None:
                 leaves, _, grads, state = self._graphs[i]
             else:
                 seed_batch(i, devices)

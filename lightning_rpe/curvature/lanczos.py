@@ -134,13 +134,15 @@ def default_max_basis(dim: int, k: int, which: str) -> int:
 
 def _keep_count(cap: int, nw: int) -> int:
     """Ritz vectors kept on a thick restart: the wanted ones and about as many neighbours, leaving
-    at least 3 new Lanczos vectors per cycle."""
+    at least 3 new Lanczos vectors per cycle.
+    """
     return max(nw, min(cap - 3, max(2 * nw, (cap + 1) // 2)))
 
 
 def _keep_indices(theta: Tensor, n_keep: int, k: int, which: str) -> Tensor:
     """Indices (into ascending ``theta``) of the Ritz vectors kept on restart: the wanted ends
-    first (``n_keep`` in all; for "both" the extra vectors are split between the two ends)."""
+    first (``n_keep`` in all; for "both" the extra vectors are split between the two ends).
+    """
     m = theta.shape[0]
     order = torch.arange(m)
     if which == "largest":
@@ -159,11 +161,11 @@ def _combine_rows(Q: Tensor, m: int, coeff: Tensor) -> None:
     Row-local (no reduction over ``dim``), done in column chunks of ``Q`` of ``ceil(dim / l)``
     entries, so the temporary is about one parameter vector rather than ``l``.
     """
-    l = coeff.shape[1]
+    n_keep = coeff.shape[1]
     C = coeff.T.to(dtype=Q.dtype, device=Q.device).contiguous()
-    chunk = max(1, -(-Q.shape[1] // max(l, 1)))
+    chunk = max(1, -(-Q.shape[1] // max(n_keep, 1)))
     for c0 in range(0, Q.shape[1], chunk):
-        Q[:l, c0 : c0 + chunk] = C @ Q[:m, c0 : c0 + chunk]
+        Q[:n_keep, c0 : c0 + chunk] = C @ Q[:m, c0 : c0 + chunk]
 
 
 def ritz_gaps(theta: Tensor, res: Tensor, idx: Tensor) -> Tensor:
@@ -314,18 +316,18 @@ def lanczos(
             T[m - 1, m] = T[m, m - 1] = b
             j = m
         else:
-            # thick restart: keep l Ritz vectors, then the residual direction w
-            l = _keep_count(cap, nw)
-            keep = _keep_indices(theta, l, k, which)
+            # thick restart: keep n_keep Ritz vectors, then the residual direction w
+            n_keep = _keep_count(cap, nw)
+            keep = _keep_indices(theta, n_keep, k, which)
             coeff = S[:, keep]
             _combine_rows(Q, m, coeff)
-            Q[l] = w
+            Q[n_keep] = w
             T.zero_()
-            T[:l, :l] = torch.diag(theta[keep])
+            T[:n_keep, :n_keep] = torch.diag(theta[keep])
             arrow = b * S[-1, keep]
-            T[:l, l] = arrow
-            T[l, :l] = arrow
-            j = l
+            T[:n_keep, n_keep] = arrow
+            T[n_keep, :n_keep] = arrow
+            j = n_keep
         del w
     del w
 
@@ -356,7 +358,8 @@ def lanczos(
 
 def budget_reason(max_hvp: int, errors: Tensor, threshold: Tensor) -> str:
     """Why a solve stopped unconverged: the pair furthest above its tolerance, relative to it
-    (``errors``: the residuals, or the eigenvalue error estimates with ``criterion="eigenvalue"``)."""
+    (``errors``: the residuals, or the eigenvalue error estimates with ``criterion="eigenvalue"``).
+    """
     worst = int(torch.argmax(errors / threshold))
     return (
         f"max_hvp={max_hvp} products reached before the tolerance "

@@ -86,7 +86,8 @@ class CurvatureOperator:
 
     def norms(self, X: Tensor) -> Tensor:
         """Euclidean norms of the columns of ``X`` ``(dim, b)`` (or of a flat vector: shape ``(1,)``),
-        through :meth:`inner`."""
+        through :meth:`inner`.
+        """
         return self.inner(X, X, columnwise=True).clamp_min(0).sqrt()
 
     def matvec(self, v: Tensor) -> Tensor:

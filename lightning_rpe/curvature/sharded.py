@@ -91,7 +91,8 @@ def _choice_error(name: str, value: Any, accepted: Sequence[Any]) -> ValueError:
 
 def sharding_kind(module: nn.Module) -> str:
     """``"fsdp2"`` (DTensor parameters of ``fully_shard``), ``"fsdp1"`` (a ``FullyShardedDataParallel``
-    wrapper inside ``module``) or ``"none"`` (an ordinary module)."""
+    wrapper inside ``module``) or ``"none"`` (an ordinary module).
+    """
     if any(isinstance(p, DTensor) for p in module.parameters()):
         return "fsdp2"
     if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
@@ -111,7 +112,8 @@ def _fsdp2_groups(module: nn.Module) -> list[Any]:
 
 def compute_dtypes(module: nn.Module) -> set[torch.dtype]:
     """Dtypes in which FSDP mixed precision runs the forward/backward of ``module`` (empty: the
-    parameters' own dtypes). FSDP2: ``MixedPrecisionPolicy.param_dtype``; FSDP1: ``MixedPrecision.param_dtype``."""
+    parameters' own dtypes). FSDP2: ``MixedPrecisionPolicy.param_dtype``; FSDP1: ``MixedPrecision.param_dtype``.
+    """
     out: set[torch.dtype] = set()
     for g in _fsdp2_groups(module):
         dtype = getattr(getattr(g, "mp_policy", None), "param_dtype", None)
@@ -129,7 +131,8 @@ def _reshard(module: nn.Module) -> None:
     """Drop FSDP2's unsharded parameters (kept with ``reshard_after_backward=False`` or a root's
     ``reshard_after_forward=False``): the sharded DTensors become the registered parameters again,
     the next forward all-gathers the shards just written, and training never runs on a stale or
-    perturbed unsharded copy. Not a collective. (FSDP1 reshards after every backward.)"""
+    perturbed unsharded copy. Not a collective. (FSDP1 reshards after every backward.)
+    """
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
@@ -379,7 +382,8 @@ class ShardedHessianOperator(CurvatureOperator):
 
     def random_block(self, b: int, generator: torch.Generator) -> Tensor:
         """Standard normal local block ``(dim, b)``: one draw from ``generator`` (the same on every
-        process) seeds a private stream offset by the rank, so the shards are independent."""
+        process) seeds a private stream offset by the rank, so the shards are independent.
+        """
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         local = torch.Generator(device="cpu").manual_seed(seed + self.rank)
         return torch.randn(self.dim, b, generator=local, dtype=torch.float64).to(dtype=self.dtype, device=self.device)
@@ -443,7 +447,8 @@ class ShardedHessianOperator(CurvatureOperator):
 
     def _gradient(self, devices: list[int]) -> tuple[Tensor, Tensor]:
         """Local shard of ``sum_r sum_b n_{r,b} grad L_{r,b}`` at the current weights, and the local
-        weighted loss sum (float64). Every process runs ``self._rounds`` forward/backward rounds."""
+        weighted loss sum (float64). Every process runs ``self._rounds`` forward/backward rounds.
+        """
         for p in self.parameters:
             p.grad = None
         self._reshard()
@@ -487,7 +492,8 @@ class ShardedHessianOperator(CurvatureOperator):
     def _evaluate(self, fn: Callable[[list[int], Tensor], Tensor], local: Tensor | None = None) -> Tensor:
         """Run ``fn(devices, reduced)`` in the product context with ``.grad`` saved and
         the weights restored; ``reduced`` is ``local`` (float64) summed over the processes, in the same
-        all-reduce that checks that no process's weights changed since construction."""
+        all-reduce that checks that no process's weights changed since construction.
+        """
         unchanged = all(torch.equal(self._local(p), s) for p, s in zip(self.parameters, self._snapshot))
         head = torch.tensor([0.0 if unchanged else 1.0, float(self._accumulating())], dtype=torch.float64,
                             device=self.device)

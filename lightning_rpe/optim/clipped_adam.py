@@ -289,7 +289,8 @@ class ClippedAdam(Optimizer):
     def _sample_indices(self, group_index: int, params: list[Tensor]) -> list[Tensor] | None:
         """Fixed per-parameter subsample positions for a group with more than EXACT_QUANTILE_MAX
         coordinates (None: use every coordinate). Drawn once per group layout from a private
-        generator with a fixed seed, so they are the same after a restart."""
+        generator with a fixed seed, so they are the same after a restart.
+        """
         numels = tuple(p.numel() for p in params)
         total = sum(numels)
         if total <= EXACT_QUANTILE_MAX:

@@ -98,6 +98,7 @@ def _rollback_lines(run: RunData, ax: Any) -> list[Any]:
 
 
 def sharpness_figure(run: RunData) -> Any:
+    """Sharpness against the threshold of the optimizer in use, with the ratio (and the controller) below."""
     n = run.names
     pre = run.preconditioned
     eff_lr = run.grouped(LR) or [(t[3:], run.scalars[t]) for t in sorted(run.scalars) if t.startswith("lr-")]
@@ -225,7 +226,7 @@ def sharpness_figure(run: RunData) -> Any:
         levels = run.grouped(CLIP_LEVEL)
         if levels:
             ax_cl = ax_c.twinx()
-            for g, s in levels:
+            for _, s in levels:
                 ax_cl.plot(s.steps, s.values, ":", lw=1, color="0.4")
             ax_cl.set_ylabel("clip level (dotted)")
         ax_c.set_ylabel("clipped fraction")
@@ -245,6 +246,7 @@ def sharpness_figure(run: RunData) -> Any:
 
 
 def spectrum_figure(run: RunData, warmup: float = DEFAULT_WARMUP) -> Any:
+    """Top-k eigenvalues and lambda_min with solver residuals as error bars; the minimum after ``warmup``."""
     n = run.names
     fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(8.5, 7), sharex=True, gridspec_kw={"height_ratios": [2, 1.3]},
                                    layout="constrained")
@@ -311,6 +313,7 @@ def spectrum_figure(run: RunData, warmup: float = DEFAULT_WARMUP) -> Any:
 
 
 def rotation_figure(run: RunData, rotation_threshold: float) -> Any:
+    """Rotation angle of the leading eigenvector, subspace similarity and polarity with its flips."""
     n = run.names
     fig, (ax, ax_s, ax_p) = plt.subplots(3, 1, figsize=(8.5, 8.5), sharex=True, layout="constrained")
     cos, angle = run.metric("rotation_cos"), run.metric("rotation_angle")
@@ -366,13 +369,15 @@ def _series_key(s: RunSummary) -> str:
 
 def _sweep_y(s: RunSummary, attr: str) -> float | None:
     """The run's value on a sweep axis: the sharpness compared with the threshold (preconditioned for
-    the Adam family) or ``attr`` itself."""
+    the Adam family) or ``attr`` itself.
+    """
     if attr == "final_sharpness" and s.optimizer_kind in ("adam", "clipped_adam"):
         return s.final_preconditioned_sharpness
     return getattr(s, attr)  # type: ignore[no-any-return]
 
 
 def sweep_figure(summaries: Sequence[RunSummary], rotation_threshold: float) -> Any:
+    """Final sharpness and accuracy against the learning rate: every run, and mean +- sd per lr and series."""
     pts = [s for s in summaries if s.lr is not None]
     if len(pts) < 2:
         return None

@@ -85,7 +85,8 @@ class RunData:
 
     def grouped(self, name: str) -> list[tuple[str, Series]]:
         """``prefix + name`` and its per-group tags ``.../pgN`` that were logged: ``[(label, series)]``
-        with label ``""`` for the ungrouped tag and ``"pgN"`` for group N."""
+        with label ``""`` for the ungrouped tag and ``"pgN"`` for group N.
+        """
         out = []
         for tag in sorted(self.scalars, key=_natural):
             if re.fullmatch(self.names.grouped_pattern(name), tag) and len(self.scalars[tag]):
@@ -188,7 +189,8 @@ def _event_file_key(path: Path) -> list[Any]:
 
 def _scalar_events(path: Path) -> Iterable[tuple[str, int, float, float]]:
     """``(tag, step, wall_time, value)`` of every scalar in one event file (simple values and
-    scalar tensors)."""
+    scalar tensors).
+    """
     for event in LegacyEventFileLoader(str(path)).Load():
         if not event.HasField("summary"):
             continue

@@ -76,7 +76,8 @@ class RunSummary:
 
 def threshold_label(run: RunData) -> str:
     """The threshold in the optimizer's terms from the run card: ``"2/lr (GD)"``,
-    ``"38/lr (Adam, beta1=0.9)"``; ``"(optimizer not recorded: no run card)"`` without a card."""
+    ``"38/lr (Adam, beta1=0.9)"``; ``"(optimizer not recorded: no run card)"`` without a card.
+    """
     opt = run.optimizer
     if opt is None:
         return "(optimizer not recorded: no run card)"
@@ -132,7 +133,8 @@ def _controller_text(run: RunData) -> str | None:
 
 def _warmup_step(steps: np.ndarray, warmup: float) -> int:
     """First step counted after the warm-up: ``first + warmup * (last - first)``, and never the
-    first measurement when there are later ones."""
+    first measurement when there are later ones.
+    """
     first, last = int(steps[0]), int(steps[-1])
     cut = first + warmup * (last - first)
     return math.ceil(cut) if cut > first or len(steps) == 1 else int(steps[1])
