@@ -22,7 +22,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-__all__ = ["add_custom_scalars", "batches_that_stepped", "log_to_loggers", "publish_callback_metrics", "tag_regex"]
+from lightning_rpe.names import CLIP_FRACTION, CLIP_LEVEL, LAMBDA_MIN, STABILITY_RATIO, THRESHOLD, MetricNames
+
+__all__ = [
+    "add_custom_scalars",
+    "batches_that_stepped",
+    "log_to_loggers",
+    "monitor_layout",
+    "publish_callback_metrics",
+    "tag_regex",
+]
 
 _LAYOUT_ATTR = "_lightning_rpe_custom_scalars"
 
@@ -77,3 +86,28 @@ def add_custom_scalars(trainer: pl.Trainer, categories: Mapping[str, Mapping[str
         writer.flush()
         written = True
     return written
+
+
+def monitor_layout(n: MetricNames) -> dict[str, dict[str, list[str]]]:
+    """The SharpnessMonitor's custom-scalars category for the tags of ``n`` (anchored regexes)."""
+    return {
+        n.tag("curvature").rstrip("/"): {
+            "sharpness vs stability threshold": [
+                tag_regex(n.sharpness, n.preconditioned_sharpness, n.batch_sharpness),
+                n.grouped_pattern(THRESHOLD),
+            ],
+            "spectrum: top-k and lambda_min": [n.eig_pattern(), tag_regex(n.tag(LAMBDA_MIN))],
+            "stability ratio": [n.grouped_pattern(STABILITY_RATIO), tag_regex(n.batch_sharpness_ratio)],
+            "rotation and polarity (degrees)": [tag_regex(n.rotation_angle, n.polarity)],
+            "rotation cosines and alignment": [
+                tag_regex(n.rotation_cos, n.subspace_similarity, n.subspace_similarity_to_first, n.grad_alignment)
+            ],
+            "solver residuals and product checks": [
+                tag_regex(n.sharpness_residual, n.lambda_min_residual, n.verify_error),
+            ],
+            "crossings, backend, unverified": [tag_regex(n.eigenvalue_crossings, n.finite_difference, n.unverified)],
+            "ClippedAdam: fraction clipped and clip level": [
+                n.grouped_pattern(CLIP_FRACTION), n.grouped_pattern(CLIP_LEVEL),
+            ],
+        }
+    }

@@ -25,7 +25,7 @@ from torch.utils.data.dataloader import default_collate
 
 from lightning_rpe.curvature._functional import default_batch_size
 
-__all__ = ["ProbeSet", "capture_dataset_probe", "capture_loader_probe", "capture_probe", "fingerprint", "physical_batch_size"]
+__all__ = ["ProbeSet", "capture_dataset_probe", "capture_loader_probe", "capture_probe", "capture_probe_everywhere", "fingerprint", "physical_batch_size"]
 
 
 @dataclass
@@ -233,3 +233,40 @@ def capture_probe(
             loader, size, physical_batch_size(loader, batch_size), rank, world_size, indices=indices, transfer=transfer
         )
     return capture_loader_probe(probe, size, transfer=transfer, count=default_batch_size)
+
+
+def capture_probe_everywhere(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    probe: Any,
+    size: int,
+    batch_size: int | None,
+    indices: Sequence[int] | None,
+    rank: int,
+    world_size: int,
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> tuple[ProbeSet, float, int]:
+    """:func:`capture_probe` on every process, failing on all of them together.
+
+    Returns this rank's probe set, the fingerprint summed over the ranks and the number of samples
+    over the ranks. ``reduce`` is a SUM across processes (None: one process).
+
+    Raises:
+        ValueError: on every process, when the probe set could not be built on any of them (no rank
+            is left waiting in a collective).
+    """
+    problem: Exception | None = None
+    try:
+        captured = capture_probe(trainer, pl_module, probe, size, batch_size, indices, rank, world_size)
+    except Exception as exc:  # raised on every rank below, never on one rank alone
+        problem = exc
+    failed = torch.tensor([float(problem is not None)], dtype=torch.float64)
+    if reduce is not None:
+        failed = reduce(failed)
+    if failed[0] > 0:
+        reason = f"{type(problem).__name__}: {problem}" if problem is not None else "it failed on another process"
+        raise ValueError(f"SharpnessMonitor: the probe set could not be built ({reason})") from problem
+    totals = torch.tensor([captured.fingerprint, captured.n_samples], dtype=torch.float64)
+    if reduce is not None:
+        totals = reduce(totals)
+    return captured, float(totals[0]), int(totals[1])

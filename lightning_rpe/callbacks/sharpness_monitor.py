@@ -28,7 +28,7 @@ from torch import Tensor
 from lightning_rpe.callbacks import _logging
 from lightning_rpe.callbacks._distributed import RankZeroBuffers, all_reduce_sum, distributed
 from lightning_rpe.callbacks._loss import MutedLogging, resolve_loss
-from lightning_rpe.callbacks._probe import ProbeSet, capture_probe
+from lightning_rpe.callbacks._probe import ProbeSet, capture_probe_everywhere
 from lightning_rpe.callbacks._sharded import check_supported, is_sharded, sharded_operator
 from lightning_rpe.callbacks.run_card import write_run_card
 from lightning_rpe.curvature._functional import default_batch_size
@@ -52,7 +52,7 @@ from lightning_rpe.measure import (
     solve,
     solve_sharded,
 )
-from lightning_rpe.names import CLIP_FRACTION, CLIP_LEVEL, LAMBDA_MIN, STABILITY_RATIO, THRESHOLD, MetricNames
+from lightning_rpe.names import MetricNames
 from lightning_rpe.validation import check_bool, check_choice, check_int, fail
 
 __all__ = ["Measurement", "SharpnessMonitor"]
@@ -406,23 +406,12 @@ class SharpnessMonitor(Callback):
 
     # ------------------------------------------------------------------ probe data
     def _capture_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rank, world = (trainer.global_rank, trainer.world_size) if distributed(trainer) else (0, 1)
-        problem: Exception | None = None
-        try:
-            probe = capture_probe(trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size,
-                                  self._probe_indices, rank, world)
-        except Exception as exc:  # raised on every rank below, never on one rank alone
-            problem = exc
-        failed = torch.tensor([float(problem is not None)], dtype=torch.float64)
-        if distributed(trainer):
-            failed = all_reduce_sum(failed)
-        if failed[0] > 0:
-            reason = f"{type(problem).__name__}: {problem}" if problem is not None else "it failed on another process"
-            raise ValueError(f"SharpnessMonitor: the probe set could not be built ({reason})") from problem
-        totals = torch.tensor([probe.fingerprint, probe.n_samples], dtype=torch.float64)
-        if distributed(trainer):
-            totals = all_reduce_sum(totals)
-        fp, n_samples = float(totals[0]), int(totals[1])
+        reduce = all_reduce_sum if distributed(trainer) else None
+        rank, world = (trainer.global_rank, trainer.world_size) if reduce is not None else (0, 1)
+        probe, fp, n_samples = capture_probe_everywhere(
+            trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, self._probe_indices, rank, world,
+            reduce,
+        )
         if self.probe == "fixed" and self._probe_indices is None and n_samples < self.probe_size:
             self._warn_once(
                 "probe-truncated",
@@ -566,29 +555,4 @@ class SharpnessMonitor(Callback):
 
     def layout(self) -> dict[str, dict[str, list[str]]]:
         """TensorBoard custom-scalars categories of this monitor (anchored tag regexes)."""
-        n = self.names
-        return {
-            n.tag("curvature").rstrip("/"): {
-                "sharpness vs stability threshold": [
-                    _logging.tag_regex(n.sharpness, n.preconditioned_sharpness, n.batch_sharpness),
-                    n.grouped_pattern(THRESHOLD),
-                ],
-                "spectrum: top-k and lambda_min": [n.eig_pattern(), _logging.tag_regex(n.tag(LAMBDA_MIN))],
-                "stability ratio": [n.grouped_pattern(STABILITY_RATIO), _logging.tag_regex(n.batch_sharpness_ratio)],
-                "rotation and polarity (degrees)": [_logging.tag_regex(n.rotation_angle, n.polarity)],
-                "rotation cosines and alignment": [
-                    _logging.tag_regex(
-                        n.rotation_cos, n.subspace_similarity, n.subspace_similarity_to_first, n.grad_alignment
-                    )
-                ],
-                "solver residuals and product checks": [
-                    _logging.tag_regex(n.sharpness_residual, n.lambda_min_residual, n.verify_error),
-                ],
-                "crossings, backend, unverified": [
-                    _logging.tag_regex(n.eigenvalue_crossings, n.finite_difference, n.unverified),
-                ],
-                "ClippedAdam: fraction clipped and clip level": [
-                    n.grouped_pattern(CLIP_FRACTION), n.grouped_pattern(CLIP_LEVEL),
-                ],
-            }
-        }
+        return _logging.monitor_layout(self.names)
