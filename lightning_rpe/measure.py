@@ -78,7 +78,13 @@ VERIFY: tuple[Verify, ...] = ("first", "every", "off")
 
 
 class MeasurementSkipped(Exception):
-    """A measurement that cannot be trusted (non-finite loss or eigenvalues, a solve that did not converge)."""
+    """A measurement that cannot be trusted (non-finite loss or eigenvalues, a solve that did not converge).
+
+    ``notes`` carries the ``(key, message)`` warnings gathered before the failure (e.g. a failed product
+    check, which explains a solve that cannot converge on a non-symmetric operator).
+    """
+
+    notes: tuple[tuple[str, str], ...] = ()
 
 
 class LossFunctionError(TypeError):
@@ -411,6 +417,12 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.training for m in model.modules())
 
 
+def _skip(reason: str, notes: list[tuple[str, str]]) -> MeasurementSkipped:
+    exc = MeasurementSkipped(reason)
+    exc.notes = tuple(notes)
+    return exc
+
+
 def _top_eigenpair(op: Any, settings: MeasureSettings, gen: torch.Generator, init: Tensor | None, what: str) -> Any:
     """The converged top eigenpair of ``op`` or :class:`MeasurementSkipped`."""
     if init is not None:
@@ -524,11 +536,16 @@ def solve(
     res = eigenpairs(op, k=k_solve, which=which, tol=settings.tol, max_hvp=settings.max_hvp, init=init, generator=gen,
                      method=settings.solver, tol_smallest=settings.lambda_min_tol if which == "both" else None)
     if not bool(torch.isfinite(res.eigenvalues).all()):
-        raise MeasurementSkipped(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)")
+        raise _skip(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)", notes)
     if not res.all_converged:
-        raise MeasurementSkipped(
+        raise _skip(
             f"the eigen-solver did not converge ({res.reason or 'not converged'}; residuals "
-            f"{[float(r) for r in res.residuals]}, tol={settings.tol}, {res.n_hvp} products)"
+            f"{[float(r) for r in res.residuals]}, tol={settings.tol}, {res.n_hvp} products)", notes
+        )
+    if bool((res.eigenvalues == 0).all()) and (grad is None or not bool(grad.any())):
+        raise LossFunctionError(
+            "every eigenvalue and the gradient are exactly 0: the loss does not depend on the parameters (a "
+            "loss computed under torch.no_grad(), .detach()ed or turned into a Python number?)"
         )
     top_vals = tuple(float(v) for v in res.eigenvalues[:k])
     top_vecs = res.eigenvectors[:, :k_solve].detach().clone()

@@ -176,6 +176,7 @@ def test_training_step_recall_mutes_logging(tmp_path) -> None:
     (lambda module: module.compute_loss(None), r"TypeError: .*positional argument"),  # wrong signature
     (lambda module, batch: (module(batch[0]) - batch[1]) ** 2, r"shape \(12, 1\), not a scalar"),  # a vector
     (lambda module, batch: 1.0, "returned a float, not a scalar tensor"),
+    (lambda module, batch: module.compute_loss(batch).detach(), "loss does not depend on the parameters"),
 ])
 def test_a_wrong_loss_raises_at_the_first_measurement_with_a_hint(loss_fn, message: str) -> None:
     monitor = SharpnessMonitor(every_n_steps=1, probe_size=12, loss_fn=loss_fn)

@@ -146,3 +146,15 @@ def test_a_custom_function_without_double_backward_fails_the_check_and_switches(
     twin.load_state_dict(model.state_dict())
     op = HessianOperator(twin, lambda m, b: m.compute_loss(b), [next(iter(_loader()))], dtype=torch.float64)
     assert monitor.latest.sharpness == pytest.approx(float(eigenpairs(op, tol=1e-10).lambda_max), rel=1e-6)
+
+
+def test_a_failed_check_is_said_even_when_the_solve_then_fails() -> None:
+    # torch's weight_norm operator is not symmetric: at a tight tolerance every solve fails; the reason
+    # (the failed product check) must still reach the user, not only "did not converge"
+    monitor = SharpnessMonitor(every_n_steps=2, dtype="float64", tol=1e-8, probe_size=32, backend="autograd")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer([monitor], max_steps=2).fit(WeightNormNet(), _loader())
+    messages = [str(w.message) for w in record]
+    assert any("do not match float64 finite differences" in t for t in messages)
+    assert monitor.n_skipped >= 1

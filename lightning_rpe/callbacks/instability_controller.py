@@ -175,6 +175,7 @@ class InstabilityController(Callback):
             raise ValueError(f"InstabilityController: log must be True or False, got {log!r}")  # noqa: TRY004
         self.log = log
         self.state = ControlState(factor=self.settings.initial_factor)
+        self._warned_out_of_reach = False
         self._law = self.settings  # the settings for the optimizer in use (see ControlSettings.for_optimizer)
         # runtime only
         self.active_gauge: str | None = None  # what "auto" resolved to at train start
@@ -221,6 +222,7 @@ class InstabilityController(Callback):
     def reset(self) -> None:
         """Forget everything learnt in a previous fit (called at the start of every fresh fit)."""
         self.state = ControlState(factor=self.settings.initial_factor)
+        self._warned_out_of_reach = False
         self._snapshot = self._candidate = None
         self._snapshot_due = False
         self.snapshot_bytes = None
@@ -457,13 +459,32 @@ class InstabilityController(Callback):
             decision = control.decide(self._law, self.state, reading, self._scheduled(), trainer.global_step)
         decision = trainer.strategy.broadcast(decision, src=0)
         assert decision is not None
+        old_factor = self.state.factor
         # rank zero's state, keyed by this rank's measurement (so that no rank reconsiders it alone)
         self.state = replace(decision.state, last_key=reading.key)
+        self._say_if_band_out_of_reach(decision, old_factor)
         if decision.used and decision.ratio is not None:
             self._decision_to_log = float(decision.ratio)
             self._snapshot_due = True  # keep the state at the next batch whose loss passes the guard
         if decision.warning and trainer.is_global_zero:
             rank_zero_warn(decision.warning)
+
+    def _say_if_band_out_of_reach(self, decision: control.Decision, old_factor: float) -> None:
+        """Warn once when the ratio stays below the goal because the factor sits at a bound."""
+        low = self.band[0] if self.band is not None else self.target_ratio
+        if self._warned_out_of_reach or low is None or not decision.used or decision.ratio is None:
+            return
+        new = decision.state.factor
+        predicted = decision.ratio * new / old_factor if old_factor > 0 else decision.ratio
+        if not decision.changed and new > 1.0 and predicted < 0.999 * low and control.phase(
+            self._law, decision.state.last_key[0] if decision.state.last_key else 0
+        ) == "active":
+            self._warned_out_of_reach = True
+            rank_zero_warn(
+                f"InstabilityController: the stability ratio ({predicted:.3g}) stays below the goal ({low:g}) with the "
+                f"factor at its bound ({new:.3g}: max_factor={self.max_factor}, adam_max_factor={self.adam_max_factor}, "
+                f"max_lr={self.max_lr}); raise the bound to reach the band, or accept the ratio reached"
+            )
 
     # ------------------------------------------------------------------ divergence guard
     def _copy_state(self, pl_module: pl.LightningModule) -> tuple[dict[str, Any], dict[Any, Any]] | None:

@@ -359,7 +359,7 @@ class SharpnessMonitor(Callback):
             n_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
             rank_zero_info(
                 f"SharpnessMonitor: measuring the Hessian of the initial parameters ({n_params:,} parameters, "
-                f"{self.probe_size} probe samples, top-{self.top_k}{' and lambda_min' if self.lambda_min else ''}); "
+                f"{len(self._probe_indices) if self._probe_indices else self.probe_size} probe samples, top-{self.top_k}{' and lambda_min' if self.lambda_min else ''}); "
                 "the first measurement has no warm start and takes longest"
             )
             self._run(trainer, pl_module, self._probe.batches if self._probe else None, "fit_start")
@@ -496,6 +496,8 @@ class SharpnessMonitor(Callback):
             result = self._solve(trainer, pl_module, batches, step)
         except MeasurementSkipped as exc:
             error = str(exc)
+            for key, message in exc.notes:  # e.g. a failed product check that explains the failure
+                self._warn_once(key, f"SharpnessMonitor: {message}")
         except LossFunctionError as exc:  # a programming error: permanent, not numerical
             error, mistake = str(exc), exc
         except Exception as exc:  # a measurement must never stop training

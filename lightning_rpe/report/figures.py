@@ -176,7 +176,11 @@ def sharpness_figure(run: RunData) -> Any:
     if ratio is None:
         _missing(ax_r, n.stability_ratio)
     else:
-        what = "preconditioned sharpness / threshold" if pre else "sharpness / threshold"
+        groups = (run.optimizer or {}).get("groups", [])
+        if len(groups) > 1:  # the exact joint ratio of the per-group learning rates (docs/metrics.md)
+            what = r"$\lambda_{max}(S^{1/2}HS^{1/2})$, exact for the groups' lrs"
+        else:
+            what = "preconditioned sharpness / threshold" if pre else "sharpness / threshold"
         ax_r.plot(ratio.steps, ratio.values, "o-", ms=3, color="C0", label=f"stability ratio = {what}")
         bsr = run.metric("batch_sharpness_ratio")
         if bsr is not None:

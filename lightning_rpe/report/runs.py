@@ -118,8 +118,8 @@ class RunData:
         opt = self.optimizer
         if opt is None:
             return ""
-        g = opt["groups"][0]
-        parts = [f"{opt.get('name', '?')} lr={g['lr']:g}"]
+        lrs = ", ".join(f"{g['lr']:g}" for g in opt["groups"])
+        parts = [f"{opt.get('name', '?')} lr={lrs}" + (" (per group)" if len(opt["groups"]) > 1 else "")]
         ctl = self.controller
         if ctl is None:
             parts.append("no controller")

@@ -89,8 +89,8 @@ def threshold_label(run: RunData) -> str:
         text = f"{opt.get('name', text)}, beta1={g['beta']:g}"
     elif kind in ("heavy_ball", "nesterov") and g.get("beta") is not None:
         text += f", momentum={g['beta']:g}"
-    if len(opt["groups"]) > 1:
-        text += f"; group 1 of {len(opt['groups'])}"
+    if len(opt["groups"]) > 1:  # rpe/threshold is the smallest (most restrictive) group threshold
+        return f"smallest of the {len(opt['groups'])} groups' thresholds ({text})"
     return f"{num:.3g}/lr ({text})" if num is not None else f"threshold ({text})"
 
 
