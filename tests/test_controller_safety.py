@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+from lit_models import TinyMLP, full_batch_loader, make_trainer
 from test_controller import CaptureLogger, RecordingSGD, StubMonitor, TinyModel, fit
 
-from lightning_rpe import control
+from lightning_rpe import SharpnessMonitor, control
 from lightning_rpe.callbacks.instability_controller import InstabilityController
 from lightning_rpe.control import ControlSettings, ControlState, Reading
 
@@ -310,15 +311,10 @@ def test_batch_sharpness_gauge_needs_the_monitor_to_measure_it() -> None:
 
 
 def test_a_band_out_of_reach_of_the_factor_bound_is_said_once() -> None:
-    import warnings as _w
-
-    from lightning_rpe import InstabilityController, SharpnessMonitor
-    from lit_models import TinyMLP, full_batch_loader, make_trainer
-
     ctrl = InstabilityController(band=(1.1, 1.5), warmup_steps=0, max_factor=2.0)
     monitor = SharpnessMonitor(every_n_steps=2, probe_size=16)
-    with _w.catch_warnings(record=True) as record:
-        _w.simplefilter("always")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         make_trainer([monitor, ctrl], max_steps=20).fit(TinyMLP(optimizer="sgd", lr=0.01), full_batch_loader(16))
     said = [str(w.message) for w in record if "stays below the goal" in str(w.message)]
     assert len(said) == 1 and "max_factor=2.0" in said[0]
