@@ -92,7 +92,9 @@ class SharpnessMonitor(Callback):
         batchnorm: ``"batch"`` (the default: batch statistics over each physical probe batch of the
             training batch size, running statistics untouched: the loss training differentiates) or
             ``"eval"`` (running statistics, as in most published research code; a different function).
-        dropout: ``"off"`` or ``"on"`` (fixed masks per probe batch).
+        dropout: ``"off"`` (every module evaluated as in ``eval()``, normalization layers by
+            ``batchnorm``) or ``"on"`` (each module keeps its own train/eval flag; masks fixed per
+            probe batch).
         backend: ``"auto"``, ``"func"``, ``"autograd"`` or ``"finite_difference"`` (see HessianOperator).
         verify: check the Hessian-vector products against float64 finite differences of gradients
             at the first measurement of a run (``"first"``), at every one (``"every"``) or never
