@@ -1,6 +1,6 @@
 """SGD vs Adam vs ClippedAdam on the bundled digits data: does restoring instabilities help here?
 
-The paper's claim 6 (SCIENCE.md): Adam suppresses edge-of-stability instabilities because its
+The paper's claim 6 (docs/science.md): Adam suppresses edge-of-stability instabilities because its
 denominator grows with the gradients; clipping the denominator from above ("Clipped-Ada",
 ``lightning_rpe.optim.ClippedAdam(clip=c, mode="upper")``, per-coordinate step never below
 lr / c) restores them, and that improves generalization.

@@ -1,6 +1,6 @@
 """SGD batch-size sweep with the learning rate scaled linearly with the batch size.
 
-Claim tested (SCIENCE.md, claim 5): the flattening caused by instabilities persists under SGD and
+Claim tested (docs/science.md, claim 5): the flattening caused by instabilities persists under SGD and
 outweighs minibatch noise. With lr = base_lr * B / 1000 the gradient-noise scale lr / B is the
 same for every batch size B, so differences in the final sharpness come from the learning rate
 (the instability), not from the noise. If instabilities flatten, the final sharpness should fall

@@ -1,6 +1,6 @@
 """Hold full-batch gradient descent in a stability-ratio band with the InstabilityController.
 
-The paper's practical message (SCIENCE.md, claims 2 and 7): training beyond the classical
+The paper's practical message (docs/science.md, claims 2 and 7): training beyond the classical
 stability threshold (lr * lambda_max / 2 > 1 for GD), but not excessively far, finds flatter
 minima that generalize better. This script trains the package's digits MLP (tanh, MSE on one-hot
 targets, full-batch GD: threshold 2 / lr) three ways from the same initialisation and initial lr:

@@ -1,6 +1,6 @@
 """Edge of stability at several learning rates (full-batch gradient descent on digits).
 
-Claim (Cohen et al. 2021; SCIENCE.md): with full-batch GD the sharpness rises until it reaches
+Claim (Cohen et al. 2021; docs/science.md): with full-batch GD the sharpness rises until it reaches
 the stability threshold 2 / lr, then hovers there while the loss keeps falling. Here the 64-200-200-10
 tanh MLP (MSE on one-hot targets, 1000 digits) is trained at each learning rate; the table gives,
 per lr, the step where the stability ratio first reached 0.95 and the ratio's mean, min and max

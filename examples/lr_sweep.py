@@ -1,6 +1,6 @@
 """Learning-rate sweep with full-batch gradient descent: flatness, accuracy and eigenvector rotation.
 
-Claims tested (SCIENCE.md): training beyond the stability threshold (lr * sharpness > 2) finds
+Claims tested (docs/science.md): training beyond the stability threshold (lr * sharpness > 2) finds
 flatter solutions (final sharpness ~ 2/lr instead of the sharpness GD would reach), the leading
 Hessian eigenvectors rotate more at larger lr, and test accuracy peaks at large but not excessive
 learning rates (a "Goldilocks zone").

@@ -7,7 +7,7 @@ package API.
   BatchNorm and dropout, a ``compute_loss(batch)`` method and a configurable optimizer
   (``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"``, ``"adamw"``), optionally with two param
   groups at different learning rates.
-- :class:`ABModel`: the two-parameter model ``L(a, b) = (a b)^2`` of SCIENCE.md.
+- :class:`ABModel`: the two-parameter model ``L(a, b) = (a b)^2`` of docs/science.md.
 - :func:`make_dataset`, :func:`make_loader`, :func:`full_batch_loader`: tiny synthetic data.
 """
 

@@ -127,7 +127,7 @@ def test_subspace_similarity_values():
     assert subspace_similarity(U, U @ M) == pytest.approx(1.0, abs=1e-12)
     assert subspace_similarity(U, e[:, 3:]) == pytest.approx(0.0, abs=1e-15)
     assert subspace_similarity(unit2(0), unit2(40)) == pytest.approx(math.cos(math.radians(40)))
-    # two angles: cos of the RMS angle, i.e. the SCIENCE.md formula with k = 2
+    # two angles: cos of the RMS angle, i.e. the docs/science.md formula with k = 2
     a, b = 0.2, 0.9
     V = torch.stack([math.cos(a) * e[0] + math.sin(a) * e[3], math.cos(b) * e[1] + math.sin(b) * e[4], e[2]], 1)
     th2 = a * a + b * b
@@ -233,7 +233,7 @@ def test_polarity_on_two_parameter_model_ab_squared():
     # lambda_max falls, |lambda_min| grows
     assert all(eigs[i + 1][0] < eigs[i][0] for i in range(7))
     assert all(abs(eigs[i + 1][1]) > abs(eigs[i][1]) for i in range(7))
-    # minor component of the aligned eigenvector: magnitudes 0.020, 0.024, 0.029, 0.034 (SCIENCE.md)
+    # minor component of the aligned eigenvector: magnitudes 0.020, 0.024, 0.029, 0.034 (docs/science.md)
     assert [round(abs(m), 3) for m in minor[:4]] == [0.020, 0.024, 0.029, 0.034]
     assert all(minor[i] * minor[i + 1] < 0 for i in range(7))
     # polarity alternates in sign with growing magnitude, flips +1 per step

@@ -83,7 +83,7 @@ def test_solver_choice_gives_the_same_values(solver: str) -> None:
 
 def test_polarity_alternates_on_two_parameter_model() -> None:
     """L(a, b) = (a b)^2, eta = 0.011 from (-0.1, 10): above 2/eta, the polarity alternates in sign with
-    growing magnitude while the sharpness falls and |lambda_min| grows (SCIENCE.md)."""
+    growing magnitude while the sharpness falls and |lambda_min| grows (docs/science.md)."""
     monitor = SharpnessMonitor(every_n_steps=1, dtype="float64", tol=1e-8, probe_size=1)
     history: list[Measurement] = []
 
