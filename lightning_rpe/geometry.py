@@ -451,7 +451,7 @@ class EigenvectorTracker:
 
     def update(
         self, step: int, top: Tensor, minimum: Tensor | None = None, preconditioned: Tensor | None = None,
-        k: int | None = None,
+        k: int | None = None, crossed: bool | None = None,
     ) -> Rotation:
         """Feed the eigenvectors of a new measurement at optimizer step ``step``.
 
@@ -467,13 +467,27 @@ class EigenvectorTracker:
             preconditioned: ``(dim,)`` top eigenvector of the preconditioned operator, or None
                 (the previous one is then kept for the next warm start).
             k: the number of leading vectors whose subspace is compared (default: all ``m``).
+            crossed: with a single tracked vector, an outside verdict that the previous ``v_1`` is still
+                an eigenvector and the new ``v_1`` another one (see
+                :func:`lightning_rpe.measure.previous_still_eigenvector`): counted as a crossing, with no
+                rotation reported and the polarity continued from the new vector.
         """
         k = top.shape[1] if k is None else k
         v1 = top[:, 0]
+        outside_verdict = crossed
         rot_cos = rot_angle = sub_sim = sub_first = polarity = None
         flips = crossed = crossings = None
         prev = self.previous_top
         matched = None
+        if outside_verdict and top.shape[1] == 1 and prev is not None and prev.shape == top.shape:
+            self.crossings += 1
+            self.polarity.rebase(v1)  # the new v_1 is another eigenvector: continue from it
+            self.previous_top = top
+            self.previous_min = minimum
+            if preconditioned is not None:
+                self.previous_preconditioned = preconditioned
+            flips = self.polarity.flips
+            return Rotation(None, None, None, None, None, flips, True, self.crossings)
         if prev is not None and prev.shape == top.shape:
             prev = prev.to(top)
             match = _or_none(lambda: match_eigenvectors(prev, top))

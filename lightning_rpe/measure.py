@@ -58,6 +58,7 @@ __all__ = [
     "at_lr_scales",
     "checked_loss",
     "measurement_metrics",
+    "previous_still_eigenvector",
     "solve",
     "solve_sharded",
 ]
@@ -236,6 +237,8 @@ class Solve:
         clip_fractions, clip_levels: per param group of a ClippedAdam, the fraction of coordinates
             whose denominator the clip replaced at the last step and the level used (NaN while a
             relative clip warms up); empty for other optimizers.
+        crossed: with one tracked eigenvector, True when the previous ``v_1`` is still an eigenvector
+            and the new ``v_1`` is another one (a crossing, not a rotation); None when not checked.
     """
 
     eigenvalues: tuple[float, ...]
@@ -265,6 +268,7 @@ class Solve:
     switched: bool = False
     clip_fractions: tuple[float, ...] = ()
     clip_levels: tuple[float, ...] = ()
+    crossed: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -417,6 +421,31 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.training for m in model.modules())
 
 
+def previous_still_eigenvector(op: Any, previous: Tensor, v1: Tensor, lam1: float, tol: float) -> bool:
+    """Whether the previous leading eigenvector is still an eigenvector while the new ``v_1`` is another one.
+
+    One product ``H p`` with the previous ``p = v_1'``: ``p`` is still an eigenvector when its residual
+    ``||H p - q p|| / ||p||`` (``q`` its Rayleigh quotient) is at most ``10 * tol * |lambda_1|`` (the
+    solver's tolerance, loosened tenfold); the new ``v_1`` is another eigenvector when
+    ``|cos(v_1, p)| < 0.5``. Both together mean that two eigenvalues crossed: the old ``v_1`` did not
+    rotate away, it was overtaken (Bauer-Fike: a small residual means ``p`` lies near an eigenspace).
+    """
+    p = previous.to(device=op.device, dtype=op.dtype).reshape(-1)
+    v = v1.to(device=op.device, dtype=op.dtype).reshape(-1)
+    pp = float(op.inner(p.reshape(-1, 1), p.reshape(-1, 1)))
+    vv = float(op.inner(v.reshape(-1, 1), v.reshape(-1, 1)))
+    if pp <= 0 or vv <= 0:
+        return False
+    cos = abs(float(op.inner(p.reshape(-1, 1), v.reshape(-1, 1)))) / math.sqrt(pp * vv)
+    if cos >= 0.5:
+        return False
+    hp = op.matvec(p)
+    q = float(op.inner(p.reshape(-1, 1), hp.reshape(-1, 1))) / pp
+    r = hp - q * p
+    residual = math.sqrt(max(float(op.inner(r.reshape(-1, 1), r.reshape(-1, 1))), 0.0) / pp)
+    return residual <= 10.0 * tol * abs(lam1)
+
+
 def _skip(reason: str, notes: list[tuple[str, str]]) -> MeasurementSkipped:
     exc = MeasurementSkipped(reason)
     exc.notes = tuple(notes)
@@ -511,9 +540,9 @@ def solve(
     which = "both" if settings.lambda_min else "largest"
     room = op.dim - 1 if which == "both" else op.dim
     k = min(settings.top_k, room)
-    # at least two leading vectors are solved for, so that a crossing of lambda_1 and lambda_2 is
-    # seen as a crossing (vectors matched by overlap), not reported as a 90-degree rotation of v_1
-    k_solve = min(max(k, 2), room)
+    # with k >= 2 the tracker matches the k vectors by overlap; with k = 1 a crossing is told from a
+    # rotation by one product with the previous v_1 (see previous_still_eigenvector)
+    k_solve = k
     use_warm = settings.warm_start and warm is not None
     init = warm.warm_start(op.dim, which == "both") if use_warm else None
     # the solver's working vectors, declared before the first graph is built (its cache decision)
@@ -549,6 +578,9 @@ def solve(
         )
     top_vals = tuple(float(v) for v in res.eigenvalues[:k])
     top_vecs = res.eigenvectors[:, :k_solve].detach().clone()
+    crossed = None
+    if k_solve == 1 and use_warm and warm.previous_top is not None and warm.previous_top.shape[0] == op.dim:
+        crossed = previous_still_eigenvector(op, warm.previous_top[:, 0], top_vecs[:, 0], top_vals[0], settings.tol)
     lam_min = float(res.eigenvalues[k_solve]) if which == "both" else None
     min_vec = res.eigenvectors[:, k_solve].detach().clone() if which == "both" else None
 
@@ -612,7 +644,7 @@ def solve(
         lambda_min_residual=float(res.residuals[k_solve]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
-        backend=op.backend, verification=verdict, verify_error=verify_error, switched=switched,
+        backend=op.backend, verification=verdict, verify_error=verify_error, switched=switched, crossed=crossed,
         **{**_clip_statistics(optimizer), **bs},
     )
 

@@ -298,3 +298,32 @@ def test_tracker_reports_a_crossing_as_a_crossing_not_a_rotation() -> None:
     other = EigenvectorTracker()
     other.load_state_dict(state)
     assert other.crossings == 1
+
+
+def test_previous_still_eigenvector_tells_a_crossing_from_a_rotation() -> None:
+    from lightning_rpe.curvature import DenseOperator
+    from lightning_rpe.measure import previous_still_eigenvector
+
+    H = torch.diag(torch.tensor([3.0, 2.9, 1.0], dtype=torch.float64))
+    e = torch.eye(3, dtype=torch.float64)
+    op = DenseOperator(H)
+    # the old v_1 = e2 is still an eigenvector (eigenvalue 2.9), the new v_1 = e1: a crossing
+    assert previous_still_eigenvector(op, e[:, 1], e[:, 0], 3.0, 1e-3) is True
+    assert op.n_hvp == 1
+    # the old v_1 is a 70-degree mix: no longer an eigenvector (one product tells), so a rotation
+    mix = math.cos(math.radians(70)) * e[:, 0] + math.sin(math.radians(70)) * e[:, 2]
+    assert previous_still_eigenvector(op, mix, e[:, 0], 3.0, 1e-3) is False
+    # nearly the same vector: no product spent, no crossing
+    assert previous_still_eigenvector(op, e[:, 0] + 1e-3 * e[:, 1], e[:, 0], 3.0, 1e-3) is False and op.n_hvp == 2
+
+
+def test_tracker_counts_an_outside_crossing_verdict_with_one_vector() -> None:
+    from lightning_rpe.geometry import EigenvectorTracker
+
+    e = torch.eye(4, dtype=torch.float64)
+    tracker = EigenvectorTracker()
+    tracker.update(0, e[:, :1])
+    rot = tracker.update(5, e[:, 1:2], crossed=True)
+    assert rot.crossed is True and rot.crossings == 1 and rot.rotation_angle is None and rot.polarity is None
+    rot = tracker.update(10, e[:, 1:2], crossed=False)
+    assert rot.crossed is False and rot.crossings == 1 and rot.rotation_angle == pytest.approx(0.0, abs=1e-6)

@@ -533,7 +533,8 @@ class SharpnessMonitor(Callback):
             self._finite_difference = self._finite_difference or result.switched
             self._unverified = result.verification != "passed" and not result.switched
         rotation = Rotation() if self._sharded else self._tracker.update(
-            step, result.top_vectors, result.min_vector, result.preconditioned_vector, k=len(result.eigenvalues))
+            step, result.top_vectors, result.min_vector, result.preconditioned_vector, k=len(result.eigenvalues),
+            crossed=result.crossed)
         self.n_measurements += 1
         m = assemble(result, rotation, step=step, epoch=int(trainer.current_epoch),
                      seconds=time.perf_counter() - start, trigger=trigger, unverified=self._unverified)
