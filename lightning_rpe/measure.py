@@ -473,18 +473,6 @@ def _frozen_note(scales: StepScales, dim: int) -> tuple[str, str]:
     )
 
 
-def _unknown_optimizer_note(optimizer: torch.optim.Optimizer, groups: Sequence[GroupThreshold]) -> tuple[str, str] | None:
-    unknown = [g.index for g in groups if g.kind == "unknown"]
-    if not unknown:
-        return None
-    return (
-        "unknown-optimizer",
-        f"no stability threshold is known for {type(optimizer).__name__} (param groups {unknown}); assuming plain "
-        "gradient descent, threshold = 2 / lr on the unpreconditioned sharpness. Supported: SGD (plain, heavy-ball "
-        "momentum, Nesterov), Adam, AdamW, ClippedAdam.",
-    )
-
-
 def solve(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], Tensor],
@@ -542,11 +530,10 @@ def solve(
     k = min(settings.top_k, room)
     # with k >= 2 the tracker matches the k vectors by overlap; with k = 1 a crossing is told from a
     # rotation by one product with the previous v_1 (see previous_still_eigenvector)
-    k_solve = k
     use_warm = settings.warm_start and warm is not None
     init = warm.warm_start(op.dim, which == "both") if use_warm else None
     # the solver's working vectors, declared before the first graph is built (its cache decision)
-    op.reserve(working_vectors(op.dim, k_solve, which, settings.solver, init, None))
+    op.reserve(working_vectors(op.dim, k, which, settings.solver, init, None))
     if check and op.backend != "finite_difference":
         verdict, verify_error, extra, note = _check(op)
         if note is not None:
@@ -562,7 +549,7 @@ def solve(
     if init is not None:
         init = init.to(device=op.device, dtype=op.dtype)
     gen = settings.generator(step)
-    res = eigenpairs(op, k=k_solve, which=which, tol=settings.tol, max_hvp=settings.max_hvp, init=init, generator=gen,
+    res = eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.max_hvp, init=init, generator=gen,
                      method=settings.solver, tol_smallest=settings.lambda_min_tol if which == "both" else None)
     if not bool(torch.isfinite(res.eigenvalues).all()):
         raise _skip(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)", notes)
@@ -577,12 +564,12 @@ def solve(
             "loss computed under torch.no_grad(), .detach()ed or turned into a Python number?)"
         )
     top_vals = tuple(float(v) for v in res.eigenvalues[:k])
-    top_vecs = res.eigenvectors[:, :k_solve].detach().clone()
+    top_vecs = res.eigenvectors[:, :k].detach().clone()
     crossed = None
-    if k_solve == 1 and use_warm and warm.previous_top is not None and warm.previous_top.shape[0] == op.dim:
+    if k == 1 and use_warm and warm.previous_top is not None and warm.previous_top.shape[0] == op.dim:
         crossed = previous_still_eigenvector(op, warm.previous_top[:, 0], top_vecs[:, 0], top_vals[0], settings.tol)
-    lam_min = float(res.eigenvalues[k_solve]) if which == "both" else None
-    min_vec = res.eigenvectors[:, k_solve].detach().clone() if which == "both" else None
+    lam_min = float(res.eigenvalues[k]) if which == "both" else None
+    min_vec = res.eigenvectors[:, k].detach().clone() if which == "both" else None
 
     tr = None
     if settings.trace:
@@ -591,9 +578,8 @@ def solve(
     groups: list[GroupThreshold] = []
     if optimizer is not None:
         groups = list(group_thresholds(optimizer, None if lr_scales is None else [float(s) for s in lr_scales]))
-        note = _unknown_optimizer_note(optimizer, groups)
-        if note is not None:
-            notes.append(note)
+        # the sentence stability.group_thresholds writes for an optimizer it does not know (once per run)
+        notes.extend(("unknown-optimizer", g.note) for g in groups[:1] if g.note is not None)
     pre_val, pre_vec, ratio = None, None, None
     scales = None if optimizer is None else step_scales(optimizer, op.parameters, groups, op.names)
     if scales is not None:
@@ -641,7 +627,7 @@ def solve(
     return Solve(
         eigenvalues=top_vals, lambda_min=lam_min, trace=tr, preconditioned_sharpness=pre_val, groups=tuple(groups),
         ratios=ratios, stability_ratio=ratio, n_hvp=int(op.n_hvp) + extra, residuals=tuple(float(r) for r in res.residuals[:k]),
-        lambda_min_residual=float(res.residuals[k_solve]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
+        lambda_min_residual=float(res.residuals[k]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
         backend=op.backend, verification=verdict, verify_error=verify_error, switched=switched, crossed=crossed,
@@ -731,6 +717,7 @@ def solve_sharded(
         align = abs(dot) / math.sqrt(gg) if gg > 0 else None
     top_vals = tuple(float(v) for v in res.eigenvalues[:k])
     groups: list[GroupThreshold] = [] if optimizer is None else list(group_thresholds(optimizer, lr_scales))
+    notes.extend(("unknown-optimizer", g.note) for g in groups[:1] if g.note is not None)
     ratio = None
     if groups:
         per = {g.lr / dimensionless_threshold(g) for g in groups if dimensionless_threshold(g) > 0}

@@ -101,6 +101,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from lightning_rpe.validation import check_choice
+
 from ._functional import (
     BATCHNORM_POLICIES,
     DROPOUT_POLICIES,
@@ -161,9 +163,6 @@ def _auto_backend(model: nn.Module, device: torch.device) -> str:
         return "func"
     return "autograd"
 
-
-def _choice_error(name: str, value: Any, accepted: Sequence[Any]) -> ValueError:
-    return ValueError(f"{name} must be one of {', '.join(repr(a) for a in accepted)}; got {value!r}")
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -245,16 +244,11 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise ValueError("loss_fn must be a callable loss_fn(model, batch) -> scalar tensor")
-        if dtype not in DTYPES:
-            raise _choice_error("dtype", dtype, DTYPES)
-        if backend not in BACKENDS:
-            raise _choice_error("backend", backend, BACKENDS)
-        if batchnorm not in BATCHNORM_POLICIES:
-            raise _choice_error("batchnorm", batchnorm, BATCHNORM_POLICIES)
-        if dropout not in DROPOUT_POLICIES:
-            raise _choice_error("dropout", dropout, DROPOUT_POLICIES)
-        if cache_graphs not in (None, True, False):
-            raise _choice_error("cache_graphs", cache_graphs, (None, True, False))
+        check_choice("HessianOperator", "dtype", dtype, DTYPES)
+        check_choice("HessianOperator", "backend", backend, BACKENDS)
+        check_choice("HessianOperator", "batchnorm", batchnorm, BATCHNORM_POLICIES)
+        check_choice("HessianOperator", "dropout", dropout, DROPOUT_POLICIES)
+        check_choice("HessianOperator", "cache_graphs", cache_graphs, (None, True, False))
         if fd_step is not None and not (isinstance(fd_step, (int, float)) and math.isfinite(fd_step) and fd_step > 0):
             raise ValueError(f"HessianOperator: fd_step must be a positive finite number or None; got {fd_step!r}")
         if reduce is not None and not callable(reduce):
@@ -599,11 +593,9 @@ class HessianOperator(CurvatureOperator):
         Raises:
             ValueError: an unknown backend or dtype.
         """
-        if backend not in BACKENDS:
-            raise _choice_error("HessianOperator.with_backend: backend", backend, BACKENDS)
+        check_choice("HessianOperator.with_backend", "backend", backend, BACKENDS)
         dtype = self.dtype if dtype is None else dtype
-        if dtype not in DTYPES:
-            raise _choice_error("HessianOperator.with_backend: dtype", dtype, DTYPES)
+        check_choice("HessianOperator.with_backend", "dtype", dtype, DTYPES)
         if fd_step is not None and not (isinstance(fd_step, (int, float)) and math.isfinite(fd_step) and fd_step > 0):
             raise ValueError(f"HessianOperator.with_backend: fd_step must be a positive finite number or None; got {fd_step!r}")
         other = copy.copy(self)

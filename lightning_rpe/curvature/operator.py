@@ -60,6 +60,25 @@ class CurvatureOperator:
         self.n_hvp += V.shape[1]
         return out
 
+    def inner_blocks(self, X: Tensor, Y: Tensor, columnwise: bool) -> tuple[Tensor, Tensor]:
+        """``X``, ``Y`` as ``(dim, a)``, ``(dim, b)`` blocks (a flat vector is one column), checked for :meth:`inner`.
+
+        Raises:
+            ValueError: not 1-D/2-D, different ``dim``, or ``columnwise`` with different widths.
+        """
+        name = f"{type(self).__name__}.inner"
+        if X.ndim == 1:
+            X = X.unsqueeze(1)
+        if Y.ndim == 1:
+            Y = Y.unsqueeze(1)
+        if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
+            raise ValueError(
+                f"{name} expects blocks (dim, a) and (dim, b) with the same dim, got {tuple(X.shape)} and {tuple(Y.shape)}"
+            )
+        if columnwise and X.shape[1] != Y.shape[1]:
+            raise ValueError(f"{name}(columnwise=True) needs blocks of equal width, got {tuple(X.shape)} and {tuple(Y.shape)}")
+        return X, Y
+
     def inner(self, X: Tensor, Y: Tensor, *, columnwise: bool = False) -> Tensor:
         """Inner products over the parameter dimension: ``X^T Y``.
 
@@ -69,17 +88,8 @@ class CurvatureOperator:
         default is a plain local matmul; an operator on sharded vectors overrides it to sum the
         local products across processes. Raises ValueError on mismatched shapes.
         """
-        if X.ndim == 1:
-            X = X.unsqueeze(1)
-        if Y.ndim == 1:
-            Y = Y.unsqueeze(1)
-        if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
-            raise ValueError(
-                f"inner expects blocks (dim, a) and (dim, b) with the same dim, got {tuple(X.shape)} and {tuple(Y.shape)}"
-            )
+        X, Y = self.inner_blocks(X, Y, columnwise)
         if columnwise:
-            if X.shape[1] != Y.shape[1]:
-                raise ValueError(f"inner(columnwise=True) needs blocks of equal width, got {tuple(X.shape)} and {tuple(Y.shape)}")
             # one dot per column: no (dim, b) temporary
             return torch.stack([torch.dot(X[:, j], Y[:, j]) for j in range(X.shape[1])]) if X.shape[1] else X.new_zeros(0)
         return X.T @ Y

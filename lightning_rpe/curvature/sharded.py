@@ -50,6 +50,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_rpe.validation import check_choice
+
 from ._functional import (
     BATCHNORM_POLICIES,
     DROPOUT_POLICIES,
@@ -82,11 +84,6 @@ DEFAULT_EPS: dict[torch.dtype, float] = {torch.float64: 1e-5, torch.float32: 1e-
 
 _SUPPORTED_FSDP1 = (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP)
 
-
-def _choice_error(name: str, value: Any, accepted: Sequence[Any]) -> ValueError:
-    return ValueError(
-        f"ShardedHessianOperator: {name} must be one of {', '.join(repr(a) for a in accepted)}; got {value!r}"
-    )
 
 
 def sharding_kind(module: nn.Module) -> str:
@@ -188,10 +185,8 @@ class ShardedHessianOperator(CurvatureOperator):
             raise ValueError(f"ShardedHessianOperator: module must be a torch.nn.Module, got {type(module).__name__}")  # noqa: TRY004
         if not callable(loss_fn):
             raise ValueError("ShardedHessianOperator: loss_fn must be a callable loss_fn(module, batch) -> scalar tensor")  # noqa: TRY004
-        if batchnorm not in BATCHNORM_POLICIES:
-            raise _choice_error("batchnorm", batchnorm, BATCHNORM_POLICIES)
-        if dropout not in DROPOUT_POLICIES:
-            raise _choice_error("dropout", dropout, DROPOUT_POLICIES)
+        check_choice("ShardedHessianOperator", "batchnorm", batchnorm, BATCHNORM_POLICIES)
+        check_choice("ShardedHessianOperator", "dropout", dropout, DROPOUT_POLICIES)
         if batches is None or isinstance(batches, (Tensor, str, bytes)) or not list(batches):
             raise ValueError("ShardedHessianOperator: batches must be a non-empty sequence of batches")
         batches = list(batches)
@@ -200,8 +195,7 @@ class ShardedHessianOperator(CurvatureOperator):
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if dtype is None:
             dtype = torch.float64 if self.compute_dtypes == {torch.float64} else torch.float32
-        if dtype not in (torch.float32, torch.float64):
-            raise _choice_error("dtype", dtype, (torch.float32, torch.float64))
+        check_choice("ShardedHessianOperator", "dtype", dtype, (torch.float32, torch.float64))
         coarsest = torch.float32 if torch.float32 in self.compute_dtypes else torch.float64
         if eps is None:
             eps = DEFAULT_EPS[coarsest]
@@ -355,22 +349,10 @@ class ShardedHessianOperator(CurvatureOperator):
         matching columns. Computed and all-reduced in float64 (a collective: every process must
         call it), returned in the inputs' promoted dtype on their device.
         """
-        if X.ndim == 1:
-            X = X.unsqueeze(1)
-        if Y.ndim == 1:
-            Y = Y.unsqueeze(1)
-        if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
-            raise ValueError(
-                f"ShardedHessianOperator.inner expects blocks (dim, a) and (dim, b) with the same dim, "
-                f"got {tuple(X.shape)} and {tuple(Y.shape)}"
-            )
+        X, Y = self.inner_blocks(X, Y, columnwise)
         out_dtype = torch.promote_types(X.dtype, Y.dtype)
         X64, Y64 = X.to(torch.float64), Y.to(torch.float64)
         if columnwise:
-            if X.shape[1] != Y.shape[1]:
-                raise ValueError(
-                    f"ShardedHessianOperator.inner(columnwise=True) needs blocks of equal width, got {tuple(X.shape)} and {tuple(Y.shape)}"
-                )
             local = (X64 * Y64).sum(dim=0)
         else:
             local = X64.T @ Y64

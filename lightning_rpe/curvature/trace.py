@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .eigen import DEFAULT_SEED
 from .operator import CurvatureOperator
 from .orthogonal import orthonormalize, project_out
 
 __all__ = ["TraceResult", "trace", "DEFAULT_SEED"]
 
-DEFAULT_SEED = 0
 _METHODS = ("hutch++", "hutchinson")
 _CHUNK = 32  # columns per matmat call
 
