@@ -103,7 +103,9 @@ def run(cfg: dict[str, Any], every: int, n_bs: int) -> dict[str, Any]:
     callbacks: list[pl.Callback] = [monitor]
     controller = None
     if cfg["gauge"] != "none":
-        controller = InstabilityController(band=BAND, gauge=cfg["gauge"], **cfg.get("options", {}))
+        options = dict(cfg.get("options") or {})
+        band = tuple(options.pop("band", BAND))
+        controller = InstabilityController(band=band, gauge=cfg["gauge"], **options)
         callbacks.append(controller)
     callbacks.append(recorder)
     trainer = pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
@@ -114,12 +116,14 @@ def run(cfg: dict[str, Any], every: int, n_bs: int) -> dict[str, Any]:
     (test,) = trainer.test(model, datamodule=dm, verbose=False)
     losses = recorder.losses
     warm = controller.settings.warmup_steps if controller is not None else 100
-    after = [r for r in recorder.rows if r["step"] > warm]
+    stop = controller.stop_step if controller is not None and controller.stop_step is not None else math.inf
+    after = [r for r in recorder.rows if warm < r["step"] <= stop]  # measurements of the controlled phase
     gauge = controller.active_gauge if controller is not None else None
+    band = controller.settings.band if controller is not None else BAND
 
     def in_band(key: str) -> float:
         vals = [r[key] for r in after if math.isfinite(r.get(key, math.nan))]
-        return sum(BAND[0] <= v <= BAND[1] for v in vals) / len(vals) if vals else math.nan
+        return sum(band[0] <= v <= band[1] for v in vals) / len(vals) if vals else math.nan
 
     return {
         **cfg,
@@ -261,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizers", default="", help="comma-separated subset of sgd,momentum,adam (default: all)")
     p.add_argument("--max-factor", type=float, default=None, dest="max_factor",
                    help="controller runs with this max_factor instead of the default")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=JSON",
+                   help="an InstabilityController option for the controller runs (repeatable), e.g. "
+                        "band=[0.8,1.2] or max_factor=8")
+    p.add_argument("--batches", default="", help="comma-separated subset of the batch sizes (default: all)")
     p.add_argument("--part", default="1/1", help="k/n: run every n-th configuration starting at the k-th")
     p.add_argument("--out", default="runs/controller_sweep")
     p.add_argument("--table", action="store_true", help="only write the tables of the runs in <out>/runs.jsonl")
@@ -279,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     todo = configs(args.experiment, args.seeds, args.steps, args.gauges.split(","))
     if args.optimizers:
         todo = [c for c in todo if c["optimizer"] in args.optimizers.split(",")]
+    options = {name: json.loads(value) for name, value in (o.split("=", 1) for o in args.option)}
     if args.max_factor is not None:
-        todo = [{**c, "options": {"max_factor": args.max_factor}} for c in todo if c["gauge"] != "none"]
+        options["max_factor"] = args.max_factor
+    if options:
+        todo = [{**c, "options": options} for c in todo if c["gauge"] != "none"]
+    if args.batches:
+        todo = [c for c in todo if c["batch"] in parse_ints(args.batches)]
     if args.smoke:
         todo = [c for c in todo if c["batch"] in (32, 1000)][:4]
     todo = todo[k - 1::n]

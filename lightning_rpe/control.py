@@ -47,6 +47,7 @@ __all__ = [
     "BandGoal",
     "ControlSettings",
     "ControlState",
+    "DEFAULT_BANDS",
     "Decision",
     "Gauge",
     "Phase",
@@ -68,6 +69,13 @@ AfterStop = Literal["reset", "hold"]
 Phase = Literal["before", "warmup", "active", "after"]
 
 _OWNER = "InstabilityController"
+
+DEFAULT_BANDS: dict[str, tuple[float, float]] = {"sharpness": (1.1, 1.5), "batch_sharpness": (0.8, 1.2)}
+"""The band used when neither ``target_ratio`` nor ``band`` is given, per gauge steered (chosen by
+measurement: examples/README.md, "Controller under minibatch SGD, momentum and Adam").
+``"sharpness"``: just above the edge of stability of full-batch GD, where ``lambda_max lr / 2``
+settles at 1.0-1.1 by itself; ``"batch_sharpness"``: around the edge of stochastic stability
+(``BS lr / 2 = 1``), which the batch sharpness does not exceed under minibatch SGD."""
 
 STATE_VERSION = 2
 
@@ -99,7 +107,7 @@ class ControlSettings:
     smoothing: float = 0.0
     warmup_steps: int = 100
     start_step: int = 0
-    stop_step: int | None = None
+    stop_step: int | float | None = None
     after_stop: AfterStop = "reset"
     param_groups: tuple[int, ...] | None = None
     initial_factor: float = 1.0
@@ -116,11 +124,6 @@ class ControlSettings:
         _check(
             self.target_ratio is None or self.band is None,
             "give either target_ratio (a float > 0) or band ((low, high)), not both",
-        )
-        _check(
-            not self.enabled or self.target_ratio is not None or self.band is not None,
-            "needs target_ratio (a float > 0, e.g. 1.2) or band ((low, high) with 0 < low < high, "
-            "e.g. (1.1, 1.5)); or set enabled=False",
         )
         put(self, "target_ratio", check_float(o, "target_ratio", self.target_ratio, minimum=0.0, inclusive=False,
                                               allow_none=True))
@@ -154,7 +157,12 @@ class ControlSettings:
         put(self, "smoothing", smoothing)
         for name in ("warmup_steps", "start_step", "hold_steps"):
             check_int(o, name, getattr(self, name), minimum=0)
-        check_int(o, "stop_step", self.stop_step, minimum=self.start_step + 1, allow_none=True)
+        if isinstance(self.stop_step, float):
+            if not (math.isfinite(self.stop_step) and 0.0 < self.stop_step < 1.0):
+                raise fail(o, "stop_step", "None, an int > start_step, or a float in (0, 1) (a fraction of the run's "
+                           "optimizer steps)", self.stop_step)
+        else:
+            check_int(o, "stop_step", self.stop_step, minimum=self.start_step + 1, allow_none=True)
         if self.param_groups is not None:
             try:
                 groups = tuple(self.param_groups)
@@ -180,6 +188,27 @@ class ControlSettings:
         stays ``1 / max_factor``).
         """
         return self if adam_family == self.adam_family else replace(self, adam_family=adam_family)
+
+    def for_run(self, total_steps: int | None) -> ControlSettings:
+        """The settings with a fractional ``stop_step`` turned into a step index.
+
+        ``stop_step = f`` in (0, 1) becomes ``max(start_step + 1, round(f * total_steps))``; without a
+        known length (``total_steps`` None or not finite) the controller never stops. An int
+        ``stop_step`` is returned unchanged.
+        """
+        if not isinstance(self.stop_step, float):
+            return self
+        if total_steps is None or total_steps <= 0:
+            return replace(self, stop_step=None)
+        return replace(self, stop_step=max(self.start_step + 1, round(self.stop_step * total_steps)))
+
+    def with_goal_for(self, gauge: Literal["sharpness", "batch_sharpness"]) -> ControlSettings:
+        """The settings with the default band of ``gauge`` (:data:`DEFAULT_BANDS`) when neither
+        ``target_ratio`` nor ``band`` was given; unchanged otherwise.
+        """
+        if self.target_ratio is not None or self.band is not None:
+            return self
+        return replace(self, band=DEFAULT_BANDS[gauge])
 
     def factor_bounds(self) -> tuple[float, float]:
         """``(lowest, highest)`` total factor.
@@ -306,6 +335,8 @@ def phase(settings: ControlSettings, step: int) -> Phase:
     """``"before"``, ``"warmup"``, ``"active"`` or ``"after"`` for the optimizer step index ``step``."""
     if step < settings.start_step:
         return "before"
+    if isinstance(settings.stop_step, float):
+        raise ValueError(f"{_OWNER}: a fractional stop_step must be resolved with ControlSettings.for_run first")
     if settings.stop_step is not None and step >= settings.stop_step:
         return "after"
     if step < settings.start_step + settings.warmup_steps:
@@ -485,15 +516,20 @@ def after_rollback(settings: ControlSettings, state: ControlState, step: int) ->
     )
 
 
-def resolve_gauge(gauge: Gauge, full_batch: bool) -> Literal["sharpness", "batch_sharpness"]:
-    """What ``gauge="auto"`` measures: the sharpness, for full-batch and minibatch training alike.
+def resolve_gauge(
+    gauge: Gauge, *, full_batch: bool, adam_family: bool, batch_sharpness_measured: bool
+) -> Literal["sharpness", "batch_sharpness"]:
+    """What ``gauge="auto"`` steers; an explicit gauge is returned as it is.
 
-    Chosen by measurement (examples/README.md, "Controller under minibatch SGD, momentum and
-    Adam"): on the digits MLP the batch sharpness settles just below ``2 / lr`` under minibatch SGD
-    (and is about 0 before the edge under full-batch GD), so a band above 1 cannot be held with it
-    and steering it raised the lr until rollbacks, while ``lambda_max`` held such a band. An explicit
-    gauge is returned as it is; ``full_batch`` is kept for the rule's signature.
+    ``"batch_sharpness"`` for minibatch training with SGD (with or without momentum) when the
+    monitor measures it, ``"sharpness"`` otherwise: for full-batch GD (where the batch sharpness is
+    the Rayleigh quotient of the full gradient, about 0 before the edge), for the Adam family (its
+    preconditioned sharpness; the controller only lowers Adam's lr by default) and for minibatch SGD
+    without ``SharpnessMonitor(batch_sharpness=...)``. Chosen by measurement (examples/README.md,
+    "Controller under minibatch SGD, momentum and Adam").
     """
     if gauge != "auto":
         return gauge
-    return "sharpness"
+    if full_batch or adam_family or not batch_sharpness_measured:
+        return "sharpness"
+    return "batch_sharpness"

@@ -222,7 +222,6 @@ def legacy_controller(**kwargs: Any) -> InstabilityController:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({}, "target_ratio"),
         ({"target_ratio": 1.0, "band": (1.0, 2.0)}, "not both"),
         ({"target_ratio": 0.0}, "target_ratio"),
         ({"target_ratio": float("nan")}, "target_ratio"),
@@ -243,6 +242,9 @@ def legacy_controller(**kwargs: Any) -> InstabilityController:
         ({"target_ratio": 1.2, "warmup_steps": 1.5}, "warmup_steps"),
         ({"target_ratio": 1.2, "start_step": -2}, "start_step"),
         ({"target_ratio": 1.2, "start_step": 10, "stop_step": 10}, "stop_step"),
+        ({"target_ratio": 1.2, "stop_step": 1.0}, "stop_step"),
+        ({"target_ratio": 1.2, "stop_step": 0.0}, "stop_step"),
+        ({"target_ratio": 1.2, "stop_step": float("nan")}, "stop_step"),
         ({"target_ratio": 1.2, "after_stop": "keep"}, "after_stop"),
         ({"target_ratio": 1.2, "param_groups": []}, "param_groups"),
         ({"target_ratio": 1.2, "param_groups": [0, 0]}, "param_groups"),

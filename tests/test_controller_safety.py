@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from lit_models import TinyMLP, full_batch_loader, make_trainer
+from lit_models import TinyMLP, full_batch_loader, make_dataset, make_loader, make_trainer
 from test_controller import CaptureLogger, RecordingSGD, StubMonitor, TinyModel, fit
 
 from lightning_rpe import SharpnessMonitor, control
@@ -319,3 +319,65 @@ def test_a_band_out_of_reach_of_the_factor_bound_is_said_once() -> None:
     said = [str(w.message) for w in record if "stays below the goal" in str(w.message)]
     assert len(said) == 1 and "max_factor=2.0" in said[0]
     assert ctrl.state.factor == pytest.approx(2.0) and monitor.latest.stability_ratio < 1.1
+
+
+# --------------------------------------------------------------------------------------------------
+# what gauge="auto" steers, the default band per gauge, a stop_step given as a fraction of the run
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("full_batch", "adam_family", "measured", "expected"),
+    [
+        (True, False, True, "sharpness"),  # full-batch GD: the batch sharpness is ~0 before the edge
+        (True, False, False, "sharpness"),
+        (False, True, True, "sharpness"),  # Adam: its preconditioned sharpness
+        (False, False, False, "sharpness"),  # minibatch SGD, the monitor does not measure it
+        (False, False, True, "batch_sharpness"),  # minibatch SGD
+    ],
+)
+def test_auto_gauge_rule(full_batch: bool, adam_family: bool, measured: bool, expected: str) -> None:
+    got = control.resolve_gauge("auto", full_batch=full_batch, adam_family=adam_family,
+                                batch_sharpness_measured=measured)
+    assert got == expected
+    for explicit in ("sharpness", "batch_sharpness"):  # an explicit gauge is kept
+        assert control.resolve_gauge(explicit, full_batch=full_batch, adam_family=adam_family,  # type: ignore[arg-type]
+                                     batch_sharpness_measured=measured) == explicit
+
+
+def test_default_band_per_gauge_and_fractional_stop_step() -> None:
+    s = ControlSettings()
+    assert s.band is None and s.target_ratio is None
+    assert s.with_goal_for("sharpness").band == control.DEFAULT_BANDS["sharpness"] == (1.1, 1.5)
+    assert s.with_goal_for("batch_sharpness").band == control.DEFAULT_BANDS["batch_sharpness"]
+    assert ControlSettings(band=(0.5, 0.9)).with_goal_for("batch_sharpness").band == (0.5, 0.9)
+    assert ControlSettings(target_ratio=1.2).with_goal_for("sharpness").band is None
+    frac = ControlSettings(stop_step=0.9, start_step=5)
+    assert frac.for_run(600).stop_step == 540 and frac.for_run(3).stop_step == 6 and frac.for_run(None).stop_step is None
+    assert ControlSettings(stop_step=50).for_run(600).stop_step == 50
+    with pytest.raises(ValueError, match="for_run"):
+        control.phase(frac, 10)
+
+
+def test_controller_without_band_uses_the_gauge_default_and_stops_at_the_fraction() -> None:
+    lr = 0.1
+    model, monitor = TinyModel(lr=lr), StubMonitor(lambda s: 10.0)  # ratio 0.5 at factor 1
+    controller = InstabilityController(warmup_steps=2, stop_step=0.5, max_change=2.0)
+    fit(model, [monitor, controller], max_steps=12)
+    assert controller.active_gauge == "sharpness" and controller.band == control.DEFAULT_BANDS["sharpness"]
+    assert controller.stop_step == 6 and controller.settings.stop_step == 0.5
+    used = [u[0] / lr for u in model.optimizers().optimizer.used]
+    # ratio 0.5 at factor 1, below the band: x2 (max_change) then to the band's centre sqrt(1.1 * 1.5) / 0.5,
+    # then in the band; factor 1 again from step 6 = 0.5 * 12 on
+    centre = math.sqrt(1.1 * 1.5) / 0.5
+    assert used == pytest.approx([1.0, 1.0, 2.0, centre, centre, centre] + [1.0] * 6, rel=1e-12)
+
+
+def test_minibatch_sgd_auto_steers_the_batch_sharpness_and_warns_on_a_band_above_it() -> None:
+    loader = make_loader(make_dataset(32), batch_size=8)
+    auto = InstabilityController(warmup_steps=0)
+    monitor = SharpnessMonitor(every_n_steps=2, probe_size=32, batch_sharpness=2, lambda_min=False)
+    make_trainer([monitor, auto], max_steps=4).fit(TinyMLP(optimizer="sgd", lr=0.05), loader)
+    assert auto.active_gauge == "batch_sharpness" and auto.band == control.DEFAULT_BANDS["batch_sharpness"]
+    above = InstabilityController(band=(1.1, 1.5), warmup_steps=0)
+    monitor = SharpnessMonitor(every_n_steps=2, probe_size=32, batch_sharpness=2, lambda_min=False)
+    with pytest.warns(UserWarning, match="does not rise above"):
+        make_trainer([monitor, above], max_steps=2).fit(TinyMLP(optimizer="sgd", lr=0.05), loader)

@@ -75,6 +75,15 @@ def _tensors(obj: Any) -> list[Tensor]:
     return []
 
 
+def _total_steps(trainer: pl.Trainer) -> int | None:
+    """The run's optimizer steps (``trainer.estimated_stepping_batches``), or None if unbounded/unknown."""
+    try:
+        total = float(trainer.estimated_stepping_batches)
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return None
+    return int(total) if math.isfinite(total) and total > 0 else None
+
+
 def _loss_of(outputs: Any) -> float | None:
     """The training loss in ``training_step``'s output (a tensor or a dict with ``"loss"``), or None."""
     if isinstance(outputs, dict):
@@ -202,7 +211,7 @@ class InstabilityController(Callback):
             raise AttributeError(name)
         if name in _STATE_ATTRS:
             return getattr(self.state, name)
-        settings = self.__dict__.get("settings")
+        settings = self.__dict__.get("_law") or self.__dict__.get("settings")  # effective settings
         if settings is not None and hasattr(settings, name):
             return getattr(settings, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
@@ -285,7 +294,8 @@ class InstabilityController(Callback):
                 f"({n_groups} param groups), got {list(groups)}"
             )
         adam_family = any(g.preconditioned for g in group_thresholds(optimizer))
-        self._law = self.settings.for_optimizer(adam_family)
+        self._law = self.settings.for_optimizer(adam_family).for_run(_total_steps(trainer))
+        self.active_gauge = None  # chosen once the training data is set up (_choose_gauge)
         if len(self.state.smoothed) != n_groups:
             self.state.smoothed = (self.state.smoothed + [None] * n_groups)[:n_groups]
         self._remove_hooks()
@@ -295,17 +305,45 @@ class InstabilityController(Callback):
             optimizer.register_step_post_hook(self._post_step),
         ]
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or self._monitor is None:
+    def _choose_gauge(self, trainer: pl.Trainer) -> None:
+        """Resolve ``gauge="auto"`` and the default band, at train start or at the monitor's first
+        measurement, whichever comes first (both after the training data is set up).
+        """
+        if self.active_gauge is not None:
             return
-        full_batch = int(getattr(trainer, "num_training_batches", 0) or 0) == 1
-        self.active_gauge = control.resolve_gauge(self.settings.gauge, full_batch)
+        batches = float(getattr(trainer, "num_training_batches", 0) or 0)
+        full_batch = batches == 1
+        measured = bool(getattr(self._monitor, "batch_sharpness", False))
+        self.active_gauge = control.resolve_gauge(
+            self.settings.gauge, full_batch=full_batch, adam_family=self._law.adam_family,
+            batch_sharpness_measured=measured,
+        )
+        self._law = self._law.with_goal_for(self.active_gauge)
+        if self.settings.gauge == "auto" and not (full_batch or self._law.adam_family or measured):
+            rank_zero_info(
+                "InstabilityController: minibatch SGD without a batch-sharpness measurement, so gauge='auto' "
+                "steers the sharpness; SharpnessMonitor(batch_sharpness=True) lets it steer the batch sharpness, "
+                "the quantity at the edge under minibatch SGD (docs/controller.md)"
+            )
+        band = self._law.band
+        if self.active_gauge == "batch_sharpness" and band is not None and band[0] > 1.0 and not full_batch:
+            rank_zero_warn(
+                f"InstabilityController: band={band} asks the batch sharpness to stay above its stability threshold; "
+                "under minibatch SGD it does not rise above it (the edge of stochastic stability), so the controller "
+                "will raise the lr to its bound: use a band around 1 (default "
+                f"{control.DEFAULT_BANDS['batch_sharpness']} without band/target_ratio), or gauge='sharpness'"
+            )
         if self.active_gauge == "batch_sharpness" and not getattr(self._monitor, "batch_sharpness", False):
             raise ValueError(
                 "InstabilityController(gauge='batch_sharpness') steers the batch sharpness, which this "
                 "SharpnessMonitor does not measure: set SharpnessMonitor(batch_sharpness=True), or "
                 "InstabilityController(gauge='sharpness')"
             )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or self._monitor is None:
+            return
+        self._choose_gauge(trainer)
         self._snapshot_due = True
         if self.log and getattr(self._monitor, "custom_scalars", False):
             _logging.add_custom_scalars(trainer, self.layout())
@@ -447,6 +485,7 @@ class InstabilityController(Callback):
     def _consider(self, trainer: pl.Trainer, m: Measurement) -> None:
         if self._monitor is None or self._optimizer is None:
             return
+        self._choose_gauge(trainer)
         reading = self._reading(m)
         last = self.state.last_key
         if last is not None and last[0] == reading.key[0] and last[1] == reading.key[1] and (
@@ -568,11 +607,12 @@ class InstabilityController(Callback):
             ratio = self._decision_to_log
             self._decision_to_log = None
             self._log(pl_module, f"{p}controller_ratio", ratio)
-            if self.settings.target_ratio is not None:
-                self._log(pl_module, f"{p}target_ratio", self.settings.target_ratio)
-            elif self.settings.band is not None:
-                self._log(pl_module, f"{p}band_low", self.settings.band[0])
-                self._log(pl_module, f"{p}band_high", self.settings.band[1])
+            law = self._law
+            if law.target_ratio is not None:
+                self._log(pl_module, f"{p}target_ratio", law.target_ratio)
+            elif law.band is not None:
+                self._log(pl_module, f"{p}band_low", law.band[0])
+                self._log(pl_module, f"{p}band_high", law.band[1])
 
     @staticmethod
     def _log(pl_module: pl.LightningModule, name: str, value: Any) -> None:
