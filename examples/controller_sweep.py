@@ -8,11 +8,12 @@ the probe set; preconditioned for Adam). Three experiments:
 
 * ``trajectories``: uncontrolled runs of the batch-size sweep (B = 16, 32, 64, 128, 1000) at a fixed
   lr (0.1) and with the lr scaled with B: lambda_max, batch sharpness and 2/lr over training.
-* ``controller``: the same runs with ``InstabilityController(band=(1.1, 1.5), gauge=G)`` for each gauge
-  G (recommended defaults otherwise): fraction of the measurements after warm-up whose ratio (of
+* ``controller``: the same runs with the recommended ``InstabilityController(gauge=G, stop_step=0.9)``
+  for each gauge G (the gauge's default band, :data:`lightning_rpe.control.DEFAULT_BANDS`; other
+  options by ``--option``): fraction of the measurements after warm-up whose ratio (of
   the gauge the controller steers) is in the band, rollbacks, divergence, test accuracy against the
   uncontrolled twin (same seed, same data order).
-* ``snippet``: the README snippet ``InstabilityController(band=(1.1, 1.5))`` (all defaults) with
+* ``snippet``: the README snippet ``InstabilityController(stop_step=0.9)`` (all defaults) with
   SGD, SGD + momentum 0.9 and Adam at B = 32, and its uncontrolled twins.
 
 Each finished run is appended to ``<out>/runs.jsonl`` (so several processes can share the work with
@@ -48,7 +49,8 @@ from lightning_rpe.measure import Measurement
 from lightning_rpe.models import MLPClassifier
 
 N_TRAIN = 1000
-BAND = (1.1, 1.5)
+BAND = (1.1, 1.5)  # counted for the uncontrolled runs (the sharpness gauge's default band)
+RECOMMENDED: dict[str, Any] = {"stop_step": 0.9}  # the README's controller: release the lr for the last 10 %
 BATCHES = (16, 32, 64, 128, 1000)
 OTHER_OPTIMIZERS = (("momentum", 0.01), ("adam", 0.01))  # SGD + momentum 0.9 (effective lr 0.1), Adam (issue 9)
 
@@ -103,9 +105,8 @@ def run(cfg: dict[str, Any], every: int, n_bs: int) -> dict[str, Any]:
     callbacks: list[pl.Callback] = [monitor]
     controller = None
     if cfg["gauge"] != "none":
-        options = dict(cfg.get("options") or {})
-        band = tuple(options.pop("band", BAND))
-        controller = InstabilityController(band=band, gauge=cfg["gauge"], **options)
+        options = {**RECOMMENDED, **(cfg.get("options") or {})}
+        controller = InstabilityController(gauge=cfg["gauge"], **options)
         callbacks.append(controller)
     callbacks.append(recorder)
     trainer = pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
@@ -119,7 +120,7 @@ def run(cfg: dict[str, Any], every: int, n_bs: int) -> dict[str, Any]:
     stop = controller.stop_step if controller is not None and controller.stop_step is not None else math.inf
     after = [r for r in recorder.rows if warm < r["step"] <= stop]  # measurements of the controlled phase
     gauge = controller.active_gauge if controller is not None else None
-    band = controller.settings.band if controller is not None else BAND
+    band = controller.band if controller is not None else BAND  # the band the controller used
 
     def in_band(key: str) -> float:
         vals = [r[key] for r in after if math.isfinite(r.get(key, math.nan))]
@@ -128,6 +129,7 @@ def run(cfg: dict[str, Any], every: int, n_bs: int) -> dict[str, Any]:
     return {
         **cfg,
         "active_gauge": gauge,
+        "band": list(band),
         "rows": recorder.rows,
         "test_acc": float(test["test_acc"]),
         "final_loss": losses[-1] if losses else math.nan,
@@ -242,8 +244,8 @@ def tables(out: Path, steps: int) -> str:
                          mean_std([r["test_acc"] for r in rs]),
                          mean_std([t["test_acc"] for t in twins if t is not None]),
                          mean_std(delta), f"{min(delta):+.1f}" if delta else "-"])
-        title = ("### Controller, band (1.1, 1.5), recommended defaults, per gauge" if experiment == "controller"
-                 else "### README snippet `InstabilityController(band=(1.1, 1.5))`, B = 32")
+        title = ("### Controller, `InstabilityController(gauge=G, stop_step=0.9)`, per gauge" if experiment == "controller"
+                 else "### README snippet `InstabilityController(stop_step=0.9)`, B = 32")
         parts.append(title + "\n\n" + markdown_table(
             ["optimizer", "batch", "lr", "gauge", "steered", "seeds", "in band (steered gauge)",
              "in band (λmax ratio)", "in band (BS ratio)", "final factor", "rollbacks", "diverged", "test acc",

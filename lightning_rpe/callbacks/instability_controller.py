@@ -100,14 +100,16 @@ class InstabilityController(Callback):
     ``gauge="sharpness"`` the monitor's ``rpe/stability_ratio`` (``lambda_max * lr / 2`` for plain
     GD, the preconditioned sharpness for the Adam family), with ``gauge="batch_sharpness"`` its
     ``rpe/batch_sharpness_ratio`` (the batch sharpness of Andreyev & Beneventano, arXiv 2412.20553,
-    over the same threshold). ``"auto"`` (default) takes the sharpness, for full-batch and minibatch
-    training (the measurements behind the rule: :func:`lightning_rpe.control.resolve_gauge`).
-    Exactly one of ``target_ratio`` and ``band`` is required while ``enabled``.
+    over the same threshold). ``"auto"`` (default) steers the batch sharpness under minibatch SGD
+    (with or without momentum) when the monitor measures it, and the sharpness otherwise (full-batch
+    GD, the Adam family): :func:`lightning_rpe.control.resolve_gauge`. Without ``target_ratio`` and
+    ``band`` the band is the steered gauge's default, :data:`lightning_rpe.control.DEFAULT_BANDS`
+    (sharpness ``(1.1, 1.5)``, batch sharpness ``(0.7, 1.1)``).
 
     Args:
         target_ratio: ratio to steer to after every measurement (> 0).
         band: ``(low, high)`` with ``0 < low < high``; the factor is left alone while the predicted
-            ratio is inside.
+            ratio is inside (None with ``target_ratio`` None: the gauge's default band).
         band_goal: ``"center"`` (geometric centre ``sqrt(low * high)``, default) or ``"edge"``
             (the crossed edge: minimal change).
         gauge: ``"sharpness"``, ``"batch_sharpness"`` or ``"auto"`` (above). ``"batch_sharpness"``
@@ -124,7 +126,11 @@ class InstabilityController(Callback):
         warmup_steps: optimizer steps after ``start_step`` during which the controller only
             observes (factor 1; default 100).
         start_step: first optimizer step the controller takes part in.
-        stop_step: first optimizer step it no longer controls (None: never stops).
+        stop_step: first optimizer step it no longer controls (None: never stops), or a float in
+            ``(0, 1)``: that fraction of the run's optimizer steps (``trainer.estimated_stepping_batches``;
+            never stops when the run has no known length). ``stop_step=0.9`` with ``after_stop="reset"``
+            trains the last 10 % at the scheduled lr (measured: it kept minibatch runs within their
+            uncontrolled twins' accuracy, examples/README.md).
         after_stop: ``"reset"`` (factor 1 from ``stop_step`` on, default) or ``"hold"``.
         param_groups: indices of the param groups to scale (None: all); the least stable decides.
         initial_factor: factor at the first controlled step (> 0).
@@ -159,7 +165,7 @@ class InstabilityController(Callback):
         smoothing: float = 0.0,
         warmup_steps: int = 100,
         start_step: int = 0,
-        stop_step: int | None = None,
+        stop_step: int | float | None = None,
         after_stop: AfterStop = "reset",
         param_groups: Sequence[int] | None = None,
         initial_factor: float = 1.0,
