@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -433,6 +434,8 @@ class EigenvectorTracker:
         self.reference_top: Tensor | None = None
         self.previous_min: Tensor | None = None
         self.previous_preconditioned: Tensor | None = None
+        self.previous_gaps: tuple[float, ...] | None = None
+        self.previous_preconditioned_gap: float | None = None
         self.polarity.reset()
 
     def warm_start(self, dim: int, with_min: bool) -> Tensor | None:
@@ -451,7 +454,8 @@ class EigenvectorTracker:
 
     def update(
         self, step: int, top: Tensor, minimum: Tensor | None = None, preconditioned: Tensor | None = None,
-        k: int | None = None, crossed: bool | None = None,
+        k: int | None = None, crossed: bool | None = None, gaps: Sequence[float] = (),
+        preconditioned_gap: float | None = None,
     ) -> Rotation:
         """Feed the eigenvectors of a new measurement at optimizer step ``step``.
 
@@ -471,7 +475,15 @@ class EigenvectorTracker:
                 an eigenvector and the new ``v_1`` another one (see
                 :func:`lightning_rpe.measure.previous_still_eigenvector`): counted as a crossing, with no
                 rotation reported and the polarity continued from the new vector.
+            gaps: the solver's gap estimates of the pairs (top, then lambda_min), kept for the
+                eigenvalue rule of the next warm solve (:func:`lightning_rpe.measure.stopping_rule`);
+                empty: none known.
+            preconditioned_gap: the same for the preconditioned pair (None: the previous one is kept
+                with the previous preconditioned vector).
         """
+        self.previous_gaps = tuple(float(g) for g in gaps) or None
+        if preconditioned is not None:
+            self.previous_preconditioned_gap = preconditioned_gap
         k = top.shape[1] if k is None else k
         v1 = top[:, 0]
         outside_verdict = crossed
@@ -533,6 +545,8 @@ class EigenvectorTracker:
             "prev_pre": cpu(self.previous_preconditioned),
             "polarity": self._polarity_state(),
             "crossings": int(self.crossings),
+            "gaps": None if self.previous_gaps is None else list(self.previous_gaps),
+            "prev_pre_gap": self.previous_preconditioned_gap,
         }
 
     def _polarity_state(self) -> dict[str, Any]:
@@ -560,3 +574,7 @@ class EigenvectorTracker:
             polarity["reference"] = self.previous_top[:, 0].clone() * sign
         self.polarity.load_state_dict(polarity)
         self.crossings = int(state.get("crossings", 0))
+        gaps = state.get("gaps")
+        self.previous_gaps = None if gaps is None else tuple(float(g) for g in gaps)
+        pre_gap = state.get("prev_pre_gap")
+        self.previous_preconditioned_gap = None if pre_gap is None else float(pre_gap)
