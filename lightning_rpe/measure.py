@@ -171,7 +171,7 @@ class MeasureSettings:
     preconditioned: bool = True
     grad_alignment: bool = True
     warm_start: bool = True
-    criterion: Criterion = "residual"
+    criterion: Criterion = "auto"
     seed: int = 0
     batch_sharpness: int = 0
     owner: str = "SharpnessMonitor"

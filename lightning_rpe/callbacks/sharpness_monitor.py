@@ -161,7 +161,7 @@ class SharpnessMonitor(Callback):
         preconditioned: bool = True,
         grad_alignment: bool = True,
         warm_start: bool = True,
-        criterion: Criterion = "residual",
+        criterion: Criterion = "auto",
         prefix: str = "rpe/",
         seed: int = 0,
         custom_scalars: bool = True,
