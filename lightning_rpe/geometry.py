@@ -37,7 +37,8 @@ __all__ = [
 
 def _all_finite(x: Tensor) -> bool:
     """``bool(torch.isfinite(x).all())``, by the sum first: a finite sum has no NaN or inf term
-    (only an overflowing sum of finite terms needs the elementwise test)."""
+    (only an overflowing sum of finite terms needs the elementwise test).
+    """
     return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
