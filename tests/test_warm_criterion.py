@@ -201,3 +201,31 @@ def test_auto_runs_the_preconditioned_solve_on_the_eigenvalue_rule() -> None:
     assert pre_hvp["auto"] < pre_hvp["residual"], pre_hvp
     # the first warm solve had the cold solve's gap
     assert runs["auto"][1]["gap_in"] is not None
+
+
+def test_a_warm_measurement_spends_only_the_solver_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With top_k=1 the crossing check multiplies the previous v_1 only when the new v_1 left it
+    (|cos| < 0.5); along a smooth trajectory a warm measurement's products are the solver's alone."""
+    from lightning_rpe import measure
+
+    spent: list[int] = []
+    original = measure.eigenpairs
+
+    def counting(*args, **kwargs):
+        res = original(*args, **kwargs)
+        spent.append(res.n_hvp)
+        return res
+
+    monkeypatch.setattr(measure, "eigenpairs", counting)
+    model, batch = _model_and_data()
+    settings = MeasureSettings(grad_alignment=True, verify="off")
+    tracker = EigenvectorTracker()
+    for m in range(4):
+        if m:
+            _gd(model, batch, 5, 0.1)
+        spent.clear()
+        s = solve(model, _loss, [batch], settings, step=m * 5, warm=tracker)
+        tracker.update(m * 5, s.top_vectors, s.min_vector, k=1, crossed=s.crossed, gaps=s.gaps)
+        assert s.n_hvp == sum(spent) and len(spent) == 1
+        if m:
+            assert s.crossed is False  # checked without a product: the vectors overlap
