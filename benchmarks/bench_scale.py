@@ -176,8 +176,8 @@ def part_train(cfg: dict[str, Any]) -> dict[str, Any]:
     callbacks: list[Any] = []
     monitor = recorder = None
     if cfg["top_k"] is not None:
-        monitor = SharpnessMonitor(every_n_steps=2, probe="fixed", probe_size=cfg["probe"], top_k=cfg["top_k"],
-                                   criterion=cfg.get("criterion", "residual"))
+        rule = {"criterion": "eigenvalue"} if cfg.get("criterion") == "eigenvalue" else {}  # else the default
+        monitor = SharpnessMonitor(every_n_steps=2, probe="fixed", probe_size=cfg["probe"], top_k=cfg["top_k"], **rule)
         recorder = _Recorder(monitor, probe)
         callbacks = [monitor, recorder]
     trainer = pl.Trainer(max_steps=cfg["steps"], max_epochs=-1, accelerator="cpu", devices=1, callbacks=callbacks,
