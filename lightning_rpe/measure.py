@@ -503,6 +503,17 @@ def stopping_rule(criterion: str, previous: Sequence[float] | None, n: int, repo
     return "eigenvalue", gap
 
 
+def _fresh_gaps(res: Any, settings: MeasureSettings, warm: bool) -> tuple[float, ...]:
+    """The gap estimates of a solve to carry to the next one: Lanczos' (its Ritz gaps, capped by the
+    gaps passed in), or none after a warm block solve, whose ``gaps`` only repeat the ones passed in
+    and would never follow a gap that shrinks.
+    """
+    block = settings.solver == "block" or (settings.solver == "auto" and warm)
+    if block or res.gaps is None:
+        return ()
+    return tuple(float(g) for g in res.gaps)
+
+
 def _top_eigenpair(op: Any, settings: MeasureSettings, gen: torch.Generator, init: Tensor | None, what: str,
                    gap: float | None = None) -> Any:
     """The converged top eigenpair of ``op`` or :class:`MeasurementSkipped` (``gap``: the previous
@@ -623,6 +634,7 @@ def solve(
             "every eigenvalue and the gradient are exactly 0: the loss does not depend on the parameters (a "
             "loss computed under torch.no_grad(), .detach()ed or turned into a Python number?)"
         )
+    main_gaps = _fresh_gaps(res, settings, init is not None)
     top_vals = tuple(float(v) for v in res.eigenvalues[:k])
     top_vecs = res.eigenvectors[:, :k].detach().clone()
     crossed = None
@@ -640,7 +652,8 @@ def solve(
         groups = list(group_thresholds(optimizer, None if lr_scales is None else [float(s) for s in lr_scales]))
         # the sentence stability.group_thresholds writes for an optimizer it does not know (once per run)
         notes.extend(("unknown-optimizer", g.note) for g in groups[:1] if g.note is not None)
-    pre_val, pre_vec, pre_gap, ratio = None, None, None, None
+    pre_val, pre_vec, ratio = None, None, None
+    pre_gap: float | None = None
     scales = None if optimizer is None else step_scales(optimizer, op.parameters, groups, op.names)
     if scales is not None:
         if scales.no_state or scales.frozen:
@@ -656,11 +669,12 @@ def solve(
             ))
         if preconditioned and settings.preconditioned:
             inverse = op.flatten(list(scales.inverse_preconditioner))  # type: ignore[arg-type]
-            pres = _top_eigenpair(ScaledOperator(op, inverse), settings, gen,
-                                  warm.preconditioned_warm_start(op.dim) if use_warm else None, "preconditioned",
+            pre_init = warm.preconditioned_warm_start(op.dim) if use_warm else None
+            pres = _top_eigenpair(ScaledOperator(op, inverse), settings, gen, pre_init, "preconditioned",
                                   warm.previous_preconditioned_gap if use_warm else None)
             pre_val, pre_vec = float(pres.eigenvalues[0]), pres.eigenvectors[:, 0].detach().clone()
-            pre_gap = None if pres.gaps is None else float(pres.gaps[0])
+            fresh = _fresh_gaps(pres, settings, pre_init is not None)
+            pre_gap = fresh[0] if fresh else None
         if scales.uniform is not None:
             base = pre_val if preconditioned else top_vals[0]
             ratio = None if base is None else scales.uniform * base
@@ -693,7 +707,7 @@ def solve(
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
         backend=op.backend, verification=verdict, verify_error=verify_error, switched=switched, crossed=crossed,
-        gaps=() if res.gaps is None else tuple(float(g) for g in res.gaps), preconditioned_gap=pre_gap,
+        gaps=main_gaps, preconditioned_gap=pre_gap,
         **{**_clip_statistics(optimizer), **bs},
     )
 

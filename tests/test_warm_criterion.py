@@ -229,3 +229,20 @@ def test_a_warm_measurement_spends_only_the_solver_products(monkeypatch: pytest.
         assert s.n_hvp == sum(spent) and len(spent) == 1
         if m:
             assert s.crossed is False  # checked without a product: the vectors overlap
+
+
+@pytest.mark.parametrize("solver", ["block", "auto"])
+def test_a_warm_block_solve_carries_no_stale_gaps(solver: str) -> None:
+    """The block solver's gaps only repeat the ones passed in: they are not carried forward, so a
+    gap that shrinks during training cannot stay over-estimated (the next solve uses the residual rule)."""
+    model, batch = _model_and_data()
+    settings = MeasureSettings(solver=solver, criterion="eigenvalue", grad_alignment=False, verify="off")
+    tracker = EigenvectorTracker()
+    cold = solve(model, _loss, [batch], settings, step=0, warm=tracker)
+    tracker.update(0, cold.top_vectors, cold.min_vector, k=1, gaps=cold.gaps)
+    assert len(cold.gaps) == 2 if solver == "auto" else cold.gaps == ()  # auto: a cold Lanczos solve
+    _gd(model, batch, 5, 0.1)
+    warm = solve(model, _loss, [batch], settings, step=5, warm=tracker)
+    assert warm.gaps == ()
+    tracker.update(5, warm.top_vectors, warm.min_vector, k=1, gaps=warm.gaps)
+    assert tracker.previous_gaps is None
