@@ -176,7 +176,7 @@ def part_train(cfg: dict[str, Any]) -> dict[str, Any]:
     callbacks: list[Any] = []
     monitor = recorder = None
     if cfg["top_k"] is not None:
-        rule = {"criterion": "eigenvalue"} if cfg.get("criterion") == "eigenvalue" else {}  # else the default
+        rule = {} if cfg.get("criterion") is None else {"criterion": cfg["criterion"]}  # None: the default
         monitor = SharpnessMonitor(every_n_steps=2, probe="fixed", probe_size=cfg["probe"], top_k=cfg["top_k"], **rule)
         recorder = _Recorder(monitor, probe)
         callbacks = [monitor, recorder]
@@ -306,11 +306,11 @@ def bench_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     base = {"workload": name, "quick": args.quick, "threads": args.threads, "probe": probe,
             "n_train": max(probe, 512), "steps": args.steps, "tol": 1e-3}
     out: dict[str, Any] = {"workload": name, "probe": probe}
-    runs = [("train", None, "residual"), ("train+monitor", 1, "residual")]
+    runs: list[tuple[str, int | None, str | None]] = [("train", None, None), ("train+monitor", 1, None)]
     if args.criterion_eigenvalue:
         runs.append(("train+monitor eigenvalue rule", 1, "eigenvalue"))
     if args.top_k5:
-        runs.append(("train+monitor top_k=5", 5, "residual"))
+        runs.append(("train+monitor top_k=5", 5, None))
     for label, top_k, criterion in runs:
         r = run_part("train", dict(base, top_k=top_k, criterion=criterion), args.timeout)
         out[label] = r
