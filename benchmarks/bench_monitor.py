@@ -24,11 +24,9 @@ Reported (``torch.set_num_threads(2)``; runs alternate with/without, medians ove
 * state memory: bytes of all tensors in the monitor's ``state_dict()`` against the parameter
   bytes; goal ``<= (k + 3) x`` the parameter bytes.
 
-``--criterion eigenvalue`` measures the monitor as it would run with the eigenvalue-error stopping
-rule (``eigenpairs(criterion="eigenvalue", gap=previous.gaps)`` on every warm solve, the cold
-first solve unchanged), before the monitor itself offers it: the benchmark wraps
-``lightning_rpe.curvature.eigenpairs`` (which the monitor looks up at every measurement) and
-carries the previous result's ``gaps`` per (operator size, ``which``). See :func:`eigenvalue_rule`.
+``--criterion`` sets ``SharpnessMonitor(criterion=...)``: the stopping rule of the warm solves
+(``residual``, the default; ``eigenvalue``: every warm pair stops on the eigenvalue error with the
+previous measurement's gap estimates; ``auto``: only the pairs whose vectors feed no reported number).
 """
 
 from __future__ import annotations
@@ -68,33 +66,6 @@ def tensor_bytes(obj: Any) -> int:
         return 0
 
     return walk(obj)
-
-
-def eigenvalue_rule() -> Any:
-    """Patch ``lightning_rpe.curvature.eigenpairs`` so that warm solves (``init`` given) stop on the
-    eigenvalue error with the previous solve's ``gaps`` (the change proposed for the monitor).
-    Returns a function that undoes the patch."""
-    from lightning_rpe import curvature
-
-    original = curvature.eigenpairs
-    last_gaps: dict[tuple[int, str, int], torch.Tensor] = {}
-
-    def patched(operator: Any, k: int = 1, which: str = "largest", *args: Any, **kwargs: Any) -> Any:
-        key = (operator.dim, which, k)
-        if kwargs.get("init") is not None and key in last_gaps:
-            kwargs.setdefault("criterion", "eigenvalue")
-            kwargs.setdefault("gap", last_gaps[key])
-        res = original(operator, k, which, *args, **kwargs)
-        if res.gaps is not None and bool(torch.isfinite(res.gaps).all()):
-            last_gaps[key] = res.gaps
-        return res
-
-    curvature.eigenpairs = patched
-
-    def undo() -> None:
-        curvature.eigenpairs = original
-
-    return undo
 
 
 def make_model(hidden: Sequence[int], lr: float, seed: int, optimizer: str = "sgd") -> Any:
@@ -221,7 +192,7 @@ def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, e
         monitor_kwargs["solver"] = solver
     if lambda_min_tol is not None:
         monitor_kwargs["lambda_min_tol"] = lambda_min_tol
-    undo = eigenvalue_rule() if criterion == "eigenvalue" else (lambda: None)
+    monitor_kwargs["criterion"] = criterion
     walls_with, walls_without, grad_times, warm, first, states = [], [], [], [], [], []
     skipped = 0
     n_params = top_k = None
@@ -246,7 +217,6 @@ def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, e
                   f"{len(ms)} measurements, HVPs {[m.n_hvp for m in ms]}, "
                   f"gradient {statistics.median(gts) * 1e3:.2f} ms",
                   flush=True)
-    undo()
     grad_t = statistics.median(grad_times)
     warm_secs = [m.seconds for m, _ in warm]
     warm_eq = [m.seconds / g for m, g in warm]
@@ -327,8 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="SharpnessMonitor(solver=...); default: the monitor's own default")
     parser.add_argument("--lambda-min-tol", type=float, default=None,
                         help="SharpnessMonitor(lambda_min_tol=...); default: the monitor's own default")
-    parser.add_argument("--criterion", default="residual", choices=["residual", "eigenvalue"],
-                        help="stopping rule of the warm solves (eigenvalue: with the previous solve's gaps)")
+    parser.add_argument("--criterion", default="residual", choices=["residual", "eigenvalue", "auto"],
+                        help="SharpnessMonitor(criterion=...): stopping rule of the warm solves")
     parser.add_argument("--probe-size", type=int, default=1000)
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2,

@@ -37,7 +37,7 @@ Every measurement runs in its own subprocess, so that peak RSS (``ru_maxrss``) b
   RSS increase over the loaded model and data (``ru_maxrss`` after minus before; the training steps
   run in a separate ``prepare`` subprocess that saves the state, so no training peak hides it).
 * ``--criterion-eigenvalue``: one more monitor run whose warm solves stop on the eigenvalue error
-  with the previous solve's gaps (``bench_monitor.eigenvalue_rule``).
+  with the previous solve's gaps (``SharpnessMonitor(criterion="eigenvalue")``).
 
 ``--threads`` sets ``torch.set_num_threads`` in every subprocess (default 2).
 """
@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_monitor import _Recorder, eigenvalue_rule, render_table
+from bench_monitor import _Recorder, render_table
 from torch import Tensor, nn
 
 WORKLOADS = ("mlp", "resnet")
@@ -176,9 +176,8 @@ def part_train(cfg: dict[str, Any]) -> dict[str, Any]:
     callbacks: list[Any] = []
     monitor = recorder = None
     if cfg["top_k"] is not None:
-        if cfg.get("criterion") == "eigenvalue":
-            eigenvalue_rule()
-        monitor = SharpnessMonitor(every_n_steps=2, probe="fixed", probe_size=cfg["probe"], top_k=cfg["top_k"])
+        rule = {} if cfg.get("criterion") is None else {"criterion": cfg["criterion"]}  # None: the default
+        monitor = SharpnessMonitor(every_n_steps=2, probe="fixed", probe_size=cfg["probe"], top_k=cfg["top_k"], **rule)
         recorder = _Recorder(monitor, probe)
         callbacks = [monitor, recorder]
     trainer = pl.Trainer(max_steps=cfg["steps"], max_epochs=-1, accelerator="cpu", devices=1, callbacks=callbacks,
@@ -307,11 +306,11 @@ def bench_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     base = {"workload": name, "quick": args.quick, "threads": args.threads, "probe": probe,
             "n_train": max(probe, 512), "steps": args.steps, "tol": 1e-3}
     out: dict[str, Any] = {"workload": name, "probe": probe}
-    runs = [("train", None, "residual"), ("train+monitor", 1, "residual")]
+    runs: list[tuple[str, int | None, str | None]] = [("train", None, None), ("train+monitor", 1, None)]
     if args.criterion_eigenvalue:
         runs.append(("train+monitor eigenvalue rule", 1, "eigenvalue"))
     if args.top_k5:
-        runs.append(("train+monitor top_k=5", 5, "residual"))
+        runs.append(("train+monitor top_k=5", 5, None))
     for label, top_k, criterion in runs:
         r = run_part("train", dict(base, top_k=top_k, criterion=criterion), args.timeout)
         out[label] = r
@@ -410,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k5", action="store_true", help="also a run with SharpnessMonitor(top_k=5)")
     parser.add_argument("--criterion-eigenvalue", action="store_true",
                         help=("also a monitor run whose warm solves stop on the eigenvalue error "
-                              "(bench_monitor.eigenvalue_rule: the change proposed for the monitor)"))
+                              "(SharpnessMonitor(criterion='eigenvalue'))"))
     parser.add_argument("--small-basis", action="store_true",
                         help="also lambda_max with eigenpairs(max_basis=4) (PyHessian-like memory)")
     parser.add_argument("--threads", type=int, default=2)

@@ -61,6 +61,7 @@ __all__ = [
     "previous_still_eigenvector",
     "solve",
     "solve_sharded",
+    "stopping_rule",
 ]
 
 Solver = Literal["auto", "lanczos", "block"]
@@ -69,6 +70,7 @@ BatchNormPolicy = Literal["eval", "batch"]
 DropoutPolicy = Literal["off", "on"]
 Backend = Literal["auto", "func", "autograd", "finite_difference"]
 Verify = Literal["first", "every", "off"]
+Criterion = Literal["residual", "eigenvalue", "auto"]
 
 SOLVERS: tuple[Solver, ...] = ("auto", "lanczos", "block")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
@@ -76,6 +78,7 @@ BATCHNORM_POLICIES: tuple[BatchNormPolicy, ...] = ("eval", "batch")
 DROPOUT_POLICIES: tuple[DropoutPolicy, ...] = ("off", "on")
 BACKENDS: tuple[Backend, ...] = ("auto", "func", "autograd", "finite_difference")
 VERIFY: tuple[Verify, ...] = ("first", "every", "off")
+CRITERIA: tuple[Criterion, ...] = ("residual", "eigenvalue", "auto")
 
 
 class MeasurementSkipped(Exception):
@@ -137,6 +140,12 @@ class MeasureSettings:
         preconditioned: compute ``lambda_max(P^-1/2 H P^-1/2)`` for Adam-family groups.
         grad_alignment: compute the probe gradient and ``|cos(g, v_1)|``.
         warm_start: start each solve from the previous eigenvectors.
+        criterion: stopping rule of the warm solves (see :func:`stopping_rule`): ``"residual"``
+            (every pair to ``||H v - theta v|| <= tol * lambda_max``), ``"eigenvalue"`` (every warm
+            pair to the eigenvalue error ``r^2 / gap <= tol * lambda_max`` with the previous
+            measurement's gaps: eigenvalues at ``tol``, vectors only to ``sqrt(tol * lambda_max / gap)``)
+            or ``"auto"`` (the eigenvalue rule only for the pairs whose vector feeds no reported
+            number: the lambda_min pair and the preconditioned solve).
         seed: seed of the solver's private generator (combined with the step), >= 0.
         batch_sharpness: number of mini-batches of the training batch size the batch sharpness is
             averaged over (0: not measured).
@@ -162,6 +171,7 @@ class MeasureSettings:
     preconditioned: bool = True
     grad_alignment: bool = True
     warm_start: bool = True
+    criterion: Criterion = "auto"
     seed: int = 0
     batch_sharpness: int = 0
     owner: str = "SharpnessMonitor"
@@ -184,6 +194,7 @@ class MeasureSettings:
         check_choice(o, "dropout", self.dropout, DROPOUT_POLICIES)
         check_choice(o, "backend", self.backend, BACKENDS)
         check_choice(o, "verify", self.verify, VERIFY)
+        check_choice(o, "criterion", self.criterion, CRITERIA)
         check_int(o, "seed", self.seed, minimum=0)
         check_int(o, "batch_sharpness", self.batch_sharpness, minimum=0)
 
@@ -239,6 +250,10 @@ class Solve:
             relative clip warms up); empty for other optimizers.
         crossed: with one tracked eigenvector, True when the previous ``v_1`` is still an eigenvector
             and the new ``v_1`` is another one (a crossing, not a rotation); None when not checked.
+        gaps: the solver's estimate of each returned pair's distance to the rest of the spectrum
+            (top-k, then lambda_min; :attr:`~lightning_rpe.curvature.EigenResult.gaps`), for the
+            eigenvalue rule of the next warm solve; empty when unknown.
+        preconditioned_gap: the same for the preconditioned pair, or None.
     """
 
     eigenvalues: tuple[float, ...]
@@ -269,6 +284,8 @@ class Solve:
     clip_fractions: tuple[float, ...] = ()
     clip_levels: tuple[float, ...] = ()
     crossed: bool | None = None
+    gaps: tuple[float, ...] = ()
+    preconditioned_gap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -452,12 +469,62 @@ def _skip(reason: str, notes: list[tuple[str, str]]) -> MeasurementSkipped:
     return exc
 
 
-def _top_eigenpair(op: Any, settings: MeasureSettings, gen: torch.Generator, init: Tensor | None, what: str) -> Any:
-    """The converged top eigenpair of ``op`` or :class:`MeasurementSkipped`."""
+def stopping_rule(criterion: str, previous: Sequence[float] | None, n: int, reported: int) -> tuple[str, Tensor | None]:
+    """The ``(criterion, gap)`` arguments of a warm :func:`~lightning_rpe.curvature.eigenpairs` call.
+
+    Args:
+        criterion: ``"residual"``, ``"eigenvalue"`` or ``"auto"`` (:class:`MeasureSettings`).
+        previous: the previous measurement's gap estimates of the ``n`` pairs in result order
+            (:attr:`Solve.gaps`), or None.
+        n: pairs the solve returns.
+        reported: the leading pairs whose vectors feed reported numbers (rotation, polarity,
+            gradient alignment, subspace similarities); with ``"auto"`` they keep the residual rule.
+
+    Returns:
+        ``("residual", None)`` when no pair can use the eigenvalue rule (``"residual"``, no or
+        mismatched previous gaps, none positive); else ``("eigenvalue", gap)`` with ``gap`` a
+        float64 ``(n,)`` tensor. A pair with gap 0 (unknown, non-finite, not positive, or a
+        reported pair under ``"auto"``) stops on its residual in both solvers.
+
+    The rule (:func:`~lightning_rpe.curvature.lanczos.eigenvalue_errors`): a pair with residual ``r``
+    and gap ``g`` has converged when ``r^2 / g <= tol * max|theta|`` (Kato-Temple), used only where
+    ``r <= g / 4``. Its eigenvalue is then within ``tol * max|theta|`` of an eigenvalue; its vector
+    within the angle ``asin(r / g) <= asin(sqrt(tol * max|theta| / g))`` of the eigenvector (Davis-Kahan),
+    against ``asin(tol * max|theta| / g)`` under the residual rule.
+    """
+    if criterion == "residual" or previous is None or len(previous) != n:
+        return "residual", None
+    gap = torch.nan_to_num(torch.tensor([float(g) for g in previous], dtype=torch.float64),
+                           nan=0.0, posinf=0.0).clamp_min(0.0)
+    if criterion == "auto":
+        gap[:reported] = 0.0
+    if not bool((gap > 0).any()):
+        return "residual", None
+    return "eigenvalue", gap
+
+
+def _fresh_gaps(res: Any, settings: MeasureSettings, warm: bool) -> tuple[float, ...]:
+    """The gap estimates of a solve to carry to the next one: Lanczos' (its Ritz gaps, capped by the
+    gaps passed in), or none after a warm block solve, whose ``gaps`` only repeat the ones passed in
+    and would never follow a gap that shrinks.
+    """
+    block = settings.solver == "block" or (settings.solver == "auto" and warm)
+    if block or res.gaps is None:
+        return ()
+    return tuple(float(g) for g in res.gaps)
+
+
+def _top_eigenpair(op: Any, settings: MeasureSettings, gen: torch.Generator, init: Tensor | None, what: str,
+                   gap: float | None = None) -> Any:
+    """The converged top eigenpair of ``op`` or :class:`MeasurementSkipped` (``gap``: the previous
+    one's gap estimate, for :func:`stopping_rule` when its vector feeds no reported number).
+    """
+    criterion, gaps = "residual", None
     if init is not None:
         init = init.to(device=op.device, dtype=op.dtype)
+        criterion, gaps = stopping_rule(settings.criterion, None if gap is None else [gap], 1, 0)
     res = eigenpairs(op, k=1, which="largest", tol=settings.tol, max_hvp=settings.max_hvp, init=init,
-                     generator=gen, method=settings.solver)
+                     generator=gen, method=settings.solver, criterion=criterion, gap=gaps)
     if not res.all_converged or not bool(torch.isfinite(res.eigenvalues).all()):
         raise MeasurementSkipped(f"the {what} eigen-solve did not converge ({res.reason or 'not converged'})")
     return res
@@ -549,8 +616,12 @@ def solve(
     if init is not None:
         init = init.to(device=op.device, dtype=op.dtype)
     gen = settings.generator(step)
+    criterion, gap = "residual", None
+    if init is not None:
+        criterion, gap = stopping_rule(settings.criterion, warm.previous_gaps, k + int(which == "both"), k)
     res = eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.max_hvp, init=init, generator=gen,
-                     method=settings.solver, tol_smallest=settings.lambda_min_tol if which == "both" else None)
+                     method=settings.solver, tol_smallest=settings.lambda_min_tol if which == "both" else None,
+                     criterion=criterion, gap=gap)
     if not bool(torch.isfinite(res.eigenvalues).all()):
         raise _skip(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)", notes)
     if not res.all_converged:
@@ -563,6 +634,7 @@ def solve(
             "every eigenvalue and the gradient are exactly 0: the loss does not depend on the parameters (a "
             "loss computed under torch.no_grad(), .detach()ed or turned into a Python number?)"
         )
+    main_gaps = _fresh_gaps(res, settings, init is not None)
     top_vals = tuple(float(v) for v in res.eigenvalues[:k])
     top_vecs = res.eigenvectors[:, :k].detach().clone()
     crossed = None
@@ -581,6 +653,7 @@ def solve(
         # the sentence stability.group_thresholds writes for an optimizer it does not know (once per run)
         notes.extend(("unknown-optimizer", g.note) for g in groups[:1] if g.note is not None)
     pre_val, pre_vec, ratio = None, None, None
+    pre_gap: float | None = None
     scales = None if optimizer is None else step_scales(optimizer, op.parameters, groups, op.names)
     if scales is not None:
         if scales.no_state or scales.frozen:
@@ -596,9 +669,12 @@ def solve(
             ))
         if preconditioned and settings.preconditioned:
             inverse = op.flatten(list(scales.inverse_preconditioner))  # type: ignore[arg-type]
-            pres = _top_eigenpair(ScaledOperator(op, inverse), settings, gen,
-                                  warm.preconditioned_warm_start(op.dim) if use_warm else None, "preconditioned")
+            pre_init = warm.preconditioned_warm_start(op.dim) if use_warm else None
+            pres = _top_eigenpair(ScaledOperator(op, inverse), settings, gen, pre_init, "preconditioned",
+                                  warm.previous_preconditioned_gap if use_warm else None)
             pre_val, pre_vec = float(pres.eigenvalues[0]), pres.eigenvectors[:, 0].detach().clone()
+            fresh = _fresh_gaps(pres, settings, pre_init is not None)
+            pre_gap = fresh[0] if fresh else None
         if scales.uniform is not None:
             base = pre_val if preconditioned else top_vals[0]
             ratio = None if base is None else scales.uniform * base
@@ -631,6 +707,7 @@ def solve(
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
         backend=op.backend, verification=verdict, verify_error=verify_error, switched=switched, crossed=crossed,
+        gaps=main_gaps, preconditioned_gap=pre_gap,
         **{**_clip_statistics(optimizer), **bs},
     )
 

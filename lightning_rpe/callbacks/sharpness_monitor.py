@@ -37,6 +37,7 @@ from lightning_rpe.measure import (
     DTYPES,
     Backend,
     BatchNormPolicy,
+    Criterion,
     DropoutPolicy,
     DType,
     LossFunctionError,
@@ -111,6 +112,13 @@ class SharpnessMonitor(Callback):
         preconditioned: for Adam-family groups, compute ``lambda_max(P^-1/2 H P^-1/2)``.
         grad_alignment: compute the probe gradient and its alignment with ``v_1``.
         warm_start: start the solver from the previous eigenvectors.
+        criterion: stopping rule of the warm solves: ``"residual"`` (every pair to its residual
+            tolerance: eigenvalues and vectors accurate), ``"eigenvalue"`` (every warm pair to the
+            eigenvalue error ``r^2 / gap <= tol * lambda_max`` with the previous measurement's gap
+            estimates: fewer products, eigenvalues at ``tol``, but vectors, and so rotation, polarity,
+            gradient alignment and subspace similarities, only to ``asin(sqrt(tol * lambda_max / gap))``)
+            or ``"auto"`` (the eigenvalue rule only where the vector feeds no reported number: the
+            lambda_min pair and the preconditioned solve). See docs/monitor.md.
         prefix: prefix of every logged name.
         seed: seed of the solver's private random generator (combined with the step).
         custom_scalars: write the TensorBoard custom-scalars layout.
@@ -153,6 +161,7 @@ class SharpnessMonitor(Callback):
         preconditioned: bool = True,
         grad_alignment: bool = True,
         warm_start: bool = True,
+        criterion: Criterion = "auto",
         prefix: str = "rpe/",
         seed: int = 0,
         custom_scalars: bool = True,
@@ -187,7 +196,7 @@ class SharpnessMonitor(Callback):
             top_k=top_k, lambda_min=lambda_min, trace=trace, trace_hvps=trace_hvps, tol=tol,
             lambda_min_tol=lambda_min_tol, max_hvp=max_hvp, solver=solver, dtype=dtype, batchnorm=batchnorm,
             dropout=dropout, backend=backend, verify=verify, preconditioned=preconditioned, grad_alignment=grad_alignment,
-            warm_start=warm_start, seed=seed, batch_sharpness=n_batch_sharpness, owner=_OWNER,
+            warm_start=warm_start, criterion=criterion, seed=seed, batch_sharpness=n_batch_sharpness, owner=_OWNER,
         )
         self.probe_size = check_int(_OWNER, "probe_size", probe_size, minimum=1)
         self.probe_batch_size = check_int(_OWNER, "probe_batch_size", probe_batch_size, minimum=1, allow_none=True)
@@ -534,7 +543,7 @@ class SharpnessMonitor(Callback):
             self._unverified = result.verification != "passed" and not result.switched
         rotation = Rotation() if self._sharded else self._tracker.update(
             step, result.top_vectors, result.min_vector, result.preconditioned_vector, k=len(result.eigenvalues),
-            crossed=result.crossed)
+            crossed=result.crossed, gaps=result.gaps, preconditioned_gap=result.preconditioned_gap)
         self.n_measurements += 1
         m = assemble(result, rotation, step=step, epoch=int(trainer.current_epoch),
                      seconds=time.perf_counter() - start, trigger=trigger, unverified=self._unverified)
