@@ -142,17 +142,20 @@ def test_listener_decides_first_and_the_logged_ratio_is_at_the_next_lr() -> None
 
 
 def test_gauges_under_minibatch_sgd() -> None:
-    """gauge='auto' steers the sharpness (also under minibatch SGD); gauge='batch_sharpness' the
-    monitor's batch-sharpness ratio."""
+    """gauge='auto' steers the batch sharpness under minibatch SGD when the monitor measures it, in the
+    gauge's default band; gauge='sharpness' the sharpness; gauge='batch_sharpness' the monitor's
+    batch-sharpness ratio."""
     def run(gauge: str) -> tuple[SharpnessMonitor, InstabilityController]:
         pl.seed_everything(0, verbose=False)
         mon = monitor(every_n_steps=2, dtype="float32", tol=1e-3)
-        ctrl = InstabilityController(band=(1.1, 1.5), warmup_steps=4, gauge=gauge)  # type: ignore[arg-type]
+        ctrl = InstabilityController(warmup_steps=4, gauge=gauge)  # type: ignore[arg-type]
         make_trainer([mon, ctrl], max_steps=16).fit(TinyMLP(hidden=8, lr=0.02), loader())
         return mon, ctrl
 
     mon, ctrl = run("auto")
-    assert ctrl.active_gauge == "sharpness"
+    assert ctrl.active_gauge == "batch_sharpness" and ctrl.band == (0.7, 1.1)
+    mon, ctrl = run("sharpness")
+    assert ctrl.active_gauge == "sharpness" and ctrl.band == (1.1, 1.5)
     assert ctrl.state.last_key[2] == pytest.approx(mon.latest.sharpness)
     mon, ctrl = run("batch_sharpness")
     assert ctrl.active_gauge == "batch_sharpness"
