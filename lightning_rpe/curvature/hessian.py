@@ -15,8 +15,13 @@ with a user ``reduce`` hook (a SUM across processes, identity by default). Block
 
 The operator is evaluated at a detached snapshot of the parameters taken at construction, in
 ``dtype`` (float32 or float64) whatever the model's dtype or an enclosing autocast; the model is
-never modified (see :mod:`lightning_rpe.curvature._functional` for the product context). On the
-``"autograd"`` and ``"finite_difference"`` paths the model is reparametrized with the snapshot
+never modified (see :mod:`lightning_rpe.curvature._functional` for the product context). With
+``copy_parameters=False`` the snapshot shares the parameters' storage where the dtype already
+matches (one parameter vector less; a cast is always a copy), for a caller that measures while the
+parameters stand still (the monitor, between optimizer steps): a product or gradient after a
+shared parameter was changed in place (its autograd version counter moved, as an optimizer step
+moves it) raises RuntimeError instead of being taken at the new values. Writes through ``.data``
+bypass that counter and are not detected. On the ``"autograd"`` and ``"finite_difference"`` paths the model is reparametrized with the snapshot
 (``torch.nn.utils.stateless._reparametrize_module``, what ``torch.func.functional_call`` uses) for
 the whole forward **and** backward of an evaluation, so that a recomputation inside backward
 (non-reentrant activation checkpointing) reads the snapshot in the operator's dtype, not the live
@@ -207,6 +212,10 @@ class HessianOperator(CurvatureOperator):
         fd_step: relative step ``s`` of the finite-difference backend,
             ``eps = s * (1 + ||theta||) / ||v||``; default ``FD_STEP[dtype]`` (3e-3 in float32,
             1e-6 in float64).
+        copy_parameters: ``True`` (default): the snapshot is a copy, so the operator stays valid
+            while the model trains on. ``False``: where the parameters (and frozen parameters)
+            are already in ``dtype`` the snapshot is their storage, not a copy; products raise
+            RuntimeError once a shared parameter was modified in place.
 
     Raises:
         ValueError: a bad argument (naming it and the accepted values), an empty ``batches``, a
@@ -239,6 +248,7 @@ class HessianOperator(CurvatureOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         cache_graphs: bool | None = None,
         fd_step: float | None = None,
+        copy_parameters: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -249,6 +259,7 @@ class HessianOperator(CurvatureOperator):
         check_choice("HessianOperator", "batchnorm", batchnorm, BATCHNORM_POLICIES)
         check_choice("HessianOperator", "dropout", dropout, DROPOUT_POLICIES)
         check_choice("HessianOperator", "cache_graphs", cache_graphs, (None, True, False))
+        check_choice("HessianOperator", "copy_parameters", copy_parameters, (True, False))
         if fd_step is not None and not (isinstance(fd_step, (int, float)) and math.isfinite(fd_step) and fd_step > 0):
             raise ValueError(f"HessianOperator: fd_step must be a positive finite number or None; got {fd_step!r}")
         if reduce is not None and not callable(reduce):
@@ -307,18 +318,26 @@ class HessianOperator(CurvatureOperator):
         self._batched_backward_ok = device.type != "cpu" or self.dim <= _BATCHED_BACKWARD_MAX_DIM_CPU
         self._warned: set[str] = set()
 
+        self.copy_parameters = bool(copy_parameters)
         with torch.no_grad(), torch.inference_mode(False):
-            # Detached snapshot in the computation dtype (a copy even when the dtype matches).
-            self._snapshot = tuple(p.detach().to(dtype=dtype, copy=True) for p in self.parameters)
+            # Detached snapshot in the computation dtype: a copy, or (copy_parameters=False) the live
+            # storage itself where the dtype already matches (a cast is always a copy)
+            self._snapshot = tuple(p.detach().to(dtype=dtype, copy=self.copy_parameters) for p in self.parameters)
             self._frozen = {
-                k: t.detach().to(dtype=dtype, copy=True) if t.is_floating_point() else t.detach().clone()
+                k: t.detach().to(dtype=dtype, copy=self.copy_parameters) if t.is_floating_point() else t.detach().clone()
                 for k, t in frozen.items()
             }
             self._buffers = {
                 k: b.detach().to(dtype=dtype, copy=True) if b.is_floating_point() else b.detach().clone()
                 for k, b in wrapper.named_buffers()
             }
-            self._theta_norm = float(torch.cat([s.double().reshape(-1) for s in self._snapshot]).norm())
+            # ||theta|| (only the finite-difference step uses it) one parameter at a time, in its own
+            # dtype: no flat or float64 copy of the parameters
+            self._theta_norm = math.sqrt(sum(float(torch.linalg.vector_norm(s)) ** 2 for s in self._snapshot))
+        # version counters of the shared storages: a product after an in-place change raises
+        self._versions = tuple(
+            (p, p._version) for p, s in zip(self.parameters, self._snapshot) if s.data_ptr() == p.data_ptr()
+        )
         self.frozen_rows = frozen_padding_rows(model, self.parameters, self.names)
         self._mask: Tensor | None = None
         if self.frozen_rows:
@@ -375,6 +394,25 @@ class HessianOperator(CurvatureOperator):
         return tuple(
             part.T.reshape(b, *shape) for part, shape in zip(torch.split(V, list(self._numels), dim=0), self._shapes)
         )
+
+    def _accumulate(self, out: Tensor, parts: Sequence[Tensor | None], scale: float, first: bool) -> None:
+        """``out += scale * join(parts)`` (``out = ...`` when ``first``), written per parameter into the
+        rows of ``out`` ``(dim, b)``: no joined copy and no scaled temporary of the whole block.
+        """
+        b = out.shape[1]
+        offset = 0
+        for part, numel in zip(parts, self._numels):
+            dest = out[offset : offset + numel]
+            offset += numel
+            if part is None:
+                if first:
+                    dest.zero_()
+                continue
+            src = part.reshape(b, numel).T
+            if first:
+                torch.mul(src, scale, out=dest)
+            else:
+                dest.add_(src, alpha=scale)
 
     def _join_block(self, parts: Sequence[Tensor | None], b: int) -> Tensor:
         """Per-parameter ``(b, *shape)`` (None = zero) -> ``(dim, b)``."""
@@ -443,6 +481,7 @@ class HessianOperator(CurvatureOperator):
         """
         if not 0 <= index < len(self.batches):
             raise ValueError(f"HessianOperator.loss_graph: index must be in [0, {len(self.batches)}); got {index}")
+        self._check_unchanged()
         with product_context(self.model, self.batchnorm, self.dropout) as devices:
             seed_batch(index, devices)
             leaves = tuple(s.detach().requires_grad_(True) for s in self._snapshot)
@@ -551,32 +590,40 @@ class HessianOperator(CurvatureOperator):
         (a non-finite loss is reported after the reduction, so that under DDP every process joins it
         and every process raises).
         """
+        self._check_unchanged()
         with product_context(self.model, self.batchnorm, self.dropout) as devices:
             if self.backend == "autograd":
                 self._ensure_graphs(devices)
-            total = torch.zeros(self.dim + 1, dtype=self.dtype, device=self.device)
+            total = torch.empty(self.dim + 1, dtype=self.dtype, device=self.device)
+            gradient = total[1:].unsqueeze(1)  # written per parameter, without a joined copy
             bad: tuple[int, float] | None = None
             for i, n in enumerate(self.batch_sizes):
                 if self.backend == "finite_difference":
                     loss, flat = self._first_order(i, devices)
+                    parts: list[Tensor | None] = list(self.unflatten(flat))
                 else:
                     if self._graphs is not None:
                         _, loss, grads, _ = self._graphs[i]
                     else:
                         seed_batch(i, devices)
                         _, loss, grads, _ = self._build_graph(i, False)
-                    flat = self._join_block([None if g is None else g.detach().unsqueeze(0) for g in grads], 1)[:, 0]
+                    parts = [None if g is None else g.detach() for g in grads]
+                    del grads
                 if bad is None and not bool(torch.isfinite(loss)):
                     bad = (i, float(loss))
-                total[0] += n * loss.to(self.dtype)
-                total[1:] += n * flat
+                if i == 0:
+                    total[0] = n * loss.to(self.dtype)
+                else:
+                    total[0] += n * loss.to(self.dtype)
+                self._accumulate(gradient, parts, n, i == 0)
+                del parts
             # reduce first, raise after: under DDP every process must take part in the collective
-            total = self._reduce(total) / self.total_weight
+            total = self._reduce(total).div_(self.total_weight)
         if bad is not None:
             raise ValueError(f"loss_fn returned a non-finite loss ({bad[1]}) for batch {bad[0]}")
         if not math.isfinite(float(total[0])):
             raise ValueError(f"the reduced mean loss is non-finite ({float(total[0])}): a non-finite loss on another process")
-        return float(total[0]), total[1:].clone()
+        return float(total[0]), total[1:]
 
     # ------------------------------------------------------------------ other backends
     def with_backend(self, backend: str, *, dtype: torch.dtype | None = None, fd_step: float | None = None) -> HessianOperator:
@@ -628,6 +675,7 @@ class HessianOperator(CurvatureOperator):
 
     # ------------------------------------------------------------------ products
     def _matmat(self, V: Tensor) -> Tensor:
+        self._check_unchanged()
         if self._mask is not None:  # coordinates that never train: products over the others
             V = V * self._mask
         with product_context(self.model, self.batchnorm, self.dropout) as devices:
@@ -650,8 +698,19 @@ class HessianOperator(CurvatureOperator):
                     local = self._autograd_products(V, devices)
             else:
                 local = self._autograd_products(V, devices)
-            out = self._reduce(local) / self.total_weight
-        return out if self._mask is None else out * self._mask
+            # in place: a product holds its output and the autograd results of one batch, no more
+            out = self._reduce(local).div_(self.total_weight)
+        return out if self._mask is None else out.mul_(self._mask)
+
+    def _check_unchanged(self) -> None:
+        """RuntimeError when a parameter whose storage the operator shares was changed in place since construction."""
+        moved = [self.names[self._index[id(p)]] for p, version in self._versions if p._version != version]
+        if moved:
+            raise RuntimeError(
+                f"HessianOperator(copy_parameters=False): parameters {moved[:3]} were modified in place after the "
+                "operator was built, so its products would be taken at the new values; build a new operator "
+                "(or pass copy_parameters=True to keep a snapshot)"
+            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -688,7 +747,7 @@ class HessianOperator(CurvatureOperator):
         self._ensure_graphs(devices)
         b = V.shape[1]
         Vb = self._split_block(V)
-        out = torch.zeros(self.dim, b, dtype=self.dtype, device=self.device)
+        out = torch.empty(self.dim, b, dtype=self.dtype, device=self.device)
         cached = self._graphs is not None
         for i, n in enumerate(self.batch_sizes):
             if self._graphs is not None:
@@ -697,15 +756,21 @@ class HessianOperator(CurvatureOperator):
                 seed_batch(i, devices)
                 leaves, _, grads, state = self._build_graph(i, True)
             with self._reparametrized(state):  # a recomputation inside backward sees the snapshot
-                out += n * self._double_backward(leaves, grads, Vb, b, retain=cached)
+                self._double_backward(out, leaves, grads, Vb, n, i == 0, retain=cached)
+            del leaves, grads, state  # an uncached graph goes before the next batch's is built
         return out
 
     def _double_backward(
-        self, leaves: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], Vb: tuple[Tensor, ...], b: int, retain: bool
-    ) -> Tensor:
+        self, out: Tensor, leaves: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], Vb: tuple[Tensor, ...],
+        n: float, first: bool, retain: bool,
+    ) -> None:
+        """``out (+)= n * H_b V`` by one backward through the gradient graph (per column when not batched)."""
+        b = out.shape[1]
         pairs = [(g, v) for g, v in zip(grads, Vb) if g is not None and g.requires_grad]
         if not pairs:
-            return torch.zeros(self.dim, b, dtype=self.dtype, device=self.device)
+            if first:
+                out.zero_()
+            return
         outputs = [g for g, _ in pairs]
         if b > 1 and self._batched_backward_ok:
             try:
@@ -715,7 +780,8 @@ class HessianOperator(CurvatureOperator):
                         outputs, leaves, [v for _, v in pairs], retain_graph=True, allow_unused=True,
                         is_grads_batched=True,
                     )
-                return self._join_block(hv, b)
+                self._accumulate(out, hv, n, first)
+                return
             except Exception as exc:  # no batching rule for some backward: loop over the columns
                 self._batched_backward_ok = False
                 self._warn_once(
@@ -723,13 +789,12 @@ class HessianOperator(CurvatureOperator):
                     f"batched double backward (is_grads_batched) failed ({str(exc)[:200]}); "
                     "HessianOperator multiplies the columns of a block one by one",
                 )
-        cols = []
         for j in range(b):
             hv = torch.autograd.grad(
                 outputs, leaves, [v[j] for _, v in pairs], retain_graph=retain or j < b - 1, allow_unused=True
             )
-            cols.append(self._join_block([None if h is None else h.unsqueeze(0) for h in hv], 1))
-        return torch.cat(cols, dim=1)
+            self._accumulate(out[:, j : j + 1], hv, n, first)
+            del hv
 
     def _func_products(self, V: Tensor, devices: list[int]) -> Tensor:
         from torch.func import grad, jvp, vmap
@@ -743,7 +808,7 @@ class HessianOperator(CurvatureOperator):
         b = V.shape[1]
         Vb = self._split_block(V)
         primals = tuple(s.detach() for s in self._snapshot)
-        out = torch.zeros(self.dim, b, dtype=self.dtype, device=self.device)
+        out = torch.empty(self.dim, b, dtype=self.dtype, device=self.device)
         for i, n in enumerate(self.batch_sizes):
             batch = self._prepare_batch(self.batches[i])
 
@@ -758,7 +823,8 @@ class HessianOperator(CurvatureOperator):
                 hv = tuple(h.unsqueeze(0) for h in hvp(tuple(v[0] for v in Vb)))
             else:
                 hv = vmap(hvp, randomness="same")(Vb)
-            out += n * self._join_block(hv, b)
+            self._accumulate(out, hv, n, i == 0)
+            del hv
         return out
 
 
