@@ -490,11 +490,15 @@ class HessianOperator(CurvatureOperator):
 
     def _build_graph(
         self, index: int, create_graph: bool, count: list[int] | None = None, shift: Sequence[Tensor] | None = None,
-        track: bool = False,
+        track: bool = False, negative: bool = False,
     ) -> _Graph:
-        """Loss and gradient of batch ``index`` at the snapshot (+ ``shift``), with its graph when ``create_graph``."""
+        """Loss and gradient of batch ``index`` at the snapshot (+ ``shift``, or - ``shift`` when
+        ``negative``), with its graph when ``create_graph``.
+        """
         if shift is None:
             leaves = tuple(s.detach().requires_grad_(True) for s in self._snapshot)
+        elif negative:
+            leaves = tuple((s - d).detach().requires_grad_(True) for s, d in zip(self._snapshot, shift))
         else:
             leaves = tuple((s + d).detach().requires_grad_(True) for s, d in zip(self._snapshot, shift))
         batch = self._prepare_batch(self.batches[index], track=track)
@@ -558,8 +562,11 @@ class HessianOperator(CurvatureOperator):
                 graphs.append(self._build_graph(i, True))
         self._graphs = graphs
 
-    def _first_order(self, index: int, devices: list[int], shift: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """Loss and flat gradient of batch ``index`` (first order only) for the finite-difference path.
+    def _first_order(
+        self, index: int, devices: list[int], shift: Sequence[Tensor] | None = None, negative: bool = False
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """Loss and per-parameter gradients (None: zero) of batch ``index`` (first order only) at the
+        snapshot ``+ shift`` (``- shift`` when ``negative``), for the finite-difference path.
 
         Floating-point inputs require grad (decided at the first call: kept when the loss accepts
         it), so that parameters inside a reentrant ``checkpoint`` whose inputs do not require grad
@@ -570,18 +577,17 @@ class HessianOperator(CurvatureOperator):
         seed_batch(index, devices)
         if self._track_inputs is None:
             try:
-                _, loss, grads, _ = self._build_graph(index, False, shift=shift, track=True)
+                _, loss, grads, _ = self._build_graph(index, False, shift=shift, track=True, negative=negative)
                 self._track_inputs = True
             except ValueError:
                 raise
             except Exception:  # noqa: BLE001 - the loss rejects inputs that require grad (e.g. calls .numpy())
                 self._track_inputs = False
                 seed_batch(index, devices)
-                _, loss, grads, _ = self._build_graph(index, False, shift=shift)
+                _, loss, grads, _ = self._build_graph(index, False, shift=shift, negative=negative)
         else:
-            _, loss, grads, _ = self._build_graph(index, False, shift=shift, track=self._track_inputs)
-        flat = self._join_block([None if g is None else g.detach().unsqueeze(0) for g in grads], 1)[:, 0]
-        return loss, flat
+            _, loss, grads, _ = self._build_graph(index, False, shift=shift, track=self._track_inputs, negative=negative)
+        return loss, [None if g is None else g.detach() for g in grads]
 
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """Mean loss ``L`` and flat mean gradient ``dL/dtheta`` at the snapshot (both reduced).
@@ -599,8 +605,7 @@ class HessianOperator(CurvatureOperator):
             bad: tuple[int, float] | None = None
             for i, n in enumerate(self.batch_sizes):
                 if self.backend == "finite_difference":
-                    loss, flat = self._first_order(i, devices)
-                    parts: list[Tensor | None] = list(self.unflatten(flat))
+                    loss, parts = self._first_order(i, devices)
                 else:
                     if self._graphs is not None:
                         _, loss, grads, _ = self._graphs[i]
@@ -726,21 +731,38 @@ class HessianOperator(CurvatureOperator):
         return self.fd_step * (1.0 + self._theta_norm) / v_norm
 
     def _fd_products(self, V: Tensor, devices: list[int]) -> Tensor:
-        """``H v = (g(theta + eps v) - g(theta - eps v)) / (2 eps)`` per column; 2 gradients per batch and column."""
-        out = torch.zeros(self.dim, V.shape[1], dtype=self.dtype, device=self.device)
-        for j in range(V.shape[1]):
+        """``H v = (g(theta + eps v) - g(theta - eps v)) / (2 eps)`` per column; 2 gradients per batch and column.
+
+        Each gradient is written per parameter into the output column (with several batches into one
+        scratch column first), so a column holds the step ``eps v`` and one gradient besides its output.
+        """
+        b = V.shape[1]
+        out = torch.empty(self.dim, b, dtype=self.dtype, device=self.device)
+        diff = None if len(self.batch_sizes) == 1 else torch.empty(self.dim, 1, dtype=self.dtype, device=self.device)
+        for j in range(b):
             v = V[:, j]
+            col = out[:, j : j + 1]
             v_norm = float(v.norm())
             if v_norm == 0.0 or not math.isfinite(v_norm):
-                out[:, j] = v * 0.0 if v_norm == 0.0 else float("nan")
+                col[:, 0] = v * 0.0 if v_norm == 0.0 else float("nan")
                 continue
             eps = self.fd_epsilon(v_norm)
             step = self.unflatten(eps * v)
-            minus = [-d for d in step]
             for i, n in enumerate(self.batch_sizes):
+                target = col if diff is None else diff
                 _, g_plus = self._first_order(i, devices, step)
-                _, g_minus = self._first_order(i, devices, minus)
-                out[:, j] += (n / (2.0 * eps)) * (g_plus - g_minus)
+                self._accumulate(target, g_plus, 1.0, True)
+                del g_plus
+                _, g_minus = self._first_order(i, devices, step, negative=True)
+                self._accumulate(target, g_minus, -1.0, False)  # g(theta + eps v) - g(theta - eps v)
+                del g_minus
+                if diff is None:
+                    col.mul_(n / (2.0 * eps))
+                elif i == 0:
+                    torch.mul(diff, n / (2.0 * eps), out=col)
+                else:
+                    col.add_(diff, alpha=n / (2.0 * eps))
+            del step
         return out
 
     def _autograd_products(self, V: Tensor, devices: list[int]) -> Tensor:
