@@ -247,7 +247,8 @@ def part_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     before = peak_rss_bytes()
     t0 = time.perf_counter()
     op = HessianOperator(model, loss_fn, [batch])
-    res = eigenpairs(op, k=1, which="largest", tol=cfg["tol"], max_basis=cfg.get("max_basis"))
+    res = eigenpairs(op, k=1, which="largest", tol=cfg["tol"], max_basis=cfg.get("max_basis"),
+                     criterion=cfg.get("criterion", "residual"), gap=cfg.get("gap"))
     wall = time.perf_counter() - t0
     peak = peak_rss_bytes()
     del op

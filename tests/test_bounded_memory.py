@@ -422,3 +422,20 @@ def test_operator_can_share_the_parameters_instead_of_copying_them():
         shared.loss_and_gradient()
     with pytest.raises(ValueError, match="copy_parameters"):
         HessianOperator(model, _mse, batches, copy_parameters=None)
+
+
+def test_with_backend_in_another_dtype_casts_per_evaluation():
+    # verify_operator's float64 finite-difference reference of a float32 operator: no float64 copy of the
+    # snapshot is kept beside the float32 one, and the products are those of an eagerly cast operator
+    model, batches = _wide_model()
+    op = HessianOperator(model, _mse, batches)
+    tracker = _tracker(op, model, batches)
+    with tracker:
+        fd = op.with_backend("finite_difference", dtype=torch.float64)
+        ad = op.with_backend("autograd", dtype=torch.float64)
+    assert tracker.peak == 0.0, tracker.peak
+    v = torch.randn(op.dim, dtype=torch.float64)
+    twin, _ = _wide_model()  # the same weights, cast eagerly
+    reference = HessianOperator(twin.double(), _mse, [(x.double(), y.double()) for x, y in batches], dtype=torch.float64)
+    assert torch.equal(ad.matvec(v), reference.matvec(v))
+    assert torch.equal(fd.matvec(v), reference.with_backend("finite_difference").matvec(v))

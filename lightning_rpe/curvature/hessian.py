@@ -331,9 +331,8 @@ class HessianOperator(CurvatureOperator):
                 k: b.detach().to(dtype=dtype, copy=True) if b.is_floating_point() else b.detach().clone()
                 for k, b in wrapper.named_buffers()
             }
-            # ||theta|| (only the finite-difference step uses it) one parameter at a time, in its own
-            # dtype: no flat or float64 copy of the parameters
-            self._theta_norm = math.sqrt(sum(float(torch.linalg.vector_norm(s)) ** 2 for s in self._snapshot))
+            # ||theta||: only the finite-difference step uses it, computed there (fd_epsilon)
+            self._theta_norm_value: float | None = None
         # version counters of the shared storages: a product after an in-place change raises
         self._versions = tuple(
             (p, p._version) for p, s in zip(self.parameters, self._snapshot) if s.data_ptr() == p.data_ptr()
@@ -484,9 +483,21 @@ class HessianOperator(CurvatureOperator):
         self._check_unchanged()
         with product_context(self.model, self.batchnorm, self.dropout) as devices:
             seed_batch(index, devices)
-            leaves = tuple(s.detach().requires_grad_(True) for s in self._snapshot)
+            leaves = self._leaves()
             with self._reparametrized(self._state(leaves)):
                 return self._checked(self._wrapper(self._prepare_batch(self.batches[index], track=True)), index)
+
+    def _leaves(self, shift: Sequence[Tensor] | None = None, negative: bool = False) -> tuple[Tensor, ...]:
+        """Fresh leaves requiring grad at the snapshot (``+ shift``, or ``- shift`` when ``negative``) in
+        :attr:`dtype`; the snapshot is cast here, parameter by parameter, when its dtype differs (an
+        operator made by :meth:`with_backend` with another dtype).
+        """
+        dtype = self.dtype
+        if shift is None:
+            return tuple(s.detach().to(dtype).requires_grad_(True) for s in self._snapshot)
+        if negative:
+            return tuple((s.detach().to(dtype) - d).detach().requires_grad_(True) for s, d in zip(self._snapshot, shift))
+        return tuple((s.detach().to(dtype) + d).detach().requires_grad_(True) for s, d in zip(self._snapshot, shift))
 
     def _build_graph(
         self, index: int, create_graph: bool, count: list[int] | None = None, shift: Sequence[Tensor] | None = None,
@@ -495,12 +506,7 @@ class HessianOperator(CurvatureOperator):
         """Loss and gradient of batch ``index`` at the snapshot (+ ``shift``, or - ``shift`` when
         ``negative``), with its graph when ``create_graph``.
         """
-        if shift is None:
-            leaves = tuple(s.detach().requires_grad_(True) for s in self._snapshot)
-        elif negative:
-            leaves = tuple((s - d).detach().requires_grad_(True) for s, d in zip(self._snapshot, shift))
-        else:
-            leaves = tuple((s + d).detach().requires_grad_(True) for s, d in zip(self._snapshot, shift))
+        leaves = self._leaves(shift, negative)
         batch = self._prepare_batch(self.batches[index], track=track)
         state = self._state(leaves)
         hooks: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -672,7 +678,8 @@ class HessianOperator(CurvatureOperator):
             def cast(t: Tensor) -> Tensor:
                 return t.to(dtype) if t.is_floating_point() else t
 
-            other._snapshot = tuple(cast(t) for t in self._snapshot)
+            # the snapshot stays in its own dtype and is cast per evaluation (_leaves): no second
+            # parameter-sized copy beside this operator's (float32 -> float64 is exact either way)
             other._frozen = {k: cast(t) for k, t in self._frozen.items()}
             other._buffers = {k: cast(t) for k, t in self._buffers.items()}
             other._mask = None if self._mask is None else self._mask.to(dtype)
@@ -729,6 +736,15 @@ class HessianOperator(CurvatureOperator):
         of ``fd_step`` for models with ``||theta|| >> 1``).
         """
         return self.fd_step * (1.0 + self._theta_norm) / v_norm
+
+    @property
+    def _theta_norm(self) -> float:
+        """``||theta||`` of the snapshot in float64, one parameter at a time (no flat copy), computed once."""
+        if self._theta_norm_value is None:
+            with torch.no_grad():
+                total = sum(float(torch.linalg.vector_norm(s.detach(), dtype=torch.float64)) ** 2 for s in self._snapshot)
+            self._theta_norm_value = math.sqrt(total)
+        return self._theta_norm_value
 
     def _fd_products(self, V: Tensor, devices: list[int]) -> Tensor:
         """``H v = (g(theta + eps v) - g(theta - eps v)) / (2 eps)`` per column; 2 gradients per batch and column.
@@ -829,7 +845,7 @@ class HessianOperator(CurvatureOperator):
     def _func_products_impl(self, V: Tensor, devices: list[int], grad: Callable, jvp: Callable, vmap: Callable) -> Tensor:
         b = V.shape[1]
         Vb = self._split_block(V)
-        primals = tuple(s.detach() for s in self._snapshot)
+        primals = tuple(s.detach().to(self.dtype) for s in self._snapshot)
         out = torch.empty(self.dim, b, dtype=self.dtype, device=self.device)
         for i, n in enumerate(self.batch_sizes):
             batch = self._prepare_batch(self.batches[i])
