@@ -36,6 +36,11 @@ Every measurement runs in its own subprocess, so that peak RSS (``ru_maxrss``) b
   float32 solve of ours (``tol=1e-6``; run after the timed solve, outside its memory), and the peak
   RSS increase over the loaded model and data (``ru_maxrss`` after minus before; the training steps
   run in a separate ``prepare`` subprocess that saves the state, so no training peak hides it).
+* ``split`` (run by hand: ``--part split --config '{...}'`` with a ``state_path`` saved by ``prepare``):
+  what one measurement at the monitor's defaults holds, as peak live tensor bytes in parameter
+  vectors (:class:`LiveBytes`, a ``TorchDispatchMode``) after the operator, after
+  ``loss_and_gradient`` and during the solve, and the peak RSS increase; ``copy_parameters`` and
+  ``max_basis`` in the config are passed on.
 * ``--criterion-eigenvalue``: one more monitor run whose warm solves stop on the eigenvalue error
   with the previous solve's gaps (``bench_monitor.eigenvalue_rule``).
 

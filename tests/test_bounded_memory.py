@@ -439,3 +439,13 @@ def test_with_backend_in_another_dtype_casts_per_evaluation():
     reference = HessianOperator(twin.double(), _mse, [(x.double(), y.double()) for x, y in batches], dtype=torch.float64)
     assert torch.equal(ad.matvec(v), reference.matvec(v))
     assert torch.equal(fd.matvec(v), reference.with_backend("finite_difference").matvec(v))
+
+
+def test_eigenvalue_criterion_needs_a_ritz_gap():
+    # a gap passed in (here absurdly large) says nothing about the neighbours of the first Ritz value:
+    # the solve must not stop after one product on the Rayleigh quotient of its start vector
+    A, _, l = spectrum(n=300, seed=7)
+    res = eigenpairs(DenseOperator(A), k=1, which="largest", tol=1e-3, criterion="eigenvalue", gap=1e30,
+                     method="lanczos")
+    assert res.n_hvp > 1
+    assert res.lambda_max == pytest.approx(float(l[0]), rel=1e-3)

@@ -248,7 +248,9 @@ def lanczos(
     where ``err_i`` is the residual ``|beta s_last|`` (``criterion="residual"``, or no ``gap``) or,
     with ``criterion="eigenvalue"`` and ``gap`` (one estimate per wanted pair, e.g. a previous
     cold solve's ``gaps``), the eigenvalue error estimate :func:`eigenvalue_errors` with the gap
-    ``min(gap, ritz_gaps)``. Ritz gaps alone are not trusted: from a few Krylov vectors they
+    ``min(gap, ritz_gaps)`` (the residual while there is no other Ritz value: a gap passed in says
+    nothing about a first Ritz value's neighbours; measured: ``gap=1e30`` stopped a cold solve after
+    one product at 1e-4 of lambda_max). Ritz gaps alone are not trusted: from a few Krylov vectors they
     over-estimated the gap when an eigenvalue next to the wanted one had not appeared yet, and the
     solve stopped on the neighbour (measured on a known spectrum, tests/test_bounded_memory.py);
     or when ``max_hvp`` products were spent, or when the Krylov space
@@ -311,7 +313,7 @@ def lanczos(
             idx = select_ritz(theta, k, which)
             err = res[idx]
             if criterion == "eigenvalue" and gap is not None:
-                err = eigenvalue_errors(err, torch.fmin(ritz_gaps(theta, res, idx), gap.to(torch.float64)))
+                err = eigenvalue_errors(err, torch.minimum(ritz_gaps(theta, res, idx), gap.to(torch.float64)))
             # tol=0 runs to the budget (a Ritz residual can be exactly 0 by deflation in eigh)
             if float(tol.min()) > 0 and bool((err <= tol * float(theta.abs().max())).all()):
                 break
@@ -363,7 +365,11 @@ def lanczos(
     gaps = ritz_gaps(theta, res, idx)
     if gap is not None:
         gaps = torch.fmin(gaps, gap.to(torch.float64))
-    errors = eigenvalue_errors(residuals, gaps) if criterion == "eigenvalue" and gap is not None else residuals
+    # the stopping gap needs a Ritz gap too (torch.minimum keeps its NaN: residual rule): with one
+    # Ritz value nothing is known of the neighbours, whatever gap was passed in
+    errors = residuals
+    if criterion == "eigenvalue" and gap is not None:
+        errors = eigenvalue_errors(residuals, torch.minimum(ritz_gaps(theta, res, idx), gap.to(torch.float64)))
     threshold = tol * float(theta.abs().max())
     converged = errors <= threshold
     if exhausted:
