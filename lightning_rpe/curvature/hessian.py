@@ -21,11 +21,11 @@ matches (one parameter vector less; a cast is always a copy), for a caller that 
 parameters stand still (the monitor, between optimizer steps): a product or gradient after a
 shared parameter was changed in place (its autograd version counter moved, as an optimizer step
 moves it) raises RuntimeError instead of being taken at the new values. Writes through ``.data``
-bypass that counter and are not detected. On the ``"autograd"`` and ``"finite_difference"`` paths the model is reparametrized with the snapshot
-(``torch.nn.utils.stateless._reparametrize_module``, what ``torch.func.functional_call`` uses) for
-the whole forward **and** backward of an evaluation, so that a recomputation inside backward
-(non-reentrant activation checkpointing) reads the snapshot in the operator's dtype, not the live
-parameters.
+bypass that counter and are not detected. On the ``"autograd"`` and ``"finite_difference"`` paths
+the model is reparametrized with the snapshot (``torch.nn.utils.stateless._reparametrize_module``,
+what ``torch.func.functional_call`` uses) for the whole forward **and** backward of an
+evaluation, so that a recomputation inside backward (non-reentrant activation checkpointing) reads
+the snapshot in the operator's dtype, not the live parameters.
 
 Embedding rows that never train (``padding_idx`` of an untied ``nn.Embedding`` /
 ``nn.EmbeddingBag``: its backward masks the pad row) are left out: with ``M`` the 0/1 mask of
