@@ -449,3 +449,17 @@ def test_eigenvalue_criterion_needs_a_ritz_gap():
                      method="lanczos")
     assert res.n_hvp > 1
     assert res.lambda_max == pytest.approx(float(l[0]), rel=1e-3)
+
+
+def test_available_memory_counts_what_the_allocators_hold_unused(monkeypatch):
+    from lightning_rpe.curvature import hessian
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 6 << 30)
+    # free on the device plus the 4 GiB PyTorch's caching allocator keeps without using them
+    assert hessian._available_bytes(torch.device("cuda", 0)) == 7 << 30
+    cpu = hessian._available_bytes(torch.device("cpu"))
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    # free pages plus reclaimable cache (read twice: other processes move it a little in between)
+    assert abs(cpu - int(meminfo["MemAvailable"].split()[0]) * 1024) <= 256 << 20

@@ -88,8 +88,9 @@ and device, in gradients, is in docs/benchmarks.md ("Cost of one product per AD 
 gradient graph are counted (identity ``saved_tensors_hooks``, storages counted once, the parameter
 leaves excluded), scaled to all probe batches by their sizes, and the graphs are cached when that
 estimate is at most a quarter of the memory currently available on the parameters' device
-(``torch.cuda.mem_get_info`` on CUDA, the available physical pages from ``os.sysconf`` on CPU,
-1 GiB when unknown).
+after the solver's declared working vectors (:meth:`CurvatureOperator.reserve`): on CUDA the free
+device memory plus what PyTorch's caching allocator holds unused, on CPU ``MemAvailable`` (free
+plus reclaimable page cache), 1 GiB when unknown.
 """
 
 from __future__ import annotations
@@ -171,12 +172,27 @@ def _auto_backend(model: nn.Module, device: torch.device) -> str:
 
 
 def _available_bytes(device: torch.device) -> int:
+    """Memory a cache may still take on ``device``, in bytes.
+
+    CUDA: the device's free memory plus what PyTorch's caching allocator holds without using
+    (``memory_reserved - memory_allocated``: reused before the device is asked for more). CPU:
+    ``MemAvailable`` of ``/proc/meminfo`` (free pages plus reclaimable page cache), else the free
+    physical pages (``os.sysconf``). 1 GiB when neither is known.
+    """
     if device.type == "cuda":
         try:
             free, _ = torch.cuda.mem_get_info(device)
-            return int(free)
+            idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(free) + max(0, int(idle))
         except Exception:  # pragma: no cover - device query failed
             return _CACHE_FALLBACK_BYTES
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
