@@ -338,9 +338,13 @@ class HessianOperator(CurvatureOperator):
         with torch.no_grad(), torch.inference_mode(False):
             # Detached snapshot in the computation dtype: a copy, or (copy_parameters=False) the live
             # storage itself where the dtype already matches (a cast is always a copy)
-            self._snapshot = tuple(p.detach().to(dtype=dtype, copy=self.copy_parameters) for p in self.parameters)
+            # (inference tensors keep no version counter: always copied)
+            self._snapshot = tuple(
+                p.detach().to(dtype=dtype, copy=self.copy_parameters or p.is_inference()) for p in self.parameters
+            )
             self._frozen = {
-                k: t.detach().to(dtype=dtype, copy=self.copy_parameters) if t.is_floating_point() else t.detach().clone()
+                k: t.detach().to(dtype=dtype, copy=self.copy_parameters or t.is_inference())
+                if t.is_floating_point() else t.detach().clone()
                 for k, t in frozen.items()
             }
             self._buffers = {
