@@ -36,6 +36,11 @@ Every measurement runs in its own subprocess, so that peak RSS (``ru_maxrss``) b
   float32 solve of ours (``tol=1e-6``; run after the timed solve, outside its memory), and the peak
   RSS increase over the loaded model and data (``ru_maxrss`` after minus before; the training steps
   run in a separate ``prepare`` subprocess that saves the state, so no training peak hides it).
+* ``split`` (run by hand: ``--part split --config '{...}'`` with a ``state_path`` saved by ``prepare``):
+  what one measurement at the monitor's defaults holds, as peak live tensor bytes in parameter
+  vectors (:class:`LiveBytes`, a ``TorchDispatchMode``) after the operator, after
+  ``loss_and_gradient`` and during the solve, and the peak RSS increase; ``copy_parameters`` and
+  ``max_basis`` in the config are passed on.
 * ``--criterion-eigenvalue``: one more monitor run whose warm solves stop on the eigenvalue error
   with the previous solve's gaps (``SharpnessMonitor(criterion="eigenvalue")``).
 
@@ -55,12 +60,14 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from bench_monitor import _Recorder, render_table
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 WORKLOADS = ("mlp", "resnet")
 
@@ -244,7 +251,8 @@ def part_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     before = peak_rss_bytes()
     t0 = time.perf_counter()
     op = HessianOperator(model, loss_fn, [batch])
-    res = eigenpairs(op, k=1, which="largest", tol=cfg["tol"], max_basis=cfg.get("max_basis"))
+    res = eigenpairs(op, k=1, which="largest", tol=cfg["tol"], max_basis=cfg.get("max_basis"),
+                     criterion=cfg.get("criterion", "residual"), gap=cfg.get("gap"))
     wall = time.perf_counter() - t0
     peak = peak_rss_bytes()
     del op
@@ -281,7 +289,72 @@ def part_pyhessian(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"wall": wall, "grad": grad, "n_hvp": count[0], "value": float(values[0]), "rss_increase": peak - before}
 
 
-PARTS = {"train": part_train, "prepare": part_prepare, "ours": part_ours, "pyhessian": part_pyhessian}
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages of at least 4 KiB created inside the block (every ATen op's
+    outputs; a storage counts from its creation until the tensor that created it dies). Storages of
+    the tensors in ``existing`` (the model's parameters and buffers, the probe batch) are not counted
+    when an op returns a view of them."""
+
+    def __init__(self, existing: Any = ()) -> None:
+        super().__init__()
+        self.existing = {t.untyped_storage().data_ptr() for t in existing}
+        self.live: dict[int, int] = {}
+        self.total = 0
+        self.peak = 0
+
+    def _drop(self, ptr: int) -> None:
+        self.total -= self.live.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, Tensor):
+                storage = t.untyped_storage()
+                ptr, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes >= 4096 and ptr not in self.live and ptr not in self.existing:
+                    self.live[ptr] = nbytes
+                    self.total += nbytes
+                    weakref.finalize(t, self._drop, ptr)
+                    self.peak = max(self.peak, self.total)
+        return out
+
+
+def part_split(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What one measurement at the monitor's defaults holds: ``HessianOperator`` (parameter snapshot
+    or shared storage), ``loss_and_gradient`` (builds the cached graph), then lambda_max at tol 1e-3 and
+    lambda_min at 1e-2 by Lanczos from a random vector. Peak live tensor bytes in parameter vectors
+    (:class:`LiveBytes`) after each stage, and the peak RSS increase of the whole."""
+    from lightning_rpe.curvature import DenseOperator, HessianOperator, eigenpairs
+
+    model, batch = _probe_model(cfg)
+    eigenpairs(DenseOperator(torch.diag(torch.arange(1.0, 41.0))), k=1, which="both", tol=1e-6)
+
+    def loss_fn(m: nn.Module, b: Any) -> Tensor:
+        return F.cross_entropy(m(b[0]), b[1])
+
+    vector = count_parameters(model) * 4
+    tracker = LiveBytes([*model.parameters(), *model.buffers(), *batch])
+    stages = {}
+    before = peak_rss_bytes()
+    t0 = time.perf_counter()
+    with tracker:
+        share = {} if "copy_parameters" not in cfg else {"copy_parameters": cfg["copy_parameters"]}
+        op = HessianOperator(model, loss_fn, [batch], **share)
+        stages["operator"] = tracker.peak / vector
+        _, grad = op.loss_and_gradient()
+        stages["loss_and_gradient"] = tracker.peak / vector
+        res = eigenpairs(op, k=1, which="both", tol=1e-3, tol_smallest=1e-2, max_basis=cfg.get("max_basis"))
+        stages["solve"] = tracker.peak / vector
+        held = tracker.total / vector
+    wall = time.perf_counter() - t0
+    peak = peak_rss_bytes()
+    return {"stages": stages, "held_after": held, "rss_increase": peak - before, "rss_vectors": (peak - before) / vector,
+            "n_hvp": res.n_hvp, "values": res.eigenvalues.tolist(), "converged": res.all_converged, "wall": wall,
+            "graph_bytes_estimate": op.graph_bytes_estimate, "vector_bytes": vector}
+
+
+PARTS = {"train": part_train, "prepare": part_prepare, "ours": part_ours, "pyhessian": part_pyhessian,
+         "split": part_split}
 
 
 def run_part(part: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:

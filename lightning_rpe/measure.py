@@ -588,6 +588,7 @@ def solve(
             model, checked_loss(loss_fn), batches, dtype=DTYPES[settings.dtype],
             backend="finite_difference" if finite_difference else settings.backend,
             batchnorm=settings.batchnorm, dropout=settings.dropout, reduce=reduce,
+            copy_parameters=False,  # the parameters stand still during a measurement: no snapshot copy
         )
     for w in said:  # the engine's notes (e.g. auto picked finite differences) are warned once per run
         notes.append(("operator-" + str(w.message)[:40], str(w.message)))

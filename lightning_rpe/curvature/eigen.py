@@ -12,7 +12,7 @@ Two solvers sit behind one call:
 ``method="auto"`` picks the block solver when ``init`` is given and Lanczos otherwise.
 
 Working memory is bounded by design, independent of the product budget ``max_hvp``: Lanczos keeps
-``max_basis + 3 + n`` parameter-sized vectors, the block solver ``10 b + n`` (``n`` pairs wanted,
+``max_basis + 1 + max(1, n)`` parameter-sized vectors, the block solver ``10 b + n`` (``n`` pairs wanted,
 ``b`` its block size), each on top of what one product of the operator holds. Every reduction
 over the parameter dimension goes through :meth:`CurvatureOperator.inner`.
 """
@@ -118,8 +118,8 @@ def working_vectors(
 ) -> int:
     """Upper bound on the parameter-sized vectors a solve holds besides the operator's own memory.
 
-    Lanczos: ``max_basis + 3 + n`` (basis and next vector, product, projection temporary, returned
-    vectors); block solver: ``10 b + n`` (``[X, P, W]`` and their products in two ``3 b``-row buffers,
+    Lanczos: ``max_basis + 1 + max(1, n)`` (basis and a spare row for restarts, then the product or, at
+    the end, the returned vectors); block solver: ``10 b + n`` (``[X, P, W]`` and their products in two ``3 b``-row buffers,
     the residual block, orthonormalisation temporaries, returned vectors). ``n``: pairs wanted,
     ``b``: :func:`~lightning_rpe.curvature.block.block_size`. Checked by counting live vectors in
     tests/test_bounded_memory.py.
@@ -128,7 +128,7 @@ def working_vectors(
     if method == "block":
         return 10 * block_size(dim, k, which, init) + nw
     basis = default_max_basis(dim, k, which) if max_basis is None else min(int(max_basis), dim)
-    return basis + 3 + nw
+    return basis + 1 + max(1, nw)
 
 
 def _check_generator(generator: torch.Generator | None) -> torch.Generator:
@@ -287,10 +287,9 @@ def eigenpairs(
             out = lobpcg(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, init=init,
                          criterion=criterion, gap=gap)
         else:
-            start = None
-            if init is not None:
-                start = _warm_start_vector(init, generator, operator)
-            out = lanczos(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, start=start,
+            # the start vector is passed without a name here, so lanczos can drop it once in its basis
+            out = lanczos(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator,
+                          start=None if init is None else _warm_start_vector(init, generator, operator),
                           max_basis=max_basis, criterion=criterion, gap=gap)
     return EigenResult(
         eigenvalues=out.values,

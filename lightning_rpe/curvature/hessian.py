@@ -15,12 +15,17 @@ with a user ``reduce`` hook (a SUM across processes, identity by default). Block
 
 The operator is evaluated at a detached snapshot of the parameters taken at construction, in
 ``dtype`` (float32 or float64) whatever the model's dtype or an enclosing autocast; the model is
-never modified (see :mod:`lightning_rpe.curvature._functional` for the product context). On the
-``"autograd"`` and ``"finite_difference"`` paths the model is reparametrized with the snapshot
-(``torch.nn.utils.stateless._reparametrize_module``, what ``torch.func.functional_call`` uses) for
-the whole forward **and** backward of an evaluation, so that a recomputation inside backward
-(non-reentrant activation checkpointing) reads the snapshot in the operator's dtype, not the live
-parameters.
+never modified (see :mod:`lightning_rpe.curvature._functional` for the product context). With
+``copy_parameters=False`` the snapshot shares the parameters' storage where the dtype already
+matches (one parameter vector less; a cast is always a copy), for a caller that measures while the
+parameters stand still (the monitor, between optimizer steps): a product or gradient after a
+shared parameter was changed in place (its autograd version counter moved, as an optimizer step
+moves it) raises RuntimeError instead of being taken at the new values. Writes through ``.data``
+bypass that counter and are not detected. On the ``"autograd"`` and ``"finite_difference"`` paths
+the model is reparametrized with the snapshot (``torch.nn.utils.stateless._reparametrize_module``,
+what ``torch.func.functional_call`` uses) for the whole forward **and** backward of an
+evaluation, so that a recomputation inside backward (non-reentrant activation checkpointing) reads
+the snapshot in the operator's dtype, not the live parameters.
 
 Embedding rows that never train (``padding_idx`` of an untied ``nn.Embedding`` /
 ``nn.EmbeddingBag``: its backward masks the pad row) are left out: with ``M`` the 0/1 mask of
@@ -83,8 +88,9 @@ and device, in gradients, is in docs/benchmarks.md ("Cost of one product per AD 
 gradient graph are counted (identity ``saved_tensors_hooks``, storages counted once, the parameter
 leaves excluded), scaled to all probe batches by their sizes, and the graphs are cached when that
 estimate is at most a quarter of the memory currently available on the parameters' device
-(``torch.cuda.mem_get_info`` on CUDA, the available physical pages from ``os.sysconf`` on CPU,
-1 GiB when unknown).
+after the solver's declared working vectors (:meth:`CurvatureOperator.reserve`): on CUDA the free
+device memory plus what PyTorch's caching allocator holds unused, on CPU ``MemAvailable`` (free
+plus reclaimable page cache), 1 GiB when unknown.
 """
 
 from __future__ import annotations
@@ -166,12 +172,27 @@ def _auto_backend(model: nn.Module, device: torch.device) -> str:
 
 
 def _available_bytes(device: torch.device) -> int:
+    """Memory a cache may still take on ``device``, in bytes.
+
+    CUDA: the device's free memory plus what PyTorch's caching allocator holds without using
+    (``memory_reserved - memory_allocated``: reused before the device is asked for more). CPU:
+    ``MemAvailable`` of ``/proc/meminfo`` (free pages plus reclaimable page cache), else the free
+    physical pages (``os.sysconf``). 1 GiB when neither is known.
+    """
     if device.type == "cuda":
         try:
             free, _ = torch.cuda.mem_get_info(device)
-            return int(free)
+            idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(free) + max(0, int(idle))
         except Exception:  # pragma: no cover - device query failed
             return _CACHE_FALLBACK_BYTES
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
@@ -207,6 +228,10 @@ class HessianOperator(CurvatureOperator):
         fd_step: relative step ``s`` of the finite-difference backend,
             ``eps = s * (1 + ||theta||) / ||v||``; default ``FD_STEP[dtype]`` (3e-3 in float32,
             1e-6 in float64).
+        copy_parameters: ``True`` (default): the snapshot is a copy, so the operator stays valid
+            while the model trains on. ``False``: where the parameters (and frozen parameters)
+            are already in ``dtype`` the snapshot is their storage, not a copy; products raise
+            RuntimeError once a shared parameter was modified in place.
 
     Raises:
         ValueError: a bad argument (naming it and the accepted values), an empty ``batches``, a
@@ -239,6 +264,7 @@ class HessianOperator(CurvatureOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         cache_graphs: bool | None = None,
         fd_step: float | None = None,
+        copy_parameters: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -249,6 +275,7 @@ class HessianOperator(CurvatureOperator):
         check_choice("HessianOperator", "batchnorm", batchnorm, BATCHNORM_POLICIES)
         check_choice("HessianOperator", "dropout", dropout, DROPOUT_POLICIES)
         check_choice("HessianOperator", "cache_graphs", cache_graphs, (None, True, False))
+        check_choice("HessianOperator", "copy_parameters", copy_parameters, (True, False))
         if fd_step is not None and not (isinstance(fd_step, (int, float)) and math.isfinite(fd_step) and fd_step > 0):
             raise ValueError(f"HessianOperator: fd_step must be a positive finite number or None; got {fd_step!r}")
         if reduce is not None and not callable(reduce):
@@ -307,18 +334,29 @@ class HessianOperator(CurvatureOperator):
         self._batched_backward_ok = device.type != "cpu" or self.dim <= _BATCHED_BACKWARD_MAX_DIM_CPU
         self._warned: set[str] = set()
 
+        self.copy_parameters = bool(copy_parameters)
         with torch.no_grad(), torch.inference_mode(False):
-            # Detached snapshot in the computation dtype (a copy even when the dtype matches).
-            self._snapshot = tuple(p.detach().to(dtype=dtype, copy=True) for p in self.parameters)
+            # Detached snapshot in the computation dtype: a copy, or (copy_parameters=False) the live
+            # storage itself where the dtype already matches (a cast is always a copy)
+            # (inference tensors keep no version counter: always copied)
+            self._snapshot = tuple(
+                p.detach().to(dtype=dtype, copy=self.copy_parameters or p.is_inference()) for p in self.parameters
+            )
             self._frozen = {
-                k: t.detach().to(dtype=dtype, copy=True) if t.is_floating_point() else t.detach().clone()
+                k: t.detach().to(dtype=dtype, copy=self.copy_parameters or t.is_inference())
+                if t.is_floating_point() else t.detach().clone()
                 for k, t in frozen.items()
             }
             self._buffers = {
                 k: b.detach().to(dtype=dtype, copy=True) if b.is_floating_point() else b.detach().clone()
                 for k, b in wrapper.named_buffers()
             }
-            self._theta_norm = float(torch.cat([s.double().reshape(-1) for s in self._snapshot]).norm())
+            # ||theta||: only the finite-difference step uses it, computed there (fd_epsilon)
+            self._theta_norm_value: float | None = None
+        # version counters of the shared storages: a product after an in-place change raises
+        self._versions = tuple(
+            (p, p._version) for p, s in zip(self.parameters, self._snapshot) if s.data_ptr() == p.data_ptr()
+        )
         self.frozen_rows = frozen_padding_rows(model, self.parameters, self.names)
         self._mask: Tensor | None = None
         if self.frozen_rows:
@@ -375,6 +413,25 @@ class HessianOperator(CurvatureOperator):
         return tuple(
             part.T.reshape(b, *shape) for part, shape in zip(torch.split(V, list(self._numels), dim=0), self._shapes)
         )
+
+    def _accumulate(self, out: Tensor, parts: Sequence[Tensor | None], scale: float, first: bool) -> None:
+        """``out += scale * join(parts)`` (``out = ...`` when ``first``), written per parameter into the
+        rows of ``out`` ``(dim, b)``: no joined copy and no scaled temporary of the whole block.
+        """
+        b = out.shape[1]
+        offset = 0
+        for part, numel in zip(parts, self._numels):
+            dest = out[offset : offset + numel]
+            offset += numel
+            if part is None:
+                if first:
+                    dest.zero_()
+                continue
+            src = part.reshape(b, numel).T
+            if first:
+                torch.mul(src, scale, out=dest)
+            else:
+                dest.add_(src, alpha=scale)
 
     def _join_block(self, parts: Sequence[Tensor | None], b: int) -> Tensor:
         """Per-parameter ``(b, *shape)`` (None = zero) -> ``(dim, b)``."""
@@ -443,21 +500,33 @@ class HessianOperator(CurvatureOperator):
         """
         if not 0 <= index < len(self.batches):
             raise ValueError(f"HessianOperator.loss_graph: index must be in [0, {len(self.batches)}); got {index}")
+        self._check_unchanged()
         with product_context(self.model, self.batchnorm, self.dropout) as devices:
             seed_batch(index, devices)
-            leaves = tuple(s.detach().requires_grad_(True) for s in self._snapshot)
+            leaves = self._leaves()
             with self._reparametrized(self._state(leaves)):
                 return self._checked(self._wrapper(self._prepare_batch(self.batches[index], track=True)), index)
 
+    def _leaves(self, shift: Sequence[Tensor] | None = None, negative: bool = False) -> tuple[Tensor, ...]:
+        """Fresh leaves requiring grad at the snapshot (``+ shift``, or ``- shift`` when ``negative``) in
+        :attr:`dtype`; the snapshot is cast here, parameter by parameter, when its dtype differs (an
+        operator made by :meth:`with_backend` with another dtype).
+        """
+        dtype = self.dtype
+        if shift is None:
+            return tuple(s.detach().to(dtype).requires_grad_(True) for s in self._snapshot)
+        if negative:
+            return tuple((s.detach().to(dtype) - d).detach().requires_grad_(True) for s, d in zip(self._snapshot, shift))
+        return tuple((s.detach().to(dtype) + d).detach().requires_grad_(True) for s, d in zip(self._snapshot, shift))
+
     def _build_graph(
         self, index: int, create_graph: bool, count: list[int] | None = None, shift: Sequence[Tensor] | None = None,
-        track: bool = False,
+        track: bool = False, negative: bool = False,
     ) -> _Graph:
-        """Loss and gradient of batch ``index`` at the snapshot (+ ``shift``), with its graph when ``create_graph``."""
-        if shift is None:
-            leaves = tuple(s.detach().requires_grad_(True) for s in self._snapshot)
-        else:
-            leaves = tuple((s + d).detach().requires_grad_(True) for s, d in zip(self._snapshot, shift))
+        """Loss and gradient of batch ``index`` at the snapshot (+ ``shift``, or - ``shift`` when
+        ``negative``), with its graph when ``create_graph``.
+        """
+        leaves = self._leaves(shift, negative)
         batch = self._prepare_batch(self.batches[index], track=track)
         state = self._state(leaves)
         hooks: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -519,8 +588,11 @@ class HessianOperator(CurvatureOperator):
                 graphs.append(self._build_graph(i, True))
         self._graphs = graphs
 
-    def _first_order(self, index: int, devices: list[int], shift: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """Loss and flat gradient of batch ``index`` (first order only) for the finite-difference path.
+    def _first_order(
+        self, index: int, devices: list[int], shift: Sequence[Tensor] | None = None, negative: bool = False
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """Loss and per-parameter gradients (None: zero) of batch ``index`` (first order only) at the
+        snapshot ``+ shift`` (``- shift`` when ``negative``), for the finite-difference path.
 
         Floating-point inputs require grad (decided at the first call: kept when the loss accepts
         it), so that parameters inside a reentrant ``checkpoint`` whose inputs do not require grad
@@ -531,18 +603,17 @@ class HessianOperator(CurvatureOperator):
         seed_batch(index, devices)
         if self._track_inputs is None:
             try:
-                _, loss, grads, _ = self._build_graph(index, False, shift=shift, track=True)
+                _, loss, grads, _ = self._build_graph(index, False, shift=shift, track=True, negative=negative)
                 self._track_inputs = True
             except ValueError:
                 raise
             except Exception:  # noqa: BLE001 - the loss rejects inputs that require grad (e.g. calls .numpy())
                 self._track_inputs = False
                 seed_batch(index, devices)
-                _, loss, grads, _ = self._build_graph(index, False, shift=shift)
+                _, loss, grads, _ = self._build_graph(index, False, shift=shift, negative=negative)
         else:
-            _, loss, grads, _ = self._build_graph(index, False, shift=shift, track=self._track_inputs)
-        flat = self._join_block([None if g is None else g.detach().unsqueeze(0) for g in grads], 1)[:, 0]
-        return loss, flat
+            _, loss, grads, _ = self._build_graph(index, False, shift=shift, track=self._track_inputs, negative=negative)
+        return loss, [None if g is None else g.detach() for g in grads]
 
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """Mean loss ``L`` and flat mean gradient ``dL/dtheta`` at the snapshot (both reduced).
@@ -551,32 +622,39 @@ class HessianOperator(CurvatureOperator):
         (a non-finite loss is reported after the reduction, so that under DDP every process joins it
         and every process raises).
         """
+        self._check_unchanged()
         with product_context(self.model, self.batchnorm, self.dropout) as devices:
             if self.backend == "autograd":
                 self._ensure_graphs(devices)
-            total = torch.zeros(self.dim + 1, dtype=self.dtype, device=self.device)
+            total = torch.empty(self.dim + 1, dtype=self.dtype, device=self.device)
+            gradient = total[1:].unsqueeze(1)  # written per parameter, without a joined copy
             bad: tuple[int, float] | None = None
             for i, n in enumerate(self.batch_sizes):
                 if self.backend == "finite_difference":
-                    loss, flat = self._first_order(i, devices)
+                    loss, parts = self._first_order(i, devices)
                 else:
                     if self._graphs is not None:
                         _, loss, grads, _ = self._graphs[i]
                     else:
                         seed_batch(i, devices)
                         _, loss, grads, _ = self._build_graph(i, False)
-                    flat = self._join_block([None if g is None else g.detach().unsqueeze(0) for g in grads], 1)[:, 0]
+                    parts = [None if g is None else g.detach() for g in grads]
+                    del grads
                 if bad is None and not bool(torch.isfinite(loss)):
                     bad = (i, float(loss))
-                total[0] += n * loss.to(self.dtype)
-                total[1:] += n * flat
+                if i == 0:
+                    total[0] = n * loss.to(self.dtype)
+                else:
+                    total[0] += n * loss.to(self.dtype)
+                self._accumulate(gradient, parts, n, i == 0)
+                del parts
             # reduce first, raise after: under DDP every process must take part in the collective
-            total = self._reduce(total) / self.total_weight
+            total = self._reduce(total).div_(self.total_weight)
         if bad is not None:
             raise ValueError(f"loss_fn returned a non-finite loss ({bad[1]}) for batch {bad[0]}")
         if not math.isfinite(float(total[0])):
             raise ValueError(f"the reduced mean loss is non-finite ({float(total[0])}): a non-finite loss on another process")
-        return float(total[0]), total[1:].clone()
+        return float(total[0]), total[1:]
 
     # ------------------------------------------------------------------ other backends
     def with_backend(self, backend: str, *, dtype: torch.dtype | None = None, fd_step: float | None = None) -> HessianOperator:
@@ -620,7 +698,8 @@ class HessianOperator(CurvatureOperator):
             def cast(t: Tensor) -> Tensor:
                 return t.to(dtype) if t.is_floating_point() else t
 
-            other._snapshot = tuple(cast(t) for t in self._snapshot)
+            # the snapshot stays in its own dtype and is cast per evaluation (_leaves): no second
+            # parameter-sized copy beside this operator's (float32 -> float64 is exact either way)
             other._frozen = {k: cast(t) for k, t in self._frozen.items()}
             other._buffers = {k: cast(t) for k, t in self._buffers.items()}
             other._mask = None if self._mask is None else self._mask.to(dtype)
@@ -628,6 +707,7 @@ class HessianOperator(CurvatureOperator):
 
     # ------------------------------------------------------------------ products
     def _matmat(self, V: Tensor) -> Tensor:
+        self._check_unchanged()
         if self._mask is not None:  # coordinates that never train: products over the others
             V = V * self._mask
         with product_context(self.model, self.batchnorm, self.dropout) as devices:
@@ -650,8 +730,19 @@ class HessianOperator(CurvatureOperator):
                     local = self._autograd_products(V, devices)
             else:
                 local = self._autograd_products(V, devices)
-            out = self._reduce(local) / self.total_weight
-        return out if self._mask is None else out * self._mask
+            # in place: a product holds its output and the autograd results of one batch, no more
+            out = self._reduce(local).div_(self.total_weight)
+        return out if self._mask is None else out.mul_(self._mask)
+
+    def _check_unchanged(self) -> None:
+        """RuntimeError when a parameter whose storage the operator shares was changed in place since construction."""
+        moved = [self.names[self._index[id(p)]] for p, version in self._versions if p._version != version]
+        if moved:
+            raise RuntimeError(
+                f"HessianOperator(copy_parameters=False): parameters {moved[:3]} were modified in place after the "
+                "operator was built, so its products would be taken at the new values; build a new operator "
+                "(or pass copy_parameters=True to keep a snapshot)"
+            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -666,29 +757,55 @@ class HessianOperator(CurvatureOperator):
         """
         return self.fd_step * (1.0 + self._theta_norm) / v_norm
 
+    @property
+    def _theta_norm(self) -> float:
+        """``||theta||`` of the snapshot in float64, one parameter at a time (no flat copy), computed once."""
+        if self._theta_norm_value is None:
+            with torch.no_grad():
+                total = sum(float(torch.linalg.vector_norm(s.detach(), dtype=torch.float64)) ** 2 for s in self._snapshot)
+            self._theta_norm_value = math.sqrt(total)
+        return self._theta_norm_value
+
     def _fd_products(self, V: Tensor, devices: list[int]) -> Tensor:
-        """``H v = (g(theta + eps v) - g(theta - eps v)) / (2 eps)`` per column; 2 gradients per batch and column."""
-        out = torch.zeros(self.dim, V.shape[1], dtype=self.dtype, device=self.device)
-        for j in range(V.shape[1]):
+        """``H v = (g(theta + eps v) - g(theta - eps v)) / (2 eps)`` per column; 2 gradients per batch and column.
+
+        Each gradient is written per parameter into the output column (with several batches into one
+        scratch column first), so a column holds the step ``eps v`` and one gradient besides its output.
+        """
+        b = V.shape[1]
+        out = torch.empty(self.dim, b, dtype=self.dtype, device=self.device)
+        diff = None if len(self.batch_sizes) == 1 else torch.empty(self.dim, 1, dtype=self.dtype, device=self.device)
+        for j in range(b):
             v = V[:, j]
+            col = out[:, j : j + 1]
             v_norm = float(v.norm())
             if v_norm == 0.0 or not math.isfinite(v_norm):
-                out[:, j] = v * 0.0 if v_norm == 0.0 else float("nan")
+                col[:, 0] = v * 0.0 if v_norm == 0.0 else float("nan")
                 continue
             eps = self.fd_epsilon(v_norm)
             step = self.unflatten(eps * v)
-            minus = [-d for d in step]
             for i, n in enumerate(self.batch_sizes):
+                target = col if diff is None else diff
                 _, g_plus = self._first_order(i, devices, step)
-                _, g_minus = self._first_order(i, devices, minus)
-                out[:, j] += (n / (2.0 * eps)) * (g_plus - g_minus)
+                self._accumulate(target, g_plus, 1.0, True)
+                del g_plus
+                _, g_minus = self._first_order(i, devices, step, negative=True)
+                self._accumulate(target, g_minus, -1.0, False)  # g(theta + eps v) - g(theta - eps v)
+                del g_minus
+                if diff is None:
+                    col.mul_(n / (2.0 * eps))
+                elif i == 0:
+                    torch.mul(diff, n / (2.0 * eps), out=col)
+                else:
+                    col.add_(diff, alpha=n / (2.0 * eps))
+            del step
         return out
 
     def _autograd_products(self, V: Tensor, devices: list[int]) -> Tensor:
         self._ensure_graphs(devices)
         b = V.shape[1]
         Vb = self._split_block(V)
-        out = torch.zeros(self.dim, b, dtype=self.dtype, device=self.device)
+        out = torch.empty(self.dim, b, dtype=self.dtype, device=self.device)
         cached = self._graphs is not None
         for i, n in enumerate(self.batch_sizes):
             if self._graphs is not None:
@@ -697,15 +814,21 @@ class HessianOperator(CurvatureOperator):
                 seed_batch(i, devices)
                 leaves, _, grads, state = self._build_graph(i, True)
             with self._reparametrized(state):  # a recomputation inside backward sees the snapshot
-                out += n * self._double_backward(leaves, grads, Vb, b, retain=cached)
+                self._double_backward(out, leaves, grads, Vb, n, i == 0, retain=cached)
+            del leaves, grads, state  # an uncached graph goes before the next batch's is built
         return out
 
     def _double_backward(
-        self, leaves: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], Vb: tuple[Tensor, ...], b: int, retain: bool
-    ) -> Tensor:
+        self, out: Tensor, leaves: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], Vb: tuple[Tensor, ...],
+        n: float, first: bool, retain: bool,
+    ) -> None:
+        """``out (+)= n * H_b V`` by one backward through the gradient graph (per column when not batched)."""
+        b = out.shape[1]
         pairs = [(g, v) for g, v in zip(grads, Vb) if g is not None and g.requires_grad]
         if not pairs:
-            return torch.zeros(self.dim, b, dtype=self.dtype, device=self.device)
+            if first:
+                out.zero_()
+            return
         outputs = [g for g, _ in pairs]
         if b > 1 and self._batched_backward_ok:
             try:
@@ -715,7 +838,8 @@ class HessianOperator(CurvatureOperator):
                         outputs, leaves, [v for _, v in pairs], retain_graph=True, allow_unused=True,
                         is_grads_batched=True,
                     )
-                return self._join_block(hv, b)
+                self._accumulate(out, hv, n, first)
+                return
             except Exception as exc:  # no batching rule for some backward: loop over the columns
                 self._batched_backward_ok = False
                 self._warn_once(
@@ -723,13 +847,12 @@ class HessianOperator(CurvatureOperator):
                     f"batched double backward (is_grads_batched) failed ({str(exc)[:200]}); "
                     "HessianOperator multiplies the columns of a block one by one",
                 )
-        cols = []
         for j in range(b):
             hv = torch.autograd.grad(
                 outputs, leaves, [v[j] for _, v in pairs], retain_graph=retain or j < b - 1, allow_unused=True
             )
-            cols.append(self._join_block([None if h is None else h.unsqueeze(0) for h in hv], 1))
-        return torch.cat(cols, dim=1)
+            self._accumulate(out[:, j : j + 1], hv, n, first)
+            del hv
 
     def _func_products(self, V: Tensor, devices: list[int]) -> Tensor:
         from torch.func import grad, jvp, vmap
@@ -742,8 +865,8 @@ class HessianOperator(CurvatureOperator):
     def _func_products_impl(self, V: Tensor, devices: list[int], grad: Callable, jvp: Callable, vmap: Callable) -> Tensor:
         b = V.shape[1]
         Vb = self._split_block(V)
-        primals = tuple(s.detach() for s in self._snapshot)
-        out = torch.zeros(self.dim, b, dtype=self.dtype, device=self.device)
+        primals = tuple(s.detach().to(self.dtype) for s in self._snapshot)
+        out = torch.empty(self.dim, b, dtype=self.dtype, device=self.device)
         for i, n in enumerate(self.batch_sizes):
             batch = self._prepare_batch(self.batches[i])
 
@@ -758,7 +881,8 @@ class HessianOperator(CurvatureOperator):
                 hv = tuple(h.unsqueeze(0) for h in hvp(tuple(v[0] for v in Vb)))
             else:
                 hv = vmap(hvp, randomness="same")(Vb)
-            out += n * self._join_block(hv, b)
+            self._accumulate(out, hv, n, i == 0)
+            del hv
         return out
 
 

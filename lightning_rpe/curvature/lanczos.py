@@ -155,17 +155,28 @@ def _keep_indices(theta: Tensor, n_keep: int, k: int, which: str) -> Tensor:
     return torch.cat([order.flip(0)[:n_top], order[:n_bottom]])
 
 
-def _combine_rows(Q: Tensor, m: int, coeff: Tensor) -> None:
+def _combine_rows(Q: Tensor, m: int, coeff: Tensor, scratch: Tensor | None = None) -> None:
     """In place: ``Q[:l] <- coeff^T Q[:m]`` for ``coeff`` of shape ``(m, l)``, ``l <= m``.
 
-    Row-local (no reduction over ``dim``), done in column chunks of ``Q`` of ``ceil(dim / l)``
-    entries, so the temporary is about one parameter vector rather than ``l``.
+    Row-local (no reduction over ``dim``), done in column chunks of ``Q``: with ``scratch`` (a free
+    contiguous row of ``dim`` entries, e.g. a spare row of the basis) each chunk's product is written
+    into it and copied back, so nothing is allocated; without it chunks of ``ceil(dim / (4 l))``
+    entries leave a temporary of about a quarter of a parameter vector rather than ``l`` vectors.
     """
     n_keep = coeff.shape[1]
     C = coeff.T.to(dtype=Q.dtype, device=Q.device).contiguous()
-    chunk = max(1, -(-Q.shape[1] // max(n_keep, 1)))
+    if scratch is not None:
+        chunk = max(1, scratch.shape[0] // max(n_keep, 1))  # n_keep rows of chunk entries fit in it
+    else:
+        chunk = max(1, -(-Q.shape[1] // max(4 * n_keep, 1)))
     for c0 in range(0, Q.shape[1], chunk):
-        Q[:n_keep, c0 : c0 + chunk] = C @ Q[:m, c0 : c0 + chunk]
+        width = min(chunk, Q.shape[1] - c0)
+        if scratch is None:
+            Q[:n_keep, c0 : c0 + width] = C @ Q[:m, c0 : c0 + width]
+        else:
+            buf = scratch[: n_keep * width].view(n_keep, width)
+            torch.matmul(C, Q[:m, c0 : c0 + width], out=buf)
+            Q[:n_keep, c0 : c0 + width].copy_(buf)
 
 
 def ritz_gaps(theta: Tensor, res: Tensor, idx: Tensor) -> Tensor:
@@ -226,16 +237,20 @@ def lanczos(
     ``[[diag(theta), beta s_last], [beta s_last^T, .]]``, so that ``A Q = Q T + beta q e^T`` still
     holds and the residual of a Ritz pair is still ``|beta s_last|``. No product is repeated.
 
-    Memory (parameter-sized vectors, independent of ``max_hvp``): the basis ``max_basis + 1``, the
-    product ``A q`` and one projection temporary, plus the ``n_wanted`` returned Ritz vectors:
-    ``max_basis + 3 + n_wanted``, on top of what one product of the operator holds.
+    Memory (parameter-sized vectors, independent of ``max_hvp``): the basis ``max_basis`` and one
+    spare row (the scratch of a restart), and besides them either the product ``A q``
+    (orthogonalised in place, ``addmv_``) or at the end the ``n_wanted`` returned Ritz vectors:
+    ``max_basis + 1 + max(1, n_wanted)``, on top of what one product of the operator holds beside
+    its output. The start vector is dropped once copied into the basis.
 
     Stops when every wanted Ritz pair meets ``err_i <= tol_i * max|theta|`` (max over all
     current Ritz values; ``tol`` holds one float64 tolerance per wanted pair, in result order),
     where ``err_i`` is the residual ``|beta s_last|`` (``criterion="residual"``, or no ``gap``) or,
     with ``criterion="eigenvalue"`` and ``gap`` (one estimate per wanted pair, e.g. a previous
     cold solve's ``gaps``), the eigenvalue error estimate :func:`eigenvalue_errors` with the gap
-    ``min(gap, ritz_gaps)``. Ritz gaps alone are not trusted: from a few Krylov vectors they
+    ``min(gap, ritz_gaps)`` (the residual while there is no other Ritz value: a gap passed in says
+    nothing about a first Ritz value's neighbours; measured: ``gap=1e30`` stopped a cold solve after
+    one product at 1e-4 of lambda_max). Ritz gaps alone are not trusted: from a few Krylov vectors they
     over-estimated the gap when an eigenvalue next to the wanted one had not appeared yet, and the
     solve stopped on the neighbour (measured on a known spectrum, tests/test_bounded_memory.py);
     or when ``max_hvp`` products were spent, or when the Krylov space
@@ -253,11 +268,13 @@ def lanczos(
     # beta below this (relative to the spectrum's scale seen so far) is an invariant subspace
     breakdown_tol = 100.0 * eps * math.sqrt(dim)
 
-    Q = torch.empty(cap + 1, dim, dtype=dtype, device=device)  # basis as rows
+    # the start vector before the basis, so that its float64 draw is not held beside the basis
     q = start.to(dtype=dtype, device=device).reshape(dim) if start is not None else None
-    if q is None or not bool(torch.isfinite(q).all()) or float(operator.norms(q)[0]) == 0.0:
+    del start
+    if q is None or not 0.0 < float(operator.norms(q)[0]) < math.inf:
         q = random_block(dim, 1, generator, dtype, device)[:, 0]
-    Q[0] = q / operator.norms(q)[0]
+    Q = torch.empty(cap + 1, dim, dtype=dtype, device=device)  # basis as rows, and a spare row
+    torch.div(q, operator.norms(q)[0], out=Q[0])
     del q
 
     T = torch.zeros(cap + 1, cap + 1, dtype=torch.float64)  # projected matrix of the basis
@@ -269,13 +286,16 @@ def lanczos(
     while True:
         w = operator.matvec(Q[j])
         spent += 1
-        if not bool(torch.isfinite(w).all()):
+        # finite norm <=> finite entries (torch.isfinite would allocate a vector-sized |w|); through
+        # operator.norms, so every process of a sharded operator takes the same branch
+        if not math.isfinite(float(operator.norms(w)[0])):
             return _failure(dim, nw, dtype, device)
         basis = Q[: j + 1]
+        # w -= Q^T h in place (addmv_: no parameter-sized temporary), twice
         h = operator.inner(basis.T, w)[:, 0]
-        w -= basis.T @ h
+        w.addmv_(basis.T, h, alpha=-1)
         h2 = operator.inner(basis.T, w)[:, 0]
-        w -= basis.T @ h2
+        w.addmv_(basis.T, h2, alpha=-1)
         col = (h + h2).to(torch.float64).cpu()
         T[: j + 1, j] = col
         T[j, : j + 1] = col
@@ -293,7 +313,7 @@ def lanczos(
             idx = select_ritz(theta, k, which)
             err = res[idx]
             if criterion == "eigenvalue" and gap is not None:
-                err = eigenvalue_errors(err, torch.fmin(ritz_gaps(theta, res, idx), gap.to(torch.float64)))
+                err = eigenvalue_errors(err, torch.minimum(ritz_gaps(theta, res, idx), gap.to(torch.float64)))
             # tol=0 runs to the budget (a Ritz residual can be exactly 0 by deflation in eigh)
             if float(tol.min()) > 0 and bool((err <= tol * float(theta.abs().max())).all()):
                 break
@@ -320,7 +340,7 @@ def lanczos(
             n_keep = _keep_count(cap, nw)
             keep = _keep_indices(theta, n_keep, k, which)
             coeff = S[:, keep]
-            _combine_rows(Q, m, coeff)
+            _combine_rows(Q, m, coeff, scratch=Q[cap])  # Q[cap] is never a basis vector (m <= cap)
             Q[n_keep] = w
             T.zero_()
             T[:n_keep, :n_keep] = torch.diag(theta[keep])
@@ -345,7 +365,11 @@ def lanczos(
     gaps = ritz_gaps(theta, res, idx)
     if gap is not None:
         gaps = torch.fmin(gaps, gap.to(torch.float64))
-    errors = eigenvalue_errors(residuals, gaps) if criterion == "eigenvalue" and gap is not None else residuals
+    # the stopping gap needs a Ritz gap too (torch.minimum keeps its NaN: residual rule): with one
+    # Ritz value nothing is known of the neighbours, whatever gap was passed in
+    errors = residuals
+    if criterion == "eigenvalue" and gap is not None:
+        errors = eigenvalue_errors(residuals, torch.minimum(ritz_gaps(theta, res, idx), gap.to(torch.float64)))
     threshold = tol * float(theta.abs().max())
     converged = errors <= threshold
     if exhausted:
