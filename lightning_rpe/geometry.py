@@ -156,7 +156,7 @@ def _angles(qu: Tensor, qv: Tensor) -> Tensor:
     # small: the basis with fewer columns; big: the other one.
     small, big = (qu, qv) if qu.shape[1] <= qv.shape[1] else (qv, qu)
     cos = torch.linalg.svdvals(big.T @ small).clamp(0.0, 1.0)  # descending
-    residual = small - big @ (big.T @ small)
+    residual = torch.addmm(small, big, big.T @ small, alpha=-1.0)  # small - big (big^T small), one (n, k) block
     # the singular values of the tall residual are those of its k x k R factor (4x faster at k = 1)
     sin = torch.linalg.svdvals(torch.linalg.qr(residual, mode="r")[1]).clamp(0.0, 1.0).flip(0)  # ascending
     from_cos = torch.arccos(cos)  # ascending

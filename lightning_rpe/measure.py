@@ -618,11 +618,16 @@ def solve(
         init = init.to(device=op.device, dtype=op.dtype)
     gen = settings.generator(step)
     criterion, gap = "residual", None
+    warm_started = init is not None
     if init is not None:
         criterion, gap = stopping_rule(settings.criterion, warm.previous_gaps, k + int(which == "both"), k)
-    res = eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.max_hvp, init=init, generator=gen,
-                     method=settings.solver, tol_smallest=settings.lambda_min_tol if which == "both" else None,
-                     criterion=criterion, gap=gap)
+    # the warm block goes to the solver as its only reference, so the Lanczos path frees it (k + 1
+    # parameter vectors) once its start vector is built
+    inits = [init]
+    del init
+    res = eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.max_hvp, init=inits.pop(),
+                     generator=gen, method=settings.solver,
+                     tol_smallest=settings.lambda_min_tol if which == "both" else None, criterion=criterion, gap=gap)
     if not bool(torch.isfinite(res.eigenvalues).all()):
         raise _skip(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)", notes)
     if not res.all_converged:
@@ -635,7 +640,7 @@ def solve(
             "every eigenvalue and the gradient are exactly 0: the loss does not depend on the parameters (a "
             "loss computed under torch.no_grad(), .detach()ed or turned into a Python number?)"
         )
-    main_gaps = _fresh_gaps(res, settings, init is not None)
+    main_gaps = _fresh_gaps(res, settings, warm_started)
     top_vals = tuple(float(v) for v in res.eigenvalues[:k])
     top_vecs = res.eigenvectors[:, :k].detach().clone()
     crossed = None

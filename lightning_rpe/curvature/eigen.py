@@ -287,9 +287,12 @@ def eigenpairs(
             out = lobpcg(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator, init=init,
                          criterion=criterion, gap=gap)
         else:
-            # the start vector is passed without a name here, so lanczos can drop it once in its basis
+            # the start vector is passed without a name, so lanczos can drop it once in its basis; the
+            # warm block itself is released here (a caller that passed its only reference frees it)
+            starts = [] if init is None else [_warm_start_vector(init, generator, operator)]
+            init = None
             out = lanczos(operator, k=k, which=which, tol=tols, max_hvp=max_hvp, generator=generator,
-                          start=None if init is None else _warm_start_vector(init, generator, operator),
+                          start=starts.pop() if starts else None,
                           max_basis=max_basis, criterion=criterion, gap=gap)
     return EigenResult(
         eigenvalues=out.values,
