@@ -476,15 +476,16 @@ class InstabilityController(Callback):
             # one exact ratio for all groups (the quotient along the step S g_B): scaling every
             # controlled group by f scales it by f
             bs = getattr(m, "batch_sharpness_ratio", None)
-            value = math.nan if bs is None else float(bs)
-            ratios = (value,) * len(m.thresholds)
+            ratios = (math.nan if bs is None else float(bs),) * len(m.thresholds)
         elif m.stability_ratio is not None and math.isfinite(m.stability_ratio):
             # the exact ratio of the optimizer in use (lambda_max(S^1/2 H S^1/2): right with per-group
             # learning rates); scaling every controlled group by f scales it by f
             ratios = (float(m.stability_ratio),) * len(m.thresholds)
-            value = float(m.sharpness)  # identifies the measurement (the ratio is restated at the new lr)
         else:
-            ratios, value = tuple(m.ratios), float(m.sharpness)
+            ratios = tuple(m.ratios)
+        # the sharpness identifies the measurement: the ratios are restated at the new lr after a
+        # decision (monitor.latest), and a key that changed with them would decide twice on one measurement
+        value = float(m.sharpness)
         return control.Reading(step=int(m.step), key=(int(m.step), int(m.epoch), value), ratios=ratios,
                                thresholds=tuple(m.thresholds), lrs=tuple(m.lrs))
 
