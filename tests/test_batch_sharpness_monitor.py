@@ -4,6 +4,7 @@ invisibility, options; the listener and the ratio at the next lr; gauge='auto' u
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -175,3 +176,15 @@ def test_one_decision_per_batch_sharpness_measurement() -> None:
     assert mon.n_measurements == 4
     assert ctrl.state.n_measurements == 4 and ctrl.state.n_decisions == 4
     assert ctrl.factor == pytest.approx(1.5**4)  # far below the target: one max_change step per measurement
+
+
+@pytest.mark.parametrize(("goal", "named"), [({"band": (1.1, 1.5)}, "band=(1.1, 1.5)"),
+                                             ({"target_ratio": 1.3}, "target_ratio=1.3")])
+def test_a_goal_above_the_edge_of_stochastic_stability_warns(goal: dict[str, Any], named: str) -> None:
+    """A band or a target above 1 for the batch sharpness under minibatch SGD cannot be reached: both warn."""
+    pl.seed_everything(0, verbose=False)
+    ctrl = InstabilityController(warmup_steps=2, **goal)
+    with pytest.warns(UserWarning, match=rf"{re.escape(named)} asks the batch sharpness to stay above"):
+        make_trainer([monitor(every_n_steps=4, dtype="float32", tol=1e-3), ctrl], max_steps=4).fit(
+            TinyMLP(hidden=8, lr=0.02), loader())
+    assert ctrl.active_gauge == "batch_sharpness"

@@ -332,9 +332,11 @@ class InstabilityController(Callback):
                 "the quantity at the edge under minibatch SGD (docs/controller.md)"
             )
         band = self._law.band
-        if self.active_gauge == "batch_sharpness" and band is not None and band[0] > 1.0 and not full_batch:
+        low = band[0] if band is not None else self._law.target_ratio
+        if self.active_gauge == "batch_sharpness" and low is not None and low > 1.0 and not full_batch:
+            given = f"band={band}" if band is not None else f"target_ratio={low:g}"
             rank_zero_warn(
-                f"InstabilityController: band={band} asks the batch sharpness to stay above its stability threshold; "
+                f"InstabilityController: {given} asks the batch sharpness to stay above its stability threshold; "
                 "under minibatch SGD it does not rise above it (the edge of stochastic stability), so the controller "
                 "will raise the lr to its bound: use a band around 1 (default "
                 f"{control.DEFAULT_BANDS['batch_sharpness']} without band/target_ratio), or gauge='sharpness'"
