@@ -371,6 +371,20 @@ def test_controller_without_band_uses_the_gauge_default_and_stops_at_the_fractio
     assert used == pytest.approx([1.0, 1.0, 2.0, centre, centre, centre] + [1.0] * 6, rel=1e-12)
 
 
+@pytest.mark.parametrize(("stop_step", "warns"), [(0.9, True), (5, True), (11, False)])
+def test_a_stop_step_inside_the_warmup_warns(stop_step: float, warns: bool) -> None:
+    """stop_step=0.9 of a 12-step run is step 11 (round(10.8)), inside the default 100-step warm-up: it would never act."""
+    warmup = 100 if isinstance(stop_step, float) else 10
+    controller = InstabilityController(stop_step=stop_step, warmup_steps=warmup if stop_step != 11 else 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(TinyModel(lr=0.1), [StubMonitor(lambda s: 10.0), controller], max_steps=12)
+    said = [str(w.message) for w in caught if "not after the warm-up" in str(w.message)]
+    assert len(said) == int(warns)
+    if warns:
+        assert f"stop_step is step {controller.stop_step}," in said[0]
+
+
 def test_minibatch_sgd_auto_steers_the_batch_sharpness_and_warns_on_a_band_above_it() -> None:
     loader = make_loader(make_dataset(32), batch_size=8)
     auto = InstabilityController(warmup_steps=0)

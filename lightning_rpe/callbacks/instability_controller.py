@@ -301,6 +301,12 @@ class InstabilityController(Callback):
             )
         adam_family = any(g.preconditioned for g in group_thresholds(optimizer))
         self._law = self.settings.for_optimizer(adam_family).for_run(_total_steps(trainer))
+        stop, active_from = self._law.stop_step, self._law.start_step + self._law.warmup_steps
+        if stop is not None and stop <= active_from:
+            rank_zero_warn(
+                f"InstabilityController: stop_step is step {stop}, not after the warm-up (start_step + warmup_steps = "
+                f"{active_from}), so it will not change the lr in this run; lower warmup_steps or raise stop_step"
+            )
         self.active_gauge = None  # chosen once the training data is set up (_choose_gauge)
         if len(self.state.smoothed) != n_groups:
             self.state.smoothed = (self.state.smoothed + [None] * n_groups)[:n_groups]
