@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lit_models import TinyMLP, full_batch_loader, make_dataset, make_loader, make_trainer
 from test_controller import CaptureLogger, RecordingSGD, StubMonitor, TinyModel, fit
 
@@ -383,6 +384,17 @@ def test_a_stop_step_inside_the_warmup_warns(stop_step: float, warns: bool) -> N
     assert len(said) == int(warns)
     if warns:
         assert f"stop_step is step {controller.stop_step}," in said[0]
+
+
+def test_a_fractional_stop_step_in_a_run_without_a_length_warns_and_never_stops() -> None:
+    class StopAt(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
+            trainer.should_stop = trainer.global_step >= 6
+
+    controller = InstabilityController(stop_step=0.5, warmup_steps=1)
+    with pytest.warns(UserWarning, match=r"stop_step=0.5 is a fraction .* no known length"):
+        fit(TinyModel(lr=0.1), [StubMonitor(lambda s: 10.0), controller, StopAt()], max_steps=-1, max_epochs=-1)
+    assert controller.stop_step is None and controller.factor > 1.0  # controlled to the end
 
 
 def test_minibatch_sgd_auto_steers_the_batch_sharpness_and_warns_on_a_band_above_it() -> None:

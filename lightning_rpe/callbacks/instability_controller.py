@@ -301,6 +301,13 @@ class InstabilityController(Callback):
             )
         adam_family = any(g.preconditioned for g in group_thresholds(optimizer))
         self._law = self.settings.for_optimizer(adam_family).for_run(_total_steps(trainer))
+        if isinstance(self.settings.stop_step, float) and self._law.stop_step is None:
+            rank_zero_warn(
+                f"InstabilityController: stop_step={self.settings.stop_step:g} is a fraction of the run's optimizer "
+                "steps, and this run has no known length (trainer.estimated_stepping_batches is infinite: max_steps=-1 "
+                "with max_epochs=-1 or max_time, or a loader without a length), so the controller will not stop; give "
+                "stop_step as a step index, or bound the run with max_steps/max_epochs"
+            )
         stop, active_from = self._law.stop_step, self._law.start_step + self._law.warmup_steps
         if stop is not None and stop <= active_from:
             rank_zero_warn(
