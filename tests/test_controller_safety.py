@@ -397,6 +397,16 @@ def test_a_fractional_stop_step_in_a_run_without_a_length_warns_and_never_stops(
     assert controller.stop_step is None and controller.factor > 1.0  # controlled to the end
 
 
+def test_batch_sharpness_gauge_without_the_measurement_raises_before_any_band_advice() -> None:
+    loader = make_loader(make_dataset(32), batch_size=8)
+    controller = InstabilityController(gauge="batch_sharpness", band=(1.1, 1.5), warmup_steps=0)
+    monitor = SharpnessMonitor(every_n_steps=2, probe_size=32, lambda_min=False)  # no batch sharpness
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match="does not measure"):
+        warnings.simplefilter("always")
+        make_trainer([monitor, controller], max_steps=2).fit(TinyMLP(optimizer="sgd", lr=0.05), loader)
+    assert not [w for w in caught if "asks the batch sharpness" in str(w.message)]
+
+
 def test_minibatch_sgd_auto_steers_the_batch_sharpness_and_warns_on_a_band_above_it() -> None:
     loader = make_loader(make_dataset(32), batch_size=8)
     auto = InstabilityController(warmup_steps=0)

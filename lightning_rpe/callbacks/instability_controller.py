@@ -337,6 +337,12 @@ class InstabilityController(Callback):
             self.settings.gauge, full_batch=full_batch, adam_family=self._law.adam_family,
             batch_sharpness_measured=measured,
         )
+        if self.active_gauge == "batch_sharpness" and not measured:
+            raise ValueError(
+                "InstabilityController(gauge='batch_sharpness') steers the batch sharpness, which this "
+                "SharpnessMonitor does not measure: set SharpnessMonitor(batch_sharpness=True), or "
+                "InstabilityController(gauge='sharpness')"
+            )
         self._law = self._law.with_goal_for(self.active_gauge)
         if self.settings.gauge == "auto" and not (full_batch or self._law.adam_family or measured):
             rank_zero_info(
@@ -353,12 +359,6 @@ class InstabilityController(Callback):
                 "under minibatch SGD it does not rise above it (the edge of stochastic stability), so the controller "
                 "will raise the lr to its bound: use a band around 1 (default "
                 f"{control.DEFAULT_BANDS['batch_sharpness']} without band/target_ratio), or gauge='sharpness'"
-            )
-        if self.active_gauge == "batch_sharpness" and not getattr(self._monitor, "batch_sharpness", False):
-            raise ValueError(
-                "InstabilityController(gauge='batch_sharpness') steers the batch sharpness, which this "
-                "SharpnessMonitor does not measure: set SharpnessMonitor(batch_sharpness=True), or "
-                "InstabilityController(gauge='sharpness')"
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
