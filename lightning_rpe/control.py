@@ -158,12 +158,11 @@ class ControlSettings:
         put(self, "smoothing", smoothing)
         for name in ("warmup_steps", "start_step", "hold_steps"):
             check_int(o, name, getattr(self, name), minimum=0)
-        if isinstance(self.stop_step, float):
-            if not (math.isfinite(self.stop_step) and 0.0 < self.stop_step < 1.0):
-                raise fail(o, "stop_step", "None, an int > start_step, or a float in (0, 1) (a fraction of the run's "
-                           "optimizer steps)", self.stop_step)
-        else:
-            check_int(o, "stop_step", self.stop_step, minimum=self.start_step + 1, allow_none=True)
+        stop = self.stop_step
+        if not (stop is None or (isinstance(stop, float) and math.isfinite(stop) and 0.0 < stop < 1.0)
+                or (isinstance(stop, int) and not isinstance(stop, bool) and stop > self.start_step)):
+            raise fail(o, "stop_step", f"None, an int > start_step ({self.start_step}), or a float in (0, 1) (a "
+                       "fraction of the run's optimizer steps)", stop)
         if self.param_groups is not None:
             try:
                 groups = tuple(self.param_groups)

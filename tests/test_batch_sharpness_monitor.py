@@ -4,6 +4,7 @@ invisibility, options; the listener and the ratio at the next lr; gauge='auto' u
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -161,4 +162,29 @@ def test_gauges_under_minibatch_sgd() -> None:
     assert ctrl.active_gauge == "batch_sharpness"
     assert mon.latest.batch_sharpness_ratio is not None and math.isfinite(mon.latest.batch_sharpness_ratio)
     assert ctrl.state.n_measurements >= 6 and ctrl.state.n_decisions >= 1
-    assert ctrl.state.last_key[2] > 0  # the key of a batch-sharpness reading is its ratio (before restating)
+    assert ctrl.state.last_key[2] == pytest.approx(mon.latest.sharpness)  # the key: the (lr-free) sharpness
+
+
+def test_one_decision_per_batch_sharpness_measurement() -> None:
+    """The monitor restates monitor.latest at the new lr after a decision; the controller must not take
+    the restated batch-sharpness ratio for a new measurement (it decided twice: 1.5**2 per measurement)."""
+    pl.seed_everything(0, verbose=False)
+    mon = monitor(every_n_steps=4, dtype="float32", tol=1e-3)
+    ctrl = InstabilityController(gauge="batch_sharpness", target_ratio=50.0, warmup_steps=0, max_change=1.5,
+                                 max_factor=None)
+    make_trainer([mon, ctrl], max_steps=16).fit(TinyMLP(hidden=8, lr=0.02), loader())
+    assert mon.n_measurements == 4
+    assert ctrl.state.n_measurements == 4 and ctrl.state.n_decisions == 4
+    assert ctrl.factor == pytest.approx(1.5**4)  # far below the target: one max_change step per measurement
+
+
+@pytest.mark.parametrize(("goal", "named"), [({"band": (1.1, 1.5)}, "band=(1.1, 1.5)"),
+                                             ({"target_ratio": 1.3}, "target_ratio=1.3")])
+def test_a_goal_above_the_edge_of_stochastic_stability_warns(goal: dict[str, Any], named: str) -> None:
+    """A band or a target above 1 for the batch sharpness under minibatch SGD cannot be reached: both warn."""
+    pl.seed_everything(0, verbose=False)
+    ctrl = InstabilityController(warmup_steps=2, **goal)
+    with pytest.warns(UserWarning, match=rf"{re.escape(named)} asks the batch sharpness to stay above"):
+        make_trainer([monitor(every_n_steps=4, dtype="float32", tol=1e-3), ctrl], max_steps=4).fit(
+            TinyMLP(hidden=8, lr=0.02), loader())
+    assert ctrl.active_gauge == "batch_sharpness"

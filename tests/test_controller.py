@@ -260,6 +260,13 @@ def test_invalid_options_name_the_option(kwargs: dict[str, Any], match: str) -> 
         InstabilityController(**kwargs)
 
 
+@pytest.mark.parametrize("stop_step", [0, -3, True, "0.9", 1.0, -0.5, float("inf")])
+def test_every_bad_stop_step_names_both_forms(stop_step: Any) -> None:
+    """An int and a fraction are both accepted, so every refusal says so (an int refusal named only ints)."""
+    with pytest.raises(ValueError, match=r"stop_step must be None, an int > start_step \(0\), or a float in \(0, 1\)"):
+        InstabilityController(stop_step=stop_step)
+
+
 def test_disabled_needs_no_goal_and_accepts_band_list() -> None:
     InstabilityController(enabled=False)
     c = InstabilityController(band=[1.1, 1.5])  # a YAML list

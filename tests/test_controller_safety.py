@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lit_models import TinyMLP, full_batch_loader, make_dataset, make_loader, make_trainer
 from test_controller import CaptureLogger, RecordingSGD, StubMonitor, TinyModel, fit
 
@@ -369,6 +370,41 @@ def test_controller_without_band_uses_the_gauge_default_and_stops_at_the_fractio
     # then in the band; factor 1 again from step 6 = 0.5 * 12 on
     centre = math.sqrt(1.1 * 1.5) / 0.5
     assert used == pytest.approx([1.0, 1.0, 2.0, centre, centre, centre] + [1.0] * 6, rel=1e-12)
+
+
+@pytest.mark.parametrize(("stop_step", "warns"), [(0.9, True), (5, True), (11, False)])
+def test_a_stop_step_inside_the_warmup_warns(stop_step: float, warns: bool) -> None:
+    """stop_step=0.9 of a 12-step run is step 11 (round(10.8)), inside the default 100-step warm-up: it would never act."""
+    warmup = 100 if isinstance(stop_step, float) else 10
+    controller = InstabilityController(stop_step=stop_step, warmup_steps=warmup if stop_step != 11 else 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(TinyModel(lr=0.1), [StubMonitor(lambda s: 10.0), controller], max_steps=12)
+    said = [str(w.message) for w in caught if "not after the warm-up" in str(w.message)]
+    assert len(said) == int(warns)
+    if warns:
+        assert f"stop_step is step {controller.stop_step}," in said[0]
+
+
+def test_a_fractional_stop_step_in_a_run_without_a_length_warns_and_never_stops() -> None:
+    class StopAt(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
+            trainer.should_stop = trainer.global_step >= 6
+
+    controller = InstabilityController(stop_step=0.5, warmup_steps=1)
+    with pytest.warns(UserWarning, match=r"stop_step=0.5 is a fraction .* no known length"):
+        fit(TinyModel(lr=0.1), [StubMonitor(lambda s: 10.0), controller, StopAt()], max_steps=-1, max_epochs=-1)
+    assert controller.stop_step is None and controller.factor > 1.0  # controlled to the end
+
+
+def test_batch_sharpness_gauge_without_the_measurement_raises_before_any_band_advice() -> None:
+    loader = make_loader(make_dataset(32), batch_size=8)
+    controller = InstabilityController(gauge="batch_sharpness", band=(1.1, 1.5), warmup_steps=0)
+    monitor = SharpnessMonitor(every_n_steps=2, probe_size=32, lambda_min=False)  # no batch sharpness
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match="does not measure"):
+        warnings.simplefilter("always")
+        make_trainer([monitor, controller], max_steps=2).fit(TinyMLP(optimizer="sgd", lr=0.05), loader)
+    assert not [w for w in caught if "asks the batch sharpness" in str(w.message)]
 
 
 def test_minibatch_sgd_auto_steers_the_batch_sharpness_and_warns_on_a_band_above_it() -> None:

@@ -301,6 +301,19 @@ class InstabilityController(Callback):
             )
         adam_family = any(g.preconditioned for g in group_thresholds(optimizer))
         self._law = self.settings.for_optimizer(adam_family).for_run(_total_steps(trainer))
+        if isinstance(self.settings.stop_step, float) and self._law.stop_step is None:
+            rank_zero_warn(
+                f"InstabilityController: stop_step={self.settings.stop_step:g} is a fraction of the run's optimizer "
+                "steps, and this run has no known length (trainer.estimated_stepping_batches is infinite: max_steps=-1 "
+                "with max_epochs=-1 or max_time, or a loader without a length), so the controller will not stop; give "
+                "stop_step as a step index, or bound the run with max_steps/max_epochs"
+            )
+        stop, active_from = self._law.stop_step, self._law.start_step + self._law.warmup_steps
+        if stop is not None and stop <= active_from:
+            rank_zero_warn(
+                f"InstabilityController: stop_step is step {stop}, not after the warm-up (start_step + warmup_steps = "
+                f"{active_from}), so it will not change the lr in this run; lower warmup_steps or raise stop_step"
+            )
         self.active_gauge = None  # chosen once the training data is set up (_choose_gauge)
         if len(self.state.smoothed) != n_groups:
             self.state.smoothed = (self.state.smoothed + [None] * n_groups)[:n_groups]
@@ -324,6 +337,12 @@ class InstabilityController(Callback):
             self.settings.gauge, full_batch=full_batch, adam_family=self._law.adam_family,
             batch_sharpness_measured=measured,
         )
+        if self.active_gauge == "batch_sharpness" and not measured:
+            raise ValueError(
+                "InstabilityController(gauge='batch_sharpness') steers the batch sharpness, which this "
+                "SharpnessMonitor does not measure: set SharpnessMonitor(batch_sharpness=True), or "
+                "InstabilityController(gauge='sharpness')"
+            )
         self._law = self._law.with_goal_for(self.active_gauge)
         if self.settings.gauge == "auto" and not (full_batch or self._law.adam_family or measured):
             rank_zero_info(
@@ -332,18 +351,14 @@ class InstabilityController(Callback):
                 "the quantity at the edge under minibatch SGD (docs/controller.md)"
             )
         band = self._law.band
-        if self.active_gauge == "batch_sharpness" and band is not None and band[0] > 1.0 and not full_batch:
+        low = band[0] if band is not None else self._law.target_ratio
+        if self.active_gauge == "batch_sharpness" and low is not None and low > 1.0 and not full_batch:
+            given = f"band={band}" if band is not None else f"target_ratio={low:g}"
             rank_zero_warn(
-                f"InstabilityController: band={band} asks the batch sharpness to stay above its stability threshold; "
+                f"InstabilityController: {given} asks the batch sharpness to stay above its stability threshold; "
                 "under minibatch SGD it does not rise above it (the edge of stochastic stability), so the controller "
                 "will raise the lr to its bound: use a band around 1 (default "
                 f"{control.DEFAULT_BANDS['batch_sharpness']} without band/target_ratio), or gauge='sharpness'"
-            )
-        if self.active_gauge == "batch_sharpness" and not getattr(self._monitor, "batch_sharpness", False):
-            raise ValueError(
-                "InstabilityController(gauge='batch_sharpness') steers the batch sharpness, which this "
-                "SharpnessMonitor does not measure: set SharpnessMonitor(batch_sharpness=True), or "
-                "InstabilityController(gauge='sharpness')"
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -476,15 +491,16 @@ class InstabilityController(Callback):
             # one exact ratio for all groups (the quotient along the step S g_B): scaling every
             # controlled group by f scales it by f
             bs = getattr(m, "batch_sharpness_ratio", None)
-            value = math.nan if bs is None else float(bs)
-            ratios = (value,) * len(m.thresholds)
+            ratios = (math.nan if bs is None else float(bs),) * len(m.thresholds)
         elif m.stability_ratio is not None and math.isfinite(m.stability_ratio):
             # the exact ratio of the optimizer in use (lambda_max(S^1/2 H S^1/2): right with per-group
             # learning rates); scaling every controlled group by f scales it by f
             ratios = (float(m.stability_ratio),) * len(m.thresholds)
-            value = float(m.sharpness)  # identifies the measurement (the ratio is restated at the new lr)
         else:
-            ratios, value = tuple(m.ratios), float(m.sharpness)
+            ratios = tuple(m.ratios)
+        # the sharpness identifies the measurement: the ratios are restated at the new lr after a
+        # decision (monitor.latest), and a key that changed with them would decide twice on one measurement
+        value = float(m.sharpness)
         return control.Reading(step=int(m.step), key=(int(m.step), int(m.epoch), value), ratios=ratios,
                                thresholds=tuple(m.thresholds), lrs=tuple(m.lrs))
 
