@@ -188,3 +188,26 @@ def test_a_goal_above_the_edge_of_stochastic_stability_warns(goal: dict[str, Any
         make_trainer([monitor(every_n_steps=4, dtype="float32", tol=1e-3), ctrl], max_steps=4).fit(
             TinyMLP(hidden=8, lr=0.02), loader())
     assert ctrl.active_gauge == "batch_sharpness"
+
+
+def test_gradient_accumulation_measures_the_optimizer_step_batch() -> None:
+    """With accumulate_grad_batches=2 and batch 8 a step's gradient is the mean over 16 samples: the
+    batch sharpness uses mini-batches of 16, the same value as batch 16 without accumulation."""
+    def first(batch_size: int, accumulate: int) -> float:
+        pl.seed_everything(0, verbose=False)
+        mon = monitor(every_n_steps=1)  # after the first optimizer step, at lr 1e-12: the initial parameters
+        make_trainer([mon], max_steps=1, accumulate_grad_batches=accumulate).fit(
+            TinyMLP(hidden=8, lr=1e-12), make_loader(make_dataset(48, seed=3), batch_size=batch_size))
+        assert mon.latest is not None and mon.latest.step == 1 and mon.latest.batch_sharpness is not None
+        return float(mon.latest.batch_sharpness)
+
+    assert first(8, 2) == pytest.approx(first(16, 1), rel=1e-9)
+    assert first(8, 1) != pytest.approx(first(16, 1), rel=1e-3)
+
+
+def test_auto_gauge_treats_accumulation_over_the_whole_epoch_as_full_batch() -> None:
+    ctrl = InstabilityController(warmup_steps=0)
+    mon = monitor(every_n_steps=1)
+    make_trainer([mon, ctrl], max_steps=2, accumulate_grad_batches=6).fit(
+        TinyMLP(hidden=8, lr=0.01), make_loader(make_dataset(48, seed=3), batch_size=8))
+    assert ctrl.active_gauge == "sharpness"  # 6 batches of 8 = one step per epoch over all 48 samples

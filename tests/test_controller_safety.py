@@ -417,3 +417,14 @@ def test_minibatch_sgd_auto_steers_the_batch_sharpness_and_warns_on_a_band_above
     monitor = SharpnessMonitor(every_n_steps=2, probe_size=32, batch_sharpness=2, lambda_min=False)
     with pytest.warns(UserWarning, match="does not rise above"):
         make_trainer([monitor, above], max_steps=2).fit(TinyMLP(optimizer="sgd", lr=0.05), loader)
+
+
+def test_adam_step_zero_nan_ratio_is_not_warned_and_repr_shows_the_band() -> None:
+    ctrl = InstabilityController(warmup_steps=0)
+    assert "the gauge's default" in repr(ctrl)
+    monitor = SharpnessMonitor(every_n_steps=2, probe_size=16)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer([monitor, ctrl], max_steps=4).fit(TinyMLP(optimizer="adam", lr=0.01), full_batch_loader(16))
+    assert not [w for w in record if "no usable stability ratio" in str(w.message)]
+    assert "band=(1.1, 1.5)" in repr(ctrl)

@@ -331,7 +331,8 @@ class InstabilityController(Callback):
         if self.active_gauge is not None:
             return
         batches = float(getattr(trainer, "num_training_batches", 0) or 0)
-        full_batch = batches == 1
+        # one optimizer step per epoch over all the data (also with gradient accumulation)
+        full_batch = 0 < batches <= max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
         measured = bool(getattr(self._monitor, "batch_sharpness", False))
         self.active_gauge = control.resolve_gauge(
             self.settings.gauge, full_batch=full_batch, adam_family=self._law.adam_family,
@@ -527,7 +528,9 @@ class InstabilityController(Callback):
         if decision.used and decision.ratio is not None:
             self._decision_to_log = float(decision.ratio)
             self._snapshot_due = True  # keep the state at the next batch whose loss passes the guard
-        if decision.warning and trainer.is_global_zero:
+        # an Adam-family ratio before the first step is NaN by construction (no second moment yet)
+        expected = self._law.adam_family and reading.step == 0
+        if decision.warning and trainer.is_global_zero and not expected:
             rank_zero_warn(decision.warning)
 
     def _say_if_band_out_of_reach(self, decision: control.Decision, old_factor: float) -> None:
@@ -655,7 +658,10 @@ class InstabilityController(Callback):
         }
 
     def __repr__(self) -> str:
-        s = self.settings
-        goal = f"target_ratio={s.target_ratio}" if s.target_ratio is not None else f"band={s.band}"
+        s, law = self.settings, self._law  # the effective band once a fit resolved the default
+        if s.target_ratio is not None:
+            goal = f"target_ratio={s.target_ratio}"
+        else:
+            goal = f"band={law.band}" if law.band is not None else "band=None (the gauge's default)"
         return (f"{type(self).__name__}({goal}, gauge={s.gauge!r}, max_change={s.max_change}, "
                 f"max_factor={s.max_factor}, enabled={s.enabled})")

@@ -455,14 +455,18 @@ class SharpnessMonitor(Callback):
     def _batch_size(self, trainer: pl.Trainer) -> int | None:
         """This process's training batch size for the batch sharpness (None when off or unknown).
 
-        The last training batch seen, else the training DataLoader's ``batch_size`` (at fit start).
+        The last training batch seen, else the training DataLoader's ``batch_size`` (at fit start),
+        times ``accumulate_grad_batches``: an optimizer step's gradient is the mean over that many
+        batches, so that union is the mini-batch whose quotient the step sees.
         """
         if not self.settings.batch_sharpness:
             return None
-        if self._train_batch_size is not None:
-            return self._train_batch_size
-        size = getattr(trainer.train_dataloader, "batch_size", None)
-        return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+        size = self._train_batch_size
+        if size is None:
+            size = getattr(trainer.train_dataloader, "batch_size", None)
+            if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+                return None
+        return size * max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
 
     def _solve(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int) -> Solve:
         optimizer = None
