@@ -32,6 +32,7 @@ from lightning_rpe.callbacks._probe import ProbeSet, capture_probe_everywhere
 from lightning_rpe.callbacks._sharded import check_supported, is_sharded, sharded_operator
 from lightning_rpe.callbacks.run_card import write_run_card
 from lightning_rpe.curvature._functional import default_batch_size
+from lightning_rpe.curvature.eigen import working_vectors
 from lightning_rpe.geometry import EigenvectorTracker, PolarityTracker, Rotation
 from lightning_rpe.measure import (
     DTYPES,
@@ -551,6 +552,8 @@ class SharpnessMonitor(Callback):
         self.n_measurements += 1
         m = assemble(result, rotation, step=step, epoch=int(trainer.current_epoch),
                      seconds=time.perf_counter() - start, trigger=trigger, unverified=self._unverified)
+        if self.n_measurements == 1 and not self._sharded:
+            self._say_cold_cost(pl_module, m)
         for listener in list(self.listeners):
             listener(trainer, m)
         scales_after = self._lr_scales()
@@ -558,6 +561,18 @@ class SharpnessMonitor(Callback):
             m = at_lr_scales(m, scales_before, scales_after)  # the ratios at the lr the next step uses
         self.latest = m
         self._publish(trainer, m)
+
+    def _say_cold_cost(self, pl_module: pl.LightningModule, m: Measurement) -> None:
+        """Report the first (cold) measurement's products, time and the solver's memory bound, once."""
+        dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        which = "both" if self.settings.lambda_min else "largest"
+        vectors = working_vectors(dim, min(self.settings.top_k, max(1, dim - 1)), which, self.settings.solver)
+        nbytes = vectors * dim * torch.empty((), dtype=DTYPES[self.settings.dtype]).element_size()
+        rank_zero_info(
+            f"SharpnessMonitor: first measurement (no warm start): {m.n_hvp} Hessian-vector products, "
+            f"{m.seconds:.3g} s; the eigen-solver holds at most {vectors} parameter-sized vectors "
+            f"({nbytes / 2**20:.1f} MiB) besides the probe batches' graphs (docs/monitor.md, memory)"
+        )
 
     # ------------------------------------------------------------------ logging
     def metrics(self, m: Measurement) -> dict[str, float]:
