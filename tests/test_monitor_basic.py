@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lit_models import ABModel, TinyMLP, ab_loader, full_batch_loader, make_dataset, make_loader, make_trainer
 
 from lightning_rpe import Measurement, SharpnessMonitor
+from lightning_rpe.callbacks import sharpness_monitor as sharpness_monitor_module
 from lightning_rpe.curvature.eigen import working_vectors
 
 
@@ -383,13 +383,14 @@ def test_clipped_adam_clip_statistics_are_logged() -> None:
     assert 0.3 <= logged["rpe/clip_fraction"] <= 0.7  # the median clips about half the coordinates
 
 
-def test_the_cold_measurement_reports_its_cost_and_memory_bound(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_cold_measurement_reports_its_cost_and_memory_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    said: list[str] = []
+    monkeypatch.setattr(sharpness_monitor_module, "rank_zero_info", lambda message, *a, **k: said.append(message))
     model = TinyMLP()
     dim = sum(p.numel() for p in model.parameters())
     monitor = SharpnessMonitor(every_n_steps=100, probe_size=16)
-    with caplog.at_level(logging.INFO):
-        make_trainer([monitor], max_steps=1).fit(model, full_batch_loader(16))
-    said = [r.getMessage() for r in caplog.records if "first measurement (no warm start)" in r.getMessage()]
+    make_trainer([monitor], max_steps=1).fit(model, full_batch_loader(16))
+    said = [m for m in said if "first measurement (no warm start)" in m]
     vectors = working_vectors(dim, 1, "both", "lanczos")
     assert len(said) == 1 and f"at most {vectors} parameter-sized vectors" in said[0]
     assert f"({vectors * dim * 4 / 2**20:.1f} MiB)" in said[0]
