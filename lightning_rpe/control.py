@@ -210,6 +210,11 @@ class ControlSettings:
             return self
         return replace(self, band=DEFAULT_BANDS[gauge])
 
+    @property
+    def low_goal(self) -> float | None:
+        """The lowest ratio the goal accepts: the band's lower edge, or ``target_ratio`` (None if neither)."""
+        return self.band[0] if self.band is not None else self.target_ratio
+
     def factor_bounds(self) -> tuple[float, float]:
         """``(lowest, highest)`` total factor.
 

@@ -351,8 +351,7 @@ class InstabilityController(Callback):
                 "steers the sharpness; SharpnessMonitor(batch_sharpness=True) lets it steer the batch sharpness, "
                 "the quantity at the edge under minibatch SGD (docs/controller.md)"
             )
-        band = self._law.band
-        low = band[0] if band is not None else self._law.target_ratio
+        band, low = self._law.band, self._law.low_goal
         if self.active_gauge == "batch_sharpness" and low is not None and low > 1.0 and not full_batch:
             given = f"band={band}" if band is not None else f"target_ratio={low:g}"
             rank_zero_warn(
@@ -535,7 +534,7 @@ class InstabilityController(Callback):
 
     def _say_if_band_out_of_reach(self, decision: control.Decision, old_factor: float) -> None:
         """Warn once when the ratio stays below the goal because the factor sits at a bound."""
-        low = self.band[0] if self.band is not None else self.target_ratio
+        low = self._law.low_goal
         if self._warned_out_of_reach or low is None or not decision.used or decision.ratio is None:
             return
         new = decision.state.factor
