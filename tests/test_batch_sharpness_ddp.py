@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import run_worker
 from lit_models import TinyMLP
 
 from lightning_rpe.curvature import batch_sharpness, sample_minibatches
@@ -20,12 +18,7 @@ WORKER = Path(__file__).with_name("_batch_sharpness_ddp_worker.py")
 def test_ddp_batch_sharpness_is_over_the_union_of_the_ranks_minibatches(tmp_path: Path) -> None:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GLOBAL_RANK"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True, check=False,
-                          timeout=300, cwd=str(WORKER.parent.parent))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(WORKER, str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["world_size"] == r1["world_size"] == 2 and r0["step"] == r1["step"] == 4

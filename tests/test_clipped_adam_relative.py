@@ -6,22 +6,11 @@ import math
 
 import pytest
 import torch
+from test_clipped_adam import D, _data, _model
 
 from lightning_rpe.optim import ClippedAdam, ClipStatistics
 from lightning_rpe.optim import clipped_adam as ca
 from lightning_rpe.stability import adam_preconditioner
-
-D = torch.float64
-
-
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).to(D)
-
-
-def _data(seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 5, generator=g, dtype=D), torch.randn(16, 1, generator=g, dtype=D)
 
 
 def _train(model, opt, steps, x, y):

@@ -15,12 +15,10 @@ registered after the controller's) and writes it to a JSON file.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _launch import run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -94,12 +92,7 @@ if dist.is_initialized():
 def run_ddp(tmp_path: Path, mode: str) -> tuple[dict, dict]:
     script = tmp_path / f"ddp_{mode}.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GLOBAL_RANK"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(script), mode, str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_worker(script, mode, str(tmp_path), cwd=tmp_path, timeout=240)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["world_size"] == r1["world_size"] == 2

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import run_worker
 from lit_models import TinyMLP, make_dataset
 
 from lightning_rpe.curvature import HessianOperator
@@ -20,12 +18,7 @@ WORKER = Path(__file__).with_name("_monitor_ddp_worker.py")
 def test_ddp_products_are_all_reduced_and_only_rank_zero_logs(tmp_path: Path) -> None:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("LOCAL_RANK", None)
-    env.pop("MASTER_PORT", None)
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=str(WORKER.parent.parent))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(WORKER, str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["world_size"] == r1["world_size"] == 2
@@ -71,13 +64,7 @@ def test_ddp_products_are_all_reduced_and_only_rank_zero_logs(tmp_path: Path) ->
 def test_ddp_probe_too_small_for_the_processes_fails_on_every_rank_with_one_message(tmp_path: Path) -> None:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("LOCAL_RANK", None)
-    env.pop("MASTER_PORT", None)
-    worker = WORKER.with_name("_ddp_probe_worker.py")
-    proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=str(WORKER.parent.parent))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(WORKER.with_name("_ddp_probe_worker.py"), str(tmp_path))
     for rank in (0, 1):
         text = (tmp_path / f"rank{rank}.txt").read_text()
         assert "probe_size=1 is smaller than the number of processes (2)" in text, (rank, text)

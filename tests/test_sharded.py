@@ -3,13 +3,11 @@ single-process argument checks. The 2-process worker runs once per session (modu
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import run_worker
 from torch import nn
 
 from lightning_rpe.curvature import HessianOperator
@@ -24,12 +22,7 @@ WORKER = Path(__file__).with_name("_sharded_worker.py")
 
 
 def _run_worker(worker: Path, out: Path, *args: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for key in ("LOCAL_RANK", "MASTER_PORT", "RANK", "WORLD_SIZE"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(worker), str(out), *args], env=env, capture_output=True, text=True,  # noqa: PLW1510
-                          timeout=600, cwd=str(worker.parent.parent))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(worker, str(out), *args, timeout=600)
 
 
 @pytest.fixture(scope="module")

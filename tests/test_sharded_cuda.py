@@ -5,24 +5,17 @@ operator accepts it)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import run_worker
 
 WORKER = Path(__file__).with_name("_sharded_trainer_worker.py")
 
 
 def _fit(tmp_path: Path, mode: str, accelerator: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for key in ("LOCAL_RANK", "MASTER_PORT", "RANK", "WORLD_SIZE", "NODE_RANK"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), mode, accelerator, "1"], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=str(WORKER.parent.parent), check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(WORKER, str(tmp_path), mode, accelerator, "1", timeout=600)
     return torch.load(tmp_path / f"{mode}_rank0.pt", weights_only=False)
 
 

@@ -5,14 +5,12 @@ the unsharded model, with the trained weights bitwise equal with and without mea
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from _launch import run_worker
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -31,12 +29,7 @@ def test_sharpness_inside_trainer_matches_dense_reference_and_is_invisible(tmp_p
                                                                           rel: float) -> None:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for key in ("LOCAL_RANK", "MASTER_PORT", "RANK", "WORLD_SIZE", "NODE_RANK"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), mode], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=str(WORKER.parent.parent), check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(WORKER, str(tmp_path), mode, timeout=600)
     r0, r1 = (torch.load(tmp_path / f"{mode}_rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["world_size"] == 2 and r0["is_sharded"] and r0["problem"] is None
     assert r0["invisible"] and r1["invisible"]  # final weights bitwise equal with and without measuring
