@@ -265,8 +265,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="mini-batches per batch-sharpness estimate")
     p.add_argument("--gauges", default="sharpness,batch_sharpness", help="gauges of the controller experiment")
     p.add_argument("--optimizers", default="", help="comma-separated subset of sgd,momentum,adam (default: all)")
-    p.add_argument("--max-factor", type=float, default=None, dest="max_factor",
-                   help="controller runs with this max_factor instead of the default")
     p.add_argument("--option", action="append", default=[], metavar="NAME=JSON",
                    help="an InstabilityController option for the controller runs (repeatable), e.g. "
                         "band=[0.8,1.2] or max_factor=8")
@@ -290,8 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.optimizers:
         todo = [c for c in todo if c["optimizer"] in args.optimizers.split(",")]
     options = {name: json.loads(value) for name, value in (o.split("=", 1) for o in args.option)}
-    if args.max_factor is not None:
-        options["max_factor"] = args.max_factor
     if options:
         todo = [{**c, "options": options} for c in todo if c["gauge"] != "none"]
     if args.batches:
