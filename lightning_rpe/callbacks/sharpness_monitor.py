@@ -566,7 +566,8 @@ class SharpnessMonitor(Callback):
         """Report the first (cold) measurement's products, time and the solver's memory bound, once."""
         dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         which = "both" if self.settings.lambda_min else "largest"
-        vectors = working_vectors(dim, min(self.settings.top_k, max(1, dim - 1)), which, self.settings.solver)
+        room = dim - 1 if which == "both" else dim  # the k measure.solve asks for
+        vectors = working_vectors(dim, min(self.settings.top_k, room), which, self.settings.solver)
         nbytes = vectors * dim * torch.empty((), dtype=DTYPES[self.settings.dtype]).element_size()
         rank_zero_info(
             f"SharpnessMonitor: first measurement (no warm start): {m.n_hvp} Hessian-vector products, "
