@@ -21,9 +21,15 @@ now, the ratio at factor 1 is ``rho_i = c_i s_i / K_i``; at factor ``f`` it is `
 
 followed by ``1 / max_factor <= f <= max_factor`` and ``min_lr <= s_i f <= max_lr`` (``max_lr``
 wins). ``goal`` is ``target_ratio``; in band mode there is no change while
-``low <= rho f <= high``, else the band's geometric centre (``band_goal="center"``) or the crossed
-edge (``"edge"``). For ``hold_steps`` steps after a rollback the factor may fall but not rise, and
-after a rollback it never rises above one ``max_change`` below the factor that diverged.
+``low <= rho f <= high``, else the band's geometric centre (``band_goal="center"``), the crossed
+edge (``"edge"``), or the lower edge from below and the centre from above (``"cautious"``). With
+``approach="jump"`` the upper clamp ``max_change`` is lifted to ``min(goal, low) / (rho f)`` when
+that is larger: a rise that puts the ratio at or below the lower edge (``target_ratio``) is taken
+in one decision. At fixed weights the ratio is proportional to the lr, so such a rise cannot by
+itself cross the band; bounding it would only spend measurements on the way up (five at 1.5 per
+decision from a ratio of 0.1 to 0.7). For ``hold_steps`` steps after a rollback the factor may fall
+but not rise, and after a rollback it never rises above one ``max_change`` below the factor that
+diverged.
 """
 
 from __future__ import annotations
@@ -44,10 +50,13 @@ from lightning_rpe.validation import (
 
 __all__ = [
     "AfterStop",
+    "Approach",
     "BandGoal",
     "ControlSettings",
     "ControlState",
     "DEFAULT_BANDS",
+    "DEFAULT_BAND_GOALS",
+    "DEFAULT_MAX_FACTORS",
     "Decision",
     "Gauge",
     "Phase",
@@ -64,7 +73,8 @@ __all__ = [
 ]
 
 Gauge = Literal["sharpness", "batch_sharpness", "auto"]
-BandGoal = Literal["center", "edge"]
+BandGoal = Literal["center", "edge", "cautious", "auto"]
+Approach = Literal["jump", "gradual"]
 AfterStop = Literal["reset", "hold"]
 Phase = Literal["before", "warmup", "active", "after"]
 
@@ -76,7 +86,25 @@ measurement: examples/README.md, "Controller under minibatch SGD, momentum and A
 ``"sharpness"``: just above the edge of stability of full-batch GD, where ``lambda_max lr / 2``
 settles at 1.0-1.1 by itself; ``"batch_sharpness"``: at the edge of stochastic stability
 (``BS lr / 2 = 1``, Andreyev & Beneventano, arXiv 2412.20553), which the batch sharpness does not
-exceed under minibatch SGD: with the lr raised it levelled off at 0.8-0.92 of it on the digits MLP."""
+exceed under minibatch SGD: with the lr raised it levelled off at 0.76-0.92 of it on the digits MLP."""
+
+DEFAULT_BAND_GOALS: dict[str, BandGoal] = {"sharpness": "center", "batch_sharpness": "cautious"}
+"""``band_goal="auto"`` per gauge steered (measured as :data:`DEFAULT_BANDS`). The batch sharpness
+stops following the lr just inside its band and then jumps (a raise to the band's centre from just
+below it diverged at batch 16), so below the band it is raised only to the lower edge
+(``"cautious"``); the sharpness under full-batch GD settles near 1.0-1.1 whatever the lr, so it
+is steered to the centre (``"cautious"`` held it in ``(1.1, 1.5)`` 59-82 % of the time, the centre
+82-94 %)."""
+
+DEFAULT_MAX_FACTORS: dict[str, float] = {"sharpness": 4.0, "batch_sharpness": 16.0, "momentum": 4.0}
+"""``max_factor="auto"``: the bound for the steered gauge (``"sharpness"``, ``"batch_sharpness"``),
+and ``"momentum"`` for any gauge under SGD with momentum. The batch sharpness sees plain minibatch
+SGD's instability (it reaches its threshold at the edge), so its bound only has to let a scheduled
+lr far below the edge reach it (factors 8-15 on the digits MLP at lr 0.025-0.05). Where the gauge
+does not see the instability the bound is what protects the run: the sharpness under minibatch SGD
+(``lambda_max`` stays below ``2 / lr`` at small batches while SGD diverges) and SGD with momentum
+0.9 (the loss spiked at 16x with the batch-sharpness ratio at 0.3-0.5 of its heavy-ball threshold;
+stable at 4x and 10.7x)."""
 
 STATE_VERSION = 2
 
@@ -92,16 +120,17 @@ class ControlSettings:
 
     Raises ``ValueError`` naming ``InstabilityController``, the option and the accepted values.
     ``band`` is stored as a tuple of floats and ``param_groups`` as a tuple of ints (lists, as YAML
-    gives them, are accepted). ``adam_family`` is not an option: :meth:`for_optimizer` sets it for
+    gives them, are accepted). ``adam_family`` and ``momentum`` are not options: :meth:`for_optimizer` sets them for
     the optimizer in use.
     """
 
     target_ratio: float | None = None
     band: tuple[float, float] | None = None
-    band_goal: BandGoal = "center"
+    band_goal: BandGoal = "auto"
+    approach: Approach = "jump"
     gauge: Gauge = "auto"
     max_change: float = 1.5
-    max_factor: float | None = 4.0
+    max_factor: float | Literal["auto"] | None = "auto"
     adam_max_factor: float | None = 1.0
     min_lr: float | None = None
     max_lr: float | None = None
@@ -118,6 +147,7 @@ class ControlSettings:
     hold_steps: int = 100
     enabled: bool = True
     adam_family: bool = False
+    momentum: bool = False
 
     def __post_init__(self) -> None:
         o, put = _OWNER, object.__setattr__
@@ -139,10 +169,15 @@ class ControlSettings:
                 raise fail(o, "band", "(low, high) with 0 < low < high", self.band)
             put(self, "band", band)
         check_choice(o, "band_goal", self.band_goal, get_args(BandGoal))
+        check_choice(o, "approach", self.approach, get_args(Approach))
         check_choice(o, "gauge", self.gauge, get_args(Gauge))
         check_choice(o, "after_stop", self.after_stop, get_args(AfterStop))
         put(self, "max_change", check_float(o, "max_change", self.max_change, minimum=1.0, inclusive=False))
-        put(self, "max_factor", check_float(o, "max_factor", self.max_factor, minimum=1.0, allow_none=True))
+        if self.max_factor != "auto":
+            try:
+                put(self, "max_factor", check_float(o, "max_factor", self.max_factor, minimum=1.0, allow_none=True))
+            except ValueError:
+                raise fail(o, "max_factor", '"auto", None (unbounded) or a float >= 1', self.max_factor) from None
         put(self, "adam_max_factor", check_float(o, "adam_max_factor", self.adam_max_factor, minimum=1.0,
                                                  allow_none=True))
         for name in ("min_lr", "max_lr"):
@@ -178,16 +213,21 @@ class ControlSettings:
                                               allow_none=True))
         check_int(o, "spike_window", self.spike_window, minimum=2)
         check_bool(o, "adam_family", self.adam_family)
+        check_bool(o, "momentum", self.momentum)
         put(self, "rollback_factor", check_float(o, "rollback_factor", self.rollback_factor, minimum=0.0, maximum=1.0,
                                                  inclusive=False))
 
-    def for_optimizer(self, adam_family: bool) -> ControlSettings:
-        """The settings the law uses for an optimizer (``adam_family``: Adam, AdamW, ClippedAdam).
+    def for_optimizer(self, adam_family: bool, momentum: bool = False) -> ControlSettings:
+        """The settings the law uses for an optimizer (``adam_family``: Adam, AdamW, ClippedAdam;
+        ``momentum``: SGD with momentum or Nesterov in a controlled group).
 
         For the Adam family the factor may not rise above ``adam_max_factor`` (the lower bound
-        stays ``1 / max_factor``).
+        stays ``1 / max_factor``); with momentum ``max_factor="auto"`` resolves to
+        ``DEFAULT_MAX_FACTORS["momentum"]``.
         """
-        return self if adam_family == self.adam_family else replace(self, adam_family=adam_family)
+        if (adam_family, momentum) == (self.adam_family, self.momentum):
+            return self
+        return replace(self, adam_family=adam_family, momentum=momentum)
 
     def for_run(self, total_steps: int | None) -> ControlSettings:
         """The settings with a fractional ``stop_step`` turned into a step index.
@@ -203,12 +243,24 @@ class ControlSettings:
         return replace(self, stop_step=max(self.start_step + 1, round(self.stop_step * total_steps)))
 
     def with_goal_for(self, gauge: Literal["sharpness", "batch_sharpness"]) -> ControlSettings:
-        """The settings with the default band of ``gauge`` (:data:`DEFAULT_BANDS`) when neither
-        ``target_ratio`` nor ``band`` was given; unchanged otherwise.
+        """The settings with the defaults of the steered ``gauge`` filled in: the band
+        (:data:`DEFAULT_BANDS`, when neither ``target_ratio`` nor ``band`` was given), ``band_goal="auto"``
+        (:data:`DEFAULT_BAND_GOALS`) and ``max_factor="auto"`` (:data:`DEFAULT_MAX_FACTORS`: the
+        gauge's, or ``"momentum"`` when :meth:`for_optimizer` saw momentum).
         """
-        if self.target_ratio is not None or self.band is not None:
-            return self
-        return replace(self, band=DEFAULT_BANDS[gauge])
+        out = self
+        if out.target_ratio is None and out.band is None:
+            out = replace(out, band=DEFAULT_BANDS[gauge])
+        if out.band_goal == "auto":
+            out = replace(out, band_goal=DEFAULT_BAND_GOALS[gauge])
+        if out.max_factor == "auto":
+            out = replace(out, max_factor=DEFAULT_MAX_FACTORS["momentum" if out.momentum else gauge])
+        return out
+
+    def _resolved(self) -> None:
+        if self.max_factor == "auto" or self.band_goal == "auto":
+            raise ValueError(f"{_OWNER}: max_factor/band_goal 'auto' must be resolved with "
+                             "ControlSettings.with_goal_for(gauge) first")
 
     @property
     def low_goal(self) -> float | None:
@@ -220,9 +272,15 @@ class ControlSettings:
 
         ``1 / max_factor`` and ``max_factor``, the latter at most ``adam_max_factor`` for the Adam
         family (0 and inf when unbounded).
+
+        Raises:
+            ValueError: ``max_factor="auto"`` not yet resolved (:meth:`with_goal_for`).
         """
-        lo = 0.0 if self.max_factor is None else 1.0 / self.max_factor
-        hi = math.inf if self.max_factor is None else self.max_factor
+        self._resolved()
+        bound = self.max_factor
+        assert not isinstance(bound, str)
+        lo = 0.0 if bound is None else 1.0 / bound
+        hi = math.inf if bound is None else bound
         if self.adam_family and self.adam_max_factor is not None:
             hi = min(hi, self.adam_max_factor)
         return lo, hi
@@ -395,6 +453,7 @@ def decide(
     p = phase(settings, step)
     if p in ("before", "after"):
         return Decision(new, used=False, changed=False, ratio=None)
+    settings._resolved()
     ratios, thresholds, lrs = reading.ratios, reading.thresholds, reading.lrs
     if not (len(ratios) == len(thresholds) == len(lrs) == n):
         new.n_skipped += 1
@@ -433,13 +492,17 @@ def decide(
         low, high = settings.band
         if low <= current <= high:
             goal = None
-        elif settings.band_goal == "center":
-            goal = math.sqrt(low * high)
-        else:
+        elif settings.band_goal == "edge" or (settings.band_goal == "cautious" and current < low):
             goal = low if current < low else high
+        else:
+            goal = math.sqrt(low * high)
     proposed = f
     if goal is not None:
-        proposed = f * min(max(goal / current, 1.0 / settings.max_change), settings.max_change)
+        rise = settings.max_change
+        floor = settings.low_goal
+        if settings.approach == "jump" and floor is not None:
+            rise = max(rise, min(goal, floor) / current)  # the projected ratio stays at or below the lower edge
+        proposed = f * min(max(goal / current, 1.0 / settings.max_change), rise)
     if step < state.hold_until:
         proposed = min(proposed, f)  # after a rollback: may fall, may not rise
     if state.ceiling is not None:

@@ -207,11 +207,12 @@ class FactorRecorder(Callback):
 
 def legacy_controller(**kwargs: Any) -> InstabilityController:
     """The controller with the options these tests were written for: no warm-up, no bound on the total
-    factor, max_change 2, no loss-spike rollback and the sharpness gauge (the behaviour before the safe
+    factor, max_change 2 for every rise, no loss-spike rollback and the sharpness gauge (the behaviour before the safe
     defaults of issue 9).
     Tests of the new defaults and of the divergence guard are in test_controller_safety.py."""
     options: dict[str, Any] = {"warmup_steps": 0, "max_factor": None, "adam_max_factor": None, "max_change": 2.0,
-                               "spike_factor": None, "gauge": "sharpness"}
+                               "spike_factor": None, "gauge": "sharpness",
+                               "approach": "gradual"}
     options.update(kwargs)
     return InstabilityController(**options)
 

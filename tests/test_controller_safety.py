@@ -29,14 +29,26 @@ def _reading(step: int, ratio: float, lr: float = 0.1) -> Reading:
 # --------------------------------------------------------------------------------------------------
 # the pure control law
 # --------------------------------------------------------------------------------------------------
+def _law(**kwargs: Any) -> ControlSettings:
+    """Settings with the sharpness gauge's defaults resolved (max_factor 4, band_goal "center")."""
+    return ControlSettings(**kwargs).with_goal_for("sharpness")
+
+
 def test_defaults_bound_the_change_and_the_total_factor() -> None:
     s = ControlSettings(band=(1.1, 1.5))
-    assert (s.max_change, s.max_factor, s.warmup_steps, s.gauge) == (1.5, 4.0, 100, "auto")
+    assert (s.max_change, s.max_factor, s.band_goal, s.approach, s.warmup_steps, s.gauge) == (
+        1.5, "auto", "auto", "jump", 100, "auto")
+    law = s.with_goal_for("sharpness")
+    assert (law.max_factor, law.band_goal) == (4.0, "center")
+    # far below the band (0.05): a jump to the lower edge (x22) would be allowed, max_factor=4 stops it
+    d = control.decide(law, ControlState(), _reading(100, 0.05), [0.1], 100)
+    assert d.state.factor == 4.0
+    gradual = replace(law, approach="gradual")
     state = ControlState()
     factors = []
-    for k in range(10):  # the system stays far below the band: the factor rises by 1.5 per decision to 4
+    for k in range(10):  # gradual: the factor rises by 1.5 per decision to 4
         step = 100 + 10 * k
-        d = control.decide(s, state, _reading(step, 0.05 * state.factor), [0.1], step)
+        d = control.decide(gradual, state, _reading(step, 0.05 * state.factor), [0.1], step)
         state = d.state
         factors.append(state.factor)
     assert factors[:3] == pytest.approx([1.5, 2.25, 3.375])
@@ -44,12 +56,52 @@ def test_defaults_bound_the_change_and_the_total_factor() -> None:
     # far above the band it falls, at most by 1.5 per decision, not below 1 / max_factor
     for k in range(10):
         step = 300 + 10 * k
-        state = control.decide(s, state, _reading(step, 50.0 * state.factor), [0.1], step).state
+        state = control.decide(law, state, _reading(step, 50.0 * state.factor), [0.1], step).state
     assert state.factor == pytest.approx(0.25)
 
 
+def test_unresolved_auto_options_are_refused_by_the_law() -> None:
+    s = ControlSettings(band=(1.1, 1.5))
+    with pytest.raises(ValueError, match="with_goal_for"):
+        control.decide(s, ControlState(), _reading(100, 0.5), [0.1], 100)
+    with pytest.raises(ValueError, match="with_goal_for"):
+        s.factor_bounds()
+    bs = ControlSettings().with_goal_for("batch_sharpness")
+    assert (bs.band, bs.band_goal, bs.max_factor) == ((0.7, 1.1), "cautious", 16.0)
+    given = ControlSettings(band_goal="edge", max_factor=None).with_goal_for("batch_sharpness")
+    assert (given.band_goal, given.max_factor) == ("edge", None)  # explicit values are kept
+
+
+def test_jump_lands_on_the_lower_edge_and_cautious_raises_to_it() -> None:
+    """Batch-sharpness defaults: band (0.7, 1.1), band_goal "cautious", max_factor 16, max_change 1.5."""
+    law = ControlSettings().with_goal_for("batch_sharpness")
+    lr = 0.1
+
+    def ratio_at(curvature: float, f: float) -> Reading:  # the ratio the steps at factor f had
+        return _reading(0, curvature * lr * f / 2.0, lr * f)
+
+    # ratio 0.1: one decision to the lower edge (x7), not five at x1.5
+    d = control.decide(law, ControlState(), replace(ratio_at(2.0, 1.0), step=100), [lr], 100)
+    assert d.state.factor == pytest.approx(7.0)
+    # just below the band (0.63 at factor 7): raised to the edge 0.7 (x1.11), not the centre (x1.39)
+    d = control.decide(law, d.state, replace(ratio_at(1.8, 7.0), step=110), [lr], 110)
+    assert d.state.factor == pytest.approx(7.0 * 0.7 / 0.63)
+    # above the band: down to the centre sqrt(0.7 * 1.1), at most / 1.5
+    f = d.state.factor
+    d = control.decide(law, d.state, replace(ratio_at(1.2 * 2.0 / (lr * f), f), step=120), [lr], 120)
+    assert d.state.factor == pytest.approx(f * math.sqrt(0.7 * 1.1) / 1.2)
+    # a jump never projects above the lower edge; gradual takes the old 1.5 steps
+    d = control.decide(replace(law, approach="gradual"), ControlState(), replace(ratio_at(2.0, 1.0), step=100),
+                       [lr], 100)
+    assert d.state.factor == pytest.approx(1.5)
+    # target mode: the jump goes to the target itself
+    target = ControlSettings(target_ratio=0.8).with_goal_for("batch_sharpness")
+    d = control.decide(target, ControlState(), replace(ratio_at(2.0, 1.0), step=100), [lr], 100)
+    assert d.state.factor == pytest.approx(8.0)
+
+
 def test_warmup_observes_only_and_skipped_readings_never_change_the_factor() -> None:
-    s = ControlSettings(target_ratio=1.0, warmup_steps=50)
+    s = _law(target_ratio=1.0, warmup_steps=50)
     d = control.decide(s, ControlState(), _reading(20, 0.1), [0.1], 20)
     assert d.used and not d.changed and d.state.factor == 1.0 and d.state.smoothed == [pytest.approx(2.0)]
     state = ControlState(factor=2.0, smoothed=[3.0])
@@ -62,7 +114,7 @@ def test_warmup_observes_only_and_skipped_readings_never_change_the_factor() -> 
 
 
 def test_rollback_lowers_the_factor_and_holds_it() -> None:
-    s = ControlSettings(band=(1.1, 1.5), warmup_steps=0, hold_steps=30, rollback_factor=0.5)
+    s = _law(band=(1.1, 1.5), warmup_steps=0, hold_steps=30, rollback_factor=0.5)
     state = ControlState(factor=3.0, smoothed=[5.0], losses=[1.0, 2.0])
     state = control.after_rollback(s, state, step=40)
     assert state.factor == 1.5 and state.hold_until == 70 and state.n_rollbacks == 1
@@ -102,12 +154,12 @@ def test_loss_alarm() -> None:
 
 
 def test_adam_family_bound() -> None:
-    s = ControlSettings(band=(1.1, 1.5))
+    s = _law(band=(1.1, 1.5))
     assert s.for_optimizer(False) is s
     assert s.for_optimizer(True).factor_bounds() == (0.25, 1.0)  # the controller only lowers Adam's lr by default
-    assert ControlSettings(band=(1.1, 1.5), adam_max_factor=2.0).for_optimizer(True).factor_bounds() == (0.25, 2.0)
-    assert ControlSettings(band=(1.1, 1.5), adam_max_factor=None).for_optimizer(True).factor_bounds() == (0.25, 4.0)
-    unbounded = ControlSettings(band=(1.1, 1.5), max_factor=None, adam_max_factor=8.0)
+    assert _law(band=(1.1, 1.5), adam_max_factor=2.0).for_optimizer(True).factor_bounds() == (0.25, 2.0)
+    assert _law(band=(1.1, 1.5), adam_max_factor=None).for_optimizer(True).factor_bounds() == (0.25, 4.0)
+    unbounded = _law(band=(1.1, 1.5), max_factor=None, adam_max_factor=8.0)
     assert unbounded.for_optimizer(True).factor_bounds() == (0.0, 8.0)
     state = ControlState()
     law = s.for_optimizer(True)
@@ -135,6 +187,9 @@ def test_state_round_trips_and_version_1_states_load() -> None:
         ({"gauge": "lambda_max"}, "gauge must be one of 'sharpness', 'batch_sharpness', 'auto'"),
         ({"max_factor": 0.5}, "max_factor"),
         ({"max_factor": math.inf}, "max_factor"),
+        ({"max_factor": "big"}, 'max_factor must be "auto", None'),
+        ({"band_goal": "middle"}, "band_goal must be one of 'center', 'edge', 'cautious', 'auto'"),
+        ({"approach": "fast"}, "approach must be one of 'jump', 'gradual'"),
         ({"spike_factor": 1.0}, "spike_factor"),
         ({"spike_window": 1}, "spike_window"),
         ({"rollback_factor": 1.0}, "rollback_factor"),
@@ -150,7 +205,8 @@ def test_new_options_are_validated(kwargs: dict[str, Any], match: str) -> None:
 def test_choices_are_literal_types_for_the_cli() -> None:
     hints = typing.get_type_hints(InstabilityController.__init__)
     assert typing.get_args(hints["gauge"]) == ("sharpness", "batch_sharpness", "auto")
-    assert typing.get_args(hints["band_goal"]) == ("center", "edge")
+    assert typing.get_args(hints["band_goal"]) == ("center", "edge", "cautious", "auto")
+    assert typing.get_args(hints["approach"]) == ("jump", "gradual")
     assert typing.get_args(hints["after_stop"]) == ("reset", "hold")
 
 
@@ -200,7 +256,7 @@ def test_nan_loss_rolls_back_model_and_optimizer_lowers_and_holds_the_factor() -
     torch.manual_seed(0)
     model = FaultyModel({12: math.nan}, momentum=0.9, lr=0.01)
     monitor = StubMonitor(lambda s: 10.0, every=4)  # ratio 0.05 at factor 1: the controller raises the lr
-    controller = _guarded(max_change=1.5, max_factor=4.0)
+    controller = _guarded(max_change=1.5, max_factor=4.0, approach="gradual")
     logger = CaptureLogger()
     with pytest.warns(UserWarning, match=r"non-finite training loss \(nan\) at step 13: rolled the model"):
         fit(model, [monitor, controller], max_steps=20, logger=logger)
@@ -294,7 +350,7 @@ class ListeningStub(StubMonitor):
 
 def test_listener_decides_before_the_monitor_publishes() -> None:
     monitor = ListeningStub(lambda s: 10.0, every=4)
-    controller = _guarded(max_change=2.0, max_factor=None)
+    controller = _guarded(max_change=2.0, max_factor=None, approach="gradual")
     fit(TinyModel(lr=0.01), [monitor, controller], max_steps=9)
     assert controller.on_measurement in monitor.listeners or controller._monitor is None
     # right after each listener call the scale is already the new factor
@@ -366,10 +422,9 @@ def test_controller_without_band_uses_the_gauge_default_and_stops_at_the_fractio
     assert controller.active_gauge == "sharpness" and controller.band == control.DEFAULT_BANDS["sharpness"]
     assert controller.stop_step == 6 and controller.settings.stop_step == 0.5
     used = [u[0] / lr for u in model.optimizers().optimizer.used]
-    # ratio 0.5 at factor 1, below the band: x2 (max_change) then to the band's centre sqrt(1.1 * 1.5) / 0.5,
-    # then in the band; factor 1 again from step 6 = 0.5 * 12 on
-    centre = math.sqrt(1.1 * 1.5) / 0.5
-    assert used == pytest.approx([1.0, 1.0, 2.0, centre, centre, centre] + [1.0] * 6, rel=1e-12)
+    # ratio 0.5 at factor 1, below the band: one jump to its lower edge 1.1 (x2.2 > max_change 2; the centre
+    # would be x2.57), then in the band; factor 1 again from step 6 = 0.5 * 12 on
+    assert used == pytest.approx([1.0, 1.0] + [2.2] * 4 + [1.0] * 6, rel=1e-12)
 
 
 @pytest.mark.parametrize(("stop_step", "warns"), [(0.9, True), (5, True), (11, False)])

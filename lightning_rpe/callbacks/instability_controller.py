@@ -24,7 +24,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import fields, replace
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -38,6 +38,7 @@ from lightning_rpe.callbacks import _logging
 from lightning_rpe.callbacks.sharpness_monitor import Measurement, SharpnessMonitor
 from lightning_rpe.control import (
     AfterStop,
+    Approach,
     BandGoal,
     ControlSettings,
     ControlState,
@@ -110,13 +111,24 @@ class InstabilityController(Callback):
         target_ratio: ratio to steer to after every measurement (> 0).
         band: ``(low, high)`` with ``0 < low < high``; the factor is left alone while the predicted
             ratio is inside (None with ``target_ratio`` None: the gauge's default band).
-        band_goal: ``"center"`` (geometric centre ``sqrt(low * high)``, default) or ``"edge"``
-            (the crossed edge: minimal change).
+        band_goal: where a reading outside the band is steered: ``"center"`` (the geometric centre
+            ``sqrt(low * high)``), ``"edge"`` (the crossed edge: minimal change), ``"cautious"``
+            (the lower edge from below, the centre from above) or ``"auto"`` (default: the steered
+            gauge's, :data:`lightning_rpe.control.DEFAULT_BAND_GOALS`: ``"cautious"`` for the batch
+            sharpness, ``"center"`` for the sharpness).
         gauge: ``"sharpness"``, ``"batch_sharpness"`` or ``"auto"`` (above). ``"batch_sharpness"``
             needs ``SharpnessMonitor(batch_sharpness=...)``.
-        max_change: largest factor change per decision (> 1, default 1.5).
-        max_factor: bound on the total factor, ``1 / max_factor <= f <= max_factor`` (>= 1,
-            default 4; None: unbounded).
+        max_change: largest factor change per decision (> 1, default 1.5), except the rises of
+            ``approach="jump"``.
+        approach: ``"jump"`` (default): a rise whose projected ratio stays at or below the band's
+            lower edge (``target_ratio``) is taken in one decision, however large; ``"gradual"``:
+            every rise is bounded by ``max_change``. At fixed weights the ratio is proportional to the
+            lr, so such a rise cannot by itself cross the band.
+        max_factor: bound on the total factor, ``1 / max_factor <= f <= max_factor`` (a float >= 1,
+            None: unbounded, or ``"auto"``, default: the steered gauge's,
+            :data:`lightning_rpe.control.DEFAULT_MAX_FACTORS`: 16 for the batch sharpness under
+            plain SGD, 4 for the sharpness, which does not see minibatch SGD's instability, and 4
+            under SGD with momentum).
         adam_max_factor: the bound for the Adam family (Adam, AdamW, ClippedAdam; >= 1, default 1:
             the controller only lowers their lr; None: ``max_factor``). Measured: raising Adam's lr
             did not raise its preconditioned ratio (Adam adapts ``P``) but spiked the loss.
@@ -155,10 +167,11 @@ class InstabilityController(Callback):
         target_ratio: float | None = None,
         band: tuple[float, float] | None = None,
         *,
-        band_goal: BandGoal = "center",
+        band_goal: BandGoal = "auto",
+        approach: Approach = "jump",
         gauge: Gauge = "auto",
         max_change: float = 1.5,
-        max_factor: float | None = 4.0,
+        max_factor: float | Literal["auto"] | None = "auto",
         adam_max_factor: float | None = 1.0,
         min_lr: float | None = None,
         max_lr: float | None = None,
@@ -178,7 +191,8 @@ class InstabilityController(Callback):
     ) -> None:
         super().__init__()
         self.settings = ControlSettings(
-            target_ratio=target_ratio, band=band, band_goal=band_goal, gauge=gauge, max_change=max_change,
+            target_ratio=target_ratio, band=band, band_goal=band_goal, approach=approach, gauge=gauge,
+            max_change=max_change,
             max_factor=max_factor, adam_max_factor=adam_max_factor, min_lr=min_lr, max_lr=max_lr,
             smoothing=smoothing, warmup_steps=warmup_steps,
             start_step=start_step, stop_step=stop_step, after_stop=after_stop,
@@ -299,8 +313,10 @@ class InstabilityController(Callback):
                 f"param_groups must be indices in [0, {n_groups - 1}] for this optimizer "
                 f"({n_groups} param groups), got {list(groups)}"
             )
-        adam_family = any(g.preconditioned for g in group_thresholds(optimizer))
-        self._law = self.settings.for_optimizer(adam_family).for_run(_total_steps(trainer))
+        kinds = group_thresholds(optimizer)
+        adam_family = any(g.preconditioned for g in kinds)
+        momentum = any(g.kind in ("heavy_ball", "nesterov") for g in kinds)
+        self._law = self.settings.for_optimizer(adam_family, momentum).for_run(_total_steps(trainer))
         if isinstance(self.settings.stop_step, float) and self._law.stop_step is None:
             rank_zero_warn(
                 f"InstabilityController: stop_step={self.settings.stop_step:g} is a fraction of the run's optimizer "
@@ -662,5 +678,5 @@ class InstabilityController(Callback):
             goal = f"target_ratio={s.target_ratio}"
         else:
             goal = f"band={law.band}" if law.band is not None else "band=None (the gauge's default)"
-        return (f"{type(self).__name__}({goal}, gauge={s.gauge!r}, max_change={s.max_change}, "
-                f"max_factor={s.max_factor}, enabled={s.enabled})")
+        return (f"{type(self).__name__}({goal}, gauge={s.gauge!r}, band_goal={law.band_goal!r}, "
+                f"max_change={s.max_change}, max_factor={law.max_factor!r}, enabled={s.enabled})")
