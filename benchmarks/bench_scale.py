@@ -262,19 +262,28 @@ def part_ours(cfg: dict[str, Any]) -> dict[str, Any]:
             "reference_hvp": ref.n_hvp}
 
 
-def part_pyhessian(cfg: dict[str, Any]) -> dict[str, Any]:
+def count_pyhessian_products() -> list[int]:
+    """Wrap PyHessian's ``hessian_vector_product`` so that every call adds one to the returned counter
+    (raises ImportError when PyHessian is not installed)."""
     import pyhessian  # noqa: F401  (registers pyhessian.hessian in sys.modules)
-    from pyhessian import hessian
 
     module = sys.modules["pyhessian.hessian"]
-    original = module.hessian_vector_product
+    original = getattr(module.hessian_vector_product, "__wrapped__", module.hessian_vector_product)
     count = [0]
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         count[0] += 1
         return original(*args, **kwargs)
 
+    counted.__wrapped__ = original  # type: ignore[attr-defined]
     module.hessian_vector_product = counted
+    return count
+
+
+def part_pyhessian(cfg: dict[str, Any]) -> dict[str, Any]:
+    from pyhessian import hessian
+
+    count = count_pyhessian_products()
     model, batch = _probe_model(cfg)
     grad = _gradient_time(model, batch)
     torch.manual_seed(0)  # PyHessian draws its start vector from the global RNG

@@ -244,7 +244,10 @@ class Solve:
         verification: the verdict of this solve's product check (``"passed"``, ``"failed"``,
             ``"inconclusive"``), or None when none was made.
         verify_error: relative error of the checked product against finite differences, or None.
-        switched: the check failed and the solve fell back to the finite-difference backend.
+        switched: the check failed and the solve fell back to another backend: ``switched_to``
+            (``"autograd"`` when the ``torch.func`` products failed and double backward passed, or
+            when float32 products failed and float64 ones passed: ``switched_dtype="float64"``,
+            else ``"finite_difference"``).
         clip_fractions, clip_levels: per param group of a ClippedAdam, the fraction of coordinates
             whose denominator the clip replaced at the last step and the level used (NaN while a
             relative clip warms up); empty for other optimizers.
@@ -281,6 +284,8 @@ class Solve:
     verification: str | None = None
     verify_error: float | None = None
     switched: bool = False
+    switched_to: str | None = None
+    switched_dtype: str | None = None
     clip_fractions: tuple[float, ...] = ()
     clip_levels: tuple[float, ...] = ()
     crossed: bool | None = None
@@ -409,6 +414,10 @@ def _check(op: HessianOperator) -> tuple[str, float | None, int, tuple[str, str]
         return "failed", None, 0, ("verify-failed", _verify_message("failed", reason, known_causes(op.model), op.backend))
     extra = math.ceil(v.n_gradients / 2)  # a product costs about two gradients
     note = None if v.passed else ("verify-" + v.verdict, _verify_message(v.verdict, v.reason, v.suspects, v.backend))
+    if note is None and v.loss_dtype is not None and torch.finfo(v.loss_dtype).eps > torch.finfo(op.dtype).eps:
+        note = ("loss-dtype", f"dtype={str(op.dtype).removeprefix('torch.')!r} was asked for, but the loss comes back in "
+                f"{str(v.loss_dtype).removeprefix('torch.')} (the model computes it in that precision, as Hugging Face "
+                "models do): the products carry its precision, not the requested one")
     return v.verdict, v.rel_error, extra, note
 
 
@@ -554,6 +563,8 @@ def solve(
     batch_size: int | None = None,
     check: bool = False,
     finite_difference: bool = False,
+    backend: str | None = None,
+    dtype: str | None = None,
 ) -> Solve:
     """Measure the Hessian of ``loss_fn`` over ``batches`` at the model's current parameters.
 
@@ -576,6 +587,10 @@ def solve(
             same value: the check's products are collective); on failure with ``backend="auto"``
             the solve switches to the finite-difference backend.
         finite_difference: use the finite-difference backend (a run whose check failed before).
+        backend: the product path an earlier check of this run settled on (``Solve.switched_to``),
+            used instead of ``settings.backend``; None: ``settings.backend``.
+        dtype: the product dtype an earlier check settled on (``Solve.switched_dtype``), used
+            instead of ``settings.dtype``; None: ``settings.dtype``.
 
     Raises:
         MeasurementSkipped: non-finite loss or eigenvalues, or a solve that did not converge.
@@ -585,14 +600,14 @@ def solve(
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         op = HessianOperator(
-            model, checked_loss(loss_fn), batches, dtype=DTYPES[settings.dtype],
-            backend="finite_difference" if finite_difference else settings.backend,
+            model, checked_loss(loss_fn), batches, dtype=DTYPES[dtype or settings.dtype],
+            backend="finite_difference" if finite_difference else (backend or settings.backend),
             batchnorm=settings.batchnorm, dropout=settings.dropout, reduce=reduce,
             copy_parameters=False,  # the parameters stand still during a measurement: no snapshot copy
         )
     for w in said:  # the engine's notes (e.g. auto picked finite differences) are warned once per run
         notes.append(("operator-" + str(w.message)[:40], str(w.message)))
-    verdict, verify_error, switched, extra = None, None, False, 0
+    verdict, verify_error, switched, switched_to, switched_dtype, extra = None, None, False, None, None, 0
     which = "both" if settings.lambda_min else "largest"
     room = op.dim - 1 if which == "both" else op.dim
     k = min(settings.top_k, room)
@@ -604,10 +619,42 @@ def solve(
     op.reserve(working_vectors(op.dim, k, which, settings.solver, init, None))
     if check and op.backend != "finite_difference":
         verdict, verify_error, extra, note = _check(op)
+        if verdict == "failed" and settings.backend == "auto" and op.backend == "func":
+            # the torch.func products failed (seen: a ResNet with BatchNorm on a GPU, 2e-3 off): try
+            # double backward before finite differences
+            alt = op.with_backend("autograd")
+            alt_verdict, alt_error, alt_extra, _ = _check(alt)
+            extra += alt_extra
+            if alt_verdict == "passed":
+                extra += op.n_hvp  # the func products of the first check
+                assert note is not None
+                notes.append(("verify-failed", note[1].split(" With backend='auto'")[0] + (
+                    " The double-backward products (autograd) passed the same check: this run uses them from now on.")))
+                op, verdict, verify_error, switched, switched_to, note = alt, alt_verdict, alt_error, True, "autograd", None
+            else:
+                extra += alt.n_hvp
+        if verdict == "failed" and settings.backend == "auto" and op.dtype == torch.float32:
+            # right formulas, float32 rounding (seen: BatchNorm with batch statistics on a GPU, 2e-3 off
+            # in float32, 4e-8 in float64): float64 products before finite differences
+            alt = op.with_backend("autograd", dtype=torch.float64)
+            alt_verdict, alt_error, alt_extra, _ = _check(alt)
+            extra += alt_extra
+            if alt_verdict == "passed":
+                extra += op.n_hvp
+                assert note is not None
+                notes.append(("verify-failed", note[1].split(" With backend='auto'")[0] + (
+                    " The same double-backward products pass the check in float64 (float32 rounding, e.g. BatchNorm "
+                    "with batch statistics on a GPU): this run computes its products in float64 from now on (twice "
+                    "the memory per vector).")))
+                op, verdict, verify_error, switched, note = alt, alt_verdict, alt_error, True, None
+                switched_to, switched_dtype = "autograd", "float64"
+            else:
+                extra += alt.n_hvp
         if note is not None:
             notes.append(note)
         if verdict == "failed" and settings.backend == "auto":
-            op, switched = op.with_backend("finite_difference"), True
+            extra += op.n_hvp  # the products of the check, spent before the switch
+            op, switched, switched_to = op.with_backend("finite_difference"), True, "finite_difference"
     loss, grad = None, None
     if settings.grad_alignment:
         try:
@@ -712,7 +759,8 @@ def solve(
         lambda_min_residual=float(res.residuals[k]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
-        backend=op.backend, verification=verdict, verify_error=verify_error, switched=switched, crossed=crossed,
+        backend=op.backend, verification=verdict, verify_error=verify_error, switched=switched,
+        switched_to=switched_to, switched_dtype=switched_dtype, crossed=crossed,
         gaps=main_gaps, preconditioned_gap=pre_gap,
         **{**_clip_statistics(optimizer), **bs},
     )
@@ -742,7 +790,7 @@ def _batch_sharpness(
     try:
         with warnings.catch_warnings():  # the operator's notes were collected for the probe operator already
             warnings.simplefilter("ignore")
-            res = batch_sharpness(model, checked_loss(loss_fn), minibatches, dtype=DTYPES[settings.dtype],
+            res = batch_sharpness(model, checked_loss(loss_fn), minibatches, dtype=op.dtype,
                                   backend=op.backend, batchnorm=settings.batchnorm, dropout=settings.dropout,
                                   reduce=reduce, scales=flat)
     except ValueError as exc:  # no usable mini-batch (decided on reduced values: the same on every process)

@@ -170,7 +170,7 @@ def test_one_decision_per_batch_sharpness_measurement() -> None:
     the restated batch-sharpness ratio for a new measurement (it decided twice: 1.5**2 per measurement)."""
     pl.seed_everything(0, verbose=False)
     mon = monitor(every_n_steps=4, dtype="float32", tol=1e-3)
-    ctrl = InstabilityController(gauge="batch_sharpness", target_ratio=50.0, warmup_steps=0, max_change=1.5,
+    ctrl = InstabilityController(gauge="batch_sharpness", target_ratio=50.0, warmup_steps=0, max_change=1.5, approach="gradual",
                                  max_factor=None)
     make_trainer([mon, ctrl], max_steps=16).fit(TinyMLP(hidden=8, lr=0.02), loader())
     assert mon.n_measurements == 4

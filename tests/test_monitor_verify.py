@@ -158,3 +158,144 @@ def test_a_failed_check_is_said_even_when_the_solve_then_fails() -> None:
     messages = [str(w.message) for w in record]
     assert any("do not match float64 finite differences" in t for t in messages)
     assert monitor.n_skipped >= 1
+
+
+def _float32_loader() -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 5, generator=g), torch.randint(0, 3, (32,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=32)
+
+
+class Float32LossNet(pl.LightningModule):
+    """The loss from logits cast to float32 whatever the parameters' dtype (as Hugging Face models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def compute_loss(self, batch):
+        return F.cross_entropy(self.net(batch[0]).float(), batch[1])
+
+    def training_step(self, batch, batch_idx):
+        return self.compute_loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_float32_loss_keeps_the_ad_products_and_says_so_for_float64(dtype):
+    """Before: the float64 finite-difference reference of a float32 loss measured its rounding, the check
+    'failed' and the run switched to finite-difference products (2 gradients each, less accurate)."""
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=32, lambda_min=False, dtype=dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([monitor], max_steps=2).fit(Float32LossNet(), _float32_loader())
+    said = [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
+    assert not [s for s in said if "do not match" in s]
+    assert monitor.latest is not None and monitor.latest.backend != "finite_difference"
+    narrowed = [s for s in said if "the loss comes back in float32" in s]
+    assert len(narrowed) == (1 if dtype == "float64" else 0)
+
+
+class _Tanh(torch.autograd.Function):
+    """tanh saving its output for the backward and the forward-mode rules of the subclasses."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+
+class _TanhWrongTangent(_Tanh):
+    """tanh with a right backward (so double backward is right) and a forward-mode rule off by 2x:
+    torch.func's forward-over-reverse products are wrong, autograd's reverse-over-reverse are right."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y**2)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (y,) = ctx.saved_tensors
+        return 2.0 * tangent * (1 - y**2)
+
+
+def _plain_tanh_lambda_max(net: Float32LossNet) -> float:
+    """lambda_max of ``net`` with a plain tanh on all 32 samples (the monitor's probe), float64."""
+    (x, y), = list(_float32_loader())
+
+    def plain(m, b):
+        return F.cross_entropy(m[2](torch.tanh(m[0](b[0]))), b[1])
+
+    return eigenpairs(HessianOperator(net.net, plain, [(x, y)], dtype=torch.float64), k=1, tol=1e-10).lambda_max
+
+
+class WrongTangentNet(Float32LossNet):
+    def compute_loss(self, batch):
+        h = _TanhWrongTangent.apply(self.net[0](batch[0]))
+        return F.cross_entropy(self.net[2](h), batch[1])
+
+
+def test_failed_func_products_fall_back_to_double_backward_before_finite_differences(monkeypatch):
+    """backend='auto' takes torch.func for convolutional models on CUDA; when its products fail the
+    check and double backward passes it, the run uses double backward (not finite differences)."""
+    from lightning_rpe.curvature import hessian
+
+    monkeypatch.setattr(hessian, "_auto_backend", lambda model, device: "func")
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=32, lambda_min=False, dtype="float64")
+    net = WrongTangentNet()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([monitor], max_steps=3).fit(net, _float32_loader())
+    said = [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
+    switched = [s for s in said if "(func) do not match" in s]
+    assert len(switched) == 1 and "double-backward products (autograd) passed" in switched[0]
+    assert "finite-difference backend from now on" not in switched[0]
+    assert monitor.latest is not None and monitor.latest.backend == "autograd" and monitor.n_skipped == 0
+    assert monitor.state_dict()["settled_backend"] == "autograd" and monitor.latest.step == 3
+    # the value is that of the same network with a plain tanh (the probe is all 32 samples)
+    ref = _plain_tanh_lambda_max(net)
+    assert monitor.latest.eigenvalues[0] == pytest.approx(ref, rel=1e-4)
+
+
+class _TanhCancellingSlope(_Tanh):
+    """tanh whose float32 slope is computed as ((1 - y^2) + 1e5) - 1e5: exact formulas, float32 rounding
+    of about 4e-3 absolute on the slope, as a kernel whose float32 path is imprecise (BatchNorm with
+    batch statistics in float32 on a GPU gave a 2e-3 product error, 4e-8 in float64); float64 is exact."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        big = 1e5 if y.dtype == torch.float32 else 0.0
+        return grad * (((1 - y**2) + big) - big)
+
+
+class CancellingNet(Float32LossNet):
+    def compute_loss(self, batch):
+        h = _TanhCancellingSlope.apply(self.net[0](batch[0]))
+        return F.cross_entropy(self.net[2](h), batch[1])
+
+
+def test_float32_rounding_falls_back_to_float64_products_not_finite_differences():
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=32, lambda_min=False)  # float32 products
+    net = CancellingNet()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([monitor], max_steps=3).fit(net, _float32_loader())
+    said = [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
+    switched = [s for s in said if "do not match" in s]
+    assert len(switched) == 1 and "pass the check in float64" in switched[0]
+    assert monitor.latest is not None and monitor.latest.backend == "autograd" and monitor.n_skipped == 0
+    state = monitor.state_dict()
+    assert (state["settled_backend"], state["settled_dtype"], state["finite_difference"]) == ("autograd", "float64", False)
+    ref = _plain_tanh_lambda_max(net)
+    assert monitor.latest.eigenvalues[0] == pytest.approx(ref, rel=1e-5)

@@ -237,6 +237,8 @@ class SharpnessMonitor(Callback):
         self._sharded = False  # the strategy shards parameters: finite-difference products on local shards
         self._verified = False  # a product check was made in this run
         self._finite_difference = False  # the check failed: products by finite differences
+        self._settled_backend: str | None = None  # the backend a failed check switched to (Solve.switched_to)
+        self._settled_dtype: str | None = None  # and the dtype (Solve.switched_dtype)
         self._unverified = False  # the check failed or was inconclusive and nothing was switched
 
     def __getattr__(self, name: str) -> Any:
@@ -278,6 +280,8 @@ class SharpnessMonitor(Callback):
             "warned": sorted(self._warned),
             "verified": self._verified,
             "finite_difference": self._finite_difference,
+            "settled_backend": self._settled_backend,
+            "settled_dtype": self._settled_dtype,
             "unverified": self._unverified,
         }
 
@@ -296,6 +300,9 @@ class SharpnessMonitor(Callback):
         self._warned = set(state_dict.get("warned", []))
         self._verified = bool(state_dict.get("verified", False))
         self._finite_difference = bool(state_dict.get("finite_difference", False))
+        self._settled_backend = state_dict.get("settled_backend") or (
+            "finite_difference" if self._finite_difference else None)
+        self._settled_dtype = state_dict.get("settled_dtype")
         self._unverified = bool(state_dict.get("unverified", False))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -332,6 +339,7 @@ class SharpnessMonitor(Callback):
         self._probe_kind = None
         self._last_batch = None
         self._verified = self._finite_difference = self._unverified = False
+        self._settled_backend = self._settled_dtype = None
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         strategy = trainer.strategy
@@ -495,7 +503,9 @@ class SharpnessMonitor(Callback):
             return solve(pl_module, self._loss, batches, self.settings, step=step, optimizer=optimizer,
                          lr_scales=self._lr_scales(), warm=self._tracker,
                          reduce=all_reduce_sum if is_distributed else None, check=check,
-                         finite_difference=self._finite_difference, batch_size=self._batch_size(trainer))
+                         finite_difference=self._finite_difference, backend=self._settled_backend,
+                         dtype=self._settled_dtype,
+                         batch_size=self._batch_size(trainer))
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, trigger: str) -> None:
         step = trainer.global_step
@@ -544,7 +554,9 @@ class SharpnessMonitor(Callback):
             self._warn_once(key, f"SharpnessMonitor: {message}")
         if result.verification is not None:
             self._verified = True
-            self._finite_difference = self._finite_difference or result.switched
+            self._finite_difference = self._finite_difference or result.switched_to == "finite_difference"
+            self._settled_backend = result.switched_to or self._settled_backend
+            self._settled_dtype = result.switched_dtype or self._settled_dtype
             self._unverified = result.verification != "passed" and not result.switched
         rotation = Rotation() if self._sharded else self._tracker.update(
             step, result.top_vectors, result.min_vector, result.preconditioned_vector, k=len(result.eigenvalues),

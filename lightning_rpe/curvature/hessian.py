@@ -242,6 +242,9 @@ class HessianOperator(CurvatureOperator):
         names: their names in ``model.named_parameters()``.
         backend: the path actually in use (``"autograd"``, ``"func"`` or ``"finite_difference"``);
             ``fallback_reason``: why ``torch.func`` was abandoned (None if it was not).
+        loss_dtype: the dtype of a loss that came back in lower precision than ``dtype`` (a
+            model that computes its loss in float32 whatever its parameters' dtype, as Hugging Face
+            models do), None otherwise: products then carry that precision, not ``dtype``'s.
         frozen_rows: ``(name, row)`` of the embedding rows that never train (``padding_idx`` of an
             untied ``nn.Embedding`` / ``nn.EmbeddingBag``); products are taken over the other
             coordinates (these rows and columns of ``H`` are zero).
@@ -324,6 +327,7 @@ class HessianOperator(CurvatureOperator):
         self._track_inputs: bool | None = None  # finite-difference path: inputs require grad (decided once)
         self._plain_backward = False  # finite-difference path: loss.backward() (reentrant checkpointing)
         self.fallback_reason: str | None = None
+        self.loss_dtype: torch.dtype | None = None
         self._reduce = reduce if reduce is not None else (lambda t: t)
         self._wrapper = wrapper
         self._cache_request = cache_graphs
@@ -484,6 +488,8 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"loss_fn must return a tensor; got {type(loss).__name__} for batch {index}")
         if loss.numel() != 1:
             raise ValueError(f"loss_fn must return a scalar; got shape {tuple(loss.shape)} for batch {index}")
+        if loss.is_floating_point() and torch.finfo(loss.dtype).eps > torch.finfo(self.dtype).eps:
+            self.loss_dtype = loss.dtype  # e.g. a Hugging Face loss, float32 whatever the parameters' dtype
         return loss.reshape(()).to(self.dtype)
 
     def _loss(self, params: Sequence[Tensor], batch: Any, index: int) -> Tensor:
@@ -681,6 +687,7 @@ class HessianOperator(CurvatureOperator):
         other.requested_backend = backend
         other.backend = _auto_backend(self.model, self.device) if backend == "auto" else backend
         other.fallback_reason = None
+        other.loss_dtype = None
         other._warned = set()
         other._graphs = None
         other.cache_graphs = self._cache_request

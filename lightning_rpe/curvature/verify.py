@@ -94,6 +94,10 @@ class Verification:
             one extra forward pass); empty when passed (not searched).
         reason: why it failed (a product's exception, a non-finite value, a tolerance exceeded);
             None when passed.
+        loss_dtype: the dtype the loss came back in when narrower than the reference's (a model
+            that computes its loss in float32 whatever its parameters' dtype, as Hugging Face
+            models do); the reference then steps and the tolerance is set for that precision, and
+            no product of the model can be more precise than it. None otherwise.
     """
 
     passed: bool
@@ -107,6 +111,7 @@ class Verification:
     n_gradients: int
     suspects: tuple[str, ...]
     reason: str | None
+    loss_dtype: torch.dtype | None = None
 
 
 def verify_operator(
@@ -163,6 +168,7 @@ def verify_operator(
 
     rel_error: float | None = None
     ref_dtype: torch.dtype | None = None
+    loss_dtype: torch.dtype | None = operator.loss_dtype
     n_gradients = 0
     tolerance = _tolerance(operator.dtype, torch.float64, tol, backend)
     verdict, reason = "passed", None
@@ -171,20 +177,29 @@ def verify_operator(
     elif asymmetry > tolerance:
         verdict = "failed"
         reason = f"the operator is not symmetric: |u.Hv - v.Hu| relative {asymmetry:.2e} (tolerance {tolerance:.0e})"
-    elif not (operator.backend == "finite_difference" and operator.dtype == torch.float64):
+    elif not (operator.backend == "finite_difference" and operator.dtype == torch.float64
+              and operator.loss_dtype is None):
         ref_dtype = reference_dtype if operator.dtype == torch.float32 else torch.float64
         try:
-            ref = _reference_product(operator, V[:, 0], ref_dtype, 0)
+            ref, narrow = _reference_product(operator, V[:, 0], ref_dtype, 0)
         except ValueError:
             raise
         except Exception:  # noqa: BLE001 - the model cannot run in float64: reference in its own dtype
             ref_dtype = operator.dtype
-            ref = _reference_product(operator, V[:, 0], ref_dtype, 0)
-        tolerance = _tolerance(operator.dtype, ref_dtype, tol, backend)
+            ref, narrow = _reference_product(operator, V[:, 0], ref_dtype, 0)
+        # the reference is only as precise as the loss the model returns: step for that precision
+        step_dtype = ref_dtype
+        if narrow is not None and torch.finfo(narrow).eps > torch.finfo(ref_dtype).eps:
+            loss_dtype = step_dtype = narrow if narrow in REFERENCE_STEP else torch.float32
+            ref, _ = _reference_product(operator, V[:, 0], ref_dtype, 0, step_dtype)
+        precision = operator.dtype
+        if loss_dtype is not None and torch.finfo(loss_dtype).eps > torch.finfo(precision).eps:
+            precision = torch.float32  # a float64 operator of a float32 loss: float32 products
+        tolerance = _tolerance(precision, ref_dtype, tol, backend)
         previous_gap = math.inf
         for k in range(REFERENCE_RETRIES + 1):
             if k > 0:
-                ref = _reference_product(operator, V[:, 0], ref_dtype, k)
+                ref, _ = _reference_product(operator, V[:, 0], ref_dtype, k, step_dtype)
             n_gradients += 2
             gap = float((hv - ref).norm())
             rel_error = gap / max(float(ref.norm()), 1e-300)
@@ -192,7 +207,7 @@ def verify_operator(
                 verdict, reason = "failed", "a finite-difference reference is not finite"
                 break
             # the reference's own rounding error grows like u / step: never ask for less
-            tolerance = max(_tolerance(operator.dtype, ref_dtype, tol, backend), _rounding_bound(ref_dtype, k))
+            tolerance = max(_tolerance(precision, ref_dtype, tol, backend), _rounding_bound(step_dtype, k))
             if rel_error <= tolerance:
                 verdict = "passed"
                 break
@@ -207,7 +222,7 @@ def verify_operator(
                       "kinks), so they cannot check the product; the finite-difference backend is not reliable here either")
     suspects = () if verdict == "passed" else _suspects(operator)
     return Verification(verdict == "passed", verdict, rel_error, asymmetry, tolerance, backend, ref_dtype, n_hvp,
-                        n_gradients, suspects, reason)
+                        n_gradients, suspects, reason, loss_dtype)
 
 
 def _rounding_bound(dtype: torch.dtype, retry: int) -> float:
@@ -215,10 +230,15 @@ def _rounding_bound(dtype: torch.dtype, retry: int) -> float:
     return ROUNDING_FACTOR * torch.finfo(dtype).eps / (REFERENCE_STEP[dtype] / 10**retry)
 
 
-def _reference_product(operator: HessianOperator, v: Tensor, dtype: torch.dtype, retry: int) -> Tensor:
-    """Finite-difference product at relative step ``REFERENCE_STEP[dtype] / 10**retry``."""
-    fd_step = REFERENCE_STEP[dtype] / 10**retry
-    return operator.with_backend("finite_difference", dtype=dtype, fd_step=fd_step).matvec(v.to(dtype)).double()
+def _reference_product(
+    operator: HessianOperator, v: Tensor, dtype: torch.dtype, retry: int, step_dtype: torch.dtype | None = None
+) -> tuple[Tensor, torch.dtype | None]:
+    """Finite-difference product in ``dtype`` at relative step ``REFERENCE_STEP[step_dtype] / 10**retry``
+    (``step_dtype`` defaults to ``dtype``), and the dtype of the loss when it came back narrower.
+    """
+    fd_step = REFERENCE_STEP[step_dtype or dtype] / 10**retry
+    reference = operator.with_backend("finite_difference", dtype=dtype, fd_step=fd_step)
+    return reference.matvec(v.to(dtype)).double(), reference.loss_dtype
 
 
 def _tolerance(dtype: torch.dtype, reference_dtype: torch.dtype, tol: float | None, backend: str = "") -> float:
