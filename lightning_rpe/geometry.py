@@ -102,9 +102,8 @@ def _angle(a: Tensor, b: Tensor) -> float:
     """:func:`rotation_angle` of two flat float64 vectors already checked by :func:`_pair`."""
     na = _nonzero_norm(a, "u")
     _nonzero_norm(b, "v")
-    ua = a / na
-    along = float(ua @ b)
-    perp = float(torch.linalg.vector_norm(b - along * ua))
+    along = float(a @ b) / na  # <u_hat, v>
+    perp = float(torch.linalg.vector_norm(torch.add(b, a, alpha=-along / na)))  # ||v - <u_hat, v> u_hat||
     return math.degrees(math.atan2(perp, abs(along)))
 
 
@@ -128,6 +127,11 @@ def _basis(x: Tensor, name: str) -> Tensor:
     x = x.detach().to(torch.float64)
     if not _all_finite(x):
         raise ValueError(f"{name} must contain only finite values")
+    if x.shape[1] == 1:  # one column: its QR is x / ||x|| (a Householder QR costs 5x a norm here)
+        norm = float(torch.linalg.vector_norm(x))
+        if norm == 0.0:
+            raise ValueError(f"{name} must have linearly independent columns (rank 1)")
+        return x / norm
     q, r = torch.linalg.qr(x, mode="reduced")
     diag = r.diagonal().abs()
     if float(diag.min()) <= 1e-12 * max(float(diag.max()), 0.0) or float(diag.max()) == 0.0:
@@ -157,8 +161,12 @@ def _angles(qu: Tensor, qv: Tensor) -> Tensor:
     small, big = (qu, qv) if qu.shape[1] <= qv.shape[1] else (qv, qu)
     cos = torch.linalg.svdvals(big.T @ small).clamp(0.0, 1.0)  # descending
     residual = torch.addmm(small, big, big.T @ small, alpha=-1.0)  # small - big (big^T small), one (n, k) block
-    # the singular values of the tall residual are those of its k x k R factor (4x faster at k = 1)
-    sin = torch.linalg.svdvals(torch.linalg.qr(residual, mode="r")[1]).clamp(0.0, 1.0).flip(0)  # ascending
+    # the singular values of the tall residual are those of its k x k R factor (4x faster at k = 1),
+    # and for one column its norm
+    if residual.shape[1] == 1:
+        sin = torch.linalg.vector_norm(residual, dim=0).clamp(0.0, 1.0)
+    else:
+        sin = torch.linalg.svdvals(torch.linalg.qr(residual, mode="r")[1]).clamp(0.0, 1.0).flip(0)  # ascending
     from_cos = torch.arccos(cos)  # ascending
     from_sin = torch.arcsin(sin)  # ascending
     return torch.where(cos * cos >= 0.5, from_sin, from_cos)
@@ -296,16 +304,18 @@ class PolarityTracker:
                 "call reset() when the parameter space changes"
             )
         ref = ref.to(flat.device)
-        ref_unit = ref / torch.linalg.vector_norm(ref)
-        # align_sign(v, reference), rotation_angle and abs_cosine on the vectors converted and checked once
-        aligned = -v.detach() if float(flat @ ref) < 0.0 else v.detach()
-        unit = flat / norm
-        if float(unit @ ref_unit) < 0.0:
-            unit = -unit
-        d = unit - ref_unit
-        angle = _angle(ref_unit, unit)
-        cosine = _abs_cos(ref_unit, unit)
-        big = float(torch.linalg.vector_norm(d)) > self.min_displacement
+        ref_norm = float(torch.linalg.vector_norm(ref))
+        # align_sign(v, reference), rotation_angle and abs_cosine from one dot product and the chord
+        # d between the unit vectors: angle = 2 asin(||d|| / 2), exact and accurate for tiny angles
+        dot = float(flat @ ref)
+        negative = dot < 0.0
+        aligned = -v.detach() if negative else v.detach()
+        unit = flat * ((-1.0 if negative else 1.0) / norm)
+        d = unit.sub_(ref, alpha=1.0 / ref_norm)  # unit - ref_unit, in place of unit
+        chord = float(torch.linalg.vector_norm(d))
+        angle = math.degrees(2.0 * math.asin(min(1.0, chord / 2.0)))
+        cosine = min(1.0, abs(dot) / (norm * ref_norm))
+        big = chord > self.min_displacement
         prev = self._displacement
         if big and prev is not None:
             dot = float(d @ prev.to(device=d.device, dtype=d.dtype))

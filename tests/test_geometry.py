@@ -327,3 +327,27 @@ def test_tracker_counts_an_outside_crossing_verdict_with_one_vector() -> None:
     assert rot.crossed is True and rot.crossings == 1 and rot.rotation_angle is None and rot.polarity is None
     rot = tracker.update(10, e[:, 1:2], crossed=False)
     assert rot.crossed is False and rot.crossings == 1 and rot.rotation_angle == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("deg", [1e-6, 0.01, 1.0, 45.0, 89.9, 120.0])
+def test_polarity_angle_and_cosine_match_the_rotation_exactly(deg):
+    """The tracker's angle (from the chord between unit vectors) and cosine agree with the exact
+    rotation, tiny angles included, with either sign; float32 vectors against rotation_angle of
+    the same vectors."""
+    g = torch.Generator().manual_seed(1)
+    basis, _ = torch.linalg.qr(torch.randn(1000, 2, generator=g, dtype=torch.float64))
+    t = math.radians(deg)
+    a, b = 3.0 * basis[:, 0], -(math.cos(t) * basis[:, 0] + math.sin(t) * basis[:, 1])
+    folded = min(deg, 180.0 - deg)  # the angle between the lines
+    tracker = PolarityTracker()
+    tracker.update(a)
+    step = tracker.update(b)
+    assert step.angle == pytest.approx(folded, rel=1e-9)
+    assert step.cosine == pytest.approx(math.cos(math.radians(folded)), rel=1e-12)
+    if deg >= 0.01:  # a float32 vector cannot hold a 1e-6 degree rotation
+        a32, b32 = a.float(), b.float()
+        tracker = PolarityTracker()
+        tracker.update(a32)
+        step = tracker.update(b32)
+        assert step.angle == pytest.approx(rotation_angle(a32, b32), rel=1e-9)
+        assert step.cosine == pytest.approx(abs_cosine(a32, b32), rel=1e-12)
