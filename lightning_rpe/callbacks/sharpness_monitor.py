@@ -580,7 +580,8 @@ class SharpnessMonitor(Callback):
         which = "both" if self.settings.lambda_min else "largest"
         room = dim - 1 if which == "both" else dim  # the k measure.solve asks for
         vectors = working_vectors(dim, min(self.settings.top_k, room), which, self.settings.solver)
-        nbytes = vectors * dim * torch.empty((), dtype=DTYPES[self.settings.dtype]).element_size()
+        dtype = DTYPES[self._settled_dtype or self.settings.dtype]  # a failed float32 check may settle float64
+        nbytes = vectors * dim * torch.empty((), dtype=dtype).element_size()
         rank_zero_info(
             f"SharpnessMonitor: first measurement (no warm start): {m.n_hvp} Hessian-vector products, "
             f"{m.seconds:.3g} s; the eigen-solver holds at most {vectors} parameter-sized vectors "
