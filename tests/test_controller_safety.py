@@ -483,3 +483,23 @@ def test_adam_step_zero_nan_ratio_is_not_warned_and_repr_shows_the_band() -> Non
         make_trainer([monitor, ctrl], max_steps=4).fit(TinyMLP(optimizer="adam", lr=0.01), full_batch_loader(16))
     assert not [w for w in record if "no usable stability ratio" in str(w.message)]
     assert "band=(1.1, 1.5)" in repr(ctrl)
+
+
+class _MomentumInTheSecondGroup(TinyModel):
+    def configure_optimizers(self):  # noqa: D102
+        return RecordingSGD([{"params": [self.net.weight], "lr": 0.01},
+                             {"params": [self.net.bias], "lr": 0.01, "momentum": 0.9}], lr=0.01)
+
+
+@pytest.mark.parametrize("param_groups, expected", [([0], 16.0), (None, 4.0)])
+def test_auto_max_factor_looks_at_the_momentum_of_the_controlled_groups_only(param_groups, expected) -> None:
+    """Before: momentum in a group the controller leaves alone gave the controlled plain-SGD group the
+    momentum bound (4) instead of the batch sharpness's (16)."""
+    monitor = StubMonitor(lambda step: 10.0)
+    monitor.batch_sharpness = True  # the stub's readings carry no batch sharpness: only the resolution is tested
+    controller = InstabilityController(gauge="batch_sharpness", param_groups=param_groups, warmup_steps=0)
+    assert controller.max_factor == "auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(_MomentumInTheSecondGroup(), [monitor, controller], max_steps=2)
+    assert (controller.max_factor, controller.band_goal) == (expected, "cautious")

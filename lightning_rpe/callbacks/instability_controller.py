@@ -315,7 +315,8 @@ class InstabilityController(Callback):
             )
         kinds = group_thresholds(optimizer)
         adam_family = any(g.preconditioned for g in kinds)
-        momentum = any(g.kind in ("heavy_ball", "nesterov") for g in kinds)
+        controlled = self.settings.controlled(n_groups)
+        momentum = any(g.kind in ("heavy_ball", "nesterov") for g in kinds if g.index in controlled)  # per group
         self._law = self.settings.for_optimizer(adam_family, momentum).for_run(_total_steps(trainer))
         if isinstance(self.settings.stop_step, float) and self._law.stop_step is None:
             rank_zero_warn(
