@@ -27,7 +27,9 @@ edge (``"edge"``), or the lower edge from below and the centre from above (``"ca
 that is larger: a rise that puts the ratio at or below the lower edge (``target_ratio``) is taken
 in one decision. At fixed weights the ratio is proportional to the lr, so such a rise cannot by
 itself cross the band; bounding it would only spend measurements on the way up (five at 1.5 per
-decision from a ratio of 0.1 to 0.7). For ``hold_steps`` steps after a rollback the factor may fall
+decision from a ratio of 0.1 to 0.7). A scheduled lr that rose since the previous reading (a
+warm-up) would carry such a rise past the band before the next reading, so then every rise is
+bounded by ``max_change``. For ``hold_steps`` steps after a rollback the factor may fall
 but not rise, and after a rollback it never rises above one ``max_change`` below the factor that
 diverged.
 """
@@ -305,6 +307,8 @@ class ControlState:
         ceiling: the factor never rises above this again (set by a rollback: one ``max_change``
             below the factor that diverged), or None.
         losses: the recent finite training losses (at most ``spike_window``).
+        last_scheduled: per param group the scheduled lr at the last used reading (None before
+            one): a schedule that rose since then (a warm-up) takes no ``approach="jump"`` rise.
     """
 
     factor: float = 1.0
@@ -318,6 +322,7 @@ class ControlState:
     hold_until: int = -1
     ceiling: float | None = None
     losses: list[float] = field(default_factory=list)
+    last_scheduled: list[float] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python types only (loads with ``torch.load(weights_only=True)``)."""
@@ -334,6 +339,7 @@ class ControlState:
             "hold_until": int(self.hold_until),
             "ceiling": None if self.ceiling is None else float(self.ceiling),
             "losses": [float(x) for x in self.losses],
+            "last_scheduled": None if self.last_scheduled is None else [float(x) for x in self.last_scheduled],
         }
 
     @classmethod
@@ -353,6 +359,7 @@ class ControlState:
             hold_until=int(state.get("hold_until", -1)),
             ceiling=None if state.get("ceiling") is None else float(state["ceiling"]),
             losses=[float(x) for x in state.get("losses", [])],
+            last_scheduled=None if state.get("last_scheduled") is None else [float(x) for x in state["last_scheduled"]],
         )
 
 
@@ -478,6 +485,9 @@ def decide(
             f"(ratios={ratios}, thresholds={thresholds}, lrs={lrs}); the factor stays {state.factor:.6g}"))
     new.smoothed = smoothed
     new.n_measurements += 1
+    before = state.last_scheduled
+    rising = before is not None and len(before) == n and any(float(scheduled[i]) > before[i] for i in settings.controlled(n))
+    new.last_scheduled = [float(x) for x in scheduled]
     if p == "warmup":
         new.last_ratio = rho
         return Decision(new, True, False, rho)
@@ -500,8 +510,10 @@ def decide(
     if goal is not None:
         rise = settings.max_change
         floor = settings.low_goal
-        if settings.approach == "jump" and floor is not None:
-            rise = max(rise, min(goal, floor) / current)  # the projected ratio stays at or below the lower edge
+        if settings.approach == "jump" and floor is not None and not rising:
+            # the projected ratio stays at or below the lower edge; not while the schedule rises (a
+            # warm-up would carry a jump past the band before the next reading)
+            rise = max(rise, min(goal, floor) / current)
         proposed = f * min(max(goal / current, 1.0 / settings.max_change), rise)
     if step < state.hold_until:
         proposed = min(proposed, f)  # after a rollback: may fall, may not rise

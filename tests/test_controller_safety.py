@@ -170,10 +170,26 @@ def test_adam_family_bound() -> None:
     assert state.factor < 1.0
 
 
+def test_no_jump_while_the_schedule_rises() -> None:
+    """Before: under a warm-up schedule (OneCycleLR, linear warm-up) the jump put the ratio on the lower
+    edge at the scheduled lr of the decision, and the schedule then carried it past the band before the
+    next reading (a stub OneCycleLR run, readings every 25 steps: 24 steps above the band, ratio up to
+    1.8; gradual: none)."""
+    law = ControlSettings().with_goal_for("batch_sharpness")
+    state = control.decide(law, ControlState(), _reading(50, 0.05, lr=0.01), [0.01], 50).state  # warm-up
+    assert state.last_scheduled == [0.01]
+    rising = control.decide(law, state, _reading(100, 0.05, lr=0.02), [0.02], 100)
+    assert rising.state.factor == pytest.approx(1.5)  # bounded by max_change
+    flat = control.decide(law, state, _reading(100, 0.05, lr=0.01), [0.01], 100)
+    assert flat.state.factor == pytest.approx(14.0)  # the jump to the lower edge 0.7
+    falling = control.decide(law, state, _reading(100, 0.05, lr=0.005), [0.005], 100)
+    assert falling.state.factor == pytest.approx(14.0)
+
+
 def test_state_round_trips_and_version_1_states_load() -> None:
     state = ControlState(factor=2.0, smoothed=[1.0, None], n_measurements=3, n_decisions=2, n_skipped=1,
                          n_rollbacks=1, last_ratio=1.2, last_key=(10, 0, 4.0), hold_until=50, ceiling=2.5,
-                         losses=[0.5])
+                         losses=[0.5], last_scheduled=[0.1, 0.01])
     d = state.state_dict()
     assert ControlState.from_state_dict(d) == state
     v1 = {"version": 1, "factor": 2.0, "smoothed": [1.0], "n_measurements": 1, "n_decisions": 1, "n_skipped": 0,

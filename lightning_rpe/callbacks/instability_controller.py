@@ -121,7 +121,8 @@ class InstabilityController(Callback):
         max_change: largest factor change per decision (> 1, default 1.5), except the rises of
             ``approach="jump"``.
         approach: ``"jump"`` (default): a rise whose projected ratio stays at or below the band's
-            lower edge (``target_ratio``) is taken in one decision, however large; ``"gradual"``:
+            lower edge (``target_ratio``) is taken in one decision, however large, unless the
+            scheduled lr rose since the previous reading (a warm-up); ``"gradual"``:
             every rise is bounded by ``max_change``. At fixed weights the ratio is proportional to the
             lr, so such a rise cannot by itself cross the band.
         max_factor: bound on the total factor, ``1 / max_factor <= f <= max_factor`` (a float >= 1,
