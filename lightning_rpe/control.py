@@ -100,7 +100,8 @@ is steered to the centre (``"cautious"`` held it in ``(1.1, 1.5)`` 59-82 % of th
 
 DEFAULT_MAX_FACTORS: dict[str, float] = {"sharpness": 4.0, "batch_sharpness": 16.0, "momentum": 4.0}
 """``max_factor="auto"``: the bound for the steered gauge (``"sharpness"``, ``"batch_sharpness"``),
-and ``"momentum"`` for any gauge under SGD with momentum. The batch sharpness sees plain minibatch
+and ``"momentum"`` for any gauge under SGD with momentum (and for the Adam family, whose rises
+``max_factor`` bounds only with ``adam_max_factor=None``). The batch sharpness sees plain minibatch
 SGD's instability (it reaches its threshold at the edge), so its bound only has to let a scheduled
 lr far below the edge reach it (factors 8-15 on the digits MLP at lr 0.025-0.05). Where the gauge
 does not see the instability the bound is what protects the run: the sharpness under minibatch SGD
@@ -248,7 +249,7 @@ class ControlSettings:
         """The settings with the defaults of the steered ``gauge`` filled in: the band
         (:data:`DEFAULT_BANDS`, when neither ``target_ratio`` nor ``band`` was given), ``band_goal="auto"``
         (:data:`DEFAULT_BAND_GOALS`) and ``max_factor="auto"`` (:data:`DEFAULT_MAX_FACTORS`: the
-        gauge's, or ``"momentum"`` when :meth:`for_optimizer` saw momentum).
+        gauge's, or ``"momentum"`` when :meth:`for_optimizer` saw momentum or the Adam family).
         """
         out = self
         if out.target_ratio is None and out.band is None:
@@ -256,7 +257,9 @@ class ControlSettings:
         if out.band_goal == "auto":
             out = replace(out, band_goal=DEFAULT_BAND_GOALS[gauge])
         if out.max_factor == "auto":
-            out = replace(out, max_factor=DEFAULT_MAX_FACTORS["momentum" if out.momentum else gauge])
+            # 16 is for plain SGD only: the Adam family (with adam_max_factor=None) takes the bound of momentum
+            plain = not (out.momentum or out.adam_family)
+            out = replace(out, max_factor=DEFAULT_MAX_FACTORS[gauge if plain else "momentum"])
         return out
 
     def _resolved(self) -> None:

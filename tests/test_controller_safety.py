@@ -68,6 +68,11 @@ def test_unresolved_auto_options_are_refused_by_the_law() -> None:
         s.factor_bounds()
     bs = ControlSettings().with_goal_for("batch_sharpness")
     assert (bs.band, bs.band_goal, bs.max_factor) == ((0.7, 1.1), "cautious", 16.0)
+    # 16 is the bound for plain SGD: momentum and the Adam family (when adam_max_factor=None lets
+    # max_factor bound its rises) take 4
+    assert ControlSettings().for_optimizer(False, True).with_goal_for("batch_sharpness").max_factor == 4.0
+    adam = ControlSettings(adam_max_factor=None).for_optimizer(True).with_goal_for("batch_sharpness")
+    assert adam.max_factor == 4.0 and adam.factor_bounds() == (0.25, 4.0)
     given = ControlSettings(band_goal="edge", max_factor=None).with_goal_for("batch_sharpness")
     assert (given.band_goal, given.max_factor) == ("edge", None)  # explicit values are kept
 
