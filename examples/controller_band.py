@@ -113,8 +113,8 @@ def main() -> None:
     p.add_argument("--below", type=float, nargs=2, default=[0.5, 0.8])
     p.add_argument("--max-change", type=float, default=2.0)
     p.add_argument("--max-factor", type=float, default=0.0, dest="max_factor",
-                   help="bound on the controller's total factor (0: unbounded; the controller's default is 4, "
-                        "and this full-batch run needs about 10)")
+                   help="bound on the controller's total factor (0: unbounded; the controller's default \"auto\" is 4 for the "
+                        "sharpness gauge, and this full-batch run needs about 10)")
     p.add_argument("--warmup-steps", type=int, default=0, dest="warmup_steps",
                    help="controller warm-up (the controller's default is 100)")
     p.add_argument("--logdir", default=None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -342,7 +343,10 @@ def _one_line(err: BaseException) -> str:
 
     jsonargparse wraps a model's or callback's own ``ValueError`` (e.g. "top_k must be an int >= 1")
     in a generic "Does not validate against any of the Union subtypes" error; the original is the
-    innermost exception of the chain, or one of the "- ..." lines of the message.
+    innermost exception of the chain (a ``raise ... from None`` ends the chain there), or one of the
+    "- ..." lines of the message. jsonargparse's own type errors ("Expected a <class 'float'>. Got
+    value: big") name neither the option nor, for a union, the other accepted types: both are added
+    from the enclosing "Parser key" message.
     """
     chain: list[BaseException] = []
     seen: set[int] = set()
@@ -350,15 +354,48 @@ def _one_line(err: BaseException) -> str:
     while cur is not None and id(cur) not in seen:
         chain.append(cur)
         seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    for exc in reversed(chain):
-        text = str(exc).strip()
-        if text and not text.startswith("Does not validate"):
-            return text.splitlines()[0].strip()
-    text = str(err).strip() or type(err).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    reasons = [ln[2:] for ln in lines if ln.startswith("- ") and "NoneType" not in ln]
-    return reasons[0] if reasons else lines[0]
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+    texts = [str(exc).strip() for exc in chain]
+    reason = next((t.splitlines()[0].strip() for t in reversed(texts) if t and not t.startswith("Does not validate")),
+                  None)
+    if reason is None:
+        text = str(err).strip() or type(err).__name__
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        reasons = [ln[2:] for ln in lines if ln.startswith("- ") and "NoneType" not in ln]
+        reason = reasons[0] if reasons else lines[0]
+    return _name_the_option(reason, texts)
+
+
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+_EXPECTED = re.compile(r"^\s*- Expected a (.+?)\s*$", re.MULTILINE)
+
+
+def _name_the_option(reason: str, texts: Sequence[str]) -> str:
+    """``reason`` prefixed with the innermost option jsonargparse named, and a union's accepted types."""
+    if not reason.startswith("Expected a"):
+        return reason
+    inner = [t for t in texts if _PARSER_KEY.search(t)]
+    if not inner:
+        return reason
+    key = _PARSER_KEY.findall(inner[-1])[-1]
+    after = inner[-1][inner[-1].rindex(f'Parser key "{key}"'):]
+    accepted = [_type_name(t) for t in _EXPECTED.findall(after)]
+    got = re.search(r"Got value: (.*)$", reason) or re.search(r"Given value: (.*)$", after, re.MULTILINE)
+    if len(accepted) < 2 or got is None:
+        return f"{key}: {reason}"
+    return f"{key}: expected {', '.join(accepted[:-1])} or {accepted[-1]}; got {got.group(1).strip()}"
+
+
+def _type_name(text: str) -> str:
+    """``<class 'float'>`` -> ``float``, ``typing.Literal['auto']`` -> ``'auto'``, NoneType -> ``null``."""
+    text = text.strip()
+    if text == "<class 'NoneType'>":
+        return "null"
+    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", text)
+    if literal:
+        return literal.group(1)
+    named = re.fullmatch(r"<class '(.*)'>", text)
+    return named.group(1) if named else text
 
 
 # -- entry point -------------------------------------------------------------------------------------

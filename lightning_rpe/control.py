@@ -27,7 +27,9 @@ edge (``"edge"``), or the lower edge from below and the centre from above (``"ca
 that is larger: a rise that puts the ratio at or below the lower edge (``target_ratio``) is taken
 in one decision. At fixed weights the ratio is proportional to the lr, so such a rise cannot by
 itself cross the band; bounding it would only spend measurements on the way up (five at 1.5 per
-decision from a ratio of 0.1 to 0.7). For ``hold_steps`` steps after a rollback the factor may fall
+decision from a ratio of 0.1 to 0.7). A scheduled lr that rose since the previous reading (a
+warm-up) would carry such a rise past the band before the next reading, so then every rise is
+bounded by ``max_change``. For ``hold_steps`` steps after a rollback the factor may fall
 but not rise, and after a rollback it never rises above one ``max_change`` below the factor that
 diverged.
 """
@@ -98,7 +100,8 @@ is steered to the centre (``"cautious"`` held it in ``(1.1, 1.5)`` 59-82 % of th
 
 DEFAULT_MAX_FACTORS: dict[str, float] = {"sharpness": 4.0, "batch_sharpness": 16.0, "momentum": 4.0}
 """``max_factor="auto"``: the bound for the steered gauge (``"sharpness"``, ``"batch_sharpness"``),
-and ``"momentum"`` for any gauge under SGD with momentum. The batch sharpness sees plain minibatch
+and ``"momentum"`` for any gauge under SGD with momentum (and for the Adam family, whose rises
+``max_factor`` bounds only with ``adam_max_factor=None``). The batch sharpness sees plain minibatch
 SGD's instability (it reaches its threshold at the edge), so its bound only has to let a scheduled
 lr far below the edge reach it (factors 8-15 on the digits MLP at lr 0.025-0.05). Where the gauge
 does not see the instability the bound is what protects the run: the sharpness under minibatch SGD
@@ -246,7 +249,7 @@ class ControlSettings:
         """The settings with the defaults of the steered ``gauge`` filled in: the band
         (:data:`DEFAULT_BANDS`, when neither ``target_ratio`` nor ``band`` was given), ``band_goal="auto"``
         (:data:`DEFAULT_BAND_GOALS`) and ``max_factor="auto"`` (:data:`DEFAULT_MAX_FACTORS`: the
-        gauge's, or ``"momentum"`` when :meth:`for_optimizer` saw momentum).
+        gauge's, or ``"momentum"`` when :meth:`for_optimizer` saw momentum or the Adam family).
         """
         out = self
         if out.target_ratio is None and out.band is None:
@@ -254,7 +257,9 @@ class ControlSettings:
         if out.band_goal == "auto":
             out = replace(out, band_goal=DEFAULT_BAND_GOALS[gauge])
         if out.max_factor == "auto":
-            out = replace(out, max_factor=DEFAULT_MAX_FACTORS["momentum" if out.momentum else gauge])
+            # 16 is for plain SGD only: the Adam family (with adam_max_factor=None) takes the bound of momentum
+            plain = not (out.momentum or out.adam_family)
+            out = replace(out, max_factor=DEFAULT_MAX_FACTORS[gauge if plain else "momentum"])
         return out
 
     def _resolved(self) -> None:
@@ -305,6 +310,8 @@ class ControlState:
         ceiling: the factor never rises above this again (set by a rollback: one ``max_change``
             below the factor that diverged), or None.
         losses: the recent finite training losses (at most ``spike_window``).
+        last_scheduled: per param group the scheduled lr at the last used reading (None before
+            one): a schedule that rose since then (a warm-up) takes no ``approach="jump"`` rise.
     """
 
     factor: float = 1.0
@@ -318,6 +325,7 @@ class ControlState:
     hold_until: int = -1
     ceiling: float | None = None
     losses: list[float] = field(default_factory=list)
+    last_scheduled: list[float] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python types only (loads with ``torch.load(weights_only=True)``)."""
@@ -334,6 +342,7 @@ class ControlState:
             "hold_until": int(self.hold_until),
             "ceiling": None if self.ceiling is None else float(self.ceiling),
             "losses": [float(x) for x in self.losses],
+            "last_scheduled": None if self.last_scheduled is None else [float(x) for x in self.last_scheduled],
         }
 
     @classmethod
@@ -353,6 +362,7 @@ class ControlState:
             hold_until=int(state.get("hold_until", -1)),
             ceiling=None if state.get("ceiling") is None else float(state["ceiling"]),
             losses=[float(x) for x in state.get("losses", [])],
+            last_scheduled=None if state.get("last_scheduled") is None else [float(x) for x in state["last_scheduled"]],
         )
 
 
@@ -478,6 +488,9 @@ def decide(
             f"(ratios={ratios}, thresholds={thresholds}, lrs={lrs}); the factor stays {state.factor:.6g}"))
     new.smoothed = smoothed
     new.n_measurements += 1
+    before = state.last_scheduled
+    rising = before is not None and len(before) == n and any(float(scheduled[i]) > before[i] for i in settings.controlled(n))
+    new.last_scheduled = [float(x) for x in scheduled]
     if p == "warmup":
         new.last_ratio = rho
         return Decision(new, True, False, rho)
@@ -500,8 +513,10 @@ def decide(
     if goal is not None:
         rise = settings.max_change
         floor = settings.low_goal
-        if settings.approach == "jump" and floor is not None:
-            rise = max(rise, min(goal, floor) / current)  # the projected ratio stays at or below the lower edge
+        if settings.approach == "jump" and floor is not None and not rising:
+            # the projected ratio stays at or below the lower edge; not while the schedule rises (a
+            # warm-up would carry a jump past the band before the next reading)
+            rise = max(rise, min(goal, floor) / current)
         proposed = f * min(max(goal / current, 1.0 / settings.max_change), rise)
     if step < state.hold_until:
         proposed = min(proposed, f)  # after a rollback: may fall, may not rise

@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(c for c in (ROOT / "examples" / "configs").glob("*.yaml") if c.stem != "sharded")  # sharded: 2 GPUs
 
 
+_CONTROLLER = ["fit", "--config", str(ROOT / "examples" / "configs" / "monitor_controller.yaml"), "--trainer.logger", "false"]
+
+
 def _one_line_error(capsys, rc):
     err = capsys.readouterr().err.strip().splitlines()
     err = [ln for ln in err if not ln.startswith("Seed set to")]
@@ -40,7 +43,14 @@ def test_top_level_help_and_version(capsys):
      (["fit", "--config", "/definitely/not/here.yaml"], "does not exist"),
      (["fit", "--no-such-option", "1"], "unrecognized arguments"),
      (["fit", "--model.lr", "-1"], "MLPClassifier: lr must be a finite float > 0; got -1"),
-     (["report", "/definitely/not/here", "--warmup", "1.5"], "warmup must be in [0, 1)")],
+     (["report", "/definitely/not/here", "--warmup", "1.5"], "warmup must be in [0, 1)"),
+     # jsonargparse's type errors, with the option named and every type of a union; a controller's own
+     # ValueError raised "from None" (not the float check it replaced, which left out "auto")
+     ([*_CONTROLLER, "--controller.init_args.max_factor", "big"], "max_factor: expected float, 'auto' or null; got big"),
+     ([*_CONTROLLER, "--controller.init_args.band_goal", "middle"],
+      "band_goal: Expected a typing.Literal['center', 'edge', 'cautious', 'auto']. Got value: middle"),
+     ([*_CONTROLLER, "--controller.init_args.max_factor", "0.5"],
+      'InstabilityController: max_factor must be "auto", None (unbounded) or a float >= 1; got 0.5')],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(capsys, argv, needle):
     rc = main(argv)

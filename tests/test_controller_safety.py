@@ -68,6 +68,11 @@ def test_unresolved_auto_options_are_refused_by_the_law() -> None:
         s.factor_bounds()
     bs = ControlSettings().with_goal_for("batch_sharpness")
     assert (bs.band, bs.band_goal, bs.max_factor) == ((0.7, 1.1), "cautious", 16.0)
+    # 16 is the bound for plain SGD: momentum and the Adam family (when adam_max_factor=None lets
+    # max_factor bound its rises) take 4
+    assert ControlSettings().for_optimizer(False, True).with_goal_for("batch_sharpness").max_factor == 4.0
+    adam = ControlSettings(adam_max_factor=None).for_optimizer(True).with_goal_for("batch_sharpness")
+    assert adam.max_factor == 4.0 and adam.factor_bounds() == (0.25, 4.0)
     given = ControlSettings(band_goal="edge", max_factor=None).with_goal_for("batch_sharpness")
     assert (given.band_goal, given.max_factor) == ("edge", None)  # explicit values are kept
 
@@ -170,10 +175,26 @@ def test_adam_family_bound() -> None:
     assert state.factor < 1.0
 
 
+def test_no_jump_while_the_schedule_rises() -> None:
+    """Before: under a warm-up schedule (OneCycleLR, linear warm-up) the jump put the ratio on the lower
+    edge at the scheduled lr of the decision, and the schedule then carried it past the band before the
+    next reading (a stub OneCycleLR run, readings every 25 steps: 24 steps above the band, ratio up to
+    1.8; gradual: none)."""
+    law = ControlSettings().with_goal_for("batch_sharpness")
+    state = control.decide(law, ControlState(), _reading(50, 0.05, lr=0.01), [0.01], 50).state  # warm-up
+    assert state.last_scheduled == [0.01]
+    rising = control.decide(law, state, _reading(100, 0.05, lr=0.02), [0.02], 100)
+    assert rising.state.factor == pytest.approx(1.5)  # bounded by max_change
+    flat = control.decide(law, state, _reading(100, 0.05, lr=0.01), [0.01], 100)
+    assert flat.state.factor == pytest.approx(14.0)  # the jump to the lower edge 0.7
+    falling = control.decide(law, state, _reading(100, 0.05, lr=0.005), [0.005], 100)
+    assert falling.state.factor == pytest.approx(14.0)
+
+
 def test_state_round_trips_and_version_1_states_load() -> None:
     state = ControlState(factor=2.0, smoothed=[1.0, None], n_measurements=3, n_decisions=2, n_skipped=1,
                          n_rollbacks=1, last_ratio=1.2, last_key=(10, 0, 4.0), hold_until=50, ceiling=2.5,
-                         losses=[0.5])
+                         losses=[0.5], last_scheduled=[0.1, 0.01])
     d = state.state_dict()
     assert ControlState.from_state_dict(d) == state
     v1 = {"version": 1, "factor": 2.0, "smoothed": [1.0], "n_measurements": 1, "n_decisions": 1, "n_skipped": 0,
@@ -483,3 +504,23 @@ def test_adam_step_zero_nan_ratio_is_not_warned_and_repr_shows_the_band() -> Non
         make_trainer([monitor, ctrl], max_steps=4).fit(TinyMLP(optimizer="adam", lr=0.01), full_batch_loader(16))
     assert not [w for w in record if "no usable stability ratio" in str(w.message)]
     assert "band=(1.1, 1.5)" in repr(ctrl)
+
+
+class _MomentumInTheSecondGroup(TinyModel):
+    def configure_optimizers(self):  # noqa: D102
+        return RecordingSGD([{"params": [self.net.weight], "lr": 0.01},
+                             {"params": [self.net.bias], "lr": 0.01, "momentum": 0.9}], lr=0.01)
+
+
+@pytest.mark.parametrize("param_groups, expected", [([0], 16.0), (None, 4.0)])
+def test_auto_max_factor_looks_at_the_momentum_of_the_controlled_groups_only(param_groups, expected) -> None:
+    """Before: momentum in a group the controller leaves alone gave the controlled plain-SGD group the
+    momentum bound (4) instead of the batch sharpness's (16)."""
+    monitor = StubMonitor(lambda step: 10.0)
+    monitor.batch_sharpness = True  # the stub's readings carry no batch sharpness: only the resolution is tested
+    controller = InstabilityController(gauge="batch_sharpness", param_groups=param_groups, warmup_steps=0)
+    assert controller.max_factor == "auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(_MomentumInTheSecondGroup(), [monitor, controller], max_steps=2)
+    assert (controller.max_factor, controller.band_goal) == (expected, "cautious")

@@ -299,3 +299,47 @@ def test_float32_rounding_falls_back_to_float64_products_not_finite_differences(
     assert (state["settled_backend"], state["settled_dtype"], state["finite_difference"]) == ("autograd", "float64", False)
     ref = _plain_tanh_lambda_max(net)
     assert monitor.latest.eigenvalues[0] == pytest.approx(ref, rel=1e-5)
+
+
+class _TanhCancellingMore(_Tanh):
+    """:class:`_TanhCancellingSlope` with 10x its float32 rounding (1e6): the wide network below
+    averages more of it away."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        big = 1e6 if y.dtype == torch.float32 else 0.0
+        return grad * (((1 - y**2) + big) - big)
+
+
+class WideCancellingNet(Float32LossNet):
+    """3,603 parameters: the solver's float32 and float64 memory differ in the report's 0.1 MiB digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(5, 400), nn.Tanh(), nn.Linear(400, 3))
+
+    def compute_loss(self, batch):
+        h = _TanhCancellingMore.apply(self.net[0](batch[0]))
+        return F.cross_entropy(self.net[2](h), batch[1])
+
+
+def test_the_cold_cost_report_counts_the_settled_float64_vectors(monkeypatch):
+    """Before: the memory bound of the first measurement used settings.dtype (float32, 4 bytes) after
+    the check had settled on float64 products (8 bytes): half the memory the solver held."""
+    from lightning_rpe.callbacks import sharpness_monitor as sharpness_monitor_module
+    from lightning_rpe.curvature.eigen import working_vectors
+
+    said: list[str] = []
+    monkeypatch.setattr(sharpness_monitor_module, "rank_zero_info", lambda message, *a, **k: said.append(message))
+    monitor = SharpnessMonitor(every_n_steps=100, probe_size=32, lambda_min=False)
+    net = WideCancellingNet()
+    dim = sum(p.numel() for p in net.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([monitor], max_steps=1).fit(net, _float32_loader())
+    assert monitor.state_dict()["settled_dtype"] == "float64"
+    cold = [m for m in said if "first measurement (no warm start)" in m]
+    vectors = working_vectors(dim, 1, "largest", "lanczos")
+    assert len(cold) == 1 and f"({vectors * dim * 8 / 2**20:.1f} MiB)" in cold[0], cold

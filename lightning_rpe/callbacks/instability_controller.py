@@ -121,7 +121,8 @@ class InstabilityController(Callback):
         max_change: largest factor change per decision (> 1, default 1.5), except the rises of
             ``approach="jump"``.
         approach: ``"jump"`` (default): a rise whose projected ratio stays at or below the band's
-            lower edge (``target_ratio``) is taken in one decision, however large; ``"gradual"``:
+            lower edge (``target_ratio``) is taken in one decision, however large, unless the
+            scheduled lr rose since the previous reading (a warm-up); ``"gradual"``:
             every rise is bounded by ``max_change``. At fixed weights the ratio is proportional to the
             lr, so such a rise cannot by itself cross the band.
         max_factor: bound on the total factor, ``1 / max_factor <= f <= max_factor`` (a float >= 1,
@@ -315,7 +316,8 @@ class InstabilityController(Callback):
             )
         kinds = group_thresholds(optimizer)
         adam_family = any(g.preconditioned for g in kinds)
-        momentum = any(g.kind in ("heavy_ball", "nesterov") for g in kinds)
+        controlled = self.settings.controlled(n_groups)
+        momentum = any(g.kind in ("heavy_ball", "nesterov") for g in kinds if g.index in controlled)  # per group
         self._law = self.settings.for_optimizer(adam_family, momentum).for_run(_total_steps(trainer))
         if isinstance(self.settings.stop_step, float) and self._law.stop_step is None:
             rank_zero_warn(
