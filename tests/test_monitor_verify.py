@@ -343,3 +343,16 @@ def test_the_cold_cost_report_counts_the_settled_float64_vectors(monkeypatch):
     cold = [m for m in said if "first measurement (no warm start)" in m]
     vectors = working_vectors(dim, 1, "largest", "lanczos")
     assert len(cold) == 1 and f"({vectors * dim * 8 / 2**20:.1f} MiB)" in cold[0], cold
+
+
+def test_a_reused_monitor_warns_again_in_a_fresh_fit():
+    """A sweep loop reusing one monitor: the second run's failed check is said again, not swallowed by
+    the first run's warned-once set."""
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=32, lambda_min=False)
+    counts = []
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer([monitor], max_steps=2).fit(CancellingNet(), _float32_loader())
+        counts.append(sum("do not match" in str(w.message) for w in caught))
+    assert counts == [1, 1]

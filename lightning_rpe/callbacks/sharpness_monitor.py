@@ -340,6 +340,7 @@ class SharpnessMonitor(Callback):
         self._last_batch = None
         self._verified = self._finite_difference = self._unverified = False
         self._settled_backend = self._settled_dtype = None
+        self._warned = set()  # a fresh run says its warnings again (a reused monitor in a sweep loop)
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         strategy = trainer.strategy
