@@ -149,6 +149,10 @@ class MeasureSettings:
         seed: seed of the solver's private generator (combined with the step), >= 0.
         batch_sharpness: number of mini-batches of the training batch size the batch sharpness is
             averaged over (0: not measured).
+        cache_graphs: keep the probe batches' double-backward graphs for the whole measurement
+            (True), rebuild them for every product (False: one gradient more per product, no graph
+            held between products), or decide from the free memory (None, the default; see
+            :class:`~lightning_rpe.curvature.HessianOperator`).
         owner: class name used in error messages.
 
     Raises:
@@ -174,6 +178,7 @@ class MeasureSettings:
     criterion: Criterion = "auto"
     seed: int = 0
     batch_sharpness: int = 0
+    cache_graphs: bool | None = None
     owner: str = "SharpnessMonitor"
 
     def __post_init__(self) -> None:
@@ -197,6 +202,7 @@ class MeasureSettings:
         check_choice(o, "criterion", self.criterion, CRITERIA)
         check_int(o, "seed", self.seed, minimum=0)
         check_int(o, "batch_sharpness", self.batch_sharpness, minimum=0)
+        check_choice(o, "cache_graphs", self.cache_graphs, (None, True, False))
 
     def generator(self, step: int) -> torch.Generator:
         """The solver's private CPU generator for a measurement at ``step`` (reproducible, global RNG untouched)."""
@@ -604,6 +610,7 @@ def solve(
             backend="finite_difference" if finite_difference else (backend or settings.backend),
             batchnorm=settings.batchnorm, dropout=settings.dropout, reduce=reduce,
             copy_parameters=False,  # the parameters stand still during a measurement: no snapshot copy
+            cache_graphs=settings.cache_graphs,
         )
     for w in said:  # the engine's notes (e.g. auto picked finite differences) are warned once per run
         notes.append(("operator-" + str(w.message)[:40], str(w.message)))

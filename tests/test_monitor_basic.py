@@ -411,3 +411,29 @@ def test_the_cold_report_counts_float64_vectors_after_a_float64_settle(monkeypat
         monitor._settled_dtype = settled
         monitor._say_cold_cost(module, types.SimpleNamespace(n_hvp=10, seconds=0.1))  # type: ignore[arg-type]
         assert f"({vectors * dim * size / 2**20:.1f} MiB)" in said[0]
+
+
+def test_cache_graphs_option_reaches_the_operator_and_keeps_the_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cache_graphs=False rebuilds the graphs per product (the memory lever on a GPU): same numbers."""
+    from lightning_rpe import measure
+    from lightning_rpe.curvature import HessianOperator
+
+    made: list[HessianOperator] = []
+
+    class Recorded(HessianOperator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(measure, "HessianOperator", Recorded)
+    values = {}
+    for cache in (True, False):
+        made.clear()
+        pl.seed_everything(0, verbose=False)
+        monitor = SharpnessMonitor(every_n_steps=100, probe_size=16, tol=1e-6, cache_graphs=cache)
+        make_trainer([monitor], max_steps=1).fit(TinyMLP(), full_batch_loader(16))
+        assert made and all(op.cache_graphs is cache for op in made if op.backend == "autograd")
+        values[cache] = (monitor.latest.sharpness, monitor.latest.lambda_min)
+    assert values[False] == pytest.approx(values[True], rel=1e-5)
+    with pytest.raises(ValueError, match="SharpnessMonitor: cache_graphs must be one of None, True, False"):
+        SharpnessMonitor(cache_graphs="yes")  # type: ignore[arg-type]

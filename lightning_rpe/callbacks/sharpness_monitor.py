@@ -130,6 +130,10 @@ class SharpnessMonitor(Callback):
             mini-batches of the training batch size drawn from the probe set (``True``: 16
             mini-batches; an int: that many; ``False``: off). One gradient and one product per
             mini-batch. Logged as ``batch_sharpness``, ``batch_sharpness_se``, ``batch_sharpness_ratio``.
+        cache_graphs: keep the probe batches' double-backward graphs during a measurement
+            (``True``), rebuild them for every product (``False``: about one gradient more per
+            product, no graph held between products: the memory lever on a GPU, where the automatic
+            rule, ``None``, caches whenever a quarter of the free memory holds them).
 
     Raises:
         ValueError: at construction, naming the option and its accepted values.
@@ -168,6 +172,7 @@ class SharpnessMonitor(Callback):
         custom_scalars: bool = True,
         reference_step: int | None = 0,
         batch_sharpness: bool | int = False,
+        cache_graphs: bool | None = None,
     ) -> None:
         super().__init__()
         self.every_n_steps = check_int(_OWNER, "every_n_steps", every_n_steps, minimum=1, allow_none=True)
@@ -197,7 +202,8 @@ class SharpnessMonitor(Callback):
             top_k=top_k, lambda_min=lambda_min, trace=trace, trace_hvps=trace_hvps, tol=tol,
             lambda_min_tol=lambda_min_tol, max_hvp=max_hvp, solver=solver, dtype=dtype, batchnorm=batchnorm,
             dropout=dropout, backend=backend, verify=verify, preconditioned=preconditioned, grad_alignment=grad_alignment,
-            warm_start=warm_start, criterion=criterion, seed=seed, batch_sharpness=n_batch_sharpness, owner=_OWNER,
+            warm_start=warm_start, criterion=criterion, seed=seed, batch_sharpness=n_batch_sharpness,
+            cache_graphs=cache_graphs, owner=_OWNER,
         )
         self.probe_size = check_int(_OWNER, "probe_size", probe_size, minimum=1)
         self.probe_batch_size = check_int(_OWNER, "probe_batch_size", probe_batch_size, minimum=1, allow_none=True)
