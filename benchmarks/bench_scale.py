@@ -184,6 +184,8 @@ def part_train(cfg: dict[str, Any]) -> dict[str, Any]:
     monitor = recorder = None
     if cfg["top_k"] is not None:
         rule = {} if cfg.get("criterion") is None else {"criterion": cfg["criterion"]}  # None: the default
+        if cfg.get("cache_graphs") is not None:
+            rule["cache_graphs"] = cfg["cache_graphs"]
         monitor = SharpnessMonitor(every_n_steps=2, probe="fixed", probe_size=cfg["probe"], top_k=cfg["top_k"], **rule)
         recorder = _Recorder(monitor, probe)
         callbacks = [monitor, recorder]
@@ -388,15 +390,20 @@ def bench_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     base = {"workload": name, "quick": args.quick, "threads": args.threads, "probe": probe,
             "n_train": max(probe, 512), "steps": args.steps, "tol": 1e-3}
     out: dict[str, Any] = {"workload": name, "probe": probe}
-    runs: list[tuple[str, int | None, str | None]] = [("train", None, None), ("train+monitor", 1, None)]
+    runs: list[tuple[str, int | None, str | None, bool | None]] = [
+        ("train", None, None, None), ("train+monitor", 1, None, None)]
     if args.criterion_eigenvalue:
-        runs.append(("train+monitor eigenvalue rule", 1, "eigenvalue"))
+        runs.append(("train+monitor eigenvalue rule", 1, "eigenvalue", None))
     if args.top_k5:
-        runs.append(("train+monitor top_k=5", 5, None))
-    for label, top_k, criterion in runs:
-        r = run_part("train", dict(base, top_k=top_k, criterion=criterion), args.timeout)
+        runs.append(("train+monitor top_k=5", 5, None, None))
+    if args.no_cache_graphs:
+        runs.append(("train+monitor cache_graphs=False", 1, None, False))
+    for label, top_k, criterion, cache in runs:
+        r = run_part("train", dict(base, top_k=top_k, criterion=criterion, cache_graphs=cache), args.timeout)
         out[label] = r
         print(f"[{time.strftime('%H:%M:%S')}] {name} {label}: {_short(r)}", flush=True)
+    if args.train_only:
+        return out
     fd, state_path = tempfile.mkstemp(suffix=".pt")
     os.close(fd)
     base["state_path"] = state_path
@@ -426,7 +433,8 @@ def summarize(res: dict[str, Any]) -> list[list[str]]:
     n_params = base.get("n_params") or mon.get("n_params")
     label = f"{name} ({n_params:,} p, probe {res['probe']})" if n_params else name
     gib = 1024 ** 3
-    for key, goal in (("train+monitor", 1.5), ("train+monitor eigenvalue rule", 1.5), ("train+monitor top_k=5", 2.0)):
+    for key, goal in (("train+monitor", 1.5), ("train+monitor eigenvalue rule", 1.5), ("train+monitor top_k=5", 2.0),
+                      ("train+monitor cache_graphs=False", 1.5)):
         r = res.get(key)
         if not r or "error" in r or "error" in base:
             if r is not None:
@@ -494,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
                               "(SharpnessMonitor(criterion='eigenvalue'))"))
     parser.add_argument("--small-basis", action="store_true",
                         help="also lambda_max with eigenpairs(max_basis=4) (PyHessian-like memory)")
+    parser.add_argument("--no-cache-graphs", action="store_true", dest="no_cache_graphs",
+                        help="also a monitor run with SharpnessMonitor(cache_graphs=False)")
+    parser.add_argument("--train-only", action="store_true", dest="train_only",
+                        help="only the training runs (no lambda_max against PyHessian)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3000.0, help="seconds per subprocess")
     parser.add_argument("--json", default=None)
