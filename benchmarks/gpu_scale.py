@@ -23,9 +23,15 @@ parts one after the other, each guarded so that a failure is reported and the ne
   bf16 model): the same numbers as above. Then a short run with SDPA attention, reporting whether its
   measurements succeed (double backward through fused attention kernels) or what the monitor said.
 
+Two parts run only when named in ``--parts``: ``gpt2_monitor_nocache`` (the GPT-2 run with
+``SharpnessMonitor(cache_graphs=False)``: the memory lever) and ``mlp_warm_profile`` (``torch.profiler``
+over one warm measurement of the MLP, with the solve and the tracker update timed apart: where the
+host-side time of a warm measurement goes).
+
 Run::
 
     python benchmarks/gpu_scale.py --json gpu_scale.json            # on a CUDA machine
+    python benchmarks/gpu_scale.py --parts gpt2_train,gpt2_monitor_nocache,mlp_warm_profile --json next.json
     python benchmarks/gpu_scale.py --quick --json /tmp/quick.json   # tiny sizes, CPU or GPU: a smoke run
 """
 
@@ -217,6 +223,50 @@ def lambda_max_versus_pyhessian(name: str, quick: bool) -> dict[str, Any]:
     return out
 
 
+def warm_profile(quick: bool) -> dict[str, Any]:
+    """Where one warm measurement of the MLP spends its time: ``torch.profiler`` (CPU and CUDA) over
+    the third measurement of a monitored run; the top operators by self CPU time and the monitor's
+    own phases (solve, tracker update) by wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lightning_rpe.geometry import EigenvectorTracker
+    from lightning_rpe.measure import MeasureSettings, solve
+
+    _fresh()
+    torch.manual_seed(0)
+    probe_size = 64 if quick else 1000
+    model = make_model("mlp", quick).to(DEVICE)
+    x, y = synthetic_cifar(max(probe_size, 512))
+    batches = [(x[i : i + 256].to(DEVICE), y[i : i + 256].to(DEVICE)) for i in range(0, probe_size, 256)]
+
+    def loss_fn(m: nn.Module, b: Any) -> Tensor:
+        return F.cross_entropy(m(b[0]), b[1])
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker, settings, phases = EigenvectorTracker(), MeasureSettings(), []
+    for k in range(3):
+        for b in batches[:2]:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, b).backward()
+            opt.step()
+        prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) if k == 2 else None
+        if prof is not None:
+            prof.__enter__()
+        _sync()
+        t0 = time.perf_counter()
+        res = solve(model, loss_fn, batches, settings, step=k, warm=tracker, check=k == 0)
+        _sync()
+        t1 = time.perf_counter()
+        tracker.update(k, res.top_vectors, res.min_vector, k=1, gaps=res.gaps)
+        t2 = time.perf_counter()
+        if prof is not None:
+            prof.__exit__(None, None, None)
+        phases.append({"n_hvp": res.n_hvp, "solve_seconds": t1 - t0, "tracker_seconds": t2 - t1})
+    assert prof is not None
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    return {"phases": phases, "profile_top": table}
+
+
 class CausalLM(pl.LightningModule):
     """A Hugging Face causal LM trained on random tokens; ``compute_loss`` is what the monitor measures."""
 
@@ -235,7 +285,7 @@ class CausalLM(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def gpt2_run(quick: bool, attn: str, steps: int, monitor_on: bool) -> dict[str, Any]:
+def gpt2_run(quick: bool, attn: str, steps: int, monitor_on: bool, cache_graphs: bool | None = None) -> dict[str, Any]:
     """GPT-2-small-sized causal LM in bf16 weights, float32 products; peak CUDA memory and costs."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -255,7 +305,7 @@ def gpt2_run(quick: bool, attn: str, steps: int, monitor_on: bool) -> dict[str, 
     callbacks: list[Any] = []
     monitor = recorder = None
     if monitor_on:
-        monitor = SharpnessMonitor(every_n_steps=4, probe="fixed", probe_size=probe)
+        monitor = SharpnessMonitor(every_n_steps=4, probe="fixed", probe_size=probe, cache_graphs=cache_graphs)
         pid = ids[:probe].to(DEVICE)
         recorder = Recorder(monitor, lambda m: m.compute_loss((pid,)))
         callbacks = [monitor, recorder]
@@ -315,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         guarded(f"{name}_top5", lambda n=name: vision_run(n, q, steps, 5), results, deadline, parts)
         guarded(f"{name}_pyhessian", lambda n=name: lambda_max_versus_pyhessian(n, q), results, deadline, parts)
     guarded("gpt2_sdpa_monitor", lambda: gpt2_run(q, "sdpa", 4, True), results, deadline, parts)
+    # not in the default run (name them in --parts): the memory lever and where a warm measurement's time goes
+    if parts is not None:
+        guarded("gpt2_monitor_nocache", lambda: gpt2_run(q, "eager", 12, True, cache_graphs=False), results, deadline,
+                parts)
+        guarded("mlp_warm_profile", lambda: warm_profile(q), results, deadline, parts)
     for name in ("mlp", "resnet", "gpt2"):
         base, mon = results.get(f"{name}_train", {}), results.get(f"{name}_monitor", {})
         if base.get("peak_bytes") and mon.get("peak_bytes"):
