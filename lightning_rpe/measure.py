@@ -432,6 +432,8 @@ def _verify_message(verdict: str, reason: str | None, suspects: Sequence[str], b
     if verdict == "failed":
         what = ("With backend='auto' this run uses the finite-difference backend from now on (2 gradients per "
                 "product); with an explicit backend every measurement is flagged rpe/unverified.")
+    elif reason is not None and "the loss comes back in" in reason:
+        what = "The products stay on the AD path at that precision; measurements are flagged rpe/unverified."
     else:
         what = ("The loss is not smooth here (ReLU / max-pooling kinks): finite differences cannot check the "
                 "products, which stay on the AD path; measurements are flagged rpe/unverified.")

@@ -201,3 +201,15 @@ def test_a_wrong_product_of_a_float32_loss_still_fails():
     op = HessianOperator(Net(), lambda m, b: F.mse_loss(m(b[0]).float(), b[1].float()), batches, dtype=torch.float64)
     result = verify_operator(op, generator=_gen())
     assert result.verdict == "failed" and result.loss_dtype == torch.float32 and result.rel_error > 10 * result.tolerance
+
+
+def test_a_16_bit_loss_is_inconclusive_not_failed():
+    """A loss that comes back in bfloat16 (an autocast or cast inside the model) carries 4e-3 rounding:
+    finite differences cannot check its products and no backend is more precise, so the verdict is
+    'inconclusive' (keep the AD path, flag) rather than 'failed' (which would switch to finite
+    differences of a bfloat16 loss: noise)."""
+    op = HessianOperator(mlp(), lambda m, b: F.cross_entropy(m(b[0]).to(torch.bfloat16), b[1].argmax(dim=1)),
+                         regression_batches(), dtype=torch.float32)
+    result = verify_operator(op, generator=_gen())
+    assert result.verdict == "inconclusive" and not result.passed and result.loss_dtype == torch.bfloat16
+    assert "comes back in bfloat16" in result.reason and result.n_gradients == 0

@@ -356,3 +356,18 @@ def test_a_reused_monitor_warns_again_in_a_fresh_fit():
             make_trainer([monitor], max_steps=2).fit(CancellingNet(), _float32_loader())
         counts.append(sum("do not match" in str(w.message) for w in caught))
     assert counts == [1, 1]
+
+
+class Bfloat16LossNet(Float32LossNet):
+    def compute_loss(self, batch):
+        return F.cross_entropy(self.net(batch[0]).to(torch.bfloat16), batch[1])
+
+
+def test_a_bfloat16_loss_keeps_the_ad_products_flagged_not_finite_differences():
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=32, lambda_min=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([monitor], max_steps=2).fit(Bfloat16LossNet(), _float32_loader())
+    said = [str(w.message) for w in caught if "do not match" in str(w.message)]
+    assert len(said) == 1 and "comes back in bfloat16" in said[0] and "stay on the AD path" in said[0]
+    assert monitor.latest is not None and monitor.latest.backend == "autograd" and monitor.latest.unverified

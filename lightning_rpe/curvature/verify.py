@@ -76,8 +76,9 @@ class Verification:
         verdict: ``"passed"`` (``rel_error <= tolerance`` when measured and ``asymmetry <=
             tolerance``, both finite, no product raised); ``"failed"`` (the operator is wrong:
             switch to the finite-difference backend); ``"inconclusive"`` (the gradient jumps at
-            this point, e.g. at ReLU / max-pooling kinks: finite differences can check nothing
-            and are not reliable as a backend; keep the AD path and flag the measurement).
+            this point, e.g. at ReLU / max-pooling kinks, or the loss comes back in a 16-bit dtype:
+            finite differences can check nothing and are not reliable as a backend; keep the AD
+            path and flag the measurement).
         rel_error: ``||H v - H_fd v|| / ||H_fd v||`` against the finite-difference reference;
             None when the operator is itself a float64 finite-difference operator (no
             independent reference) or a product failed.
@@ -172,7 +173,13 @@ def verify_operator(
     n_gradients = 0
     tolerance = _tolerance(operator.dtype, torch.float64, tol, backend)
     verdict, reason = "passed", None
-    if not math.isfinite(asymmetry):
+    if loss_dtype is not None and torch.finfo(loss_dtype).eps > torch.finfo(torch.float32).eps:
+        # a 16-bit loss (e.g. an autocast inside the model's forward): its rounding (4e-3 in bfloat16)
+        # is above any finite-difference step's reach, and no other backend is more precise
+        verdict = "inconclusive"
+        reason = (f"the loss comes back in {str(loss_dtype).removeprefix('torch.')} whatever the products' dtype, so "
+                  "the products carry its precision and finite differences cannot check them")
+    elif not math.isfinite(asymmetry):
         verdict, reason = "failed", "a product is not finite"
     elif asymmetry > tolerance:
         verdict = "failed"
