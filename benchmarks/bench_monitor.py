@@ -87,11 +87,18 @@ def make_data(n_train: int) -> Any:
 
 class _Recorder:
     """Collects every new ``monitor.latest`` and, right after it, times one gradient of the mean
-    loss over the probe samples (median of 3), so each measurement has a paired gradient time.
+    loss over the probe samples (median of 3), so each measurement has a paired gradient time
+    (``pl_module.compute_loss(probe)``; CUDA is synchronised around it when the probe lives there).
     The recorder's own time is reported so that it can be subtracted from the run's wall time."""
 
-    def __new__(cls, monitor: Any, probe: tuple[torch.Tensor, torch.Tensor]) -> Any:
+    def __new__(cls, monitor: Any, probe: tuple[Any, ...]) -> Any:
         import lightning.pytorch as pl
+
+        cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in probe)
+
+        def sync() -> None:
+            if cuda:
+                torch.cuda.synchronize()
 
         class Recorder(pl.Callback):
             def __init__(self) -> None:
@@ -110,8 +117,10 @@ class _Recorder:
                 times = []
                 with torch.enable_grad():
                     for _ in range(3):
+                        sync()
                         t0 = time.perf_counter()
                         torch.autograd.grad(pl_module.compute_loss(probe), params)
+                        sync()
                         times.append(time.perf_counter() - t0)
                 self.grad_times.append(statistics.median(times))
                 self.own_seconds += time.perf_counter() - start

@@ -51,6 +51,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from bench_monitor import _Recorder
 from bench_scale import _lightning_module, count_parameters, count_pyhessian_products, make_model, synthetic_cifar
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -82,33 +83,6 @@ def _allocated() -> int | None:
     return int(torch.cuda.memory_allocated()) if CUDA else None
 
 
-class Recorder(pl.Callback):
-    """Each new ``monitor.latest`` and, right after it, one timed gradient of the probe loss (median of 3)."""
-
-    def __init__(self, monitor: SharpnessMonitor, probe_loss: Callable[[nn.Module], Tensor]) -> None:
-        self.monitor, self.probe_loss = monitor, probe_loss
-        self.rows: list[dict[str, Any]] = []
-        self._last: Any = None
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        m = self.monitor.latest
-        if m is None or m is self._last:
-            return
-        self._last = m
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        times = []
-        with torch.enable_grad():
-            for _ in range(3):
-                _sync()
-                t0 = time.perf_counter()
-                torch.autograd.grad(self.probe_loss(pl_module), params)
-                _sync()
-                times.append(time.perf_counter() - t0)
-        grad = statistics.median(times)
-        self.rows.append({"step": m.step, "n_hvp": m.n_hvp, "seconds": m.seconds, "grad_seconds": grad,
-                          "grad_eq": m.seconds / grad, "lambda_max": m.eigenvalues[0], "lambda_min": m.lambda_min})
-
-
 def _fit(module: pl.LightningModule, loader: DataLoader, steps: int, callbacks: list[Any]) -> float:
     trainer = pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="gpu" if CUDA else "cpu", devices=1,
                          callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -120,9 +94,16 @@ def _fit(module: pl.LightningModule, loader: DataLoader, steps: int, callbacks: 
     return time.perf_counter() - t0
 
 
-def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(monitor: SharpnessMonitor, recorder: Any) -> dict[str, Any]:
+    """The monitor's measurements of a run (``bench_monitor._Recorder``): all rows, the cold one, the
+    medians of the warm ones, each with its time in gradient-equivalents."""
+    rows = [{"step": m.step, "n_hvp": m.n_hvp, "seconds": m.seconds, "grad_seconds": g, "grad_eq": m.seconds / g,
+             "lambda_max": m.eigenvalues[0], "lambda_min": m.lambda_min}
+            for m, g in zip(recorder.measurements, recorder.grad_times)]
     warm = rows[1:]
     return {
+        "n_skipped": monitor.n_skipped,
+        "backend": None if monitor.latest is None else monitor.latest.backend,
         "measurements": rows,
         "cold_n_hvp": rows[0]["n_hvp"] if rows else None,
         "cold_seconds": rows[0]["seconds"] if rows else None,
@@ -147,7 +128,7 @@ def vision_run(name: str, quick: bool, steps: int, top_k: int | None) -> dict[st
     if top_k is not None:
         monitor = SharpnessMonitor(every_n_steps=2, probe="fixed", probe_size=probe_size, top_k=top_k)
         px, py = x[:probe_size].to(DEVICE), y[:probe_size].to(DEVICE)
-        recorder = Recorder(monitor, lambda m: F.cross_entropy(m(px), py))
+        recorder = _Recorder(monitor, (px, py))
         callbacks = [monitor, recorder]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -155,8 +136,7 @@ def vision_run(name: str, quick: bool, steps: int, top_k: int | None) -> dict[st
     out: dict[str, Any] = {"workload": name, "warnings": _monitor_warnings(caught), "top_k": top_k, "n_params": count_parameters(model), "steps": steps,
                            "wall": wall, "peak_bytes": _peak()}
     if monitor is not None and recorder is not None:
-        out.update(_summary(recorder.rows), n_skipped=monitor.n_skipped,
-                   backend=None if monitor.latest is None else monitor.latest.backend)
+        out.update(_summary(monitor, recorder))
     return out
 
 
@@ -307,7 +287,7 @@ def gpt2_run(quick: bool, attn: str, steps: int, monitor_on: bool, cache_graphs:
     if monitor_on:
         monitor = SharpnessMonitor(every_n_steps=4, probe="fixed", probe_size=probe, cache_graphs=cache_graphs)
         pid = ids[:probe].to(DEVICE)
-        recorder = Recorder(monitor, lambda m: m.compute_loss((pid,)))
+        recorder = _Recorder(monitor, (pid,))
         callbacks = [monitor, recorder]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -316,8 +296,7 @@ def gpt2_run(quick: bool, attn: str, steps: int, monitor_on: bool, cache_graphs:
                            "dtype": str(next(net.parameters()).dtype), "wall": wall, "peak_bytes": _peak(),
                            "warnings": _monitor_warnings(caught)}
     if monitor is not None and recorder is not None:
-        out.update(_summary(recorder.rows), n_skipped=monitor.n_skipped,
-                   backend=None if monitor.latest is None else monitor.latest.backend)
+        out.update(_summary(monitor, recorder))
     return out
 
 
@@ -371,12 +350,11 @@ def main(argv: list[str] | None = None) -> int:
                 parts)
         guarded("mlp_warm_profile", lambda: warm_profile(q), results, deadline, parts)
     for name in ("mlp", "resnet", "gpt2"):
-        base, mon = results.get(f"{name}_train", {}), results.get(f"{name}_monitor", {})
-        if base.get("peak_bytes") and mon.get("peak_bytes"):
-            results[f"{name}_peak_ratio"] = mon["peak_bytes"] / base["peak_bytes"]
-        top5 = results.get(f"{name}_top5", {})
-        if base.get("peak_bytes") and top5.get("peak_bytes"):
-            results[f"{name}_top5_peak_ratio"] = top5["peak_bytes"] / base["peak_bytes"]
+        base = results.get(f"{name}_train", {}).get("peak_bytes")
+        for run, key in (("monitor", "peak_ratio"), ("top5", "top5_peak_ratio"), ("monitor_nocache", "nocache_peak_ratio")):
+            peak = results.get(f"{name}_{run}", {}).get("peak_bytes")
+            if base and peak:
+                results[f"{name}_{key}"] = peak / base
     print("== ratios:", {k: round(v, 3) for k, v in results.items() if k.endswith("_ratio")}, flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -23,7 +23,7 @@ followed by ``1 / max_factor <= f <= max_factor`` and ``min_lr <= s_i f <= max_l
 wins). ``goal`` is ``target_ratio``; in band mode there is no change while
 ``low <= rho f <= high``, else the band's geometric centre (``band_goal="center"``), the crossed
 edge (``"edge"``), or the lower edge from below and the centre from above (``"cautious"``). With
-``approach="jump"`` the upper clamp ``max_change`` is lifted to ``min(goal, low) / (rho f)`` when
+``approach="jump"`` the upper clamp ``max_change`` is lifted to ``low / (rho f)`` when
 that is larger: a rise that puts the ratio at or below the lower edge (``target_ratio``) is taken
 in one decision. At fixed weights the ratio is proportional to the lr, so such a rise cannot by
 itself cross the band; bounding it would only spend measurements on the way up (five at 1.5 per
@@ -514,9 +514,9 @@ def decide(
         rise = settings.max_change
         floor = settings.low_goal
         if settings.approach == "jump" and floor is not None and not rising:
-            # the projected ratio stays at or below the lower edge; not while the schedule rises (a
-            # warm-up would carry a jump past the band before the next reading)
-            rise = max(rise, min(goal, floor) / current)
+            # the projected ratio stays at or below the lower edge (every rising goal is at or above it);
+            # not while the schedule rises (a warm-up would carry a jump past the band before the next reading)
+            rise = max(rise, floor / current)
         proposed = f * min(max(goal / current, 1.0 / settings.max_change), rise)
     if step < state.hold_until:
         proposed = min(proposed, f)  # after a rollback: may fall, may not rise

@@ -33,6 +33,7 @@ from lightning_rpe.curvature import (
     verify_operator,
 )
 from lightning_rpe.curvature.eigen import working_vectors
+from lightning_rpe.curvature.hessian import coarser
 from lightning_rpe.curvature.sharded import ShardedHessianOperator, sharded_eigenpairs
 from lightning_rpe.curvature.trace import trace as trace_estimate
 from lightning_rpe.geometry import Rotation, gradient_alignment
@@ -250,10 +251,10 @@ class Solve:
         verification: the verdict of this solve's product check (``"passed"``, ``"failed"``,
             ``"inconclusive"``), or None when none was made.
         verify_error: relative error of the checked product against finite differences, or None.
-        switched: the check failed and the solve fell back to another backend: ``switched_to``
-            (``"autograd"`` when the ``torch.func`` products failed and double backward passed, or
-            when float32 products failed and float64 ones passed: ``switched_dtype="float64"``,
-            else ``"finite_difference"``).
+        switched_to: the backend the solve fell back to after a failed check (None: no switch):
+            ``"autograd"`` when the ``torch.func`` products failed and double backward passed, or
+            when float32 products failed and float64 ones passed (``switched_dtype="float64"``),
+            else ``"finite_difference"``.
         clip_fractions, clip_levels: per param group of a ClippedAdam, the fraction of coordinates
             whose denominator the clip replaced at the last step and the level used (NaN while a
             relative clip warms up); empty for other optimizers.
@@ -289,7 +290,6 @@ class Solve:
     backend: str = "autograd"
     verification: str | None = None
     verify_error: float | None = None
-    switched: bool = False
     switched_to: str | None = None
     switched_dtype: str | None = None
     clip_fractions: tuple[float, ...] = ()
@@ -409,36 +409,77 @@ class Measurement:
         return cls(**kwargs)
 
 
-def _check(op: HessianOperator) -> tuple[str, float | None, int, tuple[str, str] | None]:
-    """Verify ``op``: (verdict, relative error, product-equivalents of the reference, note or None)."""
+@dataclass(frozen=True)
+class _Checked:
+    """One product check: its verdict, relative error, product-equivalents of the reference, the note to
+    warn (key, message) or None, and the reason and known causes the note was written from.
+    """
+
+    verdict: str
+    error: float | None
+    extra: int
+    note: tuple[str, str] | None
+    reason: str | None
+    suspects: tuple[str, ...]
+
+
+def _check(op: HessianOperator) -> _Checked:
+    """Verify ``op`` (:func:`~lightning_rpe.curvature.verify_operator`)."""
     try:
         v = verify_operator(op)
     except LossFunctionError:
         raise
     except Exception as exc:  # e.g. no double backward at all (a compiled model)
         reason = f"{type(exc).__name__}: {str(exc)[:200]}"
-        return "failed", None, 0, ("verify-failed", _verify_message("failed", reason, known_causes(op.model), op.backend))
+        suspects = tuple(known_causes(op.model))
+        return _Checked("failed", None, 0, ("verify-failed", _verify_message("failed", reason, suspects, op.backend)),
+                        reason, suspects)
     extra = math.ceil(v.n_gradients / 2)  # a product costs about two gradients
-    note = None if v.passed else ("verify-" + v.verdict, _verify_message(v.verdict, v.reason, v.suspects, v.backend))
-    if note is None and v.loss_dtype is not None and torch.finfo(v.loss_dtype).eps > torch.finfo(op.dtype).eps:
+    note = None
+    if not v.passed:
+        sixteen_bit = v.loss_dtype is not None and coarser(v.loss_dtype, torch.float32)
+        what = _LOW_PRECISION_WHAT if v.verdict == "inconclusive" and sixteen_bit else None
+        note = ("verify-" + v.verdict, _verify_message(v.verdict, v.reason, v.suspects, v.backend, what))
+    elif v.loss_dtype is not None and coarser(v.loss_dtype, op.dtype):
         note = ("loss-dtype", f"dtype={str(op.dtype).removeprefix('torch.')!r} was asked for, but the loss comes back in "
                 f"{str(v.loss_dtype).removeprefix('torch.')} (the model computes it in that precision, as Hugging Face "
                 "models do): the products carry its precision, not the requested one")
-    return v.verdict, v.rel_error, extra, note
+    return _Checked(v.verdict, v.rel_error, extra, note, v.reason, tuple(v.suspects))
 
 
-def _verify_message(verdict: str, reason: str | None, suspects: Sequence[str], backend: str) -> str:
+_FINITE_DIFFERENCE_WHAT = ("With backend='auto' this run uses the finite-difference backend from now on (2 gradients "
+                           "per product); with an explicit backend every measurement is flagged rpe/unverified.")
+_KINK_WHAT = ("The loss is not smooth here (ReLU / max-pooling kinks): finite differences cannot check the products, "
+              "which stay on the AD path; measurements are flagged rpe/unverified.")
+_LOW_PRECISION_WHAT = "The products stay on the AD path at that precision; measurements are flagged rpe/unverified."
+
+
+def _verify_message(verdict: str, reason: str | None, suspects: Sequence[str], backend: str,
+                    what: str | None = None) -> str:
+    """The warning of a check that did not pass; ``what`` says what the run does about it (default: by verdict)."""
     causes = f" Known causes found in the model: {', '.join(suspects)}." if suspects else ""
-    if verdict == "failed":
-        what = ("With backend='auto' this run uses the finite-difference backend from now on (2 gradients per "
-                "product); with an explicit backend every measurement is flagged rpe/unverified.")
-    elif reason is not None and "the loss comes back in" in reason:
-        what = "The products stay on the AD path at that precision; measurements are flagged rpe/unverified."
-    else:
-        what = ("The loss is not smooth here (ReLU / max-pooling kinks): finite differences cannot check the "
-                "products, which stay on the AD path; measurements are flagged rpe/unverified.")
+    if what is None:
+        what = _FINITE_DIFFERENCE_WHAT if verdict == "failed" else _KINK_WHAT
     return (f"the Hessian-vector products ({backend}) do not match float64 finite differences of gradients "
             f"({verdict}: {reason}).{causes} {what}")
+
+
+def _alternatives(op: HessianOperator) -> list[tuple[HessianOperator, str]]:
+    """The operators a failed check of ``op`` tries before finite differences, with what the warning says
+    when one passes: double backward after ``torch.func`` (seen failing: a ResNet with BatchNorm on a
+    GPU, 2e-3 off), then double backward in float64 after float32 (right formulas, float32 rounding:
+    BatchNorm with batch statistics on a GPU, 2e-3 off in float32, 4e-8 in float64).
+    """
+    out = []
+    if op.backend == "func":
+        out.append((op.with_backend("autograd"),
+                    "The double-backward products (autograd) passed the same check: this run uses them from now on."))
+    if op.dtype == torch.float32:
+        out.append((op.with_backend("autograd", dtype=torch.float64),
+                    "The same double-backward products pass the check in float64 (float32 rounding, e.g. BatchNorm "
+                    "with batch statistics on a GPU): this run computes its products in float64 from now on (twice "
+                    "the memory per vector)."))
+    return out
 
 
 def _clip_statistics(optimizer: torch.optim.Optimizer | None) -> dict[str, tuple[float, ...]]:
@@ -570,7 +611,6 @@ def solve(
     reduce: Callable[[Tensor], Tensor] | None = None,
     batch_size: int | None = None,
     check: bool = False,
-    finite_difference: bool = False,
     backend: str | None = None,
     dtype: str | None = None,
 ) -> Solve:
@@ -593,10 +633,10 @@ def solve(
             union of the processes' draws, as the SGD step is). None: not measured.
         check: verify one product against finite differences first (every process must pass the
             same value: the check's products are collective); on failure with ``backend="auto"``
-            the solve switches to the finite-difference backend.
-        finite_difference: use the finite-difference backend (a run whose check failed before).
-        backend: the product path an earlier check of this run settled on (``Solve.switched_to``),
-            used instead of ``settings.backend``; None: ``settings.backend``.
+            the solve switches to the first of double backward, float64 double backward
+            (:func:`_alternatives`) and finite differences that passes (``Solve.switched_to``).
+        backend: the product path an earlier check of this run settled on (``Solve.switched_to``,
+            e.g. ``"finite_difference"``), used instead of ``settings.backend``; None: ``settings.backend``.
         dtype: the product dtype an earlier check settled on (``Solve.switched_dtype``), used
             instead of ``settings.dtype``; None: ``settings.dtype``.
 
@@ -609,14 +649,14 @@ def solve(
         warnings.simplefilter("always")
         op = HessianOperator(
             model, checked_loss(loss_fn), batches, dtype=DTYPES[dtype or settings.dtype],
-            backend="finite_difference" if finite_difference else (backend or settings.backend),
+            backend=backend or settings.backend,
             batchnorm=settings.batchnorm, dropout=settings.dropout, reduce=reduce,
             copy_parameters=False,  # the parameters stand still during a measurement: no snapshot copy
             cache_graphs=settings.cache_graphs,
         )
     for w in said:  # the engine's notes (e.g. auto picked finite differences) are warned once per run
         notes.append(("operator-" + str(w.message)[:40], str(w.message)))
-    verdict, verify_error, switched, switched_to, switched_dtype, extra = None, None, False, None, None, 0
+    verdict, verify_error, switched_to, switched_dtype, extra = None, None, None, None, 0
     which = "both" if settings.lambda_min else "largest"
     room = op.dim - 1 if which == "both" else op.dim
     k = min(settings.top_k, room)
@@ -627,43 +667,26 @@ def solve(
     # the solver's working vectors, declared before the first graph is built (its cache decision)
     op.reserve(working_vectors(op.dim, k, which, settings.solver, init, None))
     if check and op.backend != "finite_difference":
-        verdict, verify_error, extra, note = _check(op)
-        if verdict == "failed" and settings.backend == "auto" and op.backend == "func":
-            # the torch.func products failed (seen: a ResNet with BatchNorm on a GPU, 2e-3 off): try
-            # double backward before finite differences
-            alt = op.with_backend("autograd")
-            alt_verdict, alt_error, alt_extra, _ = _check(alt)
-            extra += alt_extra
-            if alt_verdict == "passed":
-                extra += op.n_hvp  # the func products of the first check
-                assert note is not None
-                notes.append(("verify-failed", note[1].split(" With backend='auto'")[0] + (
-                    " The double-backward products (autograd) passed the same check: this run uses them from now on.")))
-                op, verdict, verify_error, switched, switched_to, note = alt, alt_verdict, alt_error, True, "autograd", None
-            else:
-                extra += alt.n_hvp
-        if verdict == "failed" and settings.backend == "auto" and op.dtype == torch.float32:
-            # right formulas, float32 rounding (seen: BatchNorm with batch statistics on a GPU, 2e-3 off
-            # in float32, 4e-8 in float64): float64 products before finite differences
-            alt = op.with_backend("autograd", dtype=torch.float64)
-            alt_verdict, alt_error, alt_extra, _ = _check(alt)
-            extra += alt_extra
-            if alt_verdict == "passed":
-                extra += op.n_hvp
-                assert note is not None
-                notes.append(("verify-failed", note[1].split(" With backend='auto'")[0] + (
-                    " The same double-backward products pass the check in float64 (float32 rounding, e.g. BatchNorm "
-                    "with batch statistics on a GPU): this run computes its products in float64 from now on (twice "
-                    "the memory per vector).")))
-                op, verdict, verify_error, switched, note = alt, alt_verdict, alt_error, True, None
-                switched_to, switched_dtype = "autograd", "float64"
-            else:
-                extra += alt.n_hvp
+        first = _check(op)
+        verdict, verify_error, extra, note = first.verdict, first.error, first.extra, first.note
+        if verdict == "failed" and settings.backend == "auto":
+            for alt, what in _alternatives(op):
+                checked = _check(alt)
+                extra += checked.extra
+                if checked.verdict != "passed":
+                    extra += alt.n_hvp  # the products of its check
+                    continue
+                extra += op.n_hvp  # the products of the first check
+                note = ("verify-failed", _verify_message("failed", first.reason, first.suspects, op.backend, what))
+                switched_to = "autograd"
+                switched_dtype = "float64" if alt.dtype != op.dtype else None
+                op, verdict, verify_error = alt, checked.verdict, checked.error
+                break
         if note is not None:
             notes.append(note)
         if verdict == "failed" and settings.backend == "auto":
             extra += op.n_hvp  # the products of the check, spent before the switch
-            op, switched, switched_to = op.with_backend("finite_difference"), True, "finite_difference"
+            op, switched_to = op.with_backend("finite_difference"), "finite_difference"
     loss, grad = None, None
     if settings.grad_alignment:
         try:
@@ -768,8 +791,7 @@ def solve(
         lambda_min_residual=float(res.residuals[k]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
         min_vector=None if min_vec is None else min_vec.cpu(),
         preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
-        backend=op.backend, verification=verdict, verify_error=verify_error, switched=switched,
-        switched_to=switched_to, switched_dtype=switched_dtype, crossed=crossed,
+        backend=op.backend, verification=verdict, verify_error=verify_error, switched_to=switched_to, switched_dtype=switched_dtype, crossed=crossed,
         gaps=main_gaps, preconditioned_gap=pre_gap,
         **{**_clip_statistics(optimizer), **bs},
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import types
 import warnings
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lit_models import ABModel, TinyMLP, ab_loader, full_batch_loader, make_dataset, make_loader, make_trainer
-from torch import nn
 
 from lightning_rpe import Measurement, SharpnessMonitor
 from lightning_rpe.callbacks import sharpness_monitor as sharpness_monitor_module
@@ -396,21 +394,6 @@ def test_the_cold_measurement_reports_its_cost_and_memory_bound(monkeypatch: pyt
     vectors = working_vectors(dim, 1, "both", "lanczos")
     assert len(said) == 1 and f"at most {vectors} parameter-sized vectors" in said[0]
     assert f"({vectors * dim * 4 / 2**20:.1f} MiB)" in said[0]
-
-
-def test_the_cold_report_counts_float64_vectors_after_a_float64_settle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a failed float32 check settled the run on float64 products, the memory bound is in float64 bytes."""
-    said: list[str] = []
-    monkeypatch.setattr(sharpness_monitor_module, "rank_zero_info", lambda message, *a, **k: said.append(message))
-    module = nn.Linear(400, 400)  # 160,400 parameters: float32 and float64 bounds differ at 0.1 MiB
-    dim = sum(p.numel() for p in module.parameters())
-    vectors = working_vectors(dim, 1, "both", "lanczos")
-    monitor = SharpnessMonitor()
-    for settled, size in ((None, 4), ("float64", 8)):
-        said.clear()
-        monitor._settled_dtype = settled
-        monitor._say_cold_cost(module, types.SimpleNamespace(n_hvp=10, seconds=0.1))  # type: ignore[arg-type]
-        assert f"({vectors * dim * size / 2**20:.1f} MiB)" in said[0]
 
 
 def test_cache_graphs_option_reaches_the_operator_and_keeps_the_values(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -239,9 +239,18 @@ def _plain_tanh_lambda_max(net: Float32LossNet) -> float:
     return eigenpairs(HessianOperator(net.net, plain, [(x, y)], dtype=torch.float64), k=1, tol=1e-10).lambda_max
 
 
-class WrongTangentNet(Float32LossNet):
+class ActivationNet(Float32LossNet):
+    """:class:`Float32LossNet` (the same initial weights at ``width=8``) whose hidden tanh is the custom
+    Function ``activation``."""
+
+    def __init__(self, activation: type[torch.autograd.Function], width: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(5, width), nn.Tanh(), nn.Linear(width, 3))
+        self.activation = activation
+
     def compute_loss(self, batch):
-        h = _TanhWrongTangent.apply(self.net[0](batch[0]))
+        h = self.activation.apply(self.net[0](batch[0]))
         return F.cross_entropy(self.net[2](h), batch[1])
 
 
@@ -252,7 +261,7 @@ def test_failed_func_products_fall_back_to_double_backward_before_finite_differe
 
     monkeypatch.setattr(hessian, "_auto_backend", lambda model, device: "func")
     monitor = SharpnessMonitor(every_n_steps=1, probe_size=32, lambda_min=False, dtype="float64")
-    net = WrongTangentNet()
+    net = ActivationNet(_TanhWrongTangent)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer([monitor], max_steps=3).fit(net, _float32_loader())
@@ -267,27 +276,28 @@ def test_failed_func_products_fall_back_to_double_backward_before_finite_differe
     assert monitor.latest.eigenvalues[0] == pytest.approx(ref, rel=1e-4)
 
 
-class _TanhCancellingSlope(_Tanh):
-    """tanh whose float32 slope is computed as ((1 - y^2) + 1e5) - 1e5: exact formulas, float32 rounding
-    of about 4e-3 absolute on the slope, as a kernel whose float32 path is imprecise (BatchNorm with
-    batch statistics in float32 on a GPU gave a 2e-3 product error, 4e-8 in float64); float64 is exact."""
+def _cancelling_tanh(big: float) -> type[torch.autograd.Function]:
+    """tanh whose float32 slope is computed as ((1 - y^2) + big) - big: exact formulas, float32 rounding
+    of about ``big * 4e-8`` absolute on the slope (4e-3 at 1e5), as a kernel whose float32 path is
+    imprecise (BatchNorm with batch statistics in float32 on a GPU gave a 2e-3 product error, 4e-8 in
+    float64); float64 is exact."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        big = 1e5 if y.dtype == torch.float32 else 0.0
-        return grad * (((1 - y**2) + big) - big)
+    class TanhCancellingSlope(_Tanh):
+        @staticmethod
+        def backward(ctx, grad):
+            (y,) = ctx.saved_tensors
+            b = big if y.dtype == torch.float32 else 0.0
+            return grad * (((1 - y**2) + b) - b)
+
+    return TanhCancellingSlope
 
 
-class CancellingNet(Float32LossNet):
-    def compute_loss(self, batch):
-        h = _TanhCancellingSlope.apply(self.net[0](batch[0]))
-        return F.cross_entropy(self.net[2](h), batch[1])
+_TanhCancellingSlope = _cancelling_tanh(1e5)
 
 
 def test_float32_rounding_falls_back_to_float64_products_not_finite_differences():
     monitor = SharpnessMonitor(every_n_steps=1, probe_size=32, lambda_min=False)  # float32 products
-    net = CancellingNet()
+    net = ActivationNet(_TanhCancellingSlope)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer([monitor], max_steps=3).fit(net, _float32_loader())
@@ -301,30 +311,6 @@ def test_float32_rounding_falls_back_to_float64_products_not_finite_differences(
     assert monitor.latest.eigenvalues[0] == pytest.approx(ref, rel=1e-5)
 
 
-class _TanhCancellingMore(_Tanh):
-    """:class:`_TanhCancellingSlope` with 10x its float32 rounding (1e6): the wide network below
-    averages more of it away."""
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        big = 1e6 if y.dtype == torch.float32 else 0.0
-        return grad * (((1 - y**2) + big) - big)
-
-
-class WideCancellingNet(Float32LossNet):
-    """3,603 parameters: the solver's float32 and float64 memory differ in the report's 0.1 MiB digits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(5, 400), nn.Tanh(), nn.Linear(400, 3))
-
-    def compute_loss(self, batch):
-        h = _TanhCancellingMore.apply(self.net[0](batch[0]))
-        return F.cross_entropy(self.net[2](h), batch[1])
-
-
 def test_the_cold_cost_report_counts_the_settled_float64_vectors(monkeypatch):
     """Before: the memory bound of the first measurement used settings.dtype (float32, 4 bytes) after
     the check had settled on float64 products (8 bytes): half the memory the solver held."""
@@ -334,7 +320,9 @@ def test_the_cold_cost_report_counts_the_settled_float64_vectors(monkeypatch):
     said: list[str] = []
     monkeypatch.setattr(sharpness_monitor_module, "rank_zero_info", lambda message, *a, **k: said.append(message))
     monitor = SharpnessMonitor(every_n_steps=100, probe_size=32, lambda_min=False)
-    net = WideCancellingNet()
+    # 3,603 parameters, so the solver's float32 and float64 memory differ in the report's 0.1 MiB digits;
+    # 10x the float32 rounding, which the wider network averages more of away
+    net = ActivationNet(_cancelling_tanh(1e6), width=400)
     dim = sum(p.numel() for p in net.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -353,7 +341,7 @@ def test_a_reused_monitor_warns_again_in_a_fresh_fit():
     for _ in range(2):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            make_trainer([monitor], max_steps=2).fit(CancellingNet(), _float32_loader())
+            make_trainer([monitor], max_steps=2).fit(ActivationNet(_TanhCancellingSlope), _float32_loader())
         counts.append(sum("do not match" in str(w.message) for w in caught))
     assert counts == [1, 1]
 

@@ -242,7 +242,6 @@ class SharpnessMonitor(Callback):
         self._train_batch_size: int | None = None
         self._sharded = False  # the strategy shards parameters: finite-difference products on local shards
         self._verified = False  # a product check was made in this run
-        self._finite_difference = False  # the check failed: products by finite differences
         self._settled_backend: str | None = None  # the backend a failed check switched to (Solve.switched_to)
         self._settled_dtype: str | None = None  # and the dtype (Solve.switched_dtype)
         self._unverified = False  # the check failed or was inconclusive and nothing was switched
@@ -285,7 +284,7 @@ class SharpnessMonitor(Callback):
             "latest": None if self.latest is None else self.latest.to_state(),
             "warned": sorted(self._warned),
             "verified": self._verified,
-            "finite_difference": self._finite_difference,
+            "finite_difference": self._settled_backend == "finite_difference",  # read by older versions
             "settled_backend": self._settled_backend,
             "settled_dtype": self._settled_dtype,
             "unverified": self._unverified,
@@ -305,9 +304,8 @@ class SharpnessMonitor(Callback):
         self.latest = None if state_dict["latest"] is None else Measurement.from_state(state_dict["latest"])
         self._warned = set(state_dict.get("warned", []))
         self._verified = bool(state_dict.get("verified", False))
-        self._finite_difference = bool(state_dict.get("finite_difference", False))
         self._settled_backend = state_dict.get("settled_backend") or (
-            "finite_difference" if self._finite_difference else None)
+            "finite_difference" if state_dict.get("finite_difference", False) else None)
         self._settled_dtype = state_dict.get("settled_dtype")
         self._unverified = bool(state_dict.get("unverified", False))
 
@@ -344,7 +342,7 @@ class SharpnessMonitor(Callback):
         self._probe_fingerprint = None
         self._probe_kind = None
         self._last_batch = None
-        self._verified = self._finite_difference = self._unverified = False
+        self._verified = self._unverified = False
         self._settled_backend = self._settled_dtype = None
         self._warned = set()  # a fresh run says its warnings again (a reused monitor in a sweep loop)
 
@@ -510,9 +508,7 @@ class SharpnessMonitor(Callback):
             return solve(pl_module, self._loss, batches, self.settings, step=step, optimizer=optimizer,
                          lr_scales=self._lr_scales(), warm=self._tracker,
                          reduce=all_reduce_sum if is_distributed else None, check=check,
-                         finite_difference=self._finite_difference, backend=self._settled_backend,
-                         dtype=self._settled_dtype,
-                         batch_size=self._batch_size(trainer))
+                         backend=self._settled_backend, dtype=self._settled_dtype, batch_size=self._batch_size(trainer))
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, trigger: str) -> None:
         step = trainer.global_step
@@ -561,10 +557,9 @@ class SharpnessMonitor(Callback):
             self._warn_once(key, f"SharpnessMonitor: {message}")
         if result.verification is not None:
             self._verified = True
-            self._finite_difference = self._finite_difference or result.switched_to == "finite_difference"
             self._settled_backend = result.switched_to or self._settled_backend
             self._settled_dtype = result.switched_dtype or self._settled_dtype
-            self._unverified = result.verification != "passed" and not result.switched
+            self._unverified = result.verification != "passed" and result.switched_to is None
         rotation = Rotation() if self._sharded else self._tracker.update(
             step, result.top_vectors, result.min_vector, result.preconditioned_vector, k=len(result.eigenvalues),
             crossed=result.crossed, gaps=result.gaps, preconditioned_gap=result.preconditioned_gap)
@@ -588,7 +583,7 @@ class SharpnessMonitor(Callback):
         room = dim - 1 if which == "both" else dim  # the k measure.solve asks for
         vectors = working_vectors(dim, min(self.settings.top_k, room), which, self.settings.solver)
         dtype = DTYPES[self._settled_dtype or self.settings.dtype]  # float64 after a failed float32 check
-        nbytes = vectors * dim * torch.empty((), dtype=dtype).element_size()
+        nbytes = vectors * dim * dtype.itemsize
         rank_zero_info(
             f"SharpnessMonitor: first measurement (no warm start): {m.n_hvp} Hessian-vector products, "
             f"{m.seconds:.3g} s; the eigen-solver holds at most {vectors} parameter-sized vectors "

@@ -131,6 +131,12 @@ DTYPES = (torch.float32, torch.float64)
 # a central difference with its O(u / eps) rounding error). Accuracy measured in docs/models.md.
 FD_STEP = {torch.float32: 3e-3, torch.float64: 1e-6}
 _CACHE_FRACTION = 0.25
+
+
+def coarser(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether floating-point ``dtype`` has a larger unit roundoff than ``than`` (bfloat16 < float32 < float64)."""
+    return torch.finfo(dtype).eps > torch.finfo(than).eps
+
 _CACHE_FALLBACK_BYTES = 1 << 30
 # Blocks on the double-backward path: the batched backward (``is_grads_batched``, a vmap over the
 # backward) is faster per column than a loop of backward passes on CUDA and for small CPU models,
@@ -488,7 +494,7 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"loss_fn must return a tensor; got {type(loss).__name__} for batch {index}")
         if loss.numel() != 1:
             raise ValueError(f"loss_fn must return a scalar; got shape {tuple(loss.shape)} for batch {index}")
-        if loss.is_floating_point() and torch.finfo(loss.dtype).eps > torch.finfo(self.dtype).eps:
+        if loss.is_floating_point() and coarser(loss.dtype, self.dtype):
             self.loss_dtype = loss.dtype  # e.g. a Hugging Face loss, float32 whatever the parameters' dtype
         return loss.reshape(()).to(self.dtype)
 

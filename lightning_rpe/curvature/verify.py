@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ._functional import graph_nodes, is_reentrant_checkpoint, module_causes
-from .hessian import FD_STEP, HessianOperator
+from .hessian import FD_STEP, HessianOperator, coarser
 
 __all__ = ["REFERENCE_RETRIES", "REFERENCE_STEP", "ROUNDING_FACTOR", "TOLERANCE", "Verification", "known_causes", "verify_operator"]
 
@@ -173,7 +173,7 @@ def verify_operator(
     n_gradients = 0
     tolerance = _tolerance(operator.dtype, torch.float64, tol, backend)
     verdict, reason = "passed", None
-    if loss_dtype is not None and torch.finfo(loss_dtype).eps > torch.finfo(torch.float32).eps:
+    if loss_dtype is not None and coarser(loss_dtype, torch.float32):
         # a 16-bit loss (e.g. an autocast inside the model's forward): its rounding (4e-3 in bfloat16)
         # is above any finite-difference step's reach, and no other backend is more precise
         verdict = "inconclusive"
@@ -195,12 +195,13 @@ def verify_operator(
             ref_dtype = operator.dtype
             ref, narrow = _reference_product(operator, V[:, 0], ref_dtype, 0)
         # the reference is only as precise as the loss the model returns: step for that precision
+        # (float32 here: a 16-bit loss was already found by the products above)
         step_dtype = ref_dtype
-        if narrow is not None and torch.finfo(narrow).eps > torch.finfo(ref_dtype).eps:
-            loss_dtype = step_dtype = narrow if narrow in REFERENCE_STEP else torch.float32
+        if narrow is not None and coarser(narrow, ref_dtype):
+            loss_dtype = step_dtype = narrow
             ref, _ = _reference_product(operator, V[:, 0], ref_dtype, 0, step_dtype)
         precision = operator.dtype
-        if loss_dtype is not None and torch.finfo(loss_dtype).eps > torch.finfo(precision).eps:
+        if loss_dtype is not None and coarser(loss_dtype, precision):
             precision = torch.float32  # a float64 operator of a float32 loss: float32 products
         tolerance = _tolerance(precision, ref_dtype, tol, backend)
         previous_gap = math.inf
