@@ -247,6 +247,71 @@ def warm_profile(quick: bool) -> dict[str, Any]:
     return {"phases": phases, "profile_top": table}
 
 
+def _warm_phases(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batches: list[Any],
+                 train: Callable[[], None]) -> dict[str, Any]:
+    """Three measurements (``measure.solve`` + ``EigenvectorTracker.update``) with training steps between
+    them; the third under ``cProfile`` (host-side time per function, CUDA synchronised at the end of each
+    phase, so a wait is charged to the call that blocks): the solve and the tracker timed apart."""
+    import cProfile
+    import io
+    import pstats
+
+    from lightning_rpe.geometry import EigenvectorTracker
+    from lightning_rpe.measure import MeasureSettings, solve
+
+    tracker, settings, phases = EigenvectorTracker(), MeasureSettings(), []
+    texts: list[str] = []
+    for k in range(3):
+        train()
+        prof = cProfile.Profile() if k >= 1 else None
+        _sync()
+        if prof is not None:
+            prof.enable()
+        t0 = time.perf_counter()
+        res = solve(model, loss_fn, batches, settings, step=k, warm=tracker, check=k == 0)
+        _sync()
+        t1 = time.perf_counter()
+        tracker.update(k, res.top_vectors, res.min_vector, k=1, gaps=res.gaps)
+        _sync()
+        t2 = time.perf_counter()
+        if prof is not None:
+            prof.disable()
+            for key, rows in (("tottime", 25), ("cumulative", 45)):
+                buf = io.StringIO()
+                pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(rows)
+                texts.append(f"measurement {k}, by {key}:\n" + buf.getvalue()[-7000:])
+        phases.append({"n_hvp": res.n_hvp, "solve_seconds": t1 - t0, "tracker_seconds": t2 - t1,
+                       "vector_device": str(res.top_vectors.device)})
+    return {"phases": phases, "cprofile": texts}
+
+
+def gpt2_warm_profile(quick: bool) -> dict[str, Any]:
+    """:func:`_warm_phases` on the GPT-2 of :func:`gpt2_run` (bf16 weights, float32 products)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _fresh()
+    torch.manual_seed(0)
+    sizes = {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 64} if quick else {
+        "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
+    cfg = GPT2Config(**sizes, attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    seq, batch, probe = (32, 4, 8) if quick else (256, 8, 32)
+    net = GPT2LMHeadModel(cfg).to(torch.bfloat16).to(DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (probe, seq), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    batches = [(ids[i : i + batch],) for i in range(0, probe, batch)]
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+
+    def loss_fn(m: nn.Module, b: Any) -> Tensor:
+        return m(input_ids=b[0], labels=b[0]).loss
+
+    def train() -> None:
+        for b in batches[:2]:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(net, b).backward()
+            opt.step()
+
+    return {"n_params": count_parameters(net), **_warm_phases(net, loss_fn, batches, train)}
+
+
 class CausalLM(pl.LightningModule):
     """A Hugging Face causal LM trained on random tokens; ``compute_loss`` is what the monitor measures."""
 
@@ -314,7 +379,7 @@ def guarded(name: str, fn: Callable[[], dict[str, Any]], results: dict[str, Any]
     except Exception as err:  # a failing part is reported, the others still run
         results[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
     results[name]["part_seconds"] = time.perf_counter() - t0
-    short = {k: v for k, v in results[name].items() if k not in ("measurements", "traceback")}
+    short = {k: v for k, v in results[name].items() if k not in ("measurements", "traceback", "cprofile", "profile_top")}
     print(f"== {name}: {json.dumps(short, default=str)[:1500]}", flush=True)
 
 
@@ -349,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         guarded("gpt2_monitor_nocache", lambda: gpt2_run(q, "eager", 12, True, cache_graphs=False), results, deadline,
                 parts)
         guarded("mlp_warm_profile", lambda: warm_profile(q), results, deadline, parts)
+        guarded("gpt2_warm_profile", lambda: gpt2_warm_profile(q), results, deadline, parts)
     for name in ("mlp", "resnet", "gpt2"):
         base = results.get(f"{name}_train", {}).get("peak_bytes")
         for run, key in (("monitor", "peak_ratio"), ("top5", "top5_peak_ratio"), ("monitor_nocache", "nocache_peak_ratio")):

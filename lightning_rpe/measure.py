@@ -205,9 +205,17 @@ class MeasureSettings:
         check_int(o, "batch_sharpness", self.batch_sharpness, minimum=0)
         check_choice(o, "cache_graphs", self.cache_graphs, (None, True, False))
 
-    def generator(self, step: int) -> torch.Generator:
-        """The solver's private CPU generator for a measurement at ``step`` (reproducible, global RNG untouched)."""
-        return torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + step) % (2**63 - 1))
+    def generator(self, step: int, device: torch.device | str | None = None) -> torch.Generator:
+        """The solver's private generator for a measurement at ``step`` (reproducible, global RNG untouched).
+
+        On the CPU unless ``device`` is a CUDA device: then a generator of that device with the same
+        seed, so that start vectors are drawn where the operator lives (a float64 draw of 124M numbers
+        on the host took 3.2 s, more than a GPT-2-small warm solve's products; docs/benchmarks.md). The
+        numbers then differ from the CPU's, reproducibly on that device.
+        """
+        where = torch.device(device) if device is not None else torch.device("cpu")
+        return torch.Generator(device=where if where.type == "cuda" else "cpu").manual_seed(
+            (self.seed * 1_000_003 + step) % (2**63 - 1))
 
     def minibatch_generator(self, step: int) -> torch.Generator:
         """The private CPU generator that draws the batch-sharpness mini-batches at ``step``."""
@@ -234,7 +242,7 @@ class Solve:
         lambda_min_residual: the same for the lambda_min pair, or None.
         probe_loss: mean probe loss, or None when ``grad_alignment`` is off.
         grad_alignment: ``|cos(g, v_1)|``, or None.
-        top_vectors: ``(dim, m)`` unit eigenvectors on the CPU, ``m = max(k, 2)`` (the extra
+        top_vectors: ``(dim, m)`` unit eigenvectors on the operator's device (the model's), ``m = max(k, 2)`` (the extra
             column is tracked to tell crossings from rotations); ``min_vector``, ``preconditioned_vector``:
             ``(dim,)`` or None.
         notes: ``(key, message)`` pairs a caller should warn about once per key.
@@ -297,6 +305,17 @@ class Solve:
     crossed: bool | None = None
     gaps: tuple[float, ...] = ()
     preconditioned_gap: float | None = None
+
+    def vectors_to(self, device: torch.device | str) -> Solve:
+        """The same result with its eigenvectors on ``device`` (e.g. the CPU before a broadcast between
+        processes, whose pickled CUDA tensors would land on the sender's GPU index).
+        """
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(self, top_vectors=self.top_vectors.to(device), min_vector=move(self.min_vector),
+                       preconditioned_vector=move(self.preconditioned_vector))
 
 
 @dataclass(frozen=True)
@@ -695,7 +714,7 @@ def solve(
             raise MeasurementSkipped(str(exc)) from exc
     if init is not None:
         init = init.to(device=op.device, dtype=op.dtype)
-    gen = settings.generator(step)
+    gen = settings.generator(step, op.device)
     criterion, gap = "residual", None
     warm_started = init is not None
     if init is not None:
@@ -788,9 +807,8 @@ def solve(
     return Solve(
         eigenvalues=top_vals, lambda_min=lam_min, trace=tr, preconditioned_sharpness=pre_val, groups=tuple(groups),
         ratios=ratios, stability_ratio=ratio, n_hvp=int(op.n_hvp) + extra, residuals=tuple(float(r) for r in res.residuals[:k]),
-        lambda_min_residual=float(res.residuals[k]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs.cpu(),
-        min_vector=None if min_vec is None else min_vec.cpu(),
-        preconditioned_vector=None if pre_vec is None else pre_vec.cpu(), notes=tuple(notes),
+        lambda_min_residual=float(res.residuals[k]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs,
+        min_vector=min_vec, preconditioned_vector=pre_vec, notes=tuple(notes),
         backend=op.backend, verification=verdict, verify_error=verify_error, switched_to=switched_to, switched_dtype=switched_dtype, crossed=crossed,
         gaps=main_gaps, preconditioned_gap=pre_gap,
         **{**_clip_statistics(optimizer), **bs},

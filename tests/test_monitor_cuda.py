@@ -48,7 +48,30 @@ def test_cuda_values_match_cpu_float64_reference() -> None:
     cpu_model = TinyMLP(batchnorm=True, dropout=0.2, optimizer="adam", lr=0.01, hidden=16)
     cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     batches = [tuple(t.cpu() for t in b) for b in monitor.probe_batches]
-    op = HessianOperator(cpu_model, lambda m, b: m.compute_loss(b), batches, dtype=torch.float64)
+    op = HessianOperator(cpu_model, lambda m, b: m.compute_loss(b), batches, dtype=torch.float64, batchnorm="batch")
     evals = torch.linalg.eigvalsh(op.to_dense())
     assert list(monitor.latest.eigenvalues) == pytest.approx(sorted(evals.tolist(), reverse=True)[:2], rel=1e-6)
     assert monitor.latest.lambda_min == pytest.approx(float(evals[0]), rel=1e-5)
+
+
+def test_cuda_state_and_draws_stay_on_the_device() -> None:
+    """The solve draws its start vectors on the GPU and the tracker keeps its vectors there (host copies
+    and host float64 geometry cost seconds per measurement at 124M parameters); a CPU checkpoint state
+    still resumes onto the device."""
+    from lightning_rpe.geometry import EigenvectorTracker
+    from lightning_rpe.measure import MeasureSettings
+
+    assert MeasureSettings().generator(3, "cuda").device.type == "cuda"
+    monitor = SharpnessMonitor(every_n_steps=2, top_k=2, probe_size=32)
+    _run(monitor)
+    assert monitor.n_measurements >= 4 and monitor.n_skipped == 0
+    tracker = monitor._tracker
+    assert tracker.previous_top is not None and tracker.previous_top.is_cuda
+    state = tracker.state_dict()
+    assert state["prev_top"].device.type == "cpu"
+    resumed = EigenvectorTracker()
+    resumed.load_state_dict(state)
+    top = tracker.previous_top
+    rotation = resumed.update(99, top, tracker.previous_min, k=2)
+    assert rotation.rotation_angle == pytest.approx(0.0, abs=1e-3)
+    assert resumed.previous_top.is_cuda

@@ -246,3 +246,20 @@ def test_a_warm_block_solve_carries_no_stale_gaps(solver: str) -> None:
     assert warm.gaps == ()
     tracker.update(5, warm.top_vectors, warm.min_vector, k=1, gaps=warm.gaps)
     assert tracker.previous_gaps is None
+
+
+def test_solve_vectors_stay_where_the_model_is_and_travel_by_vectors_to() -> None:
+    """The eigenvectors come back on the model's device (no host copy per measurement); the CPU
+    generator is the default and ``vectors_to`` moves all three vectors, values unchanged."""
+    model, batch = _model_and_data(3)
+    settings = MeasureSettings(top_k=2, seed=5)
+    assert settings.generator(0).device.type == "cpu" and settings.generator(0, "cpu").device.type == "cpu"
+    first = settings.generator(7).initial_seed()
+    assert settings.generator(7, torch.device("cpu")).initial_seed() == first
+    res = solve(model, _loss, [batch], settings, step=0)
+    assert res.top_vectors.device.type == "cpu" and res.min_vector is not None
+    moved = res.vectors_to("meta")
+    assert moved.top_vectors.is_meta and moved.min_vector is not None and moved.min_vector.is_meta
+    assert moved.eigenvalues == res.eigenvalues
+    back = res.vectors_to("cpu")
+    assert torch.equal(back.top_vectors, res.top_vectors) and torch.equal(back.min_vector, res.min_vector)

@@ -552,7 +552,9 @@ class SharpnessMonitor(Callback):
             return
         assert result is not None
         if distributed(trainer) and not self._sharded:  # sharded: every rank holds its own shard of the vectors
-            result = trainer.strategy.broadcast(result, src=0)
+            # rank 0's result everywhere; its vectors travel through the CPU and come back to each rank's device
+            sent = result.vectors_to("cpu") if trainer.is_global_zero else result
+            result = trainer.strategy.broadcast(sent, src=0).vectors_to(pl_module.device)
         for key, message in result.notes:
             self._warn_once(key, f"SharpnessMonitor: {message}")
         if result.verification is not None:
