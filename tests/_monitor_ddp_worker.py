@@ -69,6 +69,9 @@ def main(out_dir: str) -> None:
             "rpe_log_calls": sum(1 for _, metrics in logger.calls if any(k.startswith("rpe/") for k in metrics)),
             "train_loss_log_calls": sum(1 for _, metrics in logger.calls if "train_loss" in metrics),
             "callback_metric": float(trainer.callback_metrics["rpe/sharpness"]),
+            "tracker_top": monitor._tracker.previous_top.detach().cpu().clone(),
+            "tracker_min": monitor._tracker.previous_min.detach().cpu().clone(),
+            "rotation": (m.rotation_angle, m.polarity, m.subspace_similarity),
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )

@@ -27,6 +27,10 @@ def test_ddp_products_are_all_reduced_and_only_rank_zero_logs(tmp_path: Path) ->
     # both ranks hold identical measurements
     assert r0["eigenvalues"] == r1["eigenvalues"] and r0["lambda_min"] == r1["lambda_min"]
     assert r0["callback_metric"] == r1["callback_metric"]
+    # rank 0's eigenvectors reach every rank bit for bit (broadcast as tensors), so the trackers, the
+    # geometry and the next warm start agree
+    assert torch.equal(r0["tracker_top"], r1["tracker_top"]) and torch.equal(r0["tracker_min"], r1["tracker_min"])
+    assert r0["rotation"] == r1["rotation"] and r0["rotation"][0] is not None
     # parameters agree; BatchNorm running statistics legitimately differ (each rank's last forward
     # updated them locally), and the monitor measures with rank 0's buffers on every rank
     for k in r0["model_state"]:
@@ -68,3 +72,17 @@ def test_ddp_probe_too_small_for_the_processes_fails_on_every_rank_with_one_mess
     for rank in (0, 1):
         text = (tmp_path / f"rank{rank}.txt").read_text()
         assert "probe_size=1 is smaller than the number of processes (2)" in text, (rank, text)
+
+
+def test_broadcast_solve_sends_rank_zero_vectors(tmp_path: Path) -> None:
+    """Rank 1 starts with other vectors (a strided top block, no lambda_min vector) and ends with rank 0's."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    run_worker(Path(__file__).with_name("_broadcast_worker.py"), str(tmp_path), timeout=120)
+    b0 = torch.load(tmp_path / "b0.pt", weights_only=True)
+    b1 = torch.load(tmp_path / "b1.pt", weights_only=True)
+    expected = torch.randn(7, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(b0["top"], expected) and torch.equal(b1["top"], expected)
+    assert b1["min"] is not None and b1["min"].dtype == torch.float64 and torch.equal(b0["min"], b1["min"])
+    assert b0["pre"] is None and b1["pre"] is None
+    assert b0["eigenvalues"] == b1["eigenvalues"] == (3.0, 1.0) and b0["n_hvp"] == b1["n_hvp"] == 10

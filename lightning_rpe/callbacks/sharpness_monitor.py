@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
 from lightning_rpe.callbacks import _logging
-from lightning_rpe.callbacks._distributed import RankZeroBuffers, all_reduce_sum, distributed
+from lightning_rpe.callbacks._distributed import RankZeroBuffers, all_reduce_sum, broadcast_solve, distributed
 from lightning_rpe.callbacks._loss import MutedLogging, resolve_loss
 from lightning_rpe.callbacks._probe import ProbeSet, capture_probe_everywhere
 from lightning_rpe.callbacks._sharded import check_supported, is_sharded, sharded_operator
@@ -552,9 +552,7 @@ class SharpnessMonitor(Callback):
             return
         assert result is not None
         if distributed(trainer) and not self._sharded:  # sharded: every rank holds its own shard of the vectors
-            # rank 0's result everywhere; its vectors travel through the CPU and come back to each rank's device
-            sent = result.vectors_to("cpu") if trainer.is_global_zero else result
-            result = trainer.strategy.broadcast(sent, src=0).vectors_to(pl_module.device)
+            result = broadcast_solve(trainer.strategy, result, pl_module.device)
         for key, message in result.notes:
             self._warn_once(key, f"SharpnessMonitor: {message}")
         if result.verification is not None:
