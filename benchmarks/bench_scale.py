@@ -300,6 +300,37 @@ def part_pyhessian(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"wall": wall, "grad": grad, "n_hvp": count[0], "value": float(values[0]), "rss_increase": peak - before}
 
 
+def part_curvlinops(cfg: dict[str, Any]) -> dict[str, Any]:
+    """curvlinops 3.0.1 ``HessianLinearOperator(...).to_scipy()`` + scipy ``eigsh(k=1, which="LA", tol)``
+    on the same model and probe batch (products by ``torch.func``; ARPACK keeps ``ncv = 20`` float64
+    Lanczos vectors)."""
+    import numpy as np
+    from curvlinops import HessianLinearOperator
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    model, batch = _probe_model(cfg)
+    grad = _gradient_time(model, batch)
+    eigsh(np.diag(np.arange(1.0, 41.0)), k=1, which="LA")  # load ARPACK's pages before measuring
+    params = [p for p in model.parameters() if p.requires_grad]
+    count = [0]
+    before = peak_rss_bytes()
+    t0 = time.perf_counter()
+    H = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [batch], check_deterministic=False,
+                              num_data=len(batch[0])).to_scipy()
+
+    def matmat(X: Any) -> Any:
+        count[0] += 1 if X.ndim == 1 else X.shape[1]
+        return H @ X
+
+    counted = LinearOperator(H.shape, matvec=matmat, matmat=matmat, rmatvec=matmat, dtype=H.dtype)
+    values = eigsh(counted, k=1, which="LA", tol=cfg.get("eigsh_tol", 1e-4), return_eigenvectors=False,
+                   rng=np.random.default_rng(0))
+    wall = time.perf_counter() - t0
+    peak = peak_rss_bytes()
+    return {"wall": wall, "grad": grad, "n_hvp": count[0], "value": float(values[0]), "rss_increase": peak - before,
+            "eigsh_tol": cfg.get("eigsh_tol", 1e-4)}
+
+
 class LiveBytes(TorchDispatchMode):
     """Peak bytes of live tensor storages of at least 4 KiB created inside the block (every ATen op's
     outputs; a storage counts from its creation until the tensor that created it dies). Storages of
@@ -365,7 +396,7 @@ def part_split(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 PARTS = {"train": part_train, "prepare": part_prepare, "ours": part_ours, "pyhessian": part_pyhessian,
-         "split": part_split}
+         "curvlinops": part_curvlinops, "split": part_split}
 
 
 def run_part(part: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -390,7 +421,7 @@ def bench_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     base = {"workload": name, "quick": args.quick, "threads": args.threads, "probe": probe,
             "n_train": max(probe, 512), "steps": args.steps, "tol": 1e-3}
     out: dict[str, Any] = {"workload": name, "probe": probe}
-    runs: list[tuple[str, int | None, str | None, bool | None]] = [
+    runs: list[tuple[str, int | None, str | None, bool | None]] = [] if args.solvers_only else [
         ("train", None, None, None), ("train+monitor", 1, None, None)]
     if args.criterion_eigenvalue:
         runs.append(("train+monitor eigenvalue rule", 1, "eigenvalue", None))
@@ -411,6 +442,8 @@ def bench_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     parts = [("ours", "ours", base), ("pyhessian", "pyhessian", base)]
     if args.small_basis:
         parts.insert(1, ("ours max_basis=4", "ours", dict(base, max_basis=4)))
+    if args.curvlinops:
+        parts.append(("curvlinops", "curvlinops", base))
     for label, part, cfg in parts:
         r = run_part(part, cfg, args.timeout)
         out[label] = r
@@ -462,6 +495,19 @@ def summarize(res: dict[str, Any]) -> list[list[str]]:
     for key in ("ours", "ours max_basis=4"):
         if key in res:
             rows.extend(_versus_pyhessian(label, key, res[key], ref))
+    ours, cl = res.get("ours", {}), res.get("curvlinops")
+    if cl is not None and ours and "error" not in ours and "error" not in cl:
+        truth = ours["reference"]
+        e_ours, e_cl = (abs(r["value"] - truth) / abs(truth) for r in (ours, cl))
+        rows.append([label, f"lambda_max: ours (tol 1e-3) vs curvlinops + eigsh(k=1, tol={cl['eigsh_tol']:g}), time",
+                     f"{ours['wall']:.2f} s, {ours['n_hvp']} HVP, err {e_ours:.1e}",
+                     f"{cl['wall']:.2f} s, {cl['n_hvp']} HVP, err {e_cl:.1e}", f"{ours['wall'] / cl['wall']:.2f}x",
+                     "(info)", "-"])
+        rows.append([label, "lambda_max: peak RSS increase, ours vs curvlinops + eigsh",
+                     f"{ours['rss_increase'] / 2**20:.0f} MiB", f"{cl['rss_increase'] / 2**20:.0f} MiB",
+                     f"{ours['rss_increase'] / max(cl['rss_increase'], 1):.2f}x", "(info)", "-"])
+    elif cl is not None:
+        rows.append([label, "lambda_max vs curvlinops + eigsh", _short(ours), _short(cl), "-", "-", "-"])
     return rows
 
 
@@ -506,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also a monitor run with SharpnessMonitor(cache_graphs=False)")
     parser.add_argument("--train-only", action="store_true", dest="train_only",
                         help="only the training runs (no lambda_max against PyHessian)")
+    parser.add_argument("--curvlinops", action="store_true",
+                        help="also lambda_max by curvlinops + scipy eigsh (needs curvlinops, see install.sh)")
+    parser.add_argument("--solvers-only", action="store_true", dest="solvers_only",
+                        help="skip the training runs: only prepare, ours, pyhessian (and curvlinops)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3000.0, help="seconds per subprocess")
     parser.add_argument("--json", default=None)

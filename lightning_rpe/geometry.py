@@ -557,7 +557,8 @@ class EigenvectorTracker:
                 sub_sim = _or_none(lambda: _similarity(_angles(q_top, _basis(prev64[:, :k], "V"))))
         first = self.reference_top
         if self.reference_step is not None and (first is None or first.shape != top[:, :k].shape) and step >= self.reference_step:
-            self.reference_top = first = top[:, :k]
+            # a copy when it is part of the block: a view would keep the whole (dim, m) block alive
+            self.reference_top = first = top[:, :k].clone() if k < top.shape[1] else top
         if first is not None and first.shape == top[:, :k].shape and q_top is not None:
             sub_first = _or_none(lambda: _similarity(_angles(q_top, _basis(first.to(top), "V"))))
         ref = self.polarity.reference

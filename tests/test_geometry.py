@@ -7,6 +7,7 @@ import scipy.linalg
 import torch
 
 from lightning_rpe.geometry import (
+    EigenvectorTracker,
     PolarityTracker,
     abs_cosine,
     align_sign,
@@ -351,3 +352,18 @@ def test_polarity_angle_and_cosine_match_the_rotation_exactly(deg):
         step = tracker.update(b32)
         assert step.angle == pytest.approx(rotation_angle(a32, b32), rel=1e-9)
         assert step.cosine == pytest.approx(abs_cosine(a32, b32), rel=1e-12)
+
+
+def test_tracker_reference_subspace_does_not_keep_the_whole_block_alive() -> None:
+    """With k = 1 the tracker follows a (dim, 2) block; its reference subspace is one vector of memory,
+    not a view that keeps the first block's storage (two vectors) alive for the whole run."""
+    g = torch.Generator().manual_seed(0)
+    tracker = EigenvectorTracker()
+    first = torch.linalg.qr(torch.randn(50, 2, generator=g, dtype=torch.float64))[0]
+    tracker.update(0, first, k=1)
+    assert tracker.reference_top is not None and tracker.reference_top.shape == (50, 1)
+    assert tracker.reference_top.untyped_storage().nbytes() == 50 * 8
+    assert torch.equal(tracker.reference_top[:, 0], first[:, 0])
+    second = torch.linalg.qr(torch.randn(50, 2, generator=g, dtype=torch.float64))[0]
+    rot = tracker.update(1, second, k=1)
+    assert rot.subspace_similarity_to_first is not None
