@@ -130,11 +130,12 @@ def vision_run(name: str, quick: bool, steps: int, top_k: int | None) -> dict[st
         px, py = x[:probe_size].to(DEVICE), y[:probe_size].to(DEVICE)
         recorder = _Recorder(monitor, (px, py))
         callbacks = [monitor, recorder]
+    start = _allocated()  # memory an earlier part left allocated counts in this part's peak: reported
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         wall = _fit(module, loader, steps, callbacks)
     out: dict[str, Any] = {"workload": name, "warnings": _monitor_warnings(caught), "top_k": top_k, "n_params": count_parameters(model), "steps": steps,
-                           "wall": wall, "peak_bytes": _peak()}
+                           "wall": wall, "peak_bytes": _peak(), "allocated_at_start": start}
     if monitor is not None and recorder is not None:
         out.update(_summary(monitor, recorder))
     return out
@@ -354,10 +355,11 @@ def gpt2_run(quick: bool, attn: str, steps: int, monitor_on: bool, cache_graphs:
         pid = ids[:probe].to(DEVICE)
         recorder = _Recorder(monitor, (pid,))
         callbacks = [monitor, recorder]
+    start = _allocated()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         wall = _fit(module, loader, steps, callbacks)
-    out: dict[str, Any] = {"attn": net.config._attn_implementation, "monitor": monitor_on, "n_params": count_parameters(net), "steps": steps,
+    out: dict[str, Any] = {"allocated_at_start": start, "attn": net.config._attn_implementation, "monitor": monitor_on, "n_params": count_parameters(net), "steps": steps,
                            "dtype": str(next(net.parameters()).dtype), "wall": wall, "peak_bytes": _peak(),
                            "warnings": _monitor_warnings(caught)}
     if monitor is not None and recorder is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +107,8 @@ def _angle(a: Tensor, b: Tensor) -> float:
     return math.degrees(math.atan2(perp, abs(along)))
 
 
-def _basis(x: Tensor, name: str) -> Tensor:
+def _block(x: Tensor, name: str) -> Tensor:
+    """``x`` as a checked 2-D ``(n, k)`` block of basis columns, in its own dtype and device."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 1:
@@ -124,49 +125,97 @@ def _basis(x: Tensor, name: str) -> Tensor:
         )
     if x.is_complex():
         raise ValueError(f"{name} must be a real tensor, got dtype {x.dtype}")
-    x = x.detach().to(torch.float64)
+    x = x.detach()
     if not _all_finite(x):
         raise ValueError(f"{name} must contain only finite values")
-    if x.shape[1] == 1:  # one column: its QR is x / ||x|| (a Householder QR costs 5x a norm here)
-        norm = float(torch.linalg.vector_norm(x))
-        if norm == 0.0:
-            raise ValueError(f"{name} must have linearly independent columns (rank 1)")
-        return x / norm
-    q, r = torch.linalg.qr(x, mode="reduced")
+    return x
+
+
+def _row_chunks(n: int) -> list[slice]:
+    """At most 16 row ranges (of at least 65,536 rows) covering ``range(n)``: the float64 work on a tall
+    block runs one range at a time, so it needs a sixteenth of a float64 copy of the block, not a whole one.
+    """
+    rows = max(65_536, -(-n // 16))
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+def _r_factor(rows: Callable[[slice], Tensor], n: int) -> Tensor:
+    """The ``(k, k)`` R factor of the tall float64 matrix whose row ranges ``rows(s)`` gives, by TSQR
+    (the R factors of the row ranges stacked and factored again; Demmel et al. 2012).
+    """
+    parts = [torch.linalg.qr(rows(s), mode="r")[1] for s in _row_chunks(n)]
+    stacked = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return stacked if len(parts) == 1 and stacked.shape[0] == stacked.shape[1] else torch.linalg.qr(stacked, mode="r")[1]
+
+
+def _triangular_inverse(r: Tensor, name: str, k: int) -> Tensor:
     diag = r.diagonal().abs()
-    if float(diag.min()) <= 1e-12 * max(float(diag.max()), 0.0) or float(diag.max()) == 0.0:
-        raise ValueError(f"{name} must have linearly independent columns (rank {x.shape[1]})")
-    return q
+    if r.shape[0] < k or float(diag.max()) == 0.0 or float(diag.min()) <= 1e-12 * float(diag.max()):
+        raise ValueError(f"{name} must have linearly independent columns (rank {k})")
+    eye = torch.eye(k, dtype=r.dtype, device=r.device)
+    return torch.linalg.solve_triangular(r, eye, upper=True)
+
+
+def _orthonormalizer(x: Tensor, name: str) -> Tensor:
+    """A ``(k, k)`` float64 ``T`` such that ``x @ T`` (in float64) has orthonormal columns spanning
+    those of the ``(n, k)`` block ``x``: ``T = R_1^-1 R_2^-1`` from two TSQR passes (the second one
+    restores orthogonality to rounding for blocks far from orthonormal, as in CholeskyQR2), without a
+    float64 copy of ``x``. Raises ValueError for dependent columns (relative pivot <= 1e-12).
+    """
+    n, k = x.shape
+    t1 = _triangular_inverse(_r_factor(lambda s: x[s].to(torch.float64), n), name, k)
+    r2 = _r_factor(lambda s: x[s].to(torch.float64) @ t1.to(x.device), n)
+    return t1 @ _triangular_inverse(r2, name, k)
+
+
+def _gram(a: Tensor, b: Tensor) -> Tensor:
+    """``a^T b`` in float64 on ``a``'s device, one row range at a time."""
+    out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
+    for s in _row_chunks(a.shape[0]):
+        out.addmm_(a[s].to(torch.float64).T, b[s].to(a.device, torch.float64))
+    return out
 
 
 def principal_angles(U: Tensor, V: Tensor) -> Tensor:
     """Principal angles (radians, ascending, in [0, pi/2]) between span(U) and span(V).
 
     ``U`` is (n, k), ``V`` is (n, l) with basis vectors as columns (a 1-D tensor is one column);
-    they are orthonormalised with a reduced QR first. ``min(k, l)`` angles are returned (float64).
-    The cosines are the singular values of ``Q_U^T Q_V`` clamped to [0, 1]; angles below pi/4 are
-    taken from the sines instead (singular values of the part of the smaller basis orthogonal to
-    the other span, Knyazev & Argentati 2002), which keeps tiny angles accurate.
+    they need not be orthonormal (each is orthonormalised implicitly, ``Q = U T`` with ``T`` from two
+    TSQR passes). ``min(k, l)`` angles are returned (float64). The cosines are the singular values of
+    ``Q_U^T Q_V`` clamped to [0, 1]; angles below pi/4 are taken from the sines instead (singular values
+    of the part of the smaller basis orthogonal to the other span, Knyazev & Argentati 2002), which
+    keeps tiny angles accurate. Working memory: a sixteenth of a float64 copy of a block at a time.
+
+    Raises:
+        ValueError: non-tensor, complex, non-finite or rank-deficient input, or different row counts.
     """
-    return _angles(_basis(U, "U"), _basis(V, "V"))
+    u, v = _block(U, "U"), _block(V, "V")
+    if u.shape[0] != v.shape[0]:
+        raise ValueError(f"U and V must have the same number of rows, got {u.shape[0]} and {v.shape[0]}")
+    return _angles(u, _orthonormalizer(u, "U"), v, _orthonormalizer(v, "V"))
 
 
-def _angles(qu: Tensor, qv: Tensor) -> Tensor:
-    """:func:`principal_angles` of two orthonormal bases from :func:`_basis`."""
-    if qu.shape[0] != qv.shape[0]:
-        raise ValueError(f"U and V must have the same number of rows, got {qu.shape[0]} and {qv.shape[0]}")
-    if qv.device != qu.device:
-        qv = qv.to(qu.device)
-    # small: the basis with fewer columns; big: the other one.
-    small, big = (qu, qv) if qu.shape[1] <= qv.shape[1] else (qv, qu)
-    cos = torch.linalg.svdvals(big.T @ small).clamp(0.0, 1.0)  # descending
-    residual = torch.addmm(small, big, big.T @ small, alpha=-1.0)  # small - big (big^T small), one (n, k) block
-    # the singular values of the tall residual are those of its k x k R factor (4x faster at k = 1),
-    # and for one column its norm
-    if residual.shape[1] == 1:
-        sin = torch.linalg.vector_norm(residual, dim=0).clamp(0.0, 1.0)
+def _angles(u: Tensor, tu: Tensor, v: Tensor, tv: Tensor) -> Tensor:
+    """:func:`principal_angles` of checked blocks ``u``, ``v`` with their orthonormalisers."""
+    if u.shape[0] != v.shape[0]:
+        raise ValueError(f"U and V must have the same number of rows, got {u.shape[0]} and {v.shape[0]}")
+    # small: the basis with fewer columns; big: the other one (Q = block @ T)
+    (small, ts), (big, tb) = ((u, tu), (v, tv)) if u.shape[1] <= v.shape[1] else ((v, tv), (u, tu))
+    dev = big.device
+    ts, tb = ts.to(dev), tb.to(dev)
+    m = tb.T @ _gram(big, small) @ ts  # Q_big^T Q_small
+    cos = torch.linalg.svdvals(m).clamp(0.0, 1.0)  # descending
+    tbm = tb @ m
+
+    def residual(s: slice) -> Tensor:  # rows s of Q_small - Q_big (Q_big^T Q_small)
+        return torch.addmm(small[s].to(dev, torch.float64) @ ts, big[s].to(torch.float64), tbm, alpha=-1.0)
+
+    # the singular values of the tall residual are those of its k x k R factor; for one column its norm
+    if small.shape[1] == 1:
+        sq = sum(float((residual(s) ** 2).sum()) for s in _row_chunks(small.shape[0]))
+        sin = torch.tensor([math.sqrt(sq)], dtype=torch.float64, device=dev).clamp(0.0, 1.0)
     else:
-        sin = torch.linalg.svdvals(torch.linalg.qr(residual, mode="r")[1]).clamp(0.0, 1.0).flip(0)  # ascending
+        sin = torch.linalg.svdvals(_r_factor(residual, small.shape[0])).clamp(0.0, 1.0).flip(0)  # ascending
     from_cos = torch.arccos(cos)  # ascending
     from_sin = torch.arcsin(sin)  # ascending
     return torch.where(cos * cos >= 0.5, from_sin, from_cos)
@@ -422,7 +471,11 @@ def match_eigenvectors(previous: Tensor, current: Tensor) -> tuple[int, ...]:
     """
     if previous.shape != current.shape or previous.ndim != 2:
         raise ValueError(f"previous and current must be (dim, k) blocks of one shape, got {tuple(previous.shape)} and {tuple(current.shape)}")
-    overlap = (previous.detach().to(torch.float64).T @ current.detach().to(previous.device, torch.float64)).abs()
+    return _match_overlap(_gram(previous.detach(), current.detach()).abs())
+
+
+def _match_overlap(overlap: Tensor) -> tuple[int, ...]:
+    """:func:`match_eigenvectors` from the ``(k, k)`` matrix ``|previous^T current|``."""
     k = overlap.shape[0]
     if k <= 7:
         best = max(itertools.permutations(range(k)), key=lambda perm: sum(float(overlap[perm[j], j]) for j in range(k)))
@@ -535,32 +588,36 @@ class EigenvectorTracker:
                 self.previous_preconditioned = preconditioned
             flips = self.polarity.flips
             return Rotation(None, None, None, None, None, flips, True, self.crossings)
-        # each block converted to float64, checked and orthonormalised once (the public functions
-        # would do it per call: 12 ms of a 55k-parameter measurement's 125, measured)
-        top64 = top.detach().to(torch.float64)
-        q_top = _or_none(lambda: _basis(top64[:, :k], "U"))
+        # each block checked and orthonormalised once, implicitly (Q = block @ T) and one float64 row
+        # range at a time: no float64 copy of a (dim, k) block (46 vectors at k = 5 before, measured)
+        top = top.detach()
+        top_k = top[:, :k]
+        t_top = _or_none(lambda: _orthonormalizer(_block(top_k, "U"), "U"))
         if prev is not None and prev.shape == top.shape:
-            prev = prev.to(top)
-            prev64 = prev.detach().to(torch.float64)
-            match = _or_none(lambda: match_eigenvectors(prev64, top64))
+            prev = prev.detach().to(top)
+            overlap = _gram(prev, top).abs()
+            match = _match_overlap(overlap) if bool(torch.isfinite(overlap).all()) else None
             if match is not None:
                 matched = prev[:, match[0]]
                 crossed = match != tuple(range(len(match)))
                 self.crossings += int(crossed)
                 crossings = self.crossings
                 j = match[0]
-                pair = _or_none(lambda: _pair(top64[:, 0].contiguous(), prev64[:, j].contiguous()))
+                pair = _or_none(lambda: _pair(top[:, 0].contiguous(), prev[:, j].contiguous()))
                 if pair is not None:
                     rot_cos = _or_none(lambda: _abs_cos(*pair))
                     rot_angle = _or_none(lambda: _angle(pair[1], pair[0]))
-            if q_top is not None:
-                sub_sim = _or_none(lambda: _similarity(_angles(q_top, _basis(prev64[:, :k], "V"))))
+                del pair
+            if t_top is not None:
+                prev_k = prev[:, :k]
+                sub_sim = _or_none(lambda: _similarity(_angles(top_k, t_top, prev_k, _orthonormalizer(_block(prev_k, "V"), "V"))))
         first = self.reference_top
-        if self.reference_step is not None and (first is None or first.shape != top[:, :k].shape) and step >= self.reference_step:
+        if self.reference_step is not None and (first is None or first.shape != top_k.shape) and step >= self.reference_step:
             # a copy when it is part of the block: a view would keep the whole (dim, m) block alive
-            self.reference_top = first = top[:, :k].clone() if k < top.shape[1] else top
-        if first is not None and first.shape == top[:, :k].shape and q_top is not None:
-            sub_first = _or_none(lambda: _similarity(_angles(q_top, _basis(first.to(top), "V"))))
+            self.reference_top = first = top_k.clone() if k < top.shape[1] else top
+        if first is not None and first.shape == top_k.shape and t_top is not None:
+            ref_k = first.to(top)
+            sub_first = _or_none(lambda: _similarity(_angles(top_k, t_top, ref_k, _orthonormalizer(_block(ref_k, "V"), "V"))))
         ref = self.polarity.reference
         if ref is not None and ref.numel() != v1.numel():
             self.polarity.reset()

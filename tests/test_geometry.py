@@ -367,3 +367,23 @@ def test_tracker_reference_subspace_does_not_keep_the_whole_block_alive() -> Non
     second = torch.linalg.qr(torch.randn(50, 2, generator=g, dtype=torch.float64))[0]
     rot = tracker.update(1, second, k=1)
     assert rot.subspace_similarity_to_first is not None
+
+
+@pytest.mark.parametrize("case", ["orthonormal", "ill_conditioned", "tiny_angles"])
+def test_principal_angles_by_row_ranges_match_scipy(case: str) -> None:
+    """More than 65,536 rows: the angles come from several float64 row ranges (TSQR); the same as
+    scipy's subspace_angles on the whole float64 blocks, non-orthonormal and nearly equal blocks too."""
+    n = 200_003
+    g = torch.Generator().manual_seed(1)
+    U = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    V = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    if case == "ill_conditioned":
+        U[:, 2] = U[:, 0] + 1e-6 * U[:, 2]  # condition number ~1e6
+    if case == "tiny_angles":
+        V = U[:, :2] + 1e-9 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    got = principal_angles(U, V)
+    ref = np.sort(scipy.linalg.subspace_angles(U.numpy(), V.numpy()))
+    if case == "tiny_angles":
+        assert got.tolist() == pytest.approx(ref.tolist(), rel=1e-5)
+    else:
+        assert got.tolist() == pytest.approx(ref.tolist(), abs=1e-10)
