@@ -186,6 +186,9 @@ def part_train(cfg: dict[str, Any]) -> dict[str, Any]:
         rule = {} if cfg.get("criterion") is None else {"criterion": cfg["criterion"]}  # None: the default
         if cfg.get("cache_graphs") is not None:
             rule["cache_graphs"] = cfg["cache_graphs"]
+        for key in ("max_basis", "max_hvp"):
+            if cfg.get(key) is not None:
+                rule[key] = cfg[key]
         monitor = SharpnessMonitor(every_n_steps=2, probe="fixed", probe_size=cfg["probe"], top_k=cfg["top_k"], **rule)
         recorder = _Recorder(monitor, probe)
         callbacks = [monitor, recorder]
@@ -429,8 +432,12 @@ def bench_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
         runs.append(("train+monitor top_k=5", 5, None, None))
     if args.no_cache_graphs:
         runs.append(("train+monitor cache_graphs=False", 1, None, False))
+    for cap in args.max_basis:
+        runs.append((f"train+monitor max_basis={cap}", 1, None, None))
     for label, top_k, criterion, cache in runs:
-        r = run_part("train", dict(base, top_k=top_k, criterion=criterion, cache_graphs=cache), args.timeout)
+        cap = int(label.split("max_basis=")[1]) if "max_basis=" in label else None
+        caps = {} if cap is None else {"max_basis": cap, "max_hvp": args.max_basis_hvp}
+        r = run_part("train", dict(base, top_k=top_k, criterion=criterion, cache_graphs=cache, **caps), args.timeout)
         out[label] = r
         print(f"[{time.strftime('%H:%M:%S')}] {name} {label}: {_short(r)}", flush=True)
     if args.train_only:
@@ -466,8 +473,9 @@ def summarize(res: dict[str, Any]) -> list[list[str]]:
     n_params = base.get("n_params") or mon.get("n_params")
     label = f"{name} ({n_params:,} p, probe {res['probe']})" if n_params else name
     gib = 1024 ** 3
+    capped = [k for k in res if k.startswith("train+monitor max_basis=")]
     for key, goal in (("train+monitor", 1.5), ("train+monitor eigenvalue rule", 1.5), ("train+monitor top_k=5", 2.0),
-                      ("train+monitor cache_graphs=False", 1.5)):
+                      ("train+monitor cache_graphs=False", 1.5), *((k, 1.5) for k in capped)):
         r = res.get(key)
         if not r or "error" in r or "error" in base:
             if r is not None:
@@ -556,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also lambda_max by curvlinops + scipy eigsh (needs curvlinops, see install.sh)")
     parser.add_argument("--solvers-only", action="store_true", dest="solvers_only",
                         help="skip the training runs: only prepare, ours, pyhessian (and curvlinops)")
+    parser.add_argument("--max-basis", type=int, nargs="*", default=[], dest="max_basis",
+                        help="one more monitor run per value with SharpnessMonitor(max_basis=N, max_hvp=--max-basis-hvp)")
+    parser.add_argument("--max-basis-hvp", type=int, default=400, dest="max_basis_hvp")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3000.0, help="seconds per subprocess")
     parser.add_argument("--json", default=None)

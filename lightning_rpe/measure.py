@@ -47,7 +47,7 @@ from lightning_rpe.stability import (
     stability_ratio,
     step_scales,
 )
-from lightning_rpe.validation import check_bool, check_choice, check_float, check_int
+from lightning_rpe.validation import check_bool, check_choice, check_float, check_int, fail
 
 __all__ = [
     "LossFunctionError",
@@ -132,6 +132,10 @@ class MeasureSettings:
         tol: relative residual tolerance of the top-k pairs, ``||H v - lambda v|| <= tol * lambda_max``.
         lambda_min_tol: the same for the lambda_min pair (None: ``10 * tol``).
         max_hvp: product budget per eigen-solve (None: the solver's default).
+        max_basis: Lanczos basis cap in parameter vectors (None: the solver's default
+            ``max(12, 2 n + 8)``, ``n`` the pairs wanted); at least ``top_k + 3`` (``top_k + 4`` with
+            ``lambda_min``). A smaller cap holds fewer vectors and needs more products (thick restarts):
+            raise ``max_hvp`` with it (measured trade-off in docs/monitor.md, "Memory").
         solver: ``"lanczos"``, ``"block"`` or ``"auto"``.
         dtype: ``"float32"`` or ``"float64"``, precision of the products.
         batchnorm, dropout, backend: the :class:`~lightning_rpe.curvature.HessianOperator` policies.
@@ -167,6 +171,7 @@ class MeasureSettings:
     tol: float = 1e-3
     lambda_min_tol: float | None = None
     max_hvp: int | None = None
+    max_basis: int | None = None
     solver: Solver = "lanczos"
     dtype: DType = "float32"
     batchnorm: BatchNormPolicy = "batch"
@@ -192,6 +197,11 @@ class MeasureSettings:
         tol_min = check_float(o, "lambda_min_tol", self.lambda_min_tol, minimum=0.0, inclusive=False, allow_none=True)
         object.__setattr__(self, "lambda_min_tol", 10.0 * self.tol if tol_min is None else tol_min)
         check_int(o, "max_hvp", self.max_hvp, minimum=1, allow_none=True)
+        least = self.top_k + 3 + int(self.lambda_min)
+        if self.max_basis is not None and (isinstance(self.max_basis, bool) or not isinstance(self.max_basis, int)
+                                           or self.max_basis < least):
+            raise fail(o, "max_basis", f"an int >= {least} (top_k + 3, plus 1 with lambda_min=True) or None",
+                       self.max_basis)
         check_choice(o, "solver", self.solver, SOLVERS)
         if isinstance(self.dtype, torch.dtype):
             object.__setattr__(self, "dtype", {v: k for k, v in DTYPES.items()}.get(self.dtype, str(self.dtype)))
@@ -242,9 +252,9 @@ class Solve:
         lambda_min_residual: the same for the lambda_min pair, or None.
         probe_loss: mean probe loss, or None when ``grad_alignment`` is off.
         grad_alignment: ``|cos(g, v_1)|``, or None.
-        top_vectors: ``(dim, m)`` unit eigenvectors on the operator's device (the model's), ``m = max(k, 2)`` (the extra
-            column is tracked to tell crossings from rotations); ``min_vector``, ``preconditioned_vector``:
-            ``(dim,)`` or None.
+        top_vectors: ``(dim, k)`` unit eigenvectors on the operator's device (the model's); with
+            ``k = 1`` a crossing is told from a rotation by one product instead (``crossed``);
+            ``min_vector``, ``preconditioned_vector``: ``(dim,)`` or None.
         notes: ``(key, message)`` pairs a caller should warn about once per key.
         batch_sharpness, batch_sharpness_se: mean and standard error of the batch sharpness (the
             preconditioned one for the Adam family), or None (not requested, several learning
@@ -601,7 +611,7 @@ def _top_eigenpair(op: Any, settings: MeasureSettings, gen: torch.Generator, ini
         init = init.to(device=op.device, dtype=op.dtype)
         criterion, gaps = stopping_rule(settings.criterion, None if gap is None else [gap], 1, 0)
     res = eigenpairs(op, k=1, which="largest", tol=settings.tol, max_hvp=settings.max_hvp, init=init,
-                     generator=gen, method=settings.solver, criterion=criterion, gap=gaps)
+                     generator=gen, method=settings.solver, criterion=criterion, gap=gaps, max_basis=settings.max_basis)
     if not res.all_converged or not bool(torch.isfinite(res.eigenvalues).all()):
         raise MeasurementSkipped(f"the {what} eigen-solve did not converge ({res.reason or 'not converged'})")
     return res
@@ -684,7 +694,7 @@ def solve(
     use_warm = settings.warm_start and warm is not None
     init = warm.warm_start(op.dim, which == "both") if use_warm else None
     # the solver's working vectors, declared before the first graph is built (its cache decision)
-    op.reserve(working_vectors(op.dim, k, which, settings.solver, init, None))
+    op.reserve(working_vectors(op.dim, k, which, settings.solver, init, settings.max_basis))
     if check and op.backend != "finite_difference":
         first = _check(op)
         verdict, verify_error, extra, note = first.verdict, first.error, first.extra, first.note
@@ -724,7 +734,7 @@ def solve(
     inits = [init]
     del init
     res = eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.max_hvp, init=inits.pop(),
-                     generator=gen, method=settings.solver,
+                     generator=gen, method=settings.solver, max_basis=settings.max_basis,
                      tol_smallest=settings.lambda_min_tol if which == "both" else None, criterion=criterion, gap=gap)
     if not bool(torch.isfinite(res.eigenvalues).all()):
         raise _skip(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)", notes)

@@ -355,8 +355,8 @@ def test_polarity_angle_and_cosine_match_the_rotation_exactly(deg):
 
 
 def test_tracker_reference_subspace_does_not_keep_the_whole_block_alive() -> None:
-    """With k = 1 the tracker follows a (dim, 2) block; its reference subspace is one vector of memory,
-    not a view that keeps the first block's storage (two vectors) alive for the whole run."""
+    """Extra columns (m > k, tracked for matching only): the reference subspace is k vectors of memory,
+    not a view that keeps the first (dim, m) block's storage alive for the whole run."""
     g = torch.Generator().manual_seed(0)
     tracker = EigenvectorTracker()
     first = torch.linalg.qr(torch.randn(50, 2, generator=g, dtype=torch.float64))[0]

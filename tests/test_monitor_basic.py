@@ -383,15 +383,18 @@ def test_clipped_adam_clip_statistics_are_logged() -> None:
     assert 0.3 <= logged["rpe/clip_fraction"] <= 0.7  # the median clips about half the coordinates
 
 
-def test_the_cold_measurement_reports_its_cost_and_memory_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("max_basis", [None, 5])
+def test_the_cold_measurement_reports_its_cost_and_memory_bound(monkeypatch: pytest.MonkeyPatch,
+                                                                max_basis: int | None) -> None:
     said: list[str] = []
     monkeypatch.setattr(sharpness_monitor_module, "rank_zero_info", lambda message, *a, **k: said.append(message))
     model = TinyMLP()
     dim = sum(p.numel() for p in model.parameters())
-    monitor = SharpnessMonitor(every_n_steps=100, probe_size=16)
+    monitor = SharpnessMonitor(every_n_steps=100, probe_size=16, max_basis=max_basis, max_hvp=400)
     make_trainer([monitor], max_steps=1).fit(model, full_batch_loader(16))
     said = [m for m in said if "first measurement (no warm start)" in m]
-    vectors = working_vectors(dim, 1, "both", "lanczos")
+    vectors = working_vectors(dim, 1, "both", "lanczos", max_basis=max_basis)
+    assert vectors == (8 if max_basis == 5 else 15)
     assert len(said) == 1 and f"at most {vectors} parameter-sized vectors" in said[0]
     assert f"({vectors * dim * 4 / 2**20:.1f} MiB)" in said[0]
 

@@ -263,3 +263,18 @@ def test_solve_vectors_stay_where_the_model_is_and_travel_by_vectors_to() -> Non
     assert moved.eigenvalues == res.eigenvalues
     back = res.vectors_to("cpu")
     assert torch.equal(back.top_vectors, res.top_vectors) and torch.equal(back.min_vector, res.min_vector)
+
+
+def test_max_basis_caps_the_basis_and_keeps_the_values() -> None:
+    """A capped basis (thick restarts) spends more products for the same eigenvalues, checked against the
+    dense float64 Hessian; a cap below the pairs the solve needs is refused with the bound in the message."""
+    model, batch = _model_and_data(4)
+    evals, _ = _dense(model, batch)
+    runs = {cap: solve(model, _loss, [batch], MeasureSettings(max_basis=cap, max_hvp=600, tol=1e-6, lambda_min_tol=1e-6),
+                       step=0) for cap in (None, 5)}
+    for res in runs.values():
+        assert res.eigenvalues[0] == pytest.approx(float(evals[-1]), rel=1e-5)
+        assert res.lambda_min == pytest.approx(float(evals[0]), rel=1e-4)
+    assert runs[5].n_hvp > runs[None].n_hvp
+    with pytest.raises(ValueError, match=r"max_basis must be an int >= 6 \(top_k \+ 3, plus 1 with lambda_min=True\)"):
+        MeasureSettings(top_k=2, max_basis=5)

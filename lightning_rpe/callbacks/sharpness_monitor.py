@@ -87,6 +87,10 @@ class SharpnessMonitor(Callback):
             ``tol`` costs most of the products; at the default its residual is at most
             ``1e-2 * lambda_max`` (docs/monitor.md has the measured effect).
         max_hvp: product budget per eigen-solve (None = the solver's default).
+        max_basis: Lanczos basis cap in parameter vectors (None = the solver's default
+            ``max(12, 2 n + 8)``, ``n`` = ``top_k`` plus one with ``lambda_min``); at least ``top_k + 3``
+            (``top_k + 4`` with ``lambda_min``). Fewer vectors held, more products (raise ``max_hvp``
+            with it); docs/monitor.md, "Memory", has the measured trade-off.
         solver: ``"lanczos"`` (warm start = one start vector built from the previous
             eigenvectors; the default, see docs/monitor.md), ``"block"`` (LOBPCG started from the
             previous eigenvectors) or ``"auto"`` (block when warm-started, Lanczos otherwise).
@@ -152,6 +156,7 @@ class SharpnessMonitor(Callback):
         tol: float = 1e-3,
         lambda_min_tol: float | None = None,
         max_hvp: int | None = None,
+        max_basis: int | None = None,
         solver: Solver = "lanczos",
         dtype: DType = "float32",
         batchnorm: BatchNormPolicy = "batch",
@@ -200,7 +205,7 @@ class SharpnessMonitor(Callback):
         self.on_fit_end_measure = on_fit_end
         self.settings = MeasureSettings(
             top_k=top_k, lambda_min=lambda_min, trace=trace, trace_hvps=trace_hvps, tol=tol,
-            lambda_min_tol=lambda_min_tol, max_hvp=max_hvp, solver=solver, dtype=dtype, batchnorm=batchnorm,
+            lambda_min_tol=lambda_min_tol, max_hvp=max_hvp, max_basis=max_basis, solver=solver, dtype=dtype, batchnorm=batchnorm,
             dropout=dropout, backend=backend, verify=verify, preconditioned=preconditioned, grad_alignment=grad_alignment,
             warm_start=warm_start, criterion=criterion, seed=seed, batch_sharpness=n_batch_sharpness,
             cache_graphs=cache_graphs, owner=_OWNER,
@@ -581,7 +586,8 @@ class SharpnessMonitor(Callback):
         dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         which = "both" if self.settings.lambda_min else "largest"
         room = dim - 1 if which == "both" else dim  # the k measure.solve asks for
-        vectors = working_vectors(dim, min(self.settings.top_k, room), which, self.settings.solver)
+        vectors = working_vectors(dim, min(self.settings.top_k, room), which, self.settings.solver,
+                                  max_basis=self.settings.max_basis)
         dtype = DTYPES[self._settled_dtype or self.settings.dtype]  # float64 after a failed float32 check
         nbytes = vectors * dim * dtype.itemsize
         rank_zero_info(
