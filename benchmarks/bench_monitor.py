@@ -25,8 +25,10 @@ Reported (``torch.set_num_threads(2)``; runs alternate with/without, medians ove
   bytes; goal ``<= (k + 3) x`` the parameter bytes.
 
 ``--criterion`` sets ``SharpnessMonitor(criterion=...)``: the stopping rule of the warm solves
-(``residual``, the default; ``eigenvalue``: every warm pair stops on the eigenvalue error with the
-previous measurement's gap estimates; ``auto``: only the pairs whose vectors feed no reported number).
+(``auto``, the default and the monitor's: the eigenvalue rule only for the pairs whose vectors feed no
+reported number; ``residual``: every pair to the residual tolerance, the monitor's default before
+2026-11-29; ``eigenvalue``: every warm pair stops on the eigenvalue error with the previous
+measurement's gap estimates).
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ def probe_tensors(dm: Any, n_probe: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, every: int, probe_size: int,
         verbose: bool = True, optimizer: str = "sgd", solver: str | None = None,
-        lambda_min_tol: float | None = None, criterion: str = "residual") -> dict[str, Any]:
+        lambda_min_tol: float | None = None, criterion: str = "auto") -> dict[str, Any]:
     monitor_kwargs: dict[str, Any] = dict(every_n_steps=every, top_k=1, lambda_min=True, probe="fixed",
                                           probe_size=probe_size)
     if solver is not None:
@@ -306,8 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="SharpnessMonitor(solver=...); default: the monitor's own default")
     parser.add_argument("--lambda-min-tol", type=float, default=None,
                         help="SharpnessMonitor(lambda_min_tol=...); default: the monitor's own default")
-    parser.add_argument("--criterion", default="residual", choices=["residual", "eigenvalue", "auto"],
-                        help="SharpnessMonitor(criterion=...): stopping rule of the warm solves")
+    parser.add_argument("--criterion", default="auto", choices=["residual", "eigenvalue", "auto"],
+                        help="SharpnessMonitor(criterion=...): stopping rule of the warm solves (default: the monitor's, auto)")
     parser.add_argument("--probe-size", type=int, default=1000)
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2,
