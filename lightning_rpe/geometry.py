@@ -156,16 +156,33 @@ def _triangular_inverse(r: Tensor, name: str, k: int) -> Tensor:
     return torch.linalg.solve_triangular(r, eye, upper=True)
 
 
-def _orthonormalizer(x: Tensor, name: str) -> Tensor:
-    """A ``(k, k)`` float64 ``T`` such that ``x @ T`` (in float64) has orthonormal columns spanning
-    those of the ``(n, k)`` block ``x``: ``T = R_1^-1 R_2^-1`` from two TSQR passes (the second one
-    restores orthogonality to rounding for blocks far from orthonormal, as in CholeskyQR2), without a
-    float64 copy of ``x``. Raises ValueError for dependent columns (relative pivot <= 1e-12).
+class _Basis:
+    """A checked ``(n, k)`` block ``x`` of basis columns, scaled by its largest ``|entry|`` (angles do
+    not depend on the scale, and float64 sums of the scaled rows neither underflow nor overflow for
+    float64 inputs near 1e-300 or 1e300), with ``T`` such that ``(x / scale) @ T`` (in float64) has
+    orthonormal columns spanning those of ``x``: ``T = R_1^-1 R_2^-1`` from two TSQR passes (the second
+    one restores orthogonality to rounding for blocks far from orthonormal, as in CholeskyQR2), without
+    a float64 copy of ``x``.
+
+    Raises:
+        ValueError: as :func:`_block`, or dependent columns (relative pivot <= 1e-12).
     """
-    n, k = x.shape
-    t1 = _triangular_inverse(_r_factor(lambda s: x[s].to(torch.float64), n), name, k)
-    r2 = _r_factor(lambda s: x[s].to(torch.float64) @ t1.to(x.device), n)
-    return t1 @ _triangular_inverse(r2, name, k)
+
+    def __init__(self, x: Tensor, name: str) -> None:
+        self.x = _block(x, name)
+        lo, hi = torch.aminmax(self.x)
+        self.scale = max(abs(float(lo)), abs(float(hi)))
+        n, k = self.x.shape
+        if self.scale == 0.0:
+            raise ValueError(f"{name} must have linearly independent columns (rank {k})")
+        t1 = _triangular_inverse(_r_factor(self.rows, n), name, k)
+        r2 = _r_factor(lambda s: self.rows(s) @ t1.to(self.x.device), n)
+        self.t = t1 @ _triangular_inverse(r2, name, k)
+
+    def rows(self, s: slice, device: torch.device | None = None) -> Tensor:
+        """Rows ``s`` of ``x / scale`` in float64 (on ``device``, default ``x``'s)."""
+        # copy=True: a float64 input on that device would otherwise be divided in place (the caller's tensor)
+        return self.x[s].to(device or self.x.device, torch.float64, copy=True).div_(self.scale)
 
 
 def _gram(a: Tensor, b: Tensor) -> Tensor:
@@ -180,11 +197,12 @@ def principal_angles(U: Tensor, V: Tensor) -> Tensor:
     """Principal angles (radians, ascending, in [0, pi/2]) between span(U) and span(V).
 
     ``U`` is (n, k), ``V`` is (n, l) with basis vectors as columns (a 1-D tensor is one column);
-    they need not be orthonormal (each is orthonormalised implicitly, ``Q = U T`` with ``T`` from two
-    TSQR passes). ``min(k, l)`` angles are returned (float64). The cosines are the singular values of
-    ``Q_U^T Q_V`` clamped to [0, 1]; angles below pi/4 are taken from the sines instead (singular values
-    of the part of the smaller basis orthogonal to the other span, Knyazev & Argentati 2002), which
-    keeps tiny angles accurate. Working memory: a sixteenth of a float64 copy of a block at a time.
+    they need not be orthonormal (each is orthonormalised implicitly, ``Q = (U / max|U|) T`` with ``T``
+    from two TSQR passes). ``min(k, l)`` angles are returned (float64). The cosines are the singular
+    values of ``Q_U^T Q_V`` clamped to [0, 1]; angles below pi/4 are taken from the sines instead
+    (singular values of the part of the smaller basis orthogonal to the other span, Knyazev & Argentati
+    2002), which keeps tiny angles accurate. Working memory: a sixteenth of a float64 copy of a block
+    at a time.
 
     Raises:
         ValueError: non-tensor, complex, non-finite or rank-deficient input, or different row counts.
@@ -192,30 +210,34 @@ def principal_angles(U: Tensor, V: Tensor) -> Tensor:
     u, v = _block(U, "U"), _block(V, "V")
     if u.shape[0] != v.shape[0]:
         raise ValueError(f"U and V must have the same number of rows, got {u.shape[0]} and {v.shape[0]}")
-    return _angles(u, _orthonormalizer(u, "U"), v, _orthonormalizer(v, "V"))
+    return _angles(_Basis(u, "U"), _Basis(v, "V"))
 
 
-def _angles(u: Tensor, tu: Tensor, v: Tensor, tv: Tensor) -> Tensor:
-    """:func:`principal_angles` of checked blocks ``u``, ``v`` with their orthonormalisers."""
-    if u.shape[0] != v.shape[0]:
-        raise ValueError(f"U and V must have the same number of rows, got {u.shape[0]} and {v.shape[0]}")
-    # small: the basis with fewer columns; big: the other one (Q = block @ T)
-    (small, ts), (big, tb) = ((u, tu), (v, tv)) if u.shape[1] <= v.shape[1] else ((v, tv), (u, tu))
-    dev = big.device
-    ts, tb = ts.to(dev), tb.to(dev)
-    m = tb.T @ _gram(big, small) @ ts  # Q_big^T Q_small
+def _angles(bu: _Basis, bv: _Basis) -> Tensor:
+    """:func:`principal_angles` of two :class:`_Basis`."""
+    if bu.x.shape[0] != bv.x.shape[0]:
+        raise ValueError(f"U and V must have the same number of rows, got {bu.x.shape[0]} and {bv.x.shape[0]}")
+    # small: the basis with fewer columns; big: the other one
+    small, big = (bu, bv) if bu.x.shape[1] <= bv.x.shape[1] else (bv, bu)
+    dev = big.x.device
+    ts, tb = small.t.to(dev), big.t.to(dev)
+    n = big.x.shape[0]
+    gram = torch.zeros(big.x.shape[1], small.x.shape[1], dtype=torch.float64, device=dev)
+    for s in _row_chunks(n):
+        gram.addmm_(big.rows(s).T, small.rows(s, dev))
+    m = tb.T @ gram @ ts  # Q_big^T Q_small
     cos = torch.linalg.svdvals(m).clamp(0.0, 1.0)  # descending
     tbm = tb @ m
 
     def residual(s: slice) -> Tensor:  # rows s of Q_small - Q_big (Q_big^T Q_small)
-        return torch.addmm(small[s].to(dev, torch.float64) @ ts, big[s].to(torch.float64), tbm, alpha=-1.0)
+        return torch.addmm(small.rows(s, dev) @ ts, big.rows(s), tbm, alpha=-1.0)
 
     # the singular values of the tall residual are those of its k x k R factor; for one column its norm
-    if small.shape[1] == 1:
-        sq = sum(float((residual(s) ** 2).sum()) for s in _row_chunks(small.shape[0]))
+    if small.x.shape[1] == 1:
+        sq = sum(float((residual(s) ** 2).sum()) for s in _row_chunks(n))
         sin = torch.tensor([math.sqrt(sq)], dtype=torch.float64, device=dev).clamp(0.0, 1.0)
     else:
-        sin = torch.linalg.svdvals(_r_factor(residual, small.shape[0])).clamp(0.0, 1.0).flip(0)  # ascending
+        sin = torch.linalg.svdvals(_r_factor(residual, n)).clamp(0.0, 1.0).flip(0)  # ascending
     from_cos = torch.arccos(cos)  # ascending
     from_sin = torch.arcsin(sin)  # ascending
     return torch.where(cos * cos >= 0.5, from_sin, from_cos)
@@ -592,7 +614,7 @@ class EigenvectorTracker:
         # range at a time: no float64 copy of a (dim, k) block (46 vectors at k = 5 before, measured)
         top = top.detach()
         top_k = top[:, :k]
-        t_top = _or_none(lambda: _orthonormalizer(_block(top_k, "U"), "U"))
+        b_top = _or_none(lambda: _Basis(top_k, "U"))
         if prev is not None and prev.shape == top.shape:
             prev = prev.detach().to(top)
             overlap = _gram(prev, top).abs()
@@ -608,16 +630,16 @@ class EigenvectorTracker:
                     rot_cos = _or_none(lambda: _abs_cos(*pair))
                     rot_angle = _or_none(lambda: _angle(pair[1], pair[0]))
                 del pair
-            if t_top is not None:
+            if b_top is not None:
                 prev_k = prev[:, :k]
-                sub_sim = _or_none(lambda: _similarity(_angles(top_k, t_top, prev_k, _orthonormalizer(_block(prev_k, "V"), "V"))))
+                sub_sim = _or_none(lambda: _similarity(_angles(b_top, _Basis(prev_k, "V"))))
         first = self.reference_top
         if self.reference_step is not None and (first is None or first.shape != top_k.shape) and step >= self.reference_step:
             # a copy when it is part of the block: a view would keep the whole (dim, m) block alive
             self.reference_top = first = top_k.clone() if k < top.shape[1] else top
-        if first is not None and first.shape == top_k.shape and t_top is not None:
+        if first is not None and first.shape == top_k.shape and b_top is not None:
             ref_k = first.to(top)
-            sub_first = _or_none(lambda: _similarity(_angles(top_k, t_top, ref_k, _orthonormalizer(_block(ref_k, "V"), "V"))))
+            sub_first = _or_none(lambda: _similarity(_angles(b_top, _Basis(ref_k, "V"))))
         ref = self.polarity.reference
         if ref is not None and ref.numel() != v1.numel():
             self.polarity.reset()

@@ -387,3 +387,28 @@ def test_principal_angles_by_row_ranges_match_scipy(case: str) -> None:
         assert got.tolist() == pytest.approx(ref.tolist(), rel=1e-5)
     else:
         assert got.tolist() == pytest.approx(ref.tolist(), abs=1e-10)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-160, 1.0, 1e153, 1e200])
+def test_principal_angles_do_not_depend_on_the_scale(scale: float) -> None:
+    """Each block is scaled by its largest entry before any float64 sum: float64 inputs near 1e-300 or
+    1e300 give the same angles (they gave pi/2 without a word, or a LinAlgError, when the row-range
+    products ran on the raw entries)."""
+    g = torch.Generator().manual_seed(3)
+    U = torch.randn(1000, 3, generator=g, dtype=torch.float64)
+    V = U + 0.1 * torch.randn(1000, 3, generator=g, dtype=torch.float64)
+    ref = np.sort(scipy.linalg.subspace_angles(U.numpy(), V.numpy()))
+    assert principal_angles(U * scale, V * scale).tolist() == pytest.approx(ref.tolist(), abs=1e-12)
+    assert principal_angles(U[:, 0] * scale, V[:, 0]).tolist() == pytest.approx(
+        principal_angles(U[:, 0], V[:, 0]).tolist(), abs=1e-12)
+
+
+def test_principal_angles_leave_their_inputs_untouched() -> None:
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float64, torch.float32):
+        U = 7.0 * torch.randn(300, 2, generator=g, dtype=dtype)
+        V = 3.0 * torch.randn(300, 2, generator=g, dtype=dtype)
+        U0, V0 = U.clone(), V.clone()
+        principal_angles(U, V)
+        subspace_similarity(U[:, 0], V)
+        assert torch.equal(U, U0) and torch.equal(V, V0)
