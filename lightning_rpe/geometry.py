@@ -170,11 +170,8 @@ class _Basis:
 
     def __init__(self, x: Tensor, name: str) -> None:
         self.x = _block(x, name)
-        lo, hi = torch.aminmax(self.x)
-        self.scale = max(abs(float(lo)), abs(float(hi)))
+        self.scale = _largest(self.x)
         n, k = self.x.shape
-        if self.scale == 0.0:
-            raise ValueError(f"{name} must have linearly independent columns (rank {k})")
         t1 = _triangular_inverse(_r_factor(self.rows, n), name, k)
         r2 = _r_factor(lambda s: self.rows(s) @ t1.to(self.x.device), n)
         self.t = t1 @ _triangular_inverse(r2, name, k)
@@ -185,11 +182,20 @@ class _Basis:
         return self.x[s].to(device or self.x.device, torch.float64, copy=True).div_(self.scale)
 
 
-def _gram(a: Tensor, b: Tensor) -> Tensor:
-    """``a^T b`` in float64 on ``a``'s device, one row range at a time."""
+def _largest(x: Tensor) -> float:
+    """``max |x_ij|`` (1.0 for an all-zero or empty block), without an ``abs`` copy of ``x``."""
+    if x.numel() == 0:
+        return 1.0
+    lo, hi = torch.aminmax(x)
+    return max(abs(float(lo)), abs(float(hi))) or 1.0
+
+
+def _gram(a: Tensor, b: Tensor, scale_a: float = 1.0, scale_b: float = 1.0) -> Tensor:
+    """``(a / scale_a)^T (b / scale_b)`` in float64 on ``a``'s device, one row range at a time."""
     out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
     for s in _row_chunks(a.shape[0]):
-        out.addmm_(a[s].to(torch.float64).T, b[s].to(a.device, torch.float64))
+        rows_a = a[s].to(torch.float64, copy=True).div_(scale_a)
+        out.addmm_(rows_a.T, b[s].to(a.device, torch.float64, copy=True).div_(scale_b))
     return out
 
 
@@ -493,7 +499,9 @@ def match_eigenvectors(previous: Tensor, current: Tensor) -> tuple[int, ...]:
     """
     if previous.shape != current.shape or previous.ndim != 2:
         raise ValueError(f"previous and current must be (dim, k) blocks of one shape, got {tuple(previous.shape)} and {tuple(current.shape)}")
-    return _match_overlap(_gram(previous.detach(), current.detach()).abs())
+    prev, cur = previous.detach(), current.detach()
+    # each block over its largest entry: the assignment does not change, float64 sums stay finite
+    return _match_overlap(_gram(prev, cur, _largest(prev), _largest(cur)).abs())
 
 
 def _match_overlap(overlap: Tensor) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ from lightning_rpe.geometry import (
     abs_cosine,
     align_sign,
     gradient_alignment,
+    match_eigenvectors,
     principal_angles,
     rotation_angle,
     subspace_similarity,
@@ -412,3 +413,10 @@ def test_principal_angles_leave_their_inputs_untouched() -> None:
         principal_angles(U, V)
         subspace_similarity(U[:, 0], V)
         assert torch.equal(U, U0) and torch.equal(V, V0)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_match_eigenvectors_at_extreme_float64_scales(scale: float) -> None:
+    q = torch.linalg.qr(torch.randn(500, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64))[0]
+    swapped = q[:, [1, 0, 2]]
+    assert match_eigenvectors(q * scale, swapped * scale) == (1, 0, 2)
