@@ -521,9 +521,12 @@ def _match_overlap(overlap: Tensor) -> tuple[int, ...]:
 
 
 def _or_none(fn: Any) -> Any:
+    """``fn()``, or None when it meets degenerate input (ValueError) or a numerical failure of a
+    factorisation (LinAlgError): a tracker field left empty, never an exception in the training loop.
+    """
     try:
         return fn()
-    except ValueError:
+    except (ValueError, torch.linalg.LinAlgError):
         return None
 
 

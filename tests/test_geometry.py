@@ -420,3 +420,21 @@ def test_match_eigenvectors_at_extreme_float64_scales(scale: float) -> None:
     q = torch.linalg.qr(torch.randn(500, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64))[0]
     swapped = q[:, [1, 0, 2]]
     assert match_eigenvectors(q * scale, swapped * scale) == (1, 0, 2)
+
+
+def test_tracker_leaves_a_field_empty_when_a_factorisation_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LinAlgError inside the subspace geometry empties those fields; the update itself goes on."""
+    import lightning_rpe.geometry as geometry
+
+    g = torch.Generator().manual_seed(6)
+    tracker = EigenvectorTracker()
+    blocks = [torch.linalg.qr(torch.randn(40, 2, generator=g, dtype=torch.float64))[0] for _ in range(2)]
+    tracker.update(0, blocks[0])
+
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("simulated")
+
+    monkeypatch.setattr(geometry, "_angles", broken)
+    rot = tracker.update(1, blocks[1])
+    assert rot.subspace_similarity is None and rot.subspace_similarity_to_first is None
+    assert rot.rotation_angle is not None and torch.equal(tracker.previous_top, blocks[1])
