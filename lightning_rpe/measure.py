@@ -32,7 +32,7 @@ from lightning_rpe.curvature import (
     sample_minibatches,
     verify_operator,
 )
-from lightning_rpe.curvature.eigen import working_vectors
+from lightning_rpe.curvature.eigen import default_max_hvp, working_vectors
 from lightning_rpe.curvature.hessian import coarser
 from lightning_rpe.curvature.sharded import ShardedHessianOperator, sharded_eigenpairs
 from lightning_rpe.curvature.trace import trace as trace_estimate
@@ -131,7 +131,8 @@ class MeasureSettings:
         trace: also estimate ``tr(H)`` with Hutch++ using ``trace_hvps`` (>= 3) products.
         tol: relative residual tolerance of the top-k pairs, ``||H v - lambda v|| <= tol * lambda_max``.
         lambda_min_tol: the same for the lambda_min pair (None: ``10 * tol``).
-        max_hvp: product budget per eigen-solve (None: the solver's default).
+        max_hvp: product budget per eigen-solve (None: the solver's default, twice that for a cold
+            solve; see :meth:`budget`).
         max_basis: Lanczos basis cap in parameter vectors (None: the solver's default
             ``max(12, 2 n + 8)``, ``n`` the pairs wanted); at least ``top_k + 3`` (``top_k + 4`` with
             ``lambda_min``). A smaller cap holds fewer vectors and needs more products (thick restarts):
@@ -214,6 +215,17 @@ class MeasureSettings:
         check_int(o, "seed", self.seed, minimum=0)
         check_int(o, "batch_sharpness", self.batch_sharpness, minimum=0)
         check_choice(o, "cache_graphs", self.cache_graphs, (None, True, False))
+
+    def budget(self, dim: int, k: int, which: str, warm: bool) -> int | None:
+        """The product budget of one eigen-solve: ``max_hvp`` when set; otherwise None (the solver's
+        :func:`~lightning_rpe.curvature.eigen.default_max_hvp`) for a warm-started solve and twice that
+        default for a cold one (no previous eigenvectors: the first measurement of a run), whose
+        products on a clustered spectrum come close to the default (102 of 110 on a 5.38M-parameter
+        MLP, 174-230+ of 230 with ``top_k=5``: docs/benchmarks.md) and which is skipped when it runs out.
+        """
+        if self.max_hvp is not None or warm:
+            return self.max_hvp
+        return min(int(dim), 2 * default_max_hvp(dim, k, which))
 
     def generator(self, step: int, device: torch.device | str | None = None) -> torch.Generator:
         """The solver's private generator for a measurement at ``step`` (reproducible, global RNG untouched).
@@ -607,10 +619,11 @@ def _top_eigenpair(op: Any, settings: MeasureSettings, gen: torch.Generator, ini
     one's gap estimate, for :func:`stopping_rule` when its vector feeds no reported number).
     """
     criterion, gaps = "residual", None
+    budget = settings.budget(op.dim, 1, "largest", init is not None)
     if init is not None:
         init = init.to(device=op.device, dtype=op.dtype)
         criterion, gaps = stopping_rule(settings.criterion, None if gap is None else [gap], 1, 0)
-    res = eigenpairs(op, k=1, which="largest", tol=settings.tol, max_hvp=settings.max_hvp, init=init,
+    res = eigenpairs(op, k=1, which="largest", tol=settings.tol, max_hvp=budget, init=init,
                      generator=gen, method=settings.solver, criterion=criterion, gap=gaps, max_basis=settings.max_basis)
     if not res.all_converged or not bool(torch.isfinite(res.eigenvalues).all()):
         raise MeasurementSkipped(f"the {what} eigen-solve did not converge ({res.reason or 'not converged'})")
@@ -733,7 +746,8 @@ def solve(
     # parameter vectors) once its start vector is built
     inits = [init]
     del init
-    res = eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.max_hvp, init=inits.pop(),
+    res = eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.budget(op.dim, k, which, warm_started),
+                     init=inits.pop(),
                      generator=gen, method=settings.solver, max_basis=settings.max_basis,
                      tol_smallest=settings.lambda_min_tol if which == "both" else None, criterion=criterion, gap=gap)
     if not bool(torch.isfinite(res.eigenvalues).all()):

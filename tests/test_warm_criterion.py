@@ -278,3 +278,30 @@ def test_max_basis_caps_the_basis_and_keeps_the_values() -> None:
     assert runs[5].n_hvp > runs[None].n_hvp
     with pytest.raises(ValueError, match=r"max_basis must be an int >= 6 \(top_k \+ 3, plus 1 with lambda_min=True\)"):
         MeasureSettings(top_k=2, max_basis=5)
+
+
+def test_cold_solves_get_twice_the_default_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first (cold) solve of a run may spend twice the solver's default products; warm ones keep
+    the default; an explicit max_hvp is used as given for both."""
+    import lightning_rpe.measure as measure
+    from lightning_rpe.curvature.eigen import default_max_hvp
+
+    budgets: list[int | None] = []
+    real = measure.eigenpairs
+
+    def spy(*args, **kwargs):
+        budgets.append(kwargs.get("max_hvp"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "eigenpairs", spy)
+    model, batch = _model_and_data(5)
+    dim = sum(p.numel() for p in model.parameters())
+    for settings, expected in ((MeasureSettings(), [2 * default_max_hvp(dim, 1, "both"), None]),
+                               (MeasureSettings(max_hvp=70), [70, 70])):
+        budgets.clear()
+        tracker = EigenvectorTracker()
+        for step in range(2):
+            res = solve(model, _loss, [batch], settings, step=step, warm=tracker)
+            tracker.update(step, res.top_vectors, res.min_vector, k=1, gaps=res.gaps)
+        assert budgets == expected
+    assert MeasureSettings().budget(10, 1, "both", warm=False) == 10  # never more than dim

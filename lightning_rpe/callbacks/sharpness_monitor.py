@@ -86,7 +86,8 @@ class SharpnessMonitor(Callback):
             lambda_min usually sits in a cluster of small eigenvalues far below lambda_max, where
             ``tol`` costs most of the products; at the default its residual is at most
             ``1e-2 * lambda_max`` (docs/monitor.md has the measured effect).
-        max_hvp: product budget per eigen-solve (None = the solver's default).
+        max_hvp: product budget per eigen-solve (None = the solver's default ``min(dim, 50 + 30 n)``
+            for warm-started solves and twice that for cold ones, e.g. the first measurement of a run).
         max_basis: Lanczos basis cap in parameter vectors (None = the solver's default
             ``max(12, 2 n + 8)``, ``n`` = ``top_k`` plus one with ``lambda_min``); at least ``top_k + 3``
             (``top_k + 4`` with ``lambda_min``). Fewer vectors held, more products (raise ``max_hvp``

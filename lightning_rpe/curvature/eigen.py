@@ -107,8 +107,8 @@ def default_max_hvp(dim: int, k: int, which: str) -> int:
 
     Lanczos on network Hessians reaches ``tol=1e-3`` for lambda_max in roughly 15-40 products
     and needs a few tens more per additional well-separated pair; 50 + 30 n leaves room for
-    moderately clustered spectra while bounding the basis memory to ``(50 + 30 n) * dim``
-    entries. With ``dim`` products the Krylov space is the whole space, so more is never needed.
+    moderately clustered spectra (the basis memory is capped separately, ``max_basis``). With
+    ``dim`` products the Krylov space is the whole space, so more is never needed.
     """
     return min(int(dim), 50 + 30 * n_wanted(k, which))
 
