@@ -1,7 +1,7 @@
 """Cost of one ``EigenvectorTracker.update`` (rotation, subspace similarities, polarity) at real size.
 
-The tracker runs on CPU copies of the eigenvectors after every measurement (``Solve.top_vectors``
-is moved to the CPU), so on a GPU its float64 work is host time that the products do not hide.
+The tracker runs after every measurement on the eigenvectors where the model is (on the CPU here):
+its float64 passes over the vectors are time that no product hides.
 Synthetic unit vectors, ``top_k=1`` with ``lambda_min``, a reference subspace, 3 timed updates after
 two untimed ones; one torch thread unless ``--threads``.
 

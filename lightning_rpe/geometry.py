@@ -259,6 +259,12 @@ def subspace_similarity(U: Tensor, V: Tensor) -> float:
     return _similarity(principal_angles(U, V))
 
 
+def _line_similarity(u: Tensor, v: Tensor) -> float:
+    """:func:`subspace_similarity` of two lines: ``cos`` of the angle between the vectors (:func:`_angle`)."""
+    a, b = _pair(u.contiguous(), v.contiguous())
+    return math.cos(math.radians(_angle(b, a)))
+
+
 def _similarity(theta: Tensor) -> float:
     """:func:`subspace_similarity` from the principal angles."""
     k = theta.numel()
@@ -625,7 +631,10 @@ class EigenvectorTracker:
         # range at a time: no float64 copy of a (dim, k) block (46 vectors at k = 5 before, measured)
         top = top.detach()
         top_k = top[:, :k]
-        b_top = _or_none(lambda: _Basis(top_k, "U"))
+        # k = 1: the principal angle between two lines is the angle between the vectors, taken from
+        # the rotation's pair where it is the same pair (no TSQR passes over the vectors)
+        line = k == 1
+        b_top = None if line else _or_none(lambda: _Basis(top_k, "U"))
         if prev is not None and prev.shape == top.shape:
             prev = prev.detach().to(top)
             overlap = _gram(prev, top).abs()
@@ -641,16 +650,24 @@ class EigenvectorTracker:
                     rot_cos = _or_none(lambda: _abs_cos(*pair))
                     rot_angle = _or_none(lambda: _angle(pair[1], pair[0]))
                 del pair
-            if b_top is not None:
+                if line and j == 0 and rot_angle is not None:
+                    sub_sim = math.cos(math.radians(rot_angle))
+            if line and sub_sim is None:
+                sub_sim = _or_none(lambda: _line_similarity(top[:, 0], prev[:, 0]))
+            elif b_top is not None:
                 prev_k = prev[:, :k]
                 sub_sim = _or_none(lambda: _similarity(_angles(b_top, _Basis(prev_k, "V"))))
         first = self.reference_top
         if self.reference_step is not None and (first is None or first.shape != top_k.shape) and step >= self.reference_step:
             # a copy when it is part of the block: a view would keep the whole (dim, m) block alive
             self.reference_top = first = top_k.clone() if k < top.shape[1] else top
-        if first is not None and first.shape == top_k.shape and b_top is not None:
+        if first is not None and first.shape == top_k.shape:
             ref_k = first.to(top)
-            sub_first = _or_none(lambda: _similarity(_angles(b_top, _Basis(ref_k, "V"))))
+            if line:
+                sub_first = _or_none(lambda: _line_similarity(top[:, 0], ref_k[:, 0]))
+            elif b_top is not None:
+                basis = b_top
+                sub_first = _or_none(lambda: _similarity(_angles(basis, _Basis(ref_k, "V"))))
         ref = self.polarity.reference
         if ref is not None and ref.numel() != v1.numel():
             self.polarity.reset()
