@@ -52,6 +52,12 @@ def _flat64(x: Tensor, name: str) -> Tensor:
         raise ValueError(f"{name} must have at least one element")
     if not _all_finite(flat):
         raise ValueError(f"{name} must contain only finite values")
+    largest = _largest(flat)
+    if not 1e-100 <= largest <= 1e100:
+        # every caller computes directions (cosines, angles, signs, unit vectors): divide by the largest
+        # entry so that norms and dot products of float64 input near 1e-300 or 1e300 stay finite and
+        # non-zero (a new tensor: the caller's float64 input is never divided in place)
+        flat = flat / largest
     return flat
 
 
@@ -637,7 +643,7 @@ class EigenvectorTracker:
         b_top = None if line else _or_none(lambda: _Basis(top_k, "U"))
         if prev is not None and prev.shape == top.shape:
             prev = prev.detach().to(top)
-            overlap = _gram(prev, top).abs()
+            overlap = _gram(prev, top, _largest(prev), _largest(top)).abs()
             match = _match_overlap(overlap) if bool(torch.isfinite(overlap).all()) else None
             if match is not None:
                 matched = prev[:, match[0]]

@@ -904,7 +904,8 @@ def solve_sharded(
     which = "both" if settings.lambda_min else "largest"
     room = op.total_dim - 1 if which == "both" else op.total_dim
     k = min(settings.top_k, room)
-    res = sharded_eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.max_hvp,
+    # no warm start on shards: every sharded solve is a cold one
+    res = sharded_eigenpairs(op, k=k, which=which, tol=settings.tol, max_hvp=settings.budget(op.total_dim, k, which, False),
                              generator=settings.generator(step))
     if not bool(torch.isfinite(res.eigenvalues).all()):
         raise MeasurementSkipped(res.reason or "non-finite eigenvalues (non-finite loss or Hessian-vector product)")

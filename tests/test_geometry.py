@@ -438,3 +438,24 @@ def test_tracker_leaves_a_field_empty_when_a_factorisation_fails(monkeypatch: py
     rot = tracker.update(1, blocks[1])
     assert rot.subspace_similarity is None and rot.subspace_similarity_to_first is None
     assert rot.rotation_angle is not None and torch.equal(tracker.previous_top, blocks[1])
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-160, 1e160, 1e200])
+def test_line_geometry_and_tracker_do_not_depend_on_the_scale(scale: float) -> None:
+    """Two vectors 30 degrees apart, scaled together: cosines, angles, the one-vector tracker's subspace
+    similarities and the polarity are those of the unit vectors (NaN or 3e-4 off at 1e+-160 before)."""
+    u = torch.zeros(50, dtype=torch.float64)
+    v = torch.zeros(50, dtype=torch.float64)
+    u[0], v[0], v[1] = 1.0, math.cos(math.radians(30)), math.sin(math.radians(30))
+    assert abs_cosine(u * scale, v * scale) == pytest.approx(math.cos(math.radians(30)), rel=1e-14)
+    assert rotation_angle(u * scale, v * scale) == pytest.approx(30.0, rel=1e-12)
+    tracker = EigenvectorTracker()
+    tracker.update(0, (u * scale)[:, None])
+    rot = tracker.update(1, (v * scale)[:, None])
+    assert rot.subspace_similarity == pytest.approx(math.cos(math.radians(30)), rel=1e-14)
+    assert rot.subspace_similarity_to_first == pytest.approx(math.cos(math.radians(30)), rel=1e-14)
+    assert rot.rotation_angle == pytest.approx(30.0, rel=1e-12) and abs(rot.polarity) == pytest.approx(30.0, rel=1e-12)
+    w = u * scale
+    w0 = w.clone()
+    abs_cosine(w, v)
+    assert torch.equal(w, w0)
