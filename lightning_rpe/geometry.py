@@ -343,27 +343,43 @@ class PolarityTracker:
 
     The state (``state_dict``) holds only tensors, floats, ints and None, so it can be saved with
     ``torch.save`` and loaded with ``torch.load(weights_only=True)``.
+
+    Args:
+        min_displacement: displacements at most this long keep the sign (see step 4).
+        copy: keep a copy of each eigenvector fed (default). ``False`` keeps the tensor itself and a
+            sign (no parameter-sized copy; :class:`EigenvectorTracker` uses it, since it keeps the same
+            vector): the caller must then not modify it in place.
     """
 
-    def __init__(self, min_displacement: float = 1e-6) -> None:
+    def __init__(self, min_displacement: float = 1e-6, copy: bool = True) -> None:
         ok = isinstance(min_displacement, (int, float)) and math.isfinite(min_displacement) and min_displacement >= 0
         if not ok:
             raise ValueError(f"min_displacement must be a finite float >= 0, got {min_displacement!r}")
+        if not isinstance(copy, bool):
+            raise ValueError(f"copy must be True or False, got {copy!r}")
         self.min_displacement = float(min_displacement)
+        self.copy = copy
         self.reset()
 
     def reset(self) -> None:
         """Forget the reference, the last displacement, the sign and the flip count."""
-        self._reference: Tensor | None = None
+        self._reference: Tensor | None = None  # the vector as fed (or its copy); the reference is _ref_sign times it
+        self._ref_sign = 1.0
         self._displacement: Tensor | None = None
         self._sign = 1
         self._flips = 0
         self._updates = 0
 
+    def _keep(self, v: Tensor, sign: float) -> None:
+        self._reference = v.detach().clone() if self.copy else v.detach()
+        self._ref_sign = sign
+
     @property
     def reference(self) -> Tensor | None:
         """The last aligned eigenvector (as given, not normalised), or None before the first update."""
-        return self._reference
+        if self._reference is None or self._ref_sign > 0:
+            return self._reference
+        return -self._reference
 
     @property
     def flips(self) -> int:
@@ -383,10 +399,12 @@ class PolarityTracker:
         flat = _flat64(v, "v")
         norm = _nonzero_norm(flat, "v")
         if self._reference is None:
-            self._reference = v.detach().clone()
+            self._keep(v, 1.0)
             self._updates = 1
             return None
         ref = _flat64(self._reference, "reference")
+        if self._ref_sign < 0:
+            ref = -ref
         if ref.numel() != flat.numel():
             raise ValueError(
                 f"v has {flat.numel()} elements but the previous eigenvector had {ref.numel()}; "
@@ -415,7 +433,7 @@ class PolarityTracker:
             # kept in the eigenvector's dtype: only the sign of the next dot product uses it, and a
             # float32 run's checkpoint state stays one vector (the memory budget of the monitor)
             self._displacement = d.to(v.dtype)
-        self._reference = aligned.clone()
+        self._keep(v, -1.0 if negative else 1.0)  # the reference is ``aligned``
         self._updates += 1
         return PolarityStep(
             polarity=self._sign * angle,
@@ -432,14 +450,18 @@ class PolarityTracker:
         ``reference`` becomes the reference, its sign aligned to the current one; the last
         displacement (of the other vector) is dropped, the sign and the flip count are kept.
         """
-        old = self._reference
-        self._reference = reference.detach().clone() if old is None else align_sign(reference.detach(), old.to(reference.device))
+        old = self.reference
+        if old is None:
+            self._keep(reference, 1.0)
+        else:
+            a, b = _pair(reference, old.to(reference.device), ("reference", "previous reference"))
+            self._keep(reference, -1.0 if float(a @ b) < 0.0 else 1.0)
         self._displacement = None
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors / floats / ints / None (loadable with ``torch.load(weights_only=True)``)."""
         return {
-            "reference": None if self._reference is None else self._reference.detach().clone(),
+            "reference": None if self._reference is None else self.reference.detach().clone(),  # type: ignore[union-attr]
             "displacement": None if self._displacement is None else self._displacement.detach().clone(),
             "sign": int(self._sign),
             "flips": int(self._flips),
@@ -457,6 +479,7 @@ class PolarityTracker:
             raise ValueError(f"state['sign'] must be 1 or -1, got {state['sign']!r}")
         ref, disp = state["reference"], state["displacement"]
         self._reference = None if ref is None else ref.detach().clone()
+        self._ref_sign = 1.0
         self._displacement = None if disp is None else disp.detach().clone()
         self._sign = int(state["sign"])
         self._flips = int(state["flips"])
@@ -557,7 +580,7 @@ class EigenvectorTracker:
 
     def __init__(self, reference_step: int | None = 0) -> None:
         self.reference_step = reference_step
-        self.polarity = PolarityTracker()
+        self.polarity = PolarityTracker(copy=False)  # its reference is +-v_1 of previous_top: no second copy
         self.reset()
 
     def reset(self) -> None:
@@ -674,10 +697,10 @@ class EigenvectorTracker:
             elif b_top is not None:
                 basis = b_top
                 sub_first = _or_none(lambda: _similarity(_angles(basis, _Basis(ref_k, "V"))))
-        ref = self.polarity.reference
+        ref = self.polarity._reference  # the stored tensor (its sign aside): no negated copy for a size check
         if ref is not None and ref.numel() != v1.numel():
             self.polarity.reset()
-        if matched is not None and crossed and self.polarity.reference is not None:
+        if matched is not None and crossed and self.polarity._reference is not None:
             # v_1 now continues another eigenvector: follow that one (its sign fixed by the old reference)
             self.polarity.rebase(matched)
         pstep = _or_none(lambda: self.polarity.update(v1))

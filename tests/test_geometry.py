@@ -459,3 +459,33 @@ def test_line_geometry_and_tracker_do_not_depend_on_the_scale(scale: float) -> N
     w0 = w.clone()
     abs_cosine(w, v)
     assert torch.equal(w, w0)
+
+
+def test_tracker_polarity_shares_the_previous_vector_and_gives_the_same_values() -> None:
+    """EigenvectorTracker's polarity keeps +-v_1 as the previous top block's own storage and a sign (one
+    parameter vector of state less); values equal a copying PolarityTracker's on a sequence with sign
+    flips and swings, and the default PolarityTracker still copies (mutating the input changes nothing)."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.linalg.qr(torch.randn(30, 3, generator=g, dtype=torch.float64))[0]
+    seq = []
+    for t in range(10):
+        a = 0.3 * math.sin(1.7 * t)
+        v = math.cos(a) * base[:, 0] + math.sin(a) * base[:, 1] + 0.05 * t * base[:, 2]
+        seq.append((-1.0) ** t * v / v.norm())
+    tracker, plain = EigenvectorTracker(), PolarityTracker()
+    for t, v in enumerate(seq):
+        rot = tracker.update(t, v[:, None].clone())
+        step = plain.update(v.clone())
+        if step is not None:
+            assert rot.polarity == step.polarity and rot.polarity_flips == step.flips
+        ref = tracker.polarity._reference
+        assert ref is not None and ref.untyped_storage().data_ptr() == tracker.previous_top.untyped_storage().data_ptr()
+        assert torch.equal(tracker.polarity.reference, plain.reference)
+    assert plain.flips >= 1
+    fed = seq[0].clone()
+    copying = PolarityTracker()
+    copying.update(fed)
+    fed.mul_(-1.0)
+    assert torch.equal(copying.reference, seq[0])
+    with pytest.raises(ValueError, match="copy must be True or False"):
+        PolarityTracker(copy=1)
