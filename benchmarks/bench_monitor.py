@@ -144,7 +144,7 @@ def _quiet_lightning() -> None:
 
 
 def fit_once(steps: int, hidden: Sequence[int], lr: float, n_train: int, monitor_kwargs: dict | None,
-             seed: int = 0, optimizer: str = "sgd") -> dict[str, Any]:
+             seed: int = 0, optimizer: str = "sgd", accelerator: str = "cpu") -> dict[str, Any]:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -158,11 +158,13 @@ def fit_once(steps: int, hidden: Sequence[int], lr: float, n_train: int, monitor
     if monitor_kwargs is not None:
         monitor = SharpnessMonitor(**monitor_kwargs)
         x, y = probe_tensors(dm, monitor_kwargs.get("probe_size", 1000))
+        if accelerator != "cpu":  # the recorder's gradient runs where the monitor's probe lives
+            x, y = x.cuda(), y.cuda()
         recorder = _Recorder(monitor, (x, y))
         callbacks = [monitor, recorder]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
-            max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, callbacks=callbacks,
+            max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=1, callbacks=callbacks,
             logger=TensorBoardLogger(tmp, name="bench"), enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1,
         )
@@ -196,7 +198,7 @@ def probe_tensors(dm: Any, n_probe: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, every: int, probe_size: int,
         verbose: bool = True, optimizer: str = "sgd", solver: str | None = None,
-        lambda_min_tol: float | None = None, criterion: str = "auto") -> dict[str, Any]:
+        lambda_min_tol: float | None = None, criterion: str = "auto", accelerator: str = "cpu") -> dict[str, Any]:
     monitor_kwargs: dict[str, Any] = dict(every_n_steps=every, top_k=1, lambda_min=True, probe="fixed",
                                           probe_size=probe_size)
     if solver is not None:
@@ -207,10 +209,10 @@ def run(steps: int, runs: int, hidden: Sequence[int], lr: float, n_train: int, e
     walls_with, walls_without, grad_times, warm, first, states = [], [], [], [], [], []
     skipped = 0
     n_params = top_k = None
-    fit_once(min(steps, 20), hidden, lr, n_train, monitor_kwargs, optimizer=optimizer)  # warm-up: imports, threads
+    fit_once(min(steps, 20), hidden, lr, n_train, monitor_kwargs, optimizer=optimizer, accelerator=accelerator)  # warm-up
     for r in range(runs):
-        base = fit_once(steps, hidden, lr, n_train, None, optimizer=optimizer)
-        mon = fit_once(steps, hidden, lr, n_train, monitor_kwargs, optimizer=optimizer)
+        base = fit_once(steps, hidden, lr, n_train, None, optimizer=optimizer, accelerator=accelerator)
+        mon = fit_once(steps, hidden, lr, n_train, monitor_kwargs, optimizer=optimizer, accelerator=accelerator)
         walls_without.append(base["wall"])
         walls_with.append(mon["wall"])
         ms = mon["measurements"]
@@ -304,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw", "clipped_adam"],
                         help="sgd = full-batch GD (the issue's setting); adam adds the preconditioned solve")
     parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"],
+                        help="where training and the monitor run (gpu: one CUDA device; gradients timed with synchronisation)")
     parser.add_argument("--solver", default=None, choices=["auto", "lanczos", "block"],
                         help="SharpnessMonitor(solver=...); default: the monitor's own default")
     parser.add_argument("--lambda-min-tol", type=float, default=None,
@@ -322,9 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     steps = args.steps or (60 if args.quick else 200)
     r = run(steps, args.runs, args.hidden, args.lr, args.n_train, args.every, args.probe_size,
-            optimizer=args.optimizer, solver=args.solver, lambda_min_tol=args.lambda_min_tol, criterion=args.criterion)
+            optimizer=args.optimizer, solver=args.solver, lambda_min_tol=args.lambda_min_tol, criterion=args.criterion,
+            accelerator=args.accelerator)
     print()
-    print(f"SharpnessMonitor cost, {r['date']}, torch {r['torch']}, {r['threads']} threads; MLP 64-"
+    print(f"SharpnessMonitor cost, {r['date']}, torch {r['torch']}, {args.accelerator}, {r['threads']} threads; MLP 64-"
           f"{'-'.join(map(str, r['hidden']))}-10 ({r['n_params']:,} parameters), full-batch {r['optimizer']} lr {r['lr']}, "
           f"{r['steps']} steps, solver {r['solver']}, lambda_min_tol {r['lambda_min_tol']}, criterion {r['criterion']}, median of {r['runs']} runs; measurements skipped: {r['skipped']}")
     print(format_table(r))
