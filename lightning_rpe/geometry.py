@@ -348,7 +348,8 @@ class PolarityTracker:
         min_displacement: displacements at most this long keep the sign (see step 4).
         copy: keep a copy of each eigenvector fed (default). ``False`` keeps the tensor itself and a
             sign (no parameter-sized copy; :class:`EigenvectorTracker` uses it, since it keeps the same
-            vector): the caller must then not modify it in place.
+            vector): the caller must then not modify it in place, nor the returned
+            :attr:`PolarityStep.aligned`, which may be that same tensor.
     """
 
     def __init__(self, min_displacement: float = 1e-6, copy: bool = True) -> None:
@@ -411,7 +412,7 @@ class PolarityTracker:
                 "call reset() when the parameter space changes"
             )
         ref = ref.to(flat.device)
-        ref_norm = float(torch.linalg.vector_norm(ref))
+        ref_norm = _nonzero_norm(ref, "reference")
         # align_sign(v, reference), rotation_angle and abs_cosine from one dot product and the chord
         # d between the unit vectors: angle = 2 asin(||d|| / 2), exact and accurate for tiny angles
         dot = float(flat @ ref)
@@ -450,6 +451,7 @@ class PolarityTracker:
         ``reference`` becomes the reference, its sign aligned to the current one; the last
         displacement (of the other vector) is dropped, the sign and the flip count are kept.
         """
+        _nonzero_norm(_flat64(reference, "reference"), "reference")
         old = self.reference
         if old is None:
             self._keep(reference, 1.0)
@@ -649,7 +651,7 @@ class EigenvectorTracker:
         matched = None
         if outside_verdict and top.shape[1] == 1 and prev is not None and prev.shape == top.shape:
             self.crossings += 1
-            self.polarity.rebase(v1)  # the new v_1 is another eigenvector: continue from it
+            _or_none(lambda: self.polarity.rebase(v1))  # the new v_1 is another eigenvector: continue from it
             self.previous_top = top
             self.previous_min = minimum
             if preconditioned is not None:
@@ -702,7 +704,7 @@ class EigenvectorTracker:
             self.polarity.reset()
         if matched is not None and crossed and self.polarity._reference is not None:
             # v_1 now continues another eigenvector: follow that one (its sign fixed by the old reference)
-            self.polarity.rebase(matched)
+            _or_none(lambda: self.polarity.rebase(matched))
         pstep = _or_none(lambda: self.polarity.update(v1))
         if pstep is not None:
             polarity, flips = float(pstep.polarity), int(pstep.flips)

@@ -489,3 +489,17 @@ def test_tracker_polarity_shares_the_previous_vector_and_gives_the_same_values()
     assert torch.equal(copying.reference, seq[0])
     with pytest.raises(ValueError, match="copy must be True or False"):
         PolarityTracker(copy=1)
+
+
+def test_a_zero_vector_never_reaches_the_training_loop_through_the_polarity() -> None:
+    """A zero v_1 handed over as a crossing used to become the polarity reference and the next update
+    raised ZeroDivisionError; now rebase refuses it (ValueError) and the tracker goes on."""
+    with pytest.raises(ValueError, match="reference must be a non-zero vector"):
+        PolarityTracker().rebase(torch.zeros(5))
+    tracker = EigenvectorTracker()
+    a, b = torch.zeros(30, 1, dtype=torch.float64), torch.zeros(30, 1, dtype=torch.float64)
+    a[0], b[1] = 1.0, 1.0
+    tracker.update(0, a)
+    assert tracker.update(1, torch.zeros(30, 1, dtype=torch.float64), crossed=True).crossed is True
+    rot = tracker.update(2, b)
+    assert rot.polarity is not None and abs(rot.polarity) == pytest.approx(90.0)
