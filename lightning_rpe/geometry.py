@@ -35,13 +35,6 @@ __all__ = [
 ]
 
 
-def _all_finite(x: Tensor) -> bool:
-    """``bool(torch.isfinite(x).all())``, by the sum first: a finite sum has no NaN or inf term
-    (only an overflowing sum of finite terms needs the elementwise test).
-    """
-    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
-
-
 def _flat64(x: Tensor, name: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -50,9 +43,7 @@ def _flat64(x: Tensor, name: str) -> Tensor:
     flat = x.detach().reshape(-1).to(torch.float64)
     if flat.numel() == 0:
         raise ValueError(f"{name} must have at least one element")
-    if not _all_finite(flat):
-        raise ValueError(f"{name} must contain only finite values")
-    largest = _largest(flat)
+    largest = _largest(flat, name)
     if not 1e-100 <= largest <= 1e100:
         # every caller computes directions (cosines, angles, signs, unit vectors): divide by the largest
         # entry so that norms and dot products of float64 input near 1e-300 or 1e300 stay finite and
@@ -131,10 +122,7 @@ def _block(x: Tensor, name: str) -> Tensor:
         )
     if x.is_complex():
         raise ValueError(f"{name} must be a real tensor, got dtype {x.dtype}")
-    x = x.detach()
-    if not _all_finite(x):
-        raise ValueError(f"{name} must contain only finite values")
-    return x
+    return x.detach()  # its entries are checked by _Basis (one pass that also gives the scale)
 
 
 def _row_chunks(n: int) -> list[slice]:
@@ -171,12 +159,12 @@ class _Basis:
     a float64 copy of ``x``.
 
     Raises:
-        ValueError: as :func:`_block`, or dependent columns (relative pivot <= 1e-12).
+        ValueError: as :func:`_block`, NaN or inf entries, or dependent columns (relative pivot <= 1e-12).
     """
 
     def __init__(self, x: Tensor, name: str) -> None:
         self.x = _block(x, name)
-        self.scale = _largest(self.x)
+        self.scale = _largest(self.x, name)
         n, k = self.x.shape
         t1 = _triangular_inverse(_r_factor(self.rows, n), name, k)
         r2 = _r_factor(lambda s: self.rows(s) @ t1.to(self.x.device), n)
@@ -188,12 +176,17 @@ class _Basis:
         return self.x[s].to(device or self.x.device, torch.float64, copy=True).div_(self.scale)
 
 
-def _largest(x: Tensor) -> float:
-    """``max |x_ij|`` (1.0 for an all-zero or empty block), without an ``abs`` copy of ``x``."""
+def _largest(x: Tensor, name: str | None = None) -> float:
+    """``max |x_ij|`` (1.0 for an all-zero or empty block) in one ``aminmax`` pass, without an ``abs``
+    copy of ``x``; with ``name``, a NaN or inf entry (which ``aminmax`` propagates) raises ValueError
+    naming it, so the same pass is the finiteness check.
+    """
     if x.numel() == 0:
         return 1.0
-    lo, hi = torch.aminmax(x)
-    return max(abs(float(lo)), abs(float(hi))) or 1.0
+    lo, hi = (float(t) for t in torch.aminmax(x))
+    if name is not None and not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} must contain only finite values")
+    return max(abs(lo), abs(hi)) or 1.0
 
 
 def _gram(a: Tensor, b: Tensor, scale_a: float = 1.0, scale_b: float = 1.0) -> Tensor:
@@ -234,10 +227,7 @@ def _angles(bu: _Basis, bv: _Basis) -> Tensor:
     dev = big.x.device
     ts, tb = small.t.to(dev), big.t.to(dev)
     n = big.x.shape[0]
-    gram = torch.zeros(big.x.shape[1], small.x.shape[1], dtype=torch.float64, device=dev)
-    for s in _row_chunks(n):
-        gram.addmm_(big.rows(s).T, small.rows(s, dev))
-    m = tb.T @ gram @ ts  # Q_big^T Q_small
+    m = tb.T @ _gram(big.x, small.x, big.scale, small.scale) @ ts  # Q_big^T Q_small
     cos = torch.linalg.svdvals(m).clamp(0.0, 1.0)  # descending
     tbm = tb @ m
 
