@@ -424,20 +424,19 @@ def bench_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     base = {"workload": name, "quick": args.quick, "threads": args.threads, "probe": probe,
             "n_train": max(probe, 512), "steps": args.steps, "tol": 1e-3}
     out: dict[str, Any] = {"workload": name, "probe": probe}
-    runs: list[tuple[str, int | None, str | None, bool | None]] = [] if args.solvers_only else [
-        ("train", None, None, None), ("train+monitor", 1, None, None)]
+    # each run: its label and what it sets on top of ``base`` (top_k None: training without the monitor)
+    runs: list[tuple[str, dict[str, Any]]] = [] if args.solvers_only else [
+        ("train", {"top_k": None}), ("train+monitor", {"top_k": 1})]
     if args.criterion_eigenvalue:
-        runs.append(("train+monitor eigenvalue rule", 1, "eigenvalue", None))
+        runs.append(("train+monitor eigenvalue rule", {"top_k": 1, "criterion": "eigenvalue"}))
     if args.top_k5:
-        runs.append(("train+monitor top_k=5", 5, None, None))
+        runs.append(("train+monitor top_k=5", {"top_k": 5}))
     if args.no_cache_graphs:
-        runs.append(("train+monitor cache_graphs=False", 1, None, False))
+        runs.append(("train+monitor cache_graphs=False", {"top_k": 1, "cache_graphs": False}))
     for cap in args.max_basis:
-        runs.append((f"train+monitor max_basis={cap}", 1, None, None))
-    for label, top_k, criterion, cache in runs:
-        cap = int(label.split("max_basis=")[1]) if "max_basis=" in label else None
-        caps = {} if cap is None else {"max_basis": cap, "max_hvp": args.max_basis_hvp}
-        r = run_part("train", dict(base, top_k=top_k, criterion=criterion, cache_graphs=cache, **caps), args.timeout)
+        runs.append((f"train+monitor max_basis={cap}", {"top_k": 1, "max_basis": cap, "max_hvp": args.max_basis_hvp}))
+    for label, overrides in runs:
+        r = run_part("train", dict(base, **overrides), args.timeout)
         out[label] = r
         print(f"[{time.strftime('%H:%M:%S')}] {name} {label}: {_short(r)}", flush=True)
     if args.train_only:
