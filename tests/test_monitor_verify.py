@@ -166,6 +166,14 @@ def _float32_loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(data, batch_size=32)
 
 
+def _fit_and_collect(monitor: SharpnessMonitor, net: pl.LightningModule, max_steps: int) -> list[str]:
+    """Fit ``net`` on the float32 loader with ``monitor``; the SharpnessMonitor warnings it said."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([monitor], max_steps=max_steps).fit(net, _float32_loader())
+    return [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
+
+
 class Float32LossNet(pl.LightningModule):
     """The loss from logits cast to float32 whatever the parameters' dtype (as Hugging Face models do)."""
 
@@ -189,10 +197,7 @@ def test_a_float32_loss_keeps_the_ad_products_and_says_so_for_float64(dtype):
     """Before: the float64 finite-difference reference of a float32 loss measured its rounding, the check
     'failed' and the run switched to finite-difference products (2 gradients each, less accurate)."""
     monitor = SharpnessMonitor(every_n_steps=1, probe_size=32, lambda_min=False, dtype=dtype)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        make_trainer([monitor], max_steps=2).fit(Float32LossNet(), _float32_loader())
-    said = [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
+    said = _fit_and_collect(monitor, Float32LossNet(), max_steps=2)
     assert not [s for s in said if "do not match" in s]
     assert monitor.latest is not None and monitor.latest.backend != "finite_difference"
     narrowed = [s for s in said if "the loss comes back in float32" in s]
@@ -262,10 +267,7 @@ def test_failed_func_products_fall_back_to_double_backward_before_finite_differe
     monkeypatch.setattr(hessian, "_auto_backend", lambda model, device: "func")
     monitor = SharpnessMonitor(every_n_steps=1, probe_size=32, lambda_min=False, dtype="float64")
     net = ActivationNet(_TanhWrongTangent)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        make_trainer([monitor], max_steps=3).fit(net, _float32_loader())
-    said = [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
+    said = _fit_and_collect(monitor, net, max_steps=3)
     switched = [s for s in said if "(func) do not match" in s]
     assert len(switched) == 1 and "double-backward products (autograd) passed" in switched[0]
     assert "finite-difference backend from now on" not in switched[0]
@@ -298,10 +300,7 @@ _TanhCancellingSlope = _cancelling_tanh(1e5)
 def test_float32_rounding_falls_back_to_float64_products_not_finite_differences():
     monitor = SharpnessMonitor(every_n_steps=1, probe_size=32, lambda_min=False)  # float32 products
     net = ActivationNet(_TanhCancellingSlope)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        make_trainer([monitor], max_steps=3).fit(net, _float32_loader())
-    said = [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
+    said = _fit_and_collect(monitor, net, max_steps=3)
     switched = [s for s in said if "do not match" in s]
     assert len(switched) == 1 and "pass the check in float64" in switched[0]
     assert monitor.latest is not None and monitor.latest.backend == "autograd" and monitor.n_skipped == 0
@@ -339,10 +338,7 @@ def test_a_reused_monitor_warns_again_in_a_fresh_fit():
     monitor = SharpnessMonitor(every_n_steps=1, probe_size=32, lambda_min=False)
     counts = []
     for _ in range(2):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            make_trainer([monitor], max_steps=2).fit(ActivationNet(_TanhCancellingSlope), _float32_loader())
-        counts.append(sum("do not match" in str(w.message) for w in caught))
+        counts.append(sum("do not match" in m for m in _fit_and_collect(monitor, ActivationNet(_TanhCancellingSlope), 2)))
     assert counts == [1, 1]
 
 
@@ -353,9 +349,6 @@ class Bfloat16LossNet(Float32LossNet):
 
 def test_a_bfloat16_loss_keeps_the_ad_products_flagged_not_finite_differences():
     monitor = SharpnessMonitor(every_n_steps=1, probe_size=32, lambda_min=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        make_trainer([monitor], max_steps=2).fit(Bfloat16LossNet(), _float32_loader())
-    said = [str(w.message) for w in caught if "do not match" in str(w.message)]
+    said = [m for m in _fit_and_collect(monitor, Bfloat16LossNet(), max_steps=2) if "do not match" in m]
     assert len(said) == 1 and "comes back in bfloat16" in said[0] and "stay on the AD path" in said[0]
     assert monitor.latest is not None and monitor.latest.backend == "autograd" and monitor.latest.unverified
