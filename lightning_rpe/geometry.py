@@ -441,12 +441,13 @@ class PolarityTracker:
         ``reference`` becomes the reference, its sign aligned to the current one; the last
         displacement (of the other vector) is dropped, the sign and the flip count are kept.
         """
-        _nonzero_norm(_flat64(reference, "reference"), "reference")
         old = self.reference
         if old is None:
+            _nonzero_norm(_flat64(reference, "reference"), "reference")
             self._keep(reference, 1.0)
         else:
             a, b = _pair(reference, old.to(reference.device), ("reference", "previous reference"))
+            _nonzero_norm(a, "reference")
             self._keep(reference, -1.0 if float(a @ b) < 0.0 else 1.0)
         self._displacement = None
 
@@ -522,13 +523,14 @@ def match_eigenvectors(previous: Tensor, current: Tensor) -> tuple[int, ...]:
         current: ``(dim, k)`` unit eigenvectors of this measurement.
 
     Raises:
-        ValueError: the blocks differ in shape.
+        ValueError: the blocks differ in shape, or an entry is NaN or inf.
     """
     if previous.shape != current.shape or previous.ndim != 2:
         raise ValueError(f"previous and current must be (dim, k) blocks of one shape, got {tuple(previous.shape)} and {tuple(current.shape)}")
     prev, cur = previous.detach(), current.detach()
-    # each block over its largest entry: the assignment does not change, float64 sums stay finite
-    return _match_overlap(_gram(prev, cur, _largest(prev), _largest(cur)).abs())
+    # each block over its largest entry (the same pass checks it is finite): the assignment does not
+    # change, float64 sums stay finite
+    return _match_overlap(_gram(prev, cur, _largest(prev, "previous"), _largest(cur, "current")).abs())
 
 
 def _match_overlap(overlap: Tensor) -> tuple[int, ...]:
@@ -658,8 +660,7 @@ class EigenvectorTracker:
         b_top = None if line else _or_none(lambda: _Basis(top_k, "U"))
         if prev is not None and prev.shape == top.shape:
             prev = prev.detach().to(top)
-            overlap = _gram(prev, top, _largest(prev), _largest(top)).abs()
-            match = _match_overlap(overlap) if bool(torch.isfinite(overlap).all()) else None
+            match = _or_none(lambda: match_eigenvectors(prev, top))
             if match is not None:
                 matched = prev[:, match[0]]
                 crossed = match != tuple(range(len(match)))

@@ -329,8 +329,8 @@ class Solve:
     preconditioned_gap: float | None = None
 
     def vectors_to(self, device: torch.device | str) -> Solve:
-        """The same result with its eigenvectors on ``device`` (e.g. the CPU before a broadcast between
-        processes, whose pickled CUDA tensors would land on the sender's GPU index).
+        """The same result with its eigenvectors on ``device`` (e.g. ``"meta"``: shape-only placeholders
+        for a broadcast of the scalars between processes, the vectors then sent as tensors).
         """
 
         def move(t: Tensor | None) -> Tensor | None:
