@@ -40,6 +40,7 @@ __all__ = [
     "count_parameters",
     "load_digits_tensors",
     "make_model",
+    "oracle_lanczos",
 ]
 
 WORKLOADS = ("mlp_small", "cnn", "mlp_wide")
@@ -227,3 +228,40 @@ class DigitsGD:
             torch.autograd.grad(self.model.compute_loss(self.batch), self.params)
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
+
+
+def oracle_lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, steps: int) -> list[tuple[Tensor, Tensor]]:
+    """Ritz values and residual norms after 1..``steps`` products of Lanczos from ``v0``.
+
+    Plain Lanczos with full re-orthogonalisation (twice), in ``v0``'s dtype; used by the oracle
+    benchmarks, which compare Ritz values with a known answer instead of stopping on them. Entry
+    ``m - 1`` holds ``(theta, residual)`` after ``m`` products: ``theta`` ascending, shape ``(m,)``,
+    and ``residual[i] = ||A y_i - theta_i y_i|| = beta_m |s_i[-1]|`` (Paige's formula, ``s_i`` the
+    eigenvectors of the tridiagonal matrix). The largest Ritz value of the Krylov space
+    ``K_m(A, v0)`` is the largest Rayleigh quotient over it, so no method that builds its iterates
+    from ``m`` products starting at ``v0`` (power iteration included) has a larger estimate of
+    lambda_max after ``m`` products (likewise for the smallest). Stops early at an invariant subspace.
+    """
+    q = v0 / v0.norm()
+    basis = [q]
+    alphas: list[float] = []
+    betas: list[float] = []
+    out: list[tuple[Tensor, Tensor]] = []
+    for _ in range(steps):
+        w = matvec(basis[-1])
+        alphas.append(float(w @ basis[-1]))
+        Q = torch.stack(basis)
+        w = w - Q.T @ (Q @ w)
+        w = w - Q.T @ (Q @ w)
+        beta = float(w.norm())
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)
+        out.append((theta, beta * S[-1].abs()))
+        if beta <= 1e-12 * max(abs(a) for a in alphas):
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    return out

@@ -125,3 +125,35 @@ def test_hvp_timing_runs_on_tiny_sizes(capsys):
     timing.main(["--examples", "8", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "workload" in out and "CNN + CE" in out and "MLP 64-512-512-10" in out
+
+
+def test_oracle_lanczos_against_a_known_spectrum(workloads):
+    # diag(1..50) in float64: after m products the Ritz values interlace the spectrum, the residuals
+    # follow Paige's formula (checked against ||A y - theta y|| directly), and at m = 50 the space is
+    # invariant, so the extreme Ritz values are the extreme eigenvalues with zero residual.
+    d = torch.arange(1, 51, dtype=torch.float64)
+    v0 = torch.randn(50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    history = workloads.oracle_lanczos(lambda v: d * v, v0, 60)
+    assert len(history) == 50  # stops at the invariant subspace
+    theta, res = history[-1]
+    assert torch.allclose(theta, d, atol=1e-9) and float(res.max()) < 1e-8
+    for m, (theta, res) in enumerate(history[:10], start=1):
+        assert theta.shape == (m,) and torch.all(res >= 0)
+        assert 1 - 1e-12 <= float(theta[0]) and float(theta[-1]) <= 50 + 1e-12
+    # residual formula: rebuild the Ritz vector of the largest pair after 5 products
+    q = [v0 / v0.norm()]
+    for _ in range(4):
+        w = d * q[-1]
+        Q = torch.stack(q)
+        w = w - Q.T @ (Q @ w)
+        w = w - Q.T @ (Q @ w)
+        q.append(w / w.norm())
+    Q = torch.stack(q).T
+    theta_5, s = torch.linalg.eigh(Q.T @ (d[:, None] * Q))
+    y = Q @ s[:, -1]
+    theta, res = history[4]
+    assert math.isclose(float(theta[-1]), float(theta_5[-1]), rel_tol=1e-12)
+    assert math.isclose(float(res[-1]), float((d * y - theta_5[-1] * y).norm()), rel_tol=1e-6)
+    # the largest Ritz value only grows with m (the Krylov spaces are nested)
+    tops = [float(t[-1]) for t, _ in history]
+    assert all(b >= a - 1e-12 for a, b in zip(tops, tops[1:]))
