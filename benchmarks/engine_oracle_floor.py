@@ -27,26 +27,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import build_workload, oracle_lanczos  # noqa: E402
+from workloads import build_workload, oracle_lanczos, product_prices  # noqa: E402
 
 from lightning_rpe.curvature import HessianOperator, eigenpairs  # noqa: E402
-
-
-def median_time(fn, n: int = 7) -> float:
-    fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main() -> int:
@@ -71,12 +60,7 @@ def main() -> int:
         op64 = HessianOperator(w64.model, w64.loss_fn, [w64.batch], dtype=torch.float64)
         lmax = float(eigenpairs(op64, k=1, tol=1e-10, max_hvp=min(op64.dim, 800),
                                 generator=torch.Generator().manual_seed(123)).eigenvalues[0])
-        op32 = HessianOperator(w.model, w.loss_fn, [w.batch])
-        g = median_time(w.gradient)
-        build = median_time(lambda: HessianOperator(w.model, w.loss_fn, [w.batch]).loss_and_gradient())
-        op32.loss_and_gradient()
-        v = torch.randn(op32.dim)
-        prod = median_time(lambda: op32.matvec(v))
+        g, build, prod = product_prices(w.model, w.loss_fn, w.batch)
         rows = []
         for seed in range(args.seeds):
             v0 = torch.randn(op64.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

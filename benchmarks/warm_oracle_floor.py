@@ -38,14 +38,13 @@ import copy
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import oracle_lanczos  # noqa: E402
+from workloads import DigitsGD, oracle_lanczos, product_prices  # noqa: E402
 
 
 def first(history: list[tuple[torch.Tensor, torch.Tensor]], ok) -> int | None:
@@ -63,21 +62,10 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import lightning.pytorch as pl
-
     from lightning_rpe.curvature import HessianOperator, eigenpairs
-    from lightning_rpe.data import DigitsDataModule
-    from lightning_rpe.models import MLPClassifier
 
-    pl.seed_everything(0, verbose=False)
-    model = MLPClassifier(lr=args.lr)
-    dm = DigitsDataModule(n_train=1000)
-    dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_fn(module, batch):
-        return module.compute_loss(batch)
+    run = DigitsGD(lr=args.lr)
+    model, loss_fn, (x, y) = run.model, run.loss_fn, run.batch
 
     prev: tuple[torch.Tensor, torch.Tensor] | None = None
     rows = []
@@ -117,27 +105,10 @@ def main() -> int:
                       + " ".join(f"{row[k]!s:>4}" for k in ("m_max", "m_max_eig", "m_max_res", "m_min", "m_min_res")),
                       flush=True)
             prev = (v1.clone(), vmin.clone())
-        grads = torch.autograd.grad(model.compute_loss((x, y)), params)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.sub_(g, alpha=args.lr)
+        run.gd(1)
 
     # Prices in float32 at the final parameters, the monitor's dtype and path.
-    def med(fn, n=7):
-        fn()
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    g = med(lambda: torch.autograd.grad(model.compute_loss((x, y)), params))
-    build = med(lambda: HessianOperator(model, loss_fn, [(x, y)]).loss_and_gradient())
-    op32 = HessianOperator(model, loss_fn, [(x, y)])
-    op32.loss_and_gradient()
-    v = torch.randn(op32.dim)
-    prod = med(lambda: op32.matvec(v))
+    g, build, prod = product_prices(model, loss_fn, (x, y))
 
     def pairs(a: str, b: str) -> list[int]:
         return [r[a] + r[b] for r in rows if r[a] is not None and r[b] is not None]

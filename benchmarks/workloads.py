@@ -41,6 +41,7 @@ __all__ = [
     "load_digits_tensors",
     "make_model",
     "oracle_lanczos",
+    "product_prices",
 ]
 
 WORKLOADS = ("mlp_small", "cnn", "mlp_wide")
@@ -265,3 +266,30 @@ def oracle_lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, steps: int) -
         betas.append(beta)
         basis.append(w / beta)
     return out
+
+
+def product_prices(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch: Any,
+                   repeats: int = 7) -> tuple[float, float, float]:
+    """Seconds of one gradient, one graph build (``HessianOperator.loss_and_gradient``) and one
+    product on the built graph, float32, median of ``repeats`` after one warm-up call each."""
+    import statistics
+    import time
+
+    from lightning_rpe.curvature import HessianOperator
+
+    def median_time(fn: Callable[[], Any]) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    gradient = median_time(lambda: torch.autograd.grad(loss_fn(model, batch), params))
+    build = median_time(lambda: HessianOperator(model, loss_fn, [batch]).loss_and_gradient())
+    operator = HessianOperator(model, loss_fn, [batch])
+    operator.loss_and_gradient()
+    v = torch.randn(operator.dim)
+    return gradient, build, median_time(lambda: operator.matvec(v))
