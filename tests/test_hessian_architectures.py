@@ -281,6 +281,45 @@ def test_embedding_and_tied_unembedding_with_label_smoothing(backend, tied):
         assert op.dim == sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)) - 7 * 4
 
 
+class _SharedBlocks(nn.Module):
+    """One block applied three times (ALBERT / universal-transformer style) plus an alias of it."""
+
+    def __init__(self):
+        super().__init__()
+        block = nn.Linear(5, 5)
+        self.blocks = nn.ModuleList([block] * 3)
+        self.alias = block
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("backend", [*ALL, "finite_difference"])
+def test_submodule_registered_twice_keeps_its_parameter_objects(backend):
+    # PyTorch's stateless reparametrization swaps the shared attribute once per name and restores it
+    # in the same order, which left the snapshot tensor in place of the nn.Parameter: an optimizer then
+    # stepped objects the model no longer used (training silently changed). Values against finite
+    # differences; every module's parameters are the same objects after products on every path.
+    torch.manual_seed(0)
+    model = _SharedBlocks()
+    before = [(name, id(p)) for name, p in model.named_parameters(remove_duplicate=False)]
+    if backend == "finite_difference":
+        op = HessianOperator(model, sq, _regression(), dtype=torch.float64, backend=backend)
+        v = torch.randn(op.dim, dtype=torch.float64, generator=_gen(3))
+        ref = fd_hvp(model, sq, _regression(), v, eval_mode)
+        assert float((op.matvec(v) - ref).norm() / ref.norm()) <= 1e-6
+        op.loss_and_gradient()
+    else:
+        op = check(model, sq, _regression(), backend=backend)
+    assert op.dim == 30 + 18  # the shared block counted once
+    after = [(name, id(p)) for name, p in model.named_parameters(remove_duplicate=False)]
+    assert after == before
+    assert all(isinstance(p, nn.Parameter) for _, p in model.named_parameters(remove_duplicate=False))
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_frozen_parameters_are_excluded(backend):
     torch.manual_seed(0)

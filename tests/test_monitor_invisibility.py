@@ -44,7 +44,21 @@ def _assert_identical(a: dict, b: dict) -> None:
     assert a["training"] == b["training"]
 
 
+def _aliased_block(**kwargs) -> TinyMLP:
+    """A submodule registered twice (``self.alias = self.net[0]``, as ``nn.ModuleList([block] * 3)``)."""
+    model = TinyMLP(**kwargs)
+    model.alias = model.net[0]
+    return model
+
+
 CASES = {
+    # PyTorch's stateless reparametrization left the snapshot tensors in place of a doubly
+    # registered module's parameters: the optimizer stepped objects the model no longer used.
+    "submodule_registered_twice_adam": (
+        lambda: _aliased_block(optimizer="adam", lr=0.01),
+        dict(every_n_steps=1, top_k=1, probe_size=16),
+        dict(max_epochs=2),
+    ),
     "batchnorm_dropout_momentum": (
         lambda: TinyMLP(batchnorm=True, dropout=0.2, optimizer="momentum", lr=0.05),
         dict(every_n_steps=1, top_k=2, probe_size=16),

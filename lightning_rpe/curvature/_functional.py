@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.stateless import _reparametrize_module
 
 __all__ = [
     "BATCHNORM_POLICIES",
@@ -47,6 +48,7 @@ __all__ = [
     "is_reentrant_checkpoint",
     "map_tensors",
     "product_context",
+    "reparametrized",
     "rng_devices",
 ]
 
@@ -188,6 +190,33 @@ def product_context(model: nn.Module, batchnorm: str, dropout: str) -> Iterator[
             module.track_running_stats = track
         for module, training in flags:
             module.training = training
+
+
+@contextlib.contextmanager
+def reparametrized(module: nn.Module, state: Mapping[str, Tensor]) -> Iterator[None]:
+    """``module`` reads the tensors of ``state`` (names as in ``named_parameters``) until exit.
+
+    ``torch.nn.utils.stateless._reparametrize_module`` with ``tie_weights=True`` (what
+    ``torch.func.functional_call`` does), so a parameter registered under several names takes the
+    one value given. On exit every module's own parameter and buffer **objects** are put back, by
+    identity, whatever the stateless utility restored: with a submodule registered twice
+    (``nn.ModuleList([block] * 3)``, ``self.alias = self.body``) it swaps the same attribute once
+    per name and restores them in the same order, which leaves the snapshot tensor in place of the
+    ``nn.Parameter`` (torch 2.4-2.13): the optimizer would keep stepping the old objects, which
+    then get no gradients, and training would silently change.
+    """
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    try:
+        with _reparametrize_module(module, dict(state), tie_weights=True):
+            yield
+    finally:
+        for m, parameters, buffers in saved:
+            for name, parameter in parameters.items():
+                if m._parameters.get(name) is not parameter:
+                    m._parameters[name] = parameter
+            for name, buffer in buffers.items():
+                if m._buffers.get(name) is not buffer:
+                    m._buffers[name] = buffer
 
 
 def _is_sparse_embedding(module: nn.Module) -> bool:

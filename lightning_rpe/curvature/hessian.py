@@ -25,7 +25,9 @@ bypass that counter and are not detected. On the ``"autograd"`` and ``"finite_di
 the model is reparametrized with the snapshot (``torch.nn.utils.stateless._reparametrize_module``,
 what ``torch.func.functional_call`` uses) for the whole forward **and** backward of an
 evaluation, so that a recomputation inside backward (non-reentrant activation checkpointing) reads
-the snapshot in the operator's dtype, not the live parameters.
+the snapshot in the operator's dtype, not the live parameters. Every module's own parameter and
+buffer objects are put back by identity afterwards (``_functional.reparametrized``): PyTorch's
+utility leaves the snapshot in place of the parameters of a submodule registered twice.
 
 Embedding rows that never train (``padding_idx`` of an untied ``nn.Embedding`` /
 ``nn.EmbeddingBag``: its backward masks the pad row) are left out: with ``M`` the 0/1 mask of
@@ -105,7 +107,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.stateless import _reparametrize_module
 
 from lightning_rpe.validation import check_choice
 
@@ -118,6 +119,7 @@ from ._functional import (
     map_tensors,
     module_causes,
     product_context,
+    reparametrized,
     seed_batch,
 )
 from .operator import CurvatureOperator
@@ -486,7 +488,7 @@ class HessianOperator(CurvatureOperator):
         Held for the whole forward **and** backward of an evaluation, so that a recomputation
         inside backward (activation checkpointing) sees the snapshot in the operator's dtype.
         """
-        with _reparametrize_module(self._wrapper, state, tie_weights=True):
+        with reparametrized(self._wrapper, state):
             yield
 
     def _checked(self, loss: Any, index: int) -> Tensor:
@@ -500,7 +502,8 @@ class HessianOperator(CurvatureOperator):
 
     def _loss(self, params: Sequence[Tensor], batch: Any, index: int) -> Tensor:
         """Loss of one batch through ``functional_call`` (the ``torch.func`` path)."""
-        loss = torch.func.functional_call(self._wrapper, self._state(params), (batch,))
+        with self._reparametrized(self._state(params)):
+            loss = self._wrapper(batch)
         return self._checked(loss, index)
 
     def loss_graph(self, index: int = 0) -> Tensor:
