@@ -29,11 +29,14 @@ the snapshot in the operator's dtype, not the live parameters. Every module's ow
 buffer objects are put back by identity afterwards (``_functional.reparametrized``): PyTorch's
 utility leaves the snapshot in place of the parameters of a submodule registered twice.
 
-Embedding rows that never train (``padding_idx`` of an untied ``nn.Embedding`` /
-``nn.EmbeddingBag``: its backward masks the pad row) are left out: with ``M`` the 0/1 mask of
+The pad rows of ``nn.Embedding`` / ``nn.EmbeddingBag`` with ``padding_idx`` (whose backward masks
+the row) are left out: with ``M`` the 0/1 mask of
 the other coordinates, every path computes ``M H M`` (:func:`frozen_padding_rows`). Double
 backward gives that by itself; forward-mode AD and differences of the gradient would give the
-non-symmetric ``M H``. Embeddings with ``sparse=True`` run with dense gradients during products.
+non-symmetric ``M H``. When the weight is tied to an output layer (by module or in code) that row
+trains, and PyTorch's gradient is then not the gradient of any loss: the operator still leaves
+the row out, and warns (found from the autograd graph of one forward pass of probe batch 0, only
+for models with such embeddings). Embeddings with ``sparse=True`` run with dense gradients during products.
 
 Paths (``backend``)
 -------------------
@@ -253,9 +256,10 @@ class HessianOperator(CurvatureOperator):
         loss_dtype: the dtype of a loss that came back in lower precision than ``dtype`` (a
             model that computes its loss in float32 whatever its parameters' dtype, as Hugging Face
             models do), None otherwise: products then carry that precision, not ``dtype``'s.
-        frozen_rows: ``(name, row)`` of the embedding rows that never train (``padding_idx`` of an
-            untied ``nn.Embedding`` / ``nn.EmbeddingBag``); products are taken over the other
-            coordinates (these rows and columns of ``H`` are zero).
+        frozen_rows: ``(name, row)`` of the embedding pad rows (``padding_idx`` of an
+            ``nn.Embedding`` / ``nn.EmbeddingBag``); products are taken over the other coordinates
+            (these rows and columns of ``H`` are zero). ``padding_rows_read_elsewhere``: those of
+            them whose weight the loss also reads elsewhere (tied to an output layer), warned about.
         batch_sizes: ``n_b`` per probe batch; ``total_weight``: ``reduce(sum_b n_b)``.
         cache_graphs: whether the autograd path keeps its graphs (decided at the first call when
             constructed with None); ``graph_bytes_estimate``: the estimate it was decided on.
@@ -369,14 +373,6 @@ class HessianOperator(CurvatureOperator):
         self._versions = tuple(
             (p, p._version) for p, s in zip(self.parameters, self._snapshot) if s.data_ptr() == p.data_ptr()
         )
-        self.frozen_rows = frozen_padding_rows(model, self.parameters, self.names)
-        self._mask: Tensor | None = None
-        if self.frozen_rows:
-            mask = [torch.ones(shape, dtype=dtype, device=device) for shape in self._shapes]
-            for name, row in self.frozen_rows:
-                mask[self.names.index(name)][row] = 0
-            self._mask = torch.cat([m.reshape(-1) for m in mask]).unsqueeze(1)
-
         size_fn = batch_size_fn if batch_size_fn is not None else default_batch_size
         sizes = []
         for i, batch in enumerate(batches):
@@ -391,6 +387,25 @@ class HessianOperator(CurvatureOperator):
         self.total_weight = float(total)
         if not math.isfinite(self.total_weight) or self.total_weight <= 0:
             raise ValueError(f"the reduced total batch weight must be positive, got {self.total_weight}")
+        self.frozen_rows = frozen_padding_rows(model, self.parameters, self.names)
+        self.padding_rows_read_elsewhere: tuple[tuple[str, int], ...] = ()
+        if self.frozen_rows:
+            self.padding_rows_read_elsewhere = self._read_elsewhere(self.frozen_rows)
+        for name, row in self.padding_rows_read_elsewhere:
+            warnings.warn(
+                f"HessianOperator: padding row {row} of {name} is also read outside its padded embedding (a weight "
+                "tied to an output layer, by module or in code): the embedding's backward masks that row's gradient "
+                "while the other read trains it, so the optimizer's update is not the gradient of any loss and its "
+                "Jacobian is not symmetric in that row. The Hessian is taken over the other coordinates (the row left "
+                "out, the same on every path), so stability numbers are approximate for this model; build the "
+                "embedding with padding_idx=None (the row trains through the tie anyway) to measure it exactly.",
+                RuntimeWarning, stacklevel=2)
+        self._mask: Tensor | None = None
+        if self.frozen_rows:
+            mask = [torch.ones(shape, dtype=dtype, device=device) for shape in self._shapes]
+            for name, row in self.frozen_rows:
+                mask[self.names.index(name)][row] = 0
+            self._mask = torch.cat([m.reshape(-1) for m in mask]).unsqueeze(1)
 
     # ------------------------------------------------------------------ flat vectors
     def flatten(self, tensors: Mapping[nn.Parameter, Tensor] | Sequence[Tensor]) -> Tensor:
@@ -515,12 +530,41 @@ class HessianOperator(CurvatureOperator):
         """
         if not 0 <= index < len(self.batches):
             raise ValueError(f"HessianOperator.loss_graph: index must be in [0, {len(self.batches)}); got {index}")
+        return self._loss_graph(index)[0]
+
+    def _loss_graph(self, index: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """:meth:`loss_graph` and the leaves (one per trainable parameter) its graph starts from."""
         self._check_unchanged()
         with product_context(self.model, self.batchnorm, self.dropout) as devices:
             seed_batch(index, devices)
             leaves = self._leaves()
             with self._reparametrized(self._state(leaves)):
-                return self._checked(self._wrapper(self._prepare_batch(self.batches[index], track=True)), index)
+                loss = self._checked(self._wrapper(self._prepare_batch(self.batches[index], track=True)), index)
+        return loss, leaves
+
+    def _read_elsewhere(self, rows: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
+        """The pad rows whose weight the loss also reads outside that padded embedding.
+
+        Such a row trains (an output projection tied by module or in code, ``F.linear(h,
+        self.emb.weight)``, or an embedding call without ``padding_idx`` gives it a gradient) while
+        the embedding's backward keeps masking its embedding-path gradient. Decided from the
+        autograd graph of one forward pass of probe batch 0: a weight read elsewhere has a consumer
+        other than an embedding backward with that ``padding_idx``.
+        """
+        loss, leaves = self._loss_graph(0)
+        pad = dict(rows)
+        leaf_name = {id(leaves[self.names.index(name)]): name for name in pad}
+        elsewhere: set[str] = set()
+        for node in graph_nodes(loss):
+            for next_node, _ in node.next_functions:
+                name = leaf_name.get(id(getattr(next_node, "variable", None)))
+                if name is None:
+                    continue
+                padded = type(node).__name__ in ("EmbeddingBackward0", "EmbeddingBagBackward0")
+                if not padded or getattr(node, "_saved_padding_idx", None) != pad[name]:
+                    elsewhere.add(name)
+        del loss
+        return tuple((name, row) for name, row in rows if name in elsewhere)
 
     def _leaves(self, shift: Sequence[Tensor] | None = None, negative: bool = False) -> tuple[Tensor, ...]:
         """Fresh leaves requiring grad at the snapshot (``+ shift``, or ``- shift`` when ``negative``) in
@@ -912,13 +956,14 @@ def frozen_padding_rows(
     second derivatives of the loss in that row are not zero: double backward masks them again
     (it returns ``M H M``, ``M`` the 0/1 mask of the rows that train) while forward-mode AD and
     finite differences of the gradient give ``M H`` (not symmetric). The operator is therefore
-    taken over the coordinates that train: ``M H M`` on every path. A weight tied to another
-    module (e.g. an output layer) gets a gradient there, and its pad row does train: it is not
-    listed.
+    taken over the coordinates that train: ``M H M`` on every path. A weight tied to an output
+    layer (by module or in code) is listed too: its pad row trains through the other read while the
+    embedding's backward still masks that row's embedding gradient, so the gradient PyTorch returns
+    is not the gradient of any loss and its Jacobian is not symmetric in that row (double backward
+    gives one symmetric matrix, forward-mode AD and finite differences another, non-symmetric one);
+    ``M H M`` is the one operator all paths agree on, and :class:`HessianOperator` warns
+    (``padding_rows_read_elsewhere``).
     """
-    uses: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        uses[id(param)] = uses.get(id(param), 0) + 1
     index = {id(p): i for i, p in enumerate(parameters)}
     rows = []
     for module in model.modules():
@@ -926,7 +971,7 @@ def frozen_padding_rows(
             continue
         pad = getattr(module, "padding_idx", None)
         weight = getattr(module, "weight", None)
-        if pad is None or not isinstance(weight, nn.Parameter) or id(weight) not in index or uses.get(id(weight), 0) != 1:
+        if pad is None or not isinstance(weight, nn.Parameter) or id(weight) not in index:
             continue
         rows.append((names[index[id(weight)]], int(pad) % weight.shape[0]))
     return tuple(rows)
