@@ -423,3 +423,53 @@ def test_cache_graphs_option_reaches_the_operator_and_keeps_the_values(monkeypat
     assert values[False] == pytest.approx(values[True], rel=1e-5)
     with pytest.raises(ValueError, match="SharpnessMonitor: cache_graphs must be one of None, True, False"):
         SharpnessMonitor(cache_graphs="yes")  # type: ignore[arg-type]
+
+
+def test_drop_last_training_loader_drops_the_probes_incomplete_last_batch() -> None:
+    # 49 samples in batches of 16 with drop_last=True: training never evaluates the 1-sample batch,
+    # on which BatchNorm with batch statistics has no value at all (every measurement was skipped
+    # with "Expected more than 1 value per channel"). A whole-data-set probe now drops it too, and
+    # says so; the values are the dense Hessian of the mean loss over the three full batches.
+    from torch.utils.data import DataLoader
+
+    data = make_dataset(49, seed=4)
+    pl.seed_everything(0, verbose=False)
+    monitor = SharpnessMonitor(every_n_steps=2, dtype="float64", tol=1e-8, batchnorm="batch")
+    model = TinyMLP(batchnorm=True, hidden=6, lr=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([monitor], max_steps=4).fit(model, DataLoader(data, batch_size=16, shuffle=True, drop_last=True))
+    assert monitor.n_skipped == 0 and monitor.n_measurements == 3
+    assert [len(b[0]) for b in monitor.probe_batches] == [16, 16, 16]
+    said = [str(w.message) for w in caught if "probe_size" in str(w.message)]
+    assert len(said) == 1 and "holds 49 samples" in said[0] and "48 in full batches" in said[0]
+
+    def batch_stats(module: TinyMLP) -> TinyMLP:
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.train()
+                m.track_running_stats = False
+        return module
+
+    model = model.double().eval()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    batch_stats(model)
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        parts = dict(zip(names, (c.view(s) for c, s in zip(theta.split([math.prod(s) for s in shapes]), shapes))))
+        total = 0.0
+        for start in (0, 16, 32):
+            x, y = data.tensors[0][start:start + 16].double(), data.tensors[1][start:start + 16].double()
+            total = total + ((torch.func.functional_call(model, parts, (x,)) - y) ** 2).mean()
+        return total / 3
+
+    top = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))[-1])
+    assert monitor.latest.sharpness == pytest.approx(top, rel=1e-6)
+
+    # a probe smaller than the data set, or an explicit probe batch size, keeps every sample asked for
+    for kwargs, sizes in ((dict(probe_size=40), [16, 16, 8]), (dict(probe_batch_size=16), [16, 16, 16, 1])):
+        small = SharpnessMonitor(every_n_steps=1, on_fit_start=False, on_fit_end=False, **kwargs)
+        make_trainer([small], max_steps=1).fit(TinyMLP(), DataLoader(data, batch_size=16, drop_last=True))
+        assert [len(b[0]) for b in small.probe_batches] == sizes

@@ -75,10 +75,16 @@ def capture_dataset_probe(
     world_size: int = 1,
     indices: Sequence[int] | None = None,
     transfer: Callable[[Any], Any] | None = None,
+    drop_last: bool = False,
 ) -> ProbeSet:
     """Read the first ``size`` samples of ``loader.dataset`` (or the given global ``indices``).
 
-    The loader itself is not iterated; only its ``dataset`` and ``collate_fn`` are used.
+    The loader itself is not iterated; only its ``dataset`` and ``collate_fn`` are used. With
+    ``drop_last`` (a training loader that drops its incomplete last batch), when the probe is the
+    whole data set, this rank's samples that do not fill a last batch of ``batch_size`` are left
+    out if at least one full batch remains: training never evaluates the loss on that shorter
+    batch, and a model with batch statistics (BatchNorm) is a different function there, or none
+    at all on one sample. A probe smaller than the data set keeps all its ``size`` samples.
     """
     dataset = loader.dataset
     if loader.batch_size is None and loader.batch_sampler is None:
@@ -99,6 +105,7 @@ def capture_dataset_probe(
                     taken[pos] = sample
             wanted = [i for i in wanted if i in taken]
             samples_of = taken.__getitem__
+            whole = len(wanted) < size  # the data set ended first
         else:
             kind = "map"
             n = len(dataset)  # type: ignore[arg-type]
@@ -107,9 +114,12 @@ def capture_dataset_probe(
             if bad:
                 raise ValueError(f"probe indices {bad[:5]} are out of range for a data set of {n} samples")
             samples_of = dataset.__getitem__
+            whole = len(wanted) == n
         if not wanted:
             raise ValueError("the training data set is empty: no probe samples")
         mine = wanted[rank::world_size]
+        if drop_last and whole and len(mine) >= batch_size:
+            mine = mine[: len(mine) - len(mine) % batch_size]
         batches = []
         for chunk in _chunks(mine, batch_size):
             batch = collate([samples_of(i) for i in chunk])
@@ -229,8 +239,12 @@ def capture_probe(
                 f"train dataloader is a {type(loader).__name__}; pass probe=<a DataLoader of probe batches> "
                 "or probe='batch'"
             )
+        # the training batch size, and the training loader's drop_last with it (a requested probe batch
+        # size keeps every probe sample)
+        drop_last = batch_size is None and bool(getattr(loader, "drop_last", False))
         return capture_dataset_probe(
-            loader, size, physical_batch_size(loader, batch_size), rank, world_size, indices=indices, transfer=transfer
+            loader, size, physical_batch_size(loader, batch_size), rank, world_size, indices=indices,
+            transfer=transfer, drop_last=drop_last,
         )
     return capture_loader_probe(probe, size, transfer=transfer, count=default_batch_size)
 

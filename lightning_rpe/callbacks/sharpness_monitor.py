@@ -444,10 +444,13 @@ class SharpnessMonitor(Callback):
             reduce,
         )
         if self.probe == "fixed" and self._probe_indices is None and n_samples < self.probe_size:
+            held = len(probe.indices)
+            dropped = (f" ({n_samples} in full batches: training drops the last incomplete batch, drop_last=True, "
+                       "and so does the probe)") if n_samples < held and world == 1 else ""
             self._warn_once(
                 "probe-truncated",
-                f"SharpnessMonitor: probe_size={self.probe_size} but the training data set holds {n_samples} "
-                "samples: the probe set is the whole data set",
+                f"SharpnessMonitor: probe_size={self.probe_size} but the training data set holds {held} "
+                f"samples: the probe set is the whole data set{dropped}",
             )
         if self._probe_fingerprint is not None and self._probe_kind == probe.kind and probe.kind != "loader":
             # Rebuilt after a restart: the shares of all ranks must match what was saved.
