@@ -473,3 +473,28 @@ def test_drop_last_training_loader_drops_the_probes_incomplete_last_batch() -> N
         small = SharpnessMonitor(every_n_steps=1, on_fit_start=False, on_fit_end=False, **kwargs)
         make_trainer([small], max_steps=1).fit(TinyMLP(), DataLoader(data, batch_size=16, drop_last=True))
         assert [len(b[0]) for b in small.probe_batches] == sizes
+
+
+def test_a_one_sample_last_probe_batch_is_left_out_only_where_batchnorm_cannot_evaluate_it() -> None:
+    data = make_dataset(64, seed=4)
+
+    def fit(model: TinyMLP, **kwargs) -> tuple[SharpnessMonitor, list[str]]:
+        monitor = SharpnessMonitor(every_n_steps=1, on_fit_end=False, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer([monitor], max_steps=1).fit(model, make_loader(data, batch_size=16))
+        return monitor, [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
+
+    # probe_size=17 in batches of 16 with BatchNorm under batch statistics: every measurement was skipped
+    monitor, said = fit(TinyMLP(batchnorm=True), probe_size=17)
+    assert [len(b[0]) for b in monitor.probe_batches] == [16] and monitor.n_skipped == 0
+    assert sum("would hold one sample" in s for s in said) == 1
+    # models that can evaluate it keep it: no BatchNorm, or BatchNorm with running statistics
+    for model, kwargs in ((TinyMLP(), {}), (TinyMLP(batchnorm=True), {"batchnorm": "eval"})):
+        monitor, said = fit(model, probe_size=17, **kwargs)
+        assert [len(b[0]) for b in monitor.probe_batches] == [16, 1] and monitor.n_skipped == 0
+        assert not any("one sample" in s for s in said)
+    # a probe of one sample in all: nothing to leave out, the skip message says why and what to change
+    monitor, said = fit(TinyMLP(batchnorm=True), probe_size=1)
+    assert monitor.n_measurements == 0 and monitor.n_skipped == 2
+    assert any("a probe batch of one sample" in s and "probe_batch_size" in s for s in said)

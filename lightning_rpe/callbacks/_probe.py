@@ -35,6 +35,9 @@ class ProbeSet:
     ``indices`` are the *global* sample indices (all ranks), in order; ``kind`` is ``"map"`` (data
     set indices) or ``"iterable"`` (positions in the data set's iteration order) or ``"loader"``
     (positions in a user DataLoader's iteration, not rebuildable by index: the loader is re-read).
+    ``dropped`` samples of this rank were left out of an incomplete last batch, for
+    ``drop_reason`` ``"drop_last"`` (training drops it too) or ``"one_sample"`` (a batch the model
+    cannot evaluate: BatchNorm with batch statistics).
     """
 
     batches: list[Any]
@@ -42,6 +45,8 @@ class ProbeSet:
     kind: str
     fingerprint: float
     n_samples: int
+    dropped: int = 0
+    drop_reason: str | None = None
 
 
 def _sum_floats(obj: Any) -> float:
@@ -76,6 +81,7 @@ def capture_dataset_probe(
     indices: Sequence[int] | None = None,
     transfer: Callable[[Any], Any] | None = None,
     drop_last: bool = False,
+    min_batch: int = 1,
 ) -> ProbeSet:
     """Read the first ``size`` samples of ``loader.dataset`` (or the given global ``indices``).
 
@@ -84,7 +90,9 @@ def capture_dataset_probe(
     whole data set, this rank's samples that do not fill a last batch of ``batch_size`` are left
     out if at least one full batch remains: training never evaluates the loss on that shorter
     batch, and a model with batch statistics (BatchNorm) is a different function there, or none
-    at all on one sample. A probe smaller than the data set keeps all its ``size`` samples.
+    at all on one sample. A probe smaller than the data set keeps all its ``size`` samples,
+    except a last batch of fewer than ``min_batch`` samples (2 for a model with BatchNorm under
+    batch statistics), left out when another batch remains.
     """
     dataset = loader.dataset
     if loader.batch_size is None and loader.batch_sampler is None:
@@ -118,8 +126,14 @@ def capture_dataset_probe(
         if not wanted:
             raise ValueError("the training data set is empty: no probe samples")
         mine = wanted[rank::world_size]
-        if drop_last and whole and len(mine) >= batch_size:
-            mine = mine[: len(mine) - len(mine) % batch_size]
+        rest = len(mine) % batch_size
+        dropped, reason = 0, None
+        if rest and len(mine) > batch_size:  # at least one full batch remains
+            if drop_last and whole:
+                dropped, reason = rest, "drop_last"
+            elif rest < min_batch:
+                dropped, reason = rest, "one_sample"
+        mine = mine[: len(mine) - dropped]
         batches = []
         for chunk in _chunks(mine, batch_size):
             batch = collate([samples_of(i) for i in chunk])
@@ -129,7 +143,8 @@ def capture_dataset_probe(
             f"rank {rank} got no probe samples ({len(wanted)} samples over {world_size} ranks); "
             "increase probe_size to at least the number of processes"
         )
-    return ProbeSet(batches=batches, indices=wanted, kind=kind, fingerprint=fingerprint(batches), n_samples=len(mine))
+    return ProbeSet(batches=batches, indices=wanted, kind=kind, fingerprint=fingerprint(batches), n_samples=len(mine),
+                    dropped=dropped, drop_reason=reason)
 
 
 def _capture_prebatched(
@@ -218,11 +233,13 @@ def capture_probe(
     indices: Sequence[int] | None,
     rank: int,
     world_size: int,
+    min_batch: int = 1,
 ) -> ProbeSet:
     """This rank's probe batches on the module's device, through the module's batch-transfer hooks.
 
     ``probe`` is ``"fixed"`` (the first ``size`` samples of the training DataLoader's data set, or
-    the saved global ``indices`` after a restart) or a user iterable of batches.
+    the saved global ``indices`` after a restart) or a user iterable of batches. ``min_batch``: see
+    :func:`capture_dataset_probe`.
     """
     device = pl_module.device
 
@@ -244,7 +261,7 @@ def capture_probe(
         drop_last = batch_size is None and bool(getattr(loader, "drop_last", False))
         return capture_dataset_probe(
             loader, size, physical_batch_size(loader, batch_size), rank, world_size, indices=indices,
-            transfer=transfer, drop_last=drop_last,
+            transfer=transfer, drop_last=drop_last, min_batch=min_batch,
         )
     return capture_loader_probe(probe, size, transfer=transfer, count=default_batch_size)
 
@@ -259,6 +276,7 @@ def capture_probe_everywhere(
     rank: int,
     world_size: int,
     reduce: Callable[[Tensor], Tensor] | None,
+    min_batch: int = 1,
 ) -> tuple[ProbeSet, float, int]:
     """:func:`capture_probe` on every process, failing on all of them together.
 
@@ -271,7 +289,7 @@ def capture_probe_everywhere(
     """
     problem: Exception | None = None
     try:
-        captured = capture_probe(trainer, pl_module, probe, size, batch_size, indices, rank, world_size)
+        captured = capture_probe(trainer, pl_module, probe, size, batch_size, indices, rank, world_size, min_batch)
     except Exception as exc:  # raised on every rank below, never on one rank alone
         problem = exc
     failed = torch.tensor([float(problem is not None)], dtype=torch.float64)

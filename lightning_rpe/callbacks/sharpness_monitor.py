@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_rpe.callbacks import _logging
 from lightning_rpe.callbacks._distributed import RankZeroBuffers, all_reduce_sum, broadcast_solve, distributed
@@ -439,19 +439,31 @@ class SharpnessMonitor(Callback):
     def _capture_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reduce = all_reduce_sum if distributed(trainer) else None
         rank, world = (trainer.global_rank, trainer.world_size) if reduce is not None else (0, 1)
+        # BatchNorm under batch statistics cannot evaluate a batch of one sample
+        batch_stats = self.settings.batchnorm == "batch" and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules())
         probe, fp, n_samples = capture_probe_everywhere(
             trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, self._probe_indices, rank, world,
-            reduce,
+            reduce, min_batch=2 if batch_stats else 1,
         )
-        if self.probe == "fixed" and self._probe_indices is None and n_samples < self.probe_size:
+        if self.probe == "fixed" and self._probe_indices is None:
             held = len(probe.indices)
-            dropped = (f" ({n_samples} in full batches: training drops the last incomplete batch, drop_last=True, "
-                       "and so does the probe)") if n_samples < held and world == 1 else ""
-            self._warn_once(
-                "probe-truncated",
-                f"SharpnessMonitor: probe_size={self.probe_size} but the training data set holds {held} "
-                f"samples: the probe set is the whole data set{dropped}",
-            )
+            if held < self.probe_size:
+                dropped = (f" ({probe.n_samples} in full batches: training drops the last incomplete batch, "
+                           "drop_last=True, and so does the probe)") if probe.drop_reason == "drop_last" else ""
+                self._warn_once(
+                    "probe-truncated",
+                    f"SharpnessMonitor: probe_size={self.probe_size} but the training data set holds {held} "
+                    f"samples: the probe set is the whole data set{dropped}",
+                )
+            if probe.drop_reason == "one_sample":
+                self._warn_once(
+                    "probe-one-sample",
+                    f"SharpnessMonitor: the probe's last batch would hold one sample ({held} probe samples in "
+                    f"batches of {default_batch_size(probe.batches[0])}), which BatchNorm with batch statistics "
+                    "cannot evaluate: it is left out. Choose probe_size (or probe_batch_size) so that no probe "
+                    "batch holds a single sample, or batchnorm='eval'",
+                )
         if self._probe_fingerprint is not None and self._probe_kind == probe.kind and probe.kind != "loader":
             # Rebuilt after a restart: the shares of all ranks must match what was saved.
             if not math.isclose(fp, self._probe_fingerprint, rel_tol=1e-9, abs_tol=1e-12):
@@ -554,6 +566,10 @@ class SharpnessMonitor(Callback):
             ) from mistake
         if error is not None:
             self.n_skipped += 1
+            if "Expected more than 1 value per channel" in error:
+                error += (" (a probe batch of one sample, which BatchNorm with batch statistics cannot evaluate: "
+                          "choose probe_size / probe_batch_size so that every probe batch holds at least 2 samples, "
+                          "or batchnorm='eval')")
             rank_zero_warn(
                 f"SharpnessMonitor: measurement at step {step} (epoch {trainer.current_epoch}, {trigger}) skipped: {error}",
                 category=UserWarning,
