@@ -550,15 +550,17 @@ def group_factors(settings: ControlSettings, state: ControlState, scheduled: Seq
     return out
 
 
-def loss_alarm(settings: ControlSettings, losses: Sequence[float], loss: float) -> str | None:
+def loss_alarm(settings: ControlSettings, losses: Sequence[float], loss: float, spikes: bool = True) -> str | None:
     """Why ``loss`` calls for a rollback, or None.
 
-    A non-finite loss always does; a finite one when ``spike_factor`` is set, at least
-    ``spike_window // 2`` recent losses are known and ``loss > spike_factor * median(losses)``.
+    A non-finite loss always does; a finite one when ``spikes`` (the caller passes whether the
+    factor held the lr above its schedule: a spike at or below the schedule is not the controller's
+    doing, e.g. an outlier batch), ``spike_factor`` is set, at least ``spike_window // 2`` recent
+    losses are known and ``loss > spike_factor * median(losses)``.
     """
     if not math.isfinite(loss):
         return f"non-finite training loss ({loss})"
-    if settings.spike_factor is None or len(losses) < settings.spike_window // 2:
+    if not spikes or settings.spike_factor is None or len(losses) < settings.spike_window // 2:
         return None
     level = statistics.median(losses)
     if level > 0 and loss > settings.spike_factor * level:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lit_models import TinyMLP, full_batch_loader, make_trainer
+from lit_models import TinyMLP, full_batch_loader, make_dataset, make_trainer
 from test_controller import legacy_controller
 
 from lightning_rpe.callbacks.instability_controller import InstabilityController
@@ -167,6 +167,31 @@ def test_logged_names_reach_a_real_logger(tmp_path: Any) -> None:
         assert row["rpe/lr/pg2"] == pytest.approx(0.02 * row["rpe/lr_scale"], rel=1e-6)
     assert len({by_step[s]["rpe/lr_scale"] for s in steps}) >= 2
     assert "rpe/lr_scale" in trainer.callback_metrics
+
+
+def test_each_decision_is_written_once_at_its_measurements_x(tmp_path: Any) -> None:
+    # Logged through pl_module.log(on_step=True), a decision's ratio was written again at every later
+    # step of the epoch (34 writes for 9 decisions in a review's run), and one step before the
+    # measurement it decided on.
+    import csv
+
+    from torch.utils.data import DataLoader
+
+    pl.seed_everything(0, verbose=False)
+    mon = monitor(every_n_steps=5)
+    ctrl = legacy_controller(band=(0.5, 0.8), max_change=3.0)
+    logger = CSVLogger(tmp_path, name="run")
+    data = make_dataset(64, seed=2)
+    trainer = make_trainer([mon, ctrl], max_steps=20, logger=logger, log_every_n_steps=1)
+    trainer.fit(TinyMLP(hidden=16), DataLoader(data, batch_size=8))  # 8 batches per epoch
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    written = [(int(r["step"]), float(r["rpe/controller_ratio"])) for r in rows if r.get("rpe/controller_ratio")]
+    measured = {int(r["step"]) for r in rows if r.get("rpe/stability_ratio")}
+    xs = [x for x, _ in written]
+    assert {5, 10, 15, 20} <= measured
+    assert len(xs) == len(set(xs)) >= 3 and set(xs) <= measured  # once each, at a measurement's x
+    assert all(r.get("rpe/band_low") for r in rows if r.get("rpe/controller_ratio"))
+    assert sum(bool(r.get("rpe/band_low")) for r in rows) == len(written)
 
 
 def test_tensorboard_layout_has_the_controller_category(tmp_path: Any) -> None:

@@ -299,6 +299,41 @@ def test_nan_loss_rolls_back_model_and_optimizer_lowers_and_holds_the_factor() -
     assert controller.snapshot_bytes == sum(p.numel() * 4 for p in model.parameters()) * 2  # weights + momentum
 
 
+class TwoOptimizers(FaultyModel):
+    """Manual optimization with two momentum optimizers (weight and bias), both stepping every batch."""
+
+    def __init__(self, faults: dict[int, float], **kwargs: Any) -> None:
+        super().__init__(faults, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        for opt in self.optimizers():
+            loss = self.compute_loss(batch) * self.faults.get(self.trainer.global_step, 1.0)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        return loss
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD([self.net.weight], lr=self.lr, momentum=0.9),
+                torch.optim.SGD([self.net.bias], lr=self.lr, momentum=0.9)]
+
+
+def test_rollback_restores_every_optimizers_state() -> None:
+    # A NaN loss at global step 12 (the first optimizer's step) poisons both optimizers' momentum. The
+    # rollback restored the model and only the first optimizer's state: the second's NaN momentum
+    # then broke the restored model again.
+    torch.manual_seed(0)
+    model = TwoOptimizers({12: math.nan}, lr=0.01)
+    controller = _guarded(max_factor=4.0)
+    with pytest.warns(UserWarning, match="rolled the model and optimizer state back"):
+        fit(model, [StubMonitor(lambda s: 10.0, every=4), controller], max_steps=24)
+    assert controller.state.n_rollbacks == 1
+    for opt in model.trainer.optimizers:
+        assert all(bool(torch.isfinite(st["momentum_buffer"]).all()) for st in opt.state.values())
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def test_loss_spike_rolls_back_and_an_ordinary_run_never_does() -> None:
     model = FaultyModel({15: 50.0}, lr=0.01)
     controller = _guarded(spike_window=6)
@@ -309,6 +344,21 @@ def test_loss_spike_rolls_back_and_an_ordinary_run_never_does() -> None:
     controller = _guarded(spike_window=6)
     fit(quiet, [StubMonitor(lambda s: 10.0, every=4), controller], max_steps=20)
     assert controller.state.n_rollbacks == 0
+
+
+def test_a_spike_at_the_scheduled_lr_is_not_rolled_back_but_a_nan_is() -> None:
+    # ratio 10 * 0.01 / 2 = 0.05 = the target: the factor stays 1 (as Adam's under the default
+    # adam_max_factor=1). An outlier batch (a 50x loss) is not the controller's doing: before, it was
+    # rolled back (5 rollbacks and a quartered lr in a review's Adam run with one outlier per epoch).
+    model = FaultyModel({15: 50.0}, lr=0.01)
+    controller = _guarded(target_ratio=0.05, spike_window=6)
+    fit(model, [StubMonitor(lambda s: 10.0, every=4), controller], max_steps=20)
+    assert controller.state.n_rollbacks == 0 and controller.state.factor == 1.0
+    model = FaultyModel({15: math.nan}, lr=0.01)
+    controller = _guarded(target_ratio=0.05, spike_window=6)
+    with pytest.warns(UserWarning, match="non-finite training loss"):
+        fit(model, [StubMonitor(lambda s: 10.0, every=4), controller], max_steps=20)
+    assert controller.state.n_rollbacks == 1
 
 
 def test_no_rollback_while_the_controller_does_not_act() -> None:

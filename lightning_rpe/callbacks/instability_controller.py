@@ -210,8 +210,8 @@ class InstabilityController(Callback):
         # runtime only
         self.active_gauge: str | None = None  # what "auto" resolved to at train start
         self.snapshot_bytes: int | None = None  # host memory of the rollback snapshot
-        self._snapshot: tuple[dict[str, Any], dict[Any, Any]] | None = None
-        self._candidate: tuple[dict[str, Any], dict[Any, Any]] | None = None
+        self._snapshot: tuple[dict[str, Any], list[dict[Any, Any]]] | None = None
+        self._candidate: tuple[dict[str, Any], list[dict[Any, Any]]] | None = None
         self._snapshot_due = False
         self._monitor: SharpnessMonitor | None = None
         self._trainer: pl.Trainer | None = None
@@ -220,7 +220,6 @@ class InstabilityController(Callback):
         self._pending: list[tuple[int, Any, Any]] | None = None
         self._applied: tuple[int, float, tuple[float, ...]] | None = None
         self._logged_step: int | None = None
-        self._decision_to_log: float | None = None
         self._step_at_batch_start: int | None = None
         self._prefix = "rpe/"
 
@@ -258,7 +257,6 @@ class InstabilityController(Callback):
         self.snapshot_bytes = None
         self._applied = self._pending = None
         self._logged_step = None
-        self._decision_to_log = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -543,7 +541,8 @@ class InstabilityController(Callback):
         self.state = replace(decision.state, last_key=reading.key)
         self._say_if_band_out_of_reach(decision, old_factor)
         if decision.used and decision.ratio is not None:
-            self._decision_to_log = float(decision.ratio)
+            if self.log:
+                self._log_decision(trainer, reading.step, float(decision.ratio))
             self._snapshot_due = True  # keep the state at the next batch whose loss passes the guard
         # an Adam-family ratio before the first step is NaN by construction (no second moment yet)
         expected = self._law.adam_family and reading.step == 0
@@ -568,10 +567,15 @@ class InstabilityController(Callback):
             )
 
     # ------------------------------------------------------------------ divergence guard
-    def _copy_state(self, pl_module: pl.LightningModule) -> tuple[dict[str, Any], dict[Any, Any]] | None:
-        if self._optimizer is None:
+    def _copy_state(self, pl_module: pl.LightningModule) -> tuple[dict[str, Any], list[dict[Any, Any]]] | None:
+        """Host copies of the model's state and of the state of **every** optimizer (a GAN's two
+        optimizers both step the restored model; their param groups, with the scheduled lrs, are not
+        copied).
+        """
+        if self._optimizer is None or self._trainer is None:
             return None
-        return _host_copy(pl_module.state_dict()), _host_copy(self._optimizer.state_dict()["state"])
+        states = [_host_copy(opt.state_dict()["state"]) for opt in self._trainer.optimizers]
+        return _host_copy(pl_module.state_dict()), states
 
     def _commit_snapshot(self) -> None:
         """Make the candidate the state a rollback restores, if all its floating-point values are finite.
@@ -598,7 +602,10 @@ class InstabilityController(Callback):
         """Check the loss of the batch that just stepped; roll back when it is non-finite or spikes."""
         alarm = None
         if control.controls(self._law, trainer.global_step - 1):
-            alarm = None if loss is None else control.loss_alarm(self._law, self.state.losses, loss)
+            # a finite spike rolls back only while the factor held the lr above its schedule (an outlier
+            # batch at the scheduled lr is not the controller's doing); a non-finite loss always does
+            above = control.factor_at(self._law, self.state, trainer.global_step - 1) > 1.0
+            alarm = None if loss is None else control.loss_alarm(self._law, self.state.losses, loss, spikes=above)
             if trainer.world_size > 1:  # every rank rolls back when any rank sees a bad loss
                 flag = torch.tensor(0.0 if alarm is None else 1.0, device=pl_module.device)
                 flag = trainer.strategy.reduce(flag, reduce_op="sum")
@@ -618,14 +625,15 @@ class InstabilityController(Callback):
         restored = self._snapshot is not None and self._optimizer is not None
         if restored:
             assert self._snapshot is not None and self._optimizer is not None
-            model_state, optim_state = self._snapshot
+            model_state, optim_states = self._snapshot
             pl_module.load_state_dict(model_state)
-            current = self._optimizer.state_dict()
-            current["state"] = optim_state
-            self._optimizer.load_state_dict(current)  # keeps the scheduled lrs (param_groups) as they are
+            for optimizer, optim_state in zip(trainer.optimizers, optim_states):
+                current = optimizer.state_dict()
+                current["state"] = optim_state
+                optimizer.load_state_dict(current)  # keeps the scheduled lrs (param_groups) as they are
         rank_zero_warn(
             f"InstabilityController: {reason} at step {trainer.global_step}: "
-            + ("rolled the model and optimizer back to the last good state, " if restored else "")
+            + ("rolled the model and optimizer state back to the last good state, " if restored else "")
             + f"factor {old:.4g} -> {self.state.factor:.4g}, no increase before step {self.state.hold_until} "
             f"(rollback {self.state.n_rollbacks})"
         )
@@ -645,16 +653,22 @@ class InstabilityController(Callback):
             else:  # the monitor's per-group suffix: pg1 is param group 0
                 for i, lr in enumerate(lrs, start=1):
                     self._log(pl_module, f"{p}lr/pg{i}", lr)
-        if self._decision_to_log is not None:
-            ratio = self._decision_to_log
-            self._decision_to_log = None
-            self._log(pl_module, f"{p}controller_ratio", ratio)
-            law = self._law
-            if law.target_ratio is not None:
-                self._log(pl_module, f"{p}target_ratio", law.target_ratio)
-            elif law.band is not None:
-                self._log(pl_module, f"{p}band_low", law.band[0])
-                self._log(pl_module, f"{p}band_high", law.band[1])
+
+    def _log_decision(self, trainer: pl.Trainer, x: int, ratio: float) -> None:
+        """Write one decision's ratio and goal once, at the x of the measurement it decided on.
+
+        Written to the loggers directly (as the monitor writes its measurements): a value given to
+        ``pl_module.log(on_step=True)`` is written again at every later logging step of the epoch,
+        which drew decisions where none was taken.
+        """
+        p, law = self._prefix, self._law
+        values = {f"{p}controller_ratio": ratio}
+        if law.target_ratio is not None:
+            values[f"{p}target_ratio"] = law.target_ratio
+        elif law.band is not None:
+            values[f"{p}band_low"], values[f"{p}band_high"] = law.band
+        _logging.publish_callback_metrics(trainer, values)
+        _logging.log_to_loggers(trainer, values, step=x)
 
     @staticmethod
     def _log(pl_module: pl.LightningModule, name: str, value: Any) -> None:
