@@ -327,6 +327,7 @@ class Solve:
     crossed: bool | None = None
     gaps: tuple[float, ...] = ()
     preconditioned_gap: float | None = None
+    controlled_ratio: float | None = None
 
     def vectors_to(self, device: torch.device | str) -> Solve:
         """The same result with its eigenvectors on ``device`` (e.g. ``"meta"``: shape-only placeholders
@@ -381,7 +382,12 @@ class Measurement:
         stability_ratio: the exact stability ratio ``lambda_max(S^1/2 H S^1/2)`` of the optimizer
             in use (``S``: each coordinate's lr over its rule's dimensionless threshold, divided by
             ``P`` for the Adam family; see :func:`lightning_rpe.stability.step_scales`); with one
-            learning rate it equals the largest of ``ratios``. Above 1 the step is unstable.
+            learning rate it equals the largest of ``ratios``. Above 1 the step is unstable. None
+            after a controller's decision that changed the groups' lrs by different factors (no
+            closed form at the new lrs).
+        controlled_ratio: with an InstabilityController scaling a strict subset ``C`` of the param
+            groups, ``lambda_max(S_C^1/2 H S_C^1/2)`` (the other groups' step sizes set to 0): the
+            ratio the controller steers, which scaling ``C``'s lrs by ``f`` scales by ``f``; else None.
         eigenvalue_crossings: cumulative number of measurements at which the leading eigenvalues
             changed order (eigenvectors matched by overlap; see
             :func:`lightning_rpe.geometry.match_eigenvectors`). ``rotation_cos`` and ``polarity`` follow
@@ -434,6 +440,7 @@ class Measurement:
     backend: str = "autograd"
     verify_error: float | None = None
     unverified: bool = False
+    controlled_ratio: float | None = None
     clip_fractions: tuple[float, ...] = ()
     clip_levels: tuple[float, ...] = ()
 
@@ -630,6 +637,30 @@ def _top_eigenpair(op: Any, settings: MeasureSettings, gen: torch.Generator, ini
     return res
 
 
+def _controlled_ratio(op: HessianOperator, optimizer: torch.optim.Optimizer | None, scales: StepScales,
+                      controlled: Sequence[int] | None, settings: MeasureSettings, gen: torch.Generator) -> float | None:
+    """``lambda_max(S_C^1/2 H S_C^1/2)``: the step sizes of the groups outside ``controlled`` set to 0.
+
+    None unless ``controlled`` is a strict, non-empty subset of the optimizer's param groups. Scaling the
+    controlled groups' lrs by ``f`` scales this ratio by exactly ``f`` (the joint ratio, which the
+    other groups also set, does not move in proportion; the same derivation as ``stability_ratio``,
+    restricted to the coordinates that move with the factor).
+    """
+    if optimizer is None or controlled is None:
+        return None
+    n_groups = len(optimizer.param_groups)
+    chosen = {int(i) for i in controlled}
+    if not chosen or chosen >= set(range(n_groups)):
+        return None
+    group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    masked = [s if group_of.get(id(p)) in chosen else torch.zeros_like(s)
+              for p, s in zip(op.parameters, scales.scales)]
+    flat = op.flatten(masked)  # type: ignore[arg-type]
+    if not bool((flat != 0).any()):
+        return 0.0
+    return float(_top_eigenpair(ScaledOperator(op, flat), settings, gen, None, "controlled-groups").eigenvalues[0])
+
+
 def _frozen_note(scales: StepScales, dim: int) -> tuple[str, str]:
     missing = f" (no optimizer state for {', '.join(scales.no_state[:5])}{', ...' if len(scales.no_state) > 5 else ''})"
     return (
@@ -655,6 +686,7 @@ def solve(
     check: bool = False,
     backend: str | None = None,
     dtype: str | None = None,
+    controlled_groups: Sequence[int] | None = None,
 ) -> Solve:
     """Measure the Hessian of ``loss_fn`` over ``batches`` at the model's current parameters.
 
@@ -666,6 +698,10 @@ def solve(
         step: optimizer step (seeds the solver's generator).
         optimizer: the optimizer in use (thresholds, Adam preconditioner); None: no thresholds.
         lr_scales: per param group factor on the lr (e.g. an InstabilityController's), or None.
+        controlled_groups: the param groups an InstabilityController scales, when they are a strict
+            subset: ``controlled_ratio`` is then ``lambda_max(S_C^1/2 H S_C^1/2)`` with the other
+            groups' step sizes set to 0 (one more solve), the ratio that scaling those groups by
+            ``f`` scales by exactly ``f``.
         warm: an :class:`~lightning_rpe.geometry.EigenvectorTracker` whose previous vectors start
             the solves (used only with ``settings.warm_start``), or None.
         reduce: SUM across processes of every product (None: one process).
@@ -782,6 +818,7 @@ def solve(
         notes.extend(("unknown-optimizer", g.note) for g in groups[:1] if g.note is not None)
     pre_val, pre_vec, ratio = None, None, None
     pre_gap: float | None = None
+    controlled: float | None = None
     scales = None if optimizer is None else step_scales(optimizer, op.parameters, groups, op.names)
     if scales is not None:
         if scales.no_state or scales.frozen:
@@ -811,6 +848,8 @@ def solve(
             init = None if pre_vec is None else pre_vec.reshape(-1, 1)
             ratio = float(_top_eigenpair(ScaledOperator(op, flat), settings, gen, init, "lr-scaled").eigenvalues[0])
 
+    if scales is not None:
+        controlled = _controlled_ratio(op, optimizer, scales, controlled_groups, settings, gen)
     bs, bs_note = _batch_sharpness(model, loss_fn, batches, settings, step, batch_size, reduce, scales, op)
     if bs_note is not None:
         notes.append(bs_note)
@@ -830,7 +869,8 @@ def solve(
             align = None
     return Solve(
         eigenvalues=top_vals, lambda_min=lam_min, trace=tr, preconditioned_sharpness=pre_val, groups=tuple(groups),
-        ratios=ratios, stability_ratio=ratio, n_hvp=int(op.n_hvp) + extra, residuals=tuple(float(r) for r in res.residuals[:k]),
+        ratios=ratios, stability_ratio=ratio, controlled_ratio=controlled, n_hvp=int(op.n_hvp) + extra,
+        residuals=tuple(float(r) for r in res.residuals[:k]),
         lambda_min_residual=float(res.residuals[k]) if which == "both" else None, probe_loss=loss, grad_alignment=align, top_vectors=top_vecs,
         min_vector=min_vec, preconditioned_vector=pre_vec, notes=tuple(notes),
         backend=op.backend, verification=verdict, verify_error=verify_error, switched_to=switched_to, switched_dtype=switched_dtype, crossed=crossed,
@@ -985,33 +1025,42 @@ def assemble(
         batch_sharpness=s.batch_sharpness,
         batch_sharpness_se=s.batch_sharpness_se,
         batch_sharpness_ratio=s.batch_sharpness_ratio,
+        controlled_ratio=s.controlled_ratio,
     )
 
 
-def at_lr_scales(m: Measurement, before: Sequence[float], after: Sequence[float]) -> Measurement:
+def at_lr_scales(m: Measurement, before: Sequence[float], after: Sequence[float],
+                 controlled: Sequence[int] | None = None) -> Measurement:
     """``m`` restated at other lr factors: its ratios at the effective lrs ``lr_i * after_i / before_i``.
 
     Every threshold is proportional to ``1 / lr``, so per group the lr and the ratio scale by
-    ``c_i = after_i / before_i`` and the threshold by ``1 / c_i`` (curvatures unchanged). The exact
+    ``c_i = after_i / before_i`` and the threshold by ``1 / c_i`` (curvatures unchanged). The joint
     ratios (``stability_ratio``, ``batch_sharpness_ratio``) scale by ``c`` when every group changes by
-    the same ``c`` (an InstabilityController's decision without per-group lr bounds); otherwise by
-    ``max_i c_i``, an upper bound for a positive semi-definite Hessian. Groups with ``before_i <= 0``
-    keep their values. Used by the monitor so that the ratio it logs after a controller's decision is
-    the one at the lr the next step uses.
+    the same ``c``; when the groups change differently (an InstabilityController scaling a subset of
+    groups, or per-group lr bounds) they have no closed form at the new lrs and are left out (None:
+    not logged at this step; the next measurement has them). ``controlled_ratio`` depends only on
+    the ``controlled`` groups: it scales by their common ``c``, and is left out when their changes
+    differ (a per-group lr bound). Groups with
+    ``before_i <= 0`` keep their values. Used by the monitor so that the ratios it logs after a
+    controller's decision are the ones at the lr the next step uses.
     """
     if len(before) != len(m.lrs) or len(after) != len(m.lrs):
         return m
     change = [a / b if b > 0 else 1.0 for a, b in zip(after, before)]
     if all(c == 1.0 for c in change):
         return m
-    top = max(change)
+    common = change[0] if len(set(change)) == 1 else None
+    inside = {change[i] for i in controlled if 0 <= i < len(change)} if controlled is not None else set(change)
     return replace(
         m,
         lrs=tuple(lr * c for lr, c in zip(m.lrs, change)),
         thresholds=tuple(t / c for t, c in zip(m.thresholds, change)),
         ratios=tuple(r * c for r, c in zip(m.ratios, change)),
-        stability_ratio=None if m.stability_ratio is None else m.stability_ratio * top,
-        batch_sharpness_ratio=None if m.batch_sharpness_ratio is None else m.batch_sharpness_ratio * top,
+        stability_ratio=None if m.stability_ratio is None or common is None else m.stability_ratio * common,
+        batch_sharpness_ratio=(None if m.batch_sharpness_ratio is None or common is None
+                               else m.batch_sharpness_ratio * common),
+        controlled_ratio=(None if m.controlled_ratio is None or len(inside) != 1
+                          else m.controlled_ratio * inside.pop()),
     )
 
 
@@ -1023,6 +1072,7 @@ def measurement_metrics(m: Measurement, names: MetricNames) -> dict[str, float]:
     if m.thresholds:
         out[names.threshold] = min(m.thresholds)
         out[names.stability_ratio] = m.stability_ratio
+        out[names.controlled_ratio] = m.controlled_ratio
         if len(set(m.thresholds)) > 1:
             for i, (th, r) in enumerate(zip(m.thresholds, m.ratios), start=1):
                 out[names.group(THRESHOLD, i)] = th

@@ -50,6 +50,7 @@ CLIP_LEVEL = "clip_level"
 LR_SCALE = "lr_scale"
 LR = "lr"
 CONTROLLER_RATIO = "controller_ratio"
+CONTROLLED_RATIO = "controlled_ratio"  # the stability ratio of the controlled param groups alone
 TARGET_RATIO = "target_ratio"
 BAND_LOW = "band_low"
 BAND_HIGH = "band_high"

@@ -71,10 +71,13 @@ class StubMonitor(SharpnessMonitor):
         lrs = tuple(float(g["lr"]) * s for g, s in zip(opt.param_groups, scales))
         c = float(self.curvature(trainer.global_step))
         thresholds = tuple(2.0 / lr if lr > 0 else math.inf for lr in lrs)
+        # H = c I: the controlled groups' own ratio is the largest of their ratios c lr_i / 2
+        controlled = getattr(self, "controlled_groups", None)
         m = _measurement(
             step=trainer.global_step, epoch=trainer.current_epoch, sharpness=c, eigenvalues=(c,),
             lambda_min=None, trace=None, preconditioned_sharpness=None, thresholds=thresholds,
             ratios=tuple(c / t for t in thresholds), lrs=lrs, n_hvp=0, seconds=0.0,
+            controlled_ratio=None if controlled is None else max(c * lrs[i] / 2 for i in controlled),
         )
         self.latest = m
         self.history.append(m)

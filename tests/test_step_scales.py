@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from lightning_rpe.curvature import DenseOperator, ScaledOperator
+from lightning_rpe.geometry import Rotation
+from lightning_rpe.measure import MeasureSettings, assemble, at_lr_scales, solve
 from lightning_rpe.stability import adam_preconditioner, group_thresholds, step_scales
 
 D = torch.float64
@@ -176,3 +178,53 @@ def test_adam_before_its_first_step_has_no_scales() -> None:
     p = nn.Parameter(torch.ones(2, dtype=D))
     opt = torch.optim.Adam([p], lr=0.1)
     assert step_scales(opt, [p], group_thresholds(opt)) is None
+
+
+class _Quadratic(nn.Module):
+    """``L(w) = w^T H w / 2`` over two parameters (two param groups); the batch is unused."""
+
+    def __init__(self, H: torch.Tensor, sizes: tuple[int, int]) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.a = nn.Parameter(torch.randn(sizes[0], generator=g, dtype=D))
+        self.b = nn.Parameter(torch.randn(sizes[1], generator=g, dtype=D))
+        self.register_buffer("H", H)
+
+    def forward(self, batch: object) -> torch.Tensor:
+        w = torch.cat([self.a, self.b])
+        return 0.5 * w @ self.H @ w
+
+
+@pytest.mark.parametrize("controlled", [(0,), (1,)])
+def test_controlled_ratio_is_the_ratio_of_the_controlled_groups_alone(controlled: tuple[int, ...]) -> None:
+    # An InstabilityController scaling a subset C of the groups steers lambda_max(S_C^1/2 H S_C^1/2)
+    # (the other groups' steps set to 0), which scaling C's lrs by f scales by exactly f; the joint
+    # ratio does not move in proportion (a review saw a controller chase it to its bound).
+    H, sizes = _spd(5, seed=4), (3, 2)
+    model = _Quadratic(H, sizes)
+    lrs = (0.05, 0.2)
+    opt = torch.optim.SGD([{"params": [model.a], "lr": lrs[0]}, {"params": [model.b], "lr": lrs[1]}], lr=lrs[0])
+    settings = MeasureSettings(dtype="float64", tol=1e-10, verify="off", lambda_min=False, grad_alignment=False)
+    s = solve(model, lambda m, b: m(b), [torch.zeros(1)], settings, step=0, optimizer=opt, controlled_groups=controlled)
+    mask = _coordinate(tuple(1.0 if i in controlled else 0.0 for i in range(2)), sizes)
+    s_c = _coordinate(tuple(lr / 2 for lr in lrs), sizes) * mask
+    expected = float(torch.linalg.eigvalsh(s_c.sqrt()[:, None] * H * s_c.sqrt()[None, :])[-1])
+    assert s.controlled_ratio == pytest.approx(expected, rel=1e-9)
+    s_all = _coordinate(tuple(lr / 2 for lr in lrs), sizes)
+    joint = float(torch.linalg.eigvalsh(s_all.sqrt()[:, None] * H * s_all.sqrt()[None, :])[-1])
+    assert s.stability_ratio == pytest.approx(joint, rel=1e-9)
+    # every group controlled: no second ratio (the joint one is the controlled one)
+    assert solve(model, lambda m, b: m(b), [torch.zeros(1)], settings, step=0, optimizer=opt,
+                 controlled_groups=(0, 1)).controlled_ratio is None
+    # restated after a decision that scales C by 3: the controlled ratio exactly 3x; the joint ratio has
+    # no closed form then and is left out instead of bounded
+    m = assemble(s, Rotation(), step=0, epoch=0, seconds=0.0, trigger="step")
+    after = [3.0 if i in controlled else 1.0 for i in range(2)]
+    restated = at_lr_scales(m, [1.0, 1.0], after, controlled=controlled)
+    assert restated.controlled_ratio == pytest.approx(3 * expected, rel=1e-12)
+    assert restated.stability_ratio is None
+    s3 = _coordinate(tuple(lr / 2 * f for lr, f in zip(lrs, after)), sizes) * mask
+    assert restated.controlled_ratio == pytest.approx(
+        float(torch.linalg.eigvalsh(s3.sqrt()[:, None] * H * s3.sqrt()[None, :])[-1]), rel=1e-9)
+    uniform = at_lr_scales(m, [1.0, 1.0], [2.0, 2.0])
+    assert uniform.stability_ratio == pytest.approx(2 * joint, rel=1e-12)

@@ -315,6 +315,10 @@ class InstabilityController(Callback):
         kinds = group_thresholds(optimizer)
         adam_family = any(g.preconditioned for g in kinds)
         controlled = self.settings.controlled(n_groups)
+        assert self._monitor is not None
+        # a strict subset: steer the controlled groups' own ratio, which the factor scales exactly
+        subset = tuple(sorted(set(controlled))) if set(controlled) != set(range(n_groups)) else None
+        self._monitor.controlled_groups = subset
         momentum = any(g.kind in ("heavy_ball", "nesterov") for g in kinds if g.index in controlled)  # per group
         self._law = self.settings.for_optimizer(adam_family, momentum).for_run(_total_steps(trainer))
         if isinstance(self.settings.stop_step, float) and self._law.stop_step is None:
@@ -361,6 +365,13 @@ class InstabilityController(Callback):
                 "InstabilityController(gauge='sharpness')"
             )
         self._law = self._law.with_goal_for(self.active_gauge)
+        if self.active_gauge == "batch_sharpness" and getattr(self._monitor, "controlled_groups", None) is not None:
+            rank_zero_warn(
+                "InstabilityController: param_groups is a subset of the optimizer's groups, and the batch sharpness "
+                "is one quotient along the whole step, which the other groups' lrs also set: scaling the controlled "
+                "groups moves it less than in proportion, so the band may be out of reach; gauge='sharpness' steers "
+                "the controlled groups' own ratio (rpe/controlled_ratio), which the factor scales exactly"
+            )
         if self.settings.gauge == "auto" and not (full_batch or self._law.adam_family or measured):
             rank_zero_info(
                 "InstabilityController: minibatch SGD without a batch-sharpness measurement, so gauge='auto' "
@@ -399,6 +410,7 @@ class InstabilityController(Callback):
         if monitor is not None:
             if getattr(monitor.lr_scale_provider, "__self__", None) is self:
                 monitor.lr_scale_provider = None
+                monitor.controlled_groups = None
             listeners = getattr(monitor, "listeners", None)
             if isinstance(listeners, list) and self.on_measurement in listeners:
                 listeners.remove(self.on_measurement)
@@ -508,6 +520,11 @@ class InstabilityController(Callback):
             # controlled group by f scales it by f
             bs = getattr(m, "batch_sharpness_ratio", None)
             ratios = (math.nan if bs is None else float(bs),) * len(m.thresholds)
+        elif self._monitor is not None and self._monitor.controlled_groups is not None:
+            # a subset of the groups: their own ratio (the joint one also moves with the others' lrs,
+            # so a factor chasing it could fall to its bound without moving it)
+            c = m.controlled_ratio
+            ratios = (math.nan if c is None or not math.isfinite(c) else float(c),) * len(m.thresholds)
         elif m.stability_ratio is not None and math.isfinite(m.stability_ratio):
             # the exact ratio of the optimizer in use (lambda_max(S^1/2 H S^1/2): right with per-group
             # learning rates); scaling every controlled group by f scales it by f
@@ -561,7 +578,7 @@ class InstabilityController(Callback):
         ) == "active":
             self._warned_out_of_reach = True
             rank_zero_warn(
-                f"InstabilityController: the stability ratio ({predicted:.3g}) stays below the goal ({low:g}) with the "
+                f"InstabilityController: the steered ratio ({predicted:.3g}) stays below the goal ({low:g}) with the "
                 f"factor at its bound ({new:.3g}: max_factor={self.max_factor}, adam_max_factor={self.adam_max_factor}, "
                 f"max_lr={self.max_lr}); raise the bound to reach the band, or accept the ratio reached"
             )
@@ -680,7 +697,7 @@ class InstabilityController(Callback):
         return {
             f"{p}controller".rstrip("/"): {
                 "stability ratio and its goal": [
-                    f"^{re.escape(p)}(batch_sharpness_ratio|stability_ratio)$",
+                    f"^{re.escape(p)}(batch_sharpness_ratio|stability_ratio|controlled_ratio)$",
                     _logging.tag_regex(f"{p}controller_ratio", f"{p}target_ratio", f"{p}band_low", f"{p}band_high"),
                 ],
                 "lr scale (controller factor)": [_logging.tag_regex(f"{p}lr_scale", f"{p}rollbacks")],

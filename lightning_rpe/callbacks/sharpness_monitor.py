@@ -226,6 +226,9 @@ class SharpnessMonitor(Callback):
 
         #: Set by an InstabilityController: effective lr = param-group lr * scale (per group).
         self.lr_scale_provider: Callable[[], Sequence[float]] | None = None
+        #: Set by an InstabilityController that scales a strict subset of the param groups: the
+        #: monitor then also measures their own ratio (``Measurement.controlled_ratio``, one more solve).
+        self.controlled_groups: tuple[int, ...] | None = None
         #: Called with ``(trainer, measurement)`` for each new measurement before it is logged (an
         #: InstabilityController decides there); afterwards the measurement is restated at the lr
         #: factors then in force (:func:`lightning_rpe.measure.at_lr_scales`).
@@ -529,7 +532,8 @@ class SharpnessMonitor(Callback):
             return solve(pl_module, self._loss, batches, self.settings, step=step, optimizer=optimizer,
                          lr_scales=self._lr_scales(), warm=self._tracker,
                          reduce=all_reduce_sum if is_distributed else None, check=check,
-                         backend=self._settled_backend, dtype=self._settled_dtype, batch_size=self._batch_size(trainer))
+                         backend=self._settled_backend, dtype=self._settled_dtype, batch_size=self._batch_size(trainer),
+                         controlled_groups=self.controlled_groups)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None, trigger: str) -> None:
         step = trainer.global_step
@@ -597,7 +601,8 @@ class SharpnessMonitor(Callback):
             listener(trainer, m)
         scales_after = self._lr_scales()
         if scales_before is not None and scales_after is not None:
-            m = at_lr_scales(m, scales_before, scales_after)  # the ratios at the lr the next step uses
+            # the ratios at the lr the next step uses
+            m = at_lr_scales(m, scales_before, scales_after, controlled=self.controlled_groups)
         self.latest = m
         self._publish(trainer, m)
 
