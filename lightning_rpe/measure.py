@@ -32,6 +32,7 @@ from lightning_rpe.curvature import (
     sample_minibatches,
     verify_operator,
 )
+from lightning_rpe.curvature._functional import default_batch_size
 from lightning_rpe.curvature.eigen import default_max_hvp, working_vectors
 from lightning_rpe.curvature.hessian import coarser
 from lightning_rpe.curvature.sharded import ShardedHessianOperator, sharded_eigenpairs
@@ -897,8 +898,15 @@ def _batch_sharpness(
     """
     if not settings.batch_sharpness or batch_size is None:
         return {}, None
+    # every process must run the same number of reduced products: when any process holds more probe
+    # examples than a mini-batch, all draw settings.batch_sharpness mini-batches (a process with fewer
+    # uses all its examples in each); one mini-batch only when every process holds at most one
+    sampled = torch.tensor([float(sum(default_batch_size(b) for b in batches) > batch_size)], dtype=torch.float64,
+                           device=op.device)
+    if reduce is not None:
+        sampled = reduce(sampled)
     minibatches = sample_minibatches(batches, batch_size, settings.batch_sharpness,
-                                     settings.minibatch_generator(step))
+                                     settings.minibatch_generator(step), always=bool(sampled[0] > 0))
     flat = None if scales is None else op.flatten(list(scales.scales))
     try:
         with warnings.catch_warnings():  # the operator's notes were collected for the probe operator already
@@ -971,9 +979,14 @@ def solve_sharded(
         else:
             notes.append(("sharded-ratio", "on a sharded model the stability ratio is computed only for a "
                           "non-preconditioned optimizer whose param groups share one lr / K (docs/sharded.md)"))
-    if settings.trace or (settings.preconditioned and any(g.preconditioned for g in groups)):
-        notes.append(("sharded-unavailable", "on a sharded model the trace and the preconditioned sharpness are "
-                      "not computed (docs/sharded.md)"))
+    missing = [name for name, asked in (
+        ("the trace", settings.trace),
+        ("the preconditioned sharpness", settings.preconditioned and any(g.preconditioned for g in groups)),
+        ("the batch sharpness", bool(settings.batch_sharpness)),
+    ) if asked]
+    if missing:
+        notes.append(("sharded-unavailable", f"on a sharded model {', '.join(missing)} "
+                      f"{'is' if len(missing) == 1 else 'are'} not computed (docs/sharded.md)"))
     empty = torch.zeros(0, max(k, 1))
     return Solve(
         eigenvalues=top_vals, lambda_min=float(res.eigenvalues[k]) if which == "both" else None, trace=None,

@@ -7,6 +7,7 @@ import math
 import typing
 import warnings
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -574,3 +575,20 @@ def test_auto_max_factor_looks_at_the_momentum_of_the_controlled_groups_only(par
         warnings.simplefilter("ignore")
         fit(_MomentumInTheSecondGroup(), [monitor, controller], max_steps=2)
     assert (controller.max_factor, controller.band_goal) == (expected, "cautious")
+
+
+def test_auto_gauge_steers_the_sharpness_where_the_batch_sharpness_is_not_computed() -> None:
+    # On a sharded model the monitor does not compute the batch sharpness although asked: the auto gauge
+    # chose it anyway, and every decision was skipped ("no usable stability ratio") with the factor at 1.
+    monitor = SharpnessMonitor(batch_sharpness=True)
+    assert monitor.measures_batch_sharpness
+    monitor._sharded = True  # what setup finds under FSDP / ModelParallelStrategy
+    assert not monitor.measures_batch_sharpness
+    controller = InstabilityController()
+    controller._monitor = monitor
+    controller._choose_gauge(SimpleNamespace(num_training_batches=10, accumulate_grad_batches=1))
+    assert controller.active_gauge == "sharpness"
+    explicit = InstabilityController(gauge="batch_sharpness")
+    explicit._monitor = monitor
+    with pytest.raises(ValueError, match="a sharded model"):
+        explicit._choose_gauge(SimpleNamespace(num_training_batches=10, accumulate_grad_batches=1))

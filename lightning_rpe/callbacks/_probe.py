@@ -277,11 +277,12 @@ def capture_probe_everywhere(
     world_size: int,
     reduce: Callable[[Tensor], Tensor] | None,
     min_batch: int = 1,
-) -> tuple[ProbeSet, float, int]:
+) -> tuple[ProbeSet, float, int, dict[str, int]]:
     """:func:`capture_probe` on every process, failing on all of them together.
 
-    Returns this rank's probe set, the fingerprint summed over the ranks and the number of samples
-    over the ranks. ``reduce`` is a SUM across processes (None: one process).
+    Returns this rank's probe set, the fingerprint summed over the ranks, the number of samples
+    over the ranks and the samples left out over the ranks by reason (``"drop_last"``,
+    ``"one_sample"``: :class:`ProbeSet`). ``reduce`` is a SUM across processes (None: one process).
 
     Raises:
         ValueError: on every process, when the probe set could not be built on any of them (no rank
@@ -298,7 +299,9 @@ def capture_probe_everywhere(
     if failed[0] > 0:
         reason = f"{type(problem).__name__}: {problem}" if problem is not None else "it failed on another process"
         raise ValueError(f"SharpnessMonitor: the probe set could not be built ({reason})") from problem
-    totals = torch.tensor([captured.fingerprint, captured.n_samples], dtype=torch.float64)
+    reasons = ("drop_last", "one_sample")
+    totals = torch.tensor([captured.fingerprint, captured.n_samples,
+                           *(captured.dropped if captured.drop_reason == r else 0 for r in reasons)], dtype=torch.float64)
     if reduce is not None:
         totals = reduce(totals)
-    return captured, float(totals[0]), int(totals[1])
+    return captured, float(totals[0]), int(totals[1]), {r: int(t) for r, t in zip(reasons, totals[2:])}

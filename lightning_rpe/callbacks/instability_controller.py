@@ -353,7 +353,8 @@ class InstabilityController(Callback):
         batches = float(getattr(trainer, "num_training_batches", 0) or 0)
         # one optimizer step per epoch over all the data (also with gradient accumulation)
         full_batch = 0 < batches <= max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
-        measured = bool(getattr(self._monitor, "batch_sharpness", False))
+        measured = bool(getattr(self._monitor, "measures_batch_sharpness",
+                                getattr(self._monitor, "batch_sharpness", False)))
         self.active_gauge = control.resolve_gauge(
             self.settings.gauge, full_batch=full_batch, adam_family=self._law.adam_family,
             batch_sharpness_measured=measured,
@@ -361,7 +362,8 @@ class InstabilityController(Callback):
         if self.active_gauge == "batch_sharpness" and not measured:
             raise ValueError(
                 "InstabilityController(gauge='batch_sharpness') steers the batch sharpness, which this "
-                "SharpnessMonitor does not measure: set SharpnessMonitor(batch_sharpness=True), or "
+                "SharpnessMonitor does not measure (not requested, or a sharded model, where it is not computed): "
+                "set SharpnessMonitor(batch_sharpness=True) on an unsharded model, or "
                 "InstabilityController(gauge='sharpness')"
             )
         self._law = self._law.with_goal_for(self.active_gauge)
@@ -373,7 +375,10 @@ class InstabilityController(Callback):
                 "the controlled groups' own ratio (rpe/controlled_ratio), which the factor scales exactly"
             )
         if self.settings.gauge == "auto" and not (full_batch or self._law.adam_family or measured):
+            requested = bool(getattr(getattr(self._monitor, "settings", None), "batch_sharpness", 0))
             rank_zero_info(
+                "InstabilityController: minibatch SGD on a sharded model, where the batch sharpness is not computed, "
+                "so gauge='auto' steers the sharpness (docs/sharded.md)" if requested else
                 "InstabilityController: minibatch SGD without a batch-sharpness measurement, so gauge='auto' "
                 "steers the sharpness; SharpnessMonitor(batch_sharpness=True) lets it steer the batch sharpness, "
                 "the quantity at the edge under minibatch SGD (docs/controller.md)"

@@ -445,27 +445,29 @@ class SharpnessMonitor(Callback):
         # BatchNorm under batch statistics cannot evaluate a batch of one sample
         batch_stats = self.settings.batchnorm == "batch" and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules())
-        probe, fp, n_samples = capture_probe_everywhere(
+        probe, fp, n_samples, dropped = capture_probe_everywhere(
             trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, self._probe_indices, rank, world,
             reduce, min_batch=2 if batch_stats else 1,
         )
         if self.probe == "fixed" and self._probe_indices is None:
             held = len(probe.indices)
             if held < self.probe_size:
-                dropped = (f" ({probe.n_samples} in full batches: training drops the last incomplete batch, "
-                           "drop_last=True, and so does the probe)") if probe.drop_reason == "drop_last" else ""
+                full = (f" ({n_samples} in full batches: training drops the last incomplete batch, "
+                        "drop_last=True, and so does the probe)") if dropped["drop_last"] else ""
                 self._warn_once(
                     "probe-truncated",
                     f"SharpnessMonitor: probe_size={self.probe_size} but the training data set holds {held} "
-                    f"samples: the probe set is the whole data set{dropped}",
+                    f"samples: the probe set is the whole data set{full}",
                 )
-            if probe.drop_reason == "one_sample":
+            if dropped["one_sample"]:
+                where = f" over {world} processes" if world > 1 else ""
                 self._warn_once(
                     "probe-one-sample",
-                    f"SharpnessMonitor: the probe's last batch would hold one sample ({held} probe samples in "
-                    f"batches of {default_batch_size(probe.batches[0])}), which BatchNorm with batch statistics "
-                    "cannot evaluate: it is left out. Choose probe_size (or probe_batch_size) so that no probe "
-                    "batch holds a single sample, or batchnorm='eval'",
+                    f"SharpnessMonitor: {dropped['one_sample']} probe sample(s) would form a last batch of one "
+                    f"sample{where} ({held} probe samples in batches of {default_batch_size(probe.batches[0])}), "
+                    "which BatchNorm with batch statistics cannot evaluate: left out, the probe holds "
+                    f"{n_samples}. Choose probe_size (or probe_batch_size) so that no probe batch holds a single "
+                    "sample, or batchnorm='eval'",
                 )
         if self._probe_fingerprint is not None and self._probe_kind == probe.kind and probe.kind != "loader":
             # Rebuilt after a restart: the shares of all ranks must match what was saved.
@@ -480,6 +482,13 @@ class SharpnessMonitor(Callback):
         self._probe_indices = probe.indices if probe.kind != "loader" else None
         self._probe_kind = probe.kind
         self._probe_fingerprint = fp
+
+    @property
+    def measures_batch_sharpness(self) -> bool:
+        """Whether measurements carry the batch sharpness: requested, and not on a sharded model
+        (known from ``setup``), where it is not computed.
+        """
+        return bool(self.settings.batch_sharpness) and not self._sharded
 
     @property
     def probe_batches(self) -> list[Any] | None:

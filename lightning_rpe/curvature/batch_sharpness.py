@@ -189,7 +189,7 @@ def _concat(batches: Sequence[Any]) -> Any:
 
 
 def sample_minibatches(
-    batches: Sequence[Any], batch_size: int, n_batches: int, generator: torch.Generator
+    batches: Sequence[Any], batch_size: int, n_batches: int, generator: torch.Generator, *, always: bool = False
 ) -> list[Any]:
     """``n_batches`` mini-batches of ``batch_size`` examples drawn from the examples in ``batches``.
 
@@ -197,7 +197,9 @@ def sample_minibatches(
     along dim 0; non-tensor leaves are taken from the first batch) are pooled; each mini-batch is a
     uniformly random subset of distinct examples (``torch.randperm`` with ``generator``), the
     mini-batches independent of each other. When ``batch_size`` is at least the pooled size there is
-    one mini-batch: all examples (full-batch training).
+    one mini-batch: all examples (full-batch training); with ``always`` it is returned ``n_batches``
+    times instead, so that every process of a distributed measurement runs the same number of
+    reduced products when only some of them hold fewer examples than ``batch_size``.
 
     Raises:
         ValueError: ``batch_size`` or ``n_batches`` not a positive int, or no batches.
@@ -211,7 +213,7 @@ def sample_minibatches(
     pooled = _concat(list(batches))
     total = default_batch_size(pooled)
     if batch_size >= total:
-        return [pooled]
+        return [pooled] * (n_batches if always else 1)
     out = []
     for _ in range(n_batches):
         index = torch.randperm(total, generator=generator)[:batch_size]
