@@ -237,6 +237,27 @@ def test_lambda_min_after_warmup_and_residuals(tmp_path):
         write_report([run], warmup=1.0)
 
 
+def test_non_finite_values_from_other_writers_do_not_poison_the_summary(tmp_path):
+    # The monitor writes finite values only, but event files written or merged by other tools may hold
+    # NaN: one made the maximum sharpness, maximum ratio and product total "nan", and the lowest
+    # lambda_min after the warm-up "nan ± 0.01" ("no negative curvature resolved") in a review's run.
+    run = tmp_path / "nan"
+    w = SummaryWriter(str(run))
+    rows = [(0, 4.0, -0.1, 10), (5, math.nan, math.nan, math.nan), (10, 6.0, -0.5, 12), (15, 5.0, -0.2, 9)]
+    for step, sharp, lam, hvps in rows:
+        w.add_scalar("rpe/sharpness", sharp, step)
+        w.add_scalar("rpe/stability_ratio", sharp / 5.0, step)
+        w.add_scalar("rpe/lambda_min", lam, step)
+        w.add_scalar("rpe/lambda_min_residual", 0.01, step)
+        w.add_scalar("rpe/hvps", hvps, step)
+    w.close()
+    s = summarize(load_run(run))
+    assert s.max_sharpness == pytest.approx(6.0) and s.max_ratio == pytest.approx(1.2)
+    assert s.total_hvps == pytest.approx(31.0)
+    assert s.min_lambda_min == pytest.approx(-0.5) and s.min_lambda_min_step == 10
+    assert s.lambda_min_resolved is True
+
+
 def _card(path, kind, name, lr, beta=None, controller=None, prefix="rpe/"):
     num = {"gd": 2.0, "adam": (2 + 2 * 0.9) / 0.1}.get(kind, 2.0)
     card = {"format": 1, "prefix": prefix, "controller": controller, "run": {"seed": "0"},

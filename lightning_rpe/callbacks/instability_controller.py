@@ -309,7 +309,7 @@ class InstabilityController(Callback):
         groups = self.settings.param_groups
         if groups is not None and max(groups) >= n_groups:
             raise ValueError(
-                f"param_groups must be indices in [0, {n_groups - 1}] for this optimizer "
+                f"InstabilityController: param_groups must be indices in [0, {n_groups - 1}] for this optimizer "
                 f"({n_groups} param groups), got {list(groups)}"
             )
         kinds = group_thresholds(optimizer)

@@ -35,7 +35,7 @@ The clip level c_t (units of the gradient, like sqrt(v_hat)) is either
 
 Why a relative clip: sqrt(v_hat) is in gradient units and shrinks by an order of magnitude or
 more during training, so an absolute c either never acts (c above the largest sqrt(v_hat): the
-run is bit-identical to Adam) or, set where it acts late in training, clips nearly every
+run is bit-identical to Adam with a float lr) or, set where it acts late in training, clips nearly every
 coordinate in the first steps, when the gradients are largest, and the run diverges. A quantile
 follows the scale of the gradients and fixes the fraction of clipped coordinates instead.
 ``examples/RESULTS_clipped_adam_relative.md`` has the measurements behind the example settings.
@@ -172,7 +172,8 @@ class ClippedAdam(Optimizer):
 
     Args:
         params: parameters or param groups (each group may override any option below).
-        lr: learning rate (>= 0).
+        lr: learning rate (>= 0); a tensor lr is read as a Python float at every step (torch's Adam
+            does tensor arithmetic with it, so runs then differ from it in the last digits: 7.5e-8).
         betas: (beta1, beta2), each in [0, 1). beta1 = 0 gives a clipped RMSProp.
         eps: added to the clipped denominator (>= 0).
         weight_decay: L2 coefficient (>= 0).

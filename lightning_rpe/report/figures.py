@@ -412,8 +412,10 @@ def sweep_figure(summaries: Sequence[RunSummary], rotation_threshold: float) -> 
                 stds.append(float(np.std(ys, ddof=1)) if len(ys) > 1 else 0.0)
                 counts.append(len(ys))
             if xs:
-                nmax = max(counts)
-                label = f"{key} (mean ± sd over {nmax} run{'s' if nmax > 1 else ''} per lr)" if axis is ax else None
+                lo, hi = min(counts), max(counts)
+                runs = f"{lo}" if lo == hi else f"{lo}-{hi}"
+                label = (f"{key} (mean ± sd over {runs} run{'s' if hi > 1 else ''} per lr)"
+                         if axis is ax else None)
                 axis.errorbar(xs, means, yerr=stds, fmt="_", ms=14, mew=2, capsize=4, color=color, label=label)
     for axis in (ax, ax_a):
         axis.set_xscale("log")

@@ -113,9 +113,17 @@ def _run_lr(run: RunData) -> tuple[float | None, str | None]:
 
 
 def _opt(series: Series | None, fn: Any = None) -> float | None:
+    """``fn`` over the series' finite values (None when there are none), or its last value.
+
+    The monitor writes finite values only; event files written or merged by other tools may hold
+    NaN or inf, which must not turn a maximum or a sum into NaN.
+    """
     if series is None or not len(series):
         return None
-    return float(fn(series.values)) if fn is not None else series.last
+    if fn is None:
+        return series.last
+    finite = series.values[np.isfinite(series.values)]
+    return float(fn(finite)) if finite.size else None
 
 
 def _controller_text(run: RunData) -> str | None:
@@ -146,7 +154,7 @@ def lambda_min_after(run: RunData, warmup: float) -> tuple[int | None, float | N
     if lam is None:
         return None, None, None, None
     cut = _warmup_step(lam.steps, warmup)
-    keep = lam.steps >= cut
+    keep = (lam.steps >= cut) & np.isfinite(lam.values)
     if not keep.any():
         return cut, None, None, None
     i = int(np.argmin(np.where(keep, lam.values, np.inf)))
