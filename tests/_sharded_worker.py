@@ -144,9 +144,52 @@ def run(rank: int, out_dir: str, port: int) -> None:
                 },
                 os.path.join(out_dir, f"{name}_rank{rank}.pt"),
             )
+        torch.save(padded(rank, mesh), os.path.join(out_dir, f"padded_rank{rank}.pt"))
         torch.save(refusals(mesh), os.path.join(out_dir, f"refusals_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+class PaddedLM(nn.Module):
+    """Embedding(6, 2, padding_idx=4): rows 0-2 on rank 0, 3-5 on rank 1 (the pad row on rank 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(6, 2, padding_idx=4)
+        self.out = nn.Linear(2, 3)
+        with torch.no_grad():
+            self.emb.weight[4] = 0.3  # a pad row with values (loaded weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(x)).mean(1))
+
+
+def padded(rank: int, mesh) -> dict[str, torch.Tensor]:
+    """Products of the sharded operator on a padded embedding against HessianOperator's ``M H M``."""
+
+    def ce(model: nn.Module, batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    def tokens(r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(50 + r)
+        x = torch.randint(0, 6, (8, 3), generator=g)
+        x[:, -1] = 4
+        return x, torch.randint(0, 3, (8,), generator=g)
+
+    full = PaddedLM().double()
+    ref = HessianOperator(full, ce, [tokens(r) for r in range(WORLD)], dtype=torch.float64).to_dense()
+    model = PaddedLM().double()
+    fully_shard(model, mesh=mesh)
+    op = ShardedHessianOperator(model, ce, [tokens(rank)], dtype=torch.float64)
+    # local coordinates: emb.weight rows 3 * rank .. 3 * rank + 2 (2 each), then out.weight rows
+    # (3 rows of 2: 2 / 1), then out.bias (3: 2 / 1)
+    index = [2 * (3 * rank) + i for i in range(6)]
+    index += [12 + 2 * 2 * rank + i for i in range(2 * (2 - rank))]
+    index += [18 + 2 * rank + i for i in range(2 - rank)]
+    v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    return {"hv": op.matvec(v[index]), "hv_ref": (ref @ v)[index], "frozen_rows": op.frozen_rows,
+            "dim": op.dim}
 
 
 def refusals(mesh) -> dict[str, str]:

@@ -362,6 +362,18 @@ def test_a_spike_at_the_scheduled_lr_is_not_rolled_back_but_a_nan_is() -> None:
     assert controller.state.n_rollbacks == 1
 
 
+def test_the_spike_test_uses_the_factor_the_step_ran_at_not_the_one_decided_on_its_batch() -> None:
+    # factor 4 from step 4 (ratio 0.05, target 1, max_factor 4); the step taken at factor 4 from step 11
+    # spikes (50x), and the measurement after it (curvature 400: ratio 8) cuts the factor to 1 in the same
+    # on_train_batch_end, before the spike test. Reading the factor then, the spike went unrolled (a review).
+    model = FaultyModel({11: 50.0}, lr=0.01)
+    monitor = ListeningStub(lambda s: 10.0 if s < 12 else 400.0, every=4)
+    controller = _guarded(max_change=4.0, max_factor=4.0, approach="gradual", spike_window=6)
+    with pytest.warns(UserWarning, match="more than spike_factor=4 times its recent median"):
+        fit(model, [monitor, controller], max_steps=16)
+    assert controller.state.n_rollbacks == 1
+
+
 def test_no_rollback_while_the_controller_does_not_act() -> None:
     model = FaultyModel({3: 50.0}, lr=0.01)
     controller = _guarded(warmup_steps=10, spike_window=2)
@@ -592,3 +604,16 @@ def test_auto_gauge_steers_the_sharpness_where_the_batch_sharpness_is_not_comput
     explicit._monitor = monitor
     with pytest.raises(ValueError, match="a sharded model"):
         explicit._choose_gauge(SimpleNamespace(num_training_batches=10, accumulate_grad_batches=1))
+
+
+def test_a_subset_of_groups_is_refused_on_a_sharded_model() -> None:
+    # the monitor does not compute the controlled groups' own ratio on sharded vectors: every decision
+    # was skipped ("no usable stability ratio") without saying why (a review)
+    monitor = SharpnessMonitor()
+    monitor._sharded = True  # what setup finds under FSDP / ModelParallelStrategy
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.2}])
+    controller = InstabilityController(param_groups=[0])
+    controller._monitor = monitor
+    with pytest.raises(ValueError, match=r"param_groups=\[0\] is a subset .* sharded model"):
+        controller.on_fit_start(SimpleNamespace(optimizers=[opt]), None)

@@ -430,7 +430,7 @@ def test_drop_last_training_loader_drops_the_probes_incomplete_last_batch() -> N
     # on which BatchNorm with batch statistics has no value at all (every measurement was skipped
     # with "Expected more than 1 value per channel"). A whole-data-set probe now drops it too, and
     # says so; the values are the dense Hessian of the mean loss over the three full batches.
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, IterableDataset
 
     data = make_dataset(49, seed=4)
     pl.seed_everything(0, verbose=False)
@@ -468,6 +468,21 @@ def test_drop_last_training_loader_drops_the_probes_incomplete_last_batch() -> N
     top = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))[-1])
     assert monitor.latest.sharpness == pytest.approx(top, rel=1e-6)
 
+    # probe_size equal to the data set: the same drop, said as well (it went unsaid: a review)
+    exact = SharpnessMonitor(every_n_steps=1, on_fit_start=False, on_fit_end=False, probe_size=49)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([exact], max_steps=1).fit(TinyMLP(), DataLoader(data, batch_size=16, drop_last=True))
+    assert [len(b[0]) for b in exact.probe_batches] == [16, 16, 16]
+    assert any("whole data set (48 in full batches" in str(w.message) for w in caught)
+    # an iterable data set of exactly probe_size samples is the whole data set too
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(zip(*data.tensors))
+
+    stream = SharpnessMonitor(every_n_steps=1, on_fit_start=False, on_fit_end=False, probe_size=49)
+    make_trainer([stream], max_steps=1).fit(TinyMLP(), DataLoader(Stream(), batch_size=16, drop_last=True))
+    assert [len(b[0]) for b in stream.probe_batches] == [16, 16, 16]
     # a probe smaller than the data set, or an explicit probe batch size, keeps every sample asked for
     for kwargs, sizes in ((dict(probe_size=40), [16, 16, 8]), (dict(probe_batch_size=16), [16, 16, 16, 1])):
         small = SharpnessMonitor(every_n_steps=1, on_fit_start=False, on_fit_end=False, **kwargs)

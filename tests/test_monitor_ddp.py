@@ -10,6 +10,7 @@ import torch
 from _launch import run_worker
 from lit_models import TinyMLP, make_dataset
 
+from lightning_rpe.callbacks._distributed import collective_device
 from lightning_rpe.curvature import HessianOperator
 
 WORKER = Path(__file__).with_name("_monitor_ddp_worker.py")
@@ -102,3 +103,14 @@ def test_broadcast_solve_sends_rank_zero_vectors(tmp_path: Path) -> None:
     assert b1["min"] is not None and b1["min"].dtype == torch.float64 and torch.equal(b0["min"], b1["min"])
     assert b0["pre"] is None and b1["pre"] is None
     assert b0["eigenvalues"] == b1["eigenvalues"] == (3.0, 1.0) and b0["n_hvp"] == b1["n_hvp"] == 10
+
+
+def test_host_flags_are_reduced_on_the_cuda_device_under_nccl() -> None:
+    # the monitor's success flags and the probe's counts are host tensors; NCCL (Lightning's default
+    # DDP backend on GPUs) reduces CUDA tensors only (a review read it from torch's backend table; the
+    # DDP tests here run gloo, so the device choice is tested on its own)
+    flag = torch.zeros(2, dtype=torch.float64)
+    assert collective_device(flag, "nccl", True, 1) == torch.device("cuda", 1)
+    assert collective_device(flag, "gloo", True, 1) == torch.device("cpu")
+    assert collective_device(flag, "cpu:gloo,cuda:nccl", True, 0) == torch.device("cpu")
+    assert collective_device(flag, "nccl", False, 0) == torch.device("cpu")

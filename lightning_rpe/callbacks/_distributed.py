@@ -23,11 +23,26 @@ __all__ = ["RankZeroBuffers", "all_reduce_sum", "broadcast_solve", "distributed"
 _VECTORS = ("top_vectors", "min_vector", "preconditioned_vector")
 
 
+def collective_device(t: Tensor, backend: str, cuda_available: bool, cuda_index: int) -> torch.device:
+    """Where ``t`` must be for a collective of ``backend``: NCCL (the default of Lightning's DDP on
+    GPUs) reduces CUDA tensors only, so a host tensor (a flag, a count) goes to the current CUDA
+    device; gloo and mixed backends (``"cpu:gloo,cuda:nccl"``) take it where it is.
+    """
+    if t.device.type == "cpu" and backend == "nccl" and cuda_available:
+        return torch.device("cuda", cuda_index)
+    return t.device
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
-    """A detached copy of ``t`` summed over all processes."""
-    out = t.detach().clone()
+    """A detached copy of ``t`` summed over all processes, on ``t``'s device.
+
+    A host tensor is reduced on the current CUDA device under NCCL (:func:`collective_device`).
+    """
+    cuda = torch.cuda.is_available()
+    device = collective_device(t, str(torch.distributed.get_backend()), cuda, torch.cuda.current_device() if cuda else 0)
+    out = t.detach().to(device, copy=True)
     torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
-    return out
+    return out.to(t.device)
 
 
 def distributed(trainer: pl.Trainer) -> bool:

@@ -106,14 +106,16 @@ def capture_dataset_probe(
             taken: dict[int, Any] = {}
             wanted_set = set(wanted)
             sample: Any
+            ended = True  # the data set ran out before a sample past the wanted ones was read
             for pos, sample in enumerate(cast(Iterable[Any], dataset)):
                 if pos > last:
+                    ended = False
                     break
                 if pos in wanted_set:
                     taken[pos] = sample
             wanted = [i for i in wanted if i in taken]
             samples_of = taken.__getitem__
-            whole = len(wanted) < size  # the data set ended first
+            whole = ended  # the probe is every sample of the data set
         else:
             kind = "map"
             n = len(dataset)  # type: ignore[arg-type]

@@ -145,7 +145,10 @@ class InstabilityController(Callback):
             trains the last 10 % at the scheduled lr (measured: it kept minibatch runs within their
             uncontrolled twins' accuracy, examples/README.md).
         after_stop: ``"reset"`` (factor 1 from ``stop_step`` on, default) or ``"hold"``.
-        param_groups: indices of the param groups to scale (None: all); the least stable decides.
+        param_groups: indices of the param groups to scale (None: all). A strict subset steers
+            their own stability ratio (``Measurement.controlled_ratio``, ``lambda_max(S_C^1/2 H S_C^1/2)``
+            with the other groups' steps set to 0, which the factor scales exactly; with the batch-sharpness
+            gauge the joint quotient, with a warning); refused on a sharded model.
         initial_factor: factor at the first controlled step (> 0).
         spike_factor: divergence guard: a training loss above ``spike_factor`` times the median of
             the last ``spike_window`` losses rolls back (> 1, default 4; None: only a non-finite
@@ -218,6 +221,7 @@ class InstabilityController(Callback):
         self._optimizer: torch.optim.Optimizer | None = None
         self._handles: list[RemovableHandle] = []
         self._pending: list[tuple[int, Any, Any]] | None = None
+        self._step_factors: list[float] | None = None
         self._applied: tuple[int, float, tuple[float, ...]] | None = None
         self._logged_step: int | None = None
         self._step_at_batch_start: int | None = None
@@ -256,6 +260,7 @@ class InstabilityController(Callback):
         self._snapshot_due = False
         self.snapshot_bytes = None
         self._applied = self._pending = None
+        self._step_factors = None
         self._logged_step = None
 
     # ------------------------------------------------------------------ setup
@@ -318,6 +323,12 @@ class InstabilityController(Callback):
         assert self._monitor is not None
         # a strict subset: steer the controlled groups' own ratio, which the factor scales exactly
         subset = tuple(sorted(set(controlled))) if set(controlled) != set(range(n_groups)) else None
+        if subset is not None and getattr(self._monitor, "sharded", False):
+            raise ValueError(
+                f"InstabilityController: param_groups={list(subset)} is a subset of the optimizer's "
+                f"{n_groups} param groups, whose own stability ratio the monitor does not compute on a sharded "
+                "model (docs/sharded.md); control every group (param_groups=None) there"
+            )
         self._monitor.controlled_groups = subset
         momentum = any(g.kind in ("heavy_ball", "nesterov") for g in kinds if g.index in controlled)  # per group
         self._law = self.settings.for_optimizer(adam_family, momentum).for_run(_total_steps(trainer))
@@ -367,7 +378,9 @@ class InstabilityController(Callback):
                 "InstabilityController(gauge='sharpness')"
             )
         self._law = self._law.with_goal_for(self.active_gauge)
-        if self.active_gauge == "batch_sharpness" and getattr(self._monitor, "controlled_groups", None) is not None:
+        if (self.active_gauge == "batch_sharpness" and self._monitor is not None
+                and getattr(self._monitor, "controlled_groups", None) is not None):
+            self._monitor.controlled_groups = None  # not steered: spare the monitor its extra solve
             rank_zero_warn(
                 "InstabilityController: param_groups is a subset of the optimizer's groups, and the batch sharpness "
                 "is one quotient along the whole step, which the other groups' lrs also set: scaling the controlled "
@@ -462,6 +475,7 @@ class InstabilityController(Callback):
             group["lr"] = effective
             pending.append((i, scheduled, effective))
         self._pending = pending
+        self._step_factors = factors  # what the spike test asks: did this step run above the schedule
         self._applied = (step, control.factor_at(self._law, self.state, step),
                          tuple(g["lr"] for g in optimizer.param_groups))
 
@@ -624,9 +638,11 @@ class InstabilityController(Callback):
         """Check the loss of the batch that just stepped; roll back when it is non-finite or spikes."""
         alarm = None
         if control.controls(self._law, trainer.global_step - 1):
-            # a finite spike rolls back only while the factor held the lr above its schedule (an outlier
-            # batch at the scheduled lr is not the controller's doing); a non-finite loss always does
-            above = control.factor_at(self._law, self.state, trainer.global_step - 1) > 1.0
+            # a finite spike rolls back only if the step that produced it ran some group above its
+            # scheduled lr (the factors applied in optimizer.step, lr bounds included; an outlier batch at
+            # the scheduled lr is not the controller's doing); a non-finite loss always does. Not the
+            # factor now: a decision on this batch's measurement may have changed it already
+            above = self._step_factors is not None and max(self._step_factors, default=1.0) > 1.0
             alarm = None if loss is None else control.loss_alarm(self._law, self.state.losses, loss, spikes=above)
             if trainer.world_size > 1:  # every rank rolls back when any rank sees a bad loss
                 flag = torch.tensor(0.0 if alarm is None else 1.0, device=pl_module.device)

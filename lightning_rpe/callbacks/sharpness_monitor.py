@@ -442,23 +442,26 @@ class SharpnessMonitor(Callback):
     def _capture_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reduce = all_reduce_sum if distributed(trainer) else None
         rank, world = (trainer.global_rank, trainer.world_size) if reduce is not None else (0, 1)
-        # BatchNorm under batch statistics cannot evaluate a batch of one sample
+        # BatchNorm1d under batch statistics cannot evaluate a batch of one (N, C) sample (BatchNorm2d/3d
+        # can, over its spatial positions; the skip message explains a failure there)
         batch_stats = self.settings.batchnorm == "batch" and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules())
+            isinstance(m, nn.BatchNorm1d) for m in pl_module.modules())
         probe, fp, n_samples, dropped = capture_probe_everywhere(
             trainer, pl_module, self.probe, self.probe_size, self.probe_batch_size, self._probe_indices, rank, world,
             reduce, min_batch=2 if batch_stats else 1,
         )
         if self.probe == "fixed" and self._probe_indices is None:
             held = len(probe.indices)
+            full = (f" ({n_samples} in full batches: training drops the last incomplete batch, "
+                    "drop_last=True, and so does the probe)") if dropped["drop_last"] else ""
             if held < self.probe_size:
-                full = (f" ({n_samples} in full batches: training drops the last incomplete batch, "
-                        "drop_last=True, and so does the probe)") if dropped["drop_last"] else ""
                 self._warn_once(
                     "probe-truncated",
                     f"SharpnessMonitor: probe_size={self.probe_size} but the training data set holds {held} "
                     f"samples: the probe set is the whole data set{full}",
                 )
+            elif full:
+                self._warn_once("probe-drop-last", f"SharpnessMonitor: the probe set is the whole data set{full}")
             if dropped["one_sample"]:
                 where = f" over {world} processes" if world > 1 else ""
                 self._warn_once(
@@ -482,6 +485,11 @@ class SharpnessMonitor(Callback):
         self._probe_indices = probe.indices if probe.kind != "loader" else None
         self._probe_kind = probe.kind
         self._probe_fingerprint = fp
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the strategy shards the parameters (known from ``setup``): docs/sharded.md."""
+        return self._sharded
 
     @property
     def measures_batch_sharpness(self) -> bool:

@@ -60,13 +60,16 @@ from ._functional import (
     seed_batch,
 )
 from .eigen import EigenResult
+from .hessian import frozen_padding_rows
 from .lanczos import NONFINITE_REASON, budget_reason, n_wanted, select_ritz
 from .operator import CurvatureOperator
 
 try:  # DTensor moved out of the private namespace in torch 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 except ImportError:  # pragma: no cover - torch < 2.4
     from torch.distributed._tensor import DTensor, Replicate, Shard  # type: ignore[no-redef]
+    from torch.distributed._tensor._utils import compute_local_shape_and_global_offset  # type: ignore[no-redef]
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -223,6 +226,8 @@ class ShardedHessianOperator(CurvatureOperator):
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
         with torch.no_grad():
             self._snapshot = tuple(t.detach().clone() for t in local)
+        self.frozen_rows = frozen_padding_rows(module, self.parameters, self.names)
+        self._mask = self._padding_mask(local) if self.frozen_rows else None
 
         size_fn = batch_size_fn if batch_size_fn is not None else default_batch_size
         sizes = []
@@ -248,6 +253,35 @@ class ShardedHessianOperator(CurvatureOperator):
                 raise ValueError(f"ShardedHessianOperator: FSDP modules use different gradient divide factors {sorted(factors)}")
             if factors:
                 self._grad_factor = float(factors.pop())
+
+    def _padding_mask(self, local: Sequence[Tensor]) -> Tensor:
+        """0/1 column ``(dim, 1)`` that is 0 on this process's coordinates of the embedding pad rows.
+
+        Finite differences of the gradient give ``M H`` on a padded embedding (its backward masks
+        the pad row, its forward reads it: not symmetric); products are taken as ``M H M``, as
+        :class:`~lightning_rpe.curvature.HessianOperator` does (:func:`frozen_padding_rows`). A
+        DTensor shard (FSDP2) holds the rows from its global offset on; FSDP1's flat shards do not
+        map to rows, so a padded embedding is refused there.
+        """
+        if self.kind == "fsdp1":
+            raise ValueError(
+                "ShardedHessianOperator: the padded embedding(s) "
+                f"{', '.join(name for name, _ in self.frozen_rows)} cannot be measured under FSDP1 (the pad row, which "
+                "never trains, must be left out and FSDP1's flat shards do not map to rows): use FSDP2 "
+                "(ModelParallelStrategy / fully_shard) or padding_idx=None"
+            )
+        parts = [torch.ones(t.numel(), dtype=self.dtype, device=self.device) for t in local]
+        for name, row in self.frozen_rows:
+            i = self.names.index(name)
+            p = self.parameters[i]
+            width = math.prod(p.shape[1:])
+            start, rows = 0, int(p.shape[0])
+            if isinstance(p, DTensor):
+                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                start, rows = int(offset[0]), int(shape[0])
+            if start <= row < start + rows:
+                parts[i][(row - start) * width:(row - start + 1) * width] = 0
+        return torch.cat(parts).unsqueeze(1)
 
     # ------------------------------------------------------------------ sharding
     @staticmethod
@@ -516,6 +550,11 @@ class ShardedHessianOperator(CurvatureOperator):
         return float(out[0]), out[1:].to(self.dtype)
 
     def _matmat(self, V: Tensor) -> Tensor:
+        if self._mask is not None:  # coordinates that never train: products over the others (M H M)
+            return self._products(V * self._mask) * self._mask
+        return self._products(V)
+
+    def _products(self, V: Tensor) -> Tensor:
         V64 = V.to(torch.float64)
         squares = (V64 * V64).sum(dim=0)  # the global norms come back from _evaluate's one all-reduce
 
