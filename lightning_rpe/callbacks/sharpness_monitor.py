@@ -468,7 +468,7 @@ class SharpnessMonitor(Callback):
                     "probe-one-sample",
                     f"SharpnessMonitor: {dropped['one_sample']} probe sample(s) would form a last batch of one "
                     f"sample{where} ({held} probe samples in batches of {default_batch_size(probe.batches[0])}), "
-                    "which BatchNorm with batch statistics cannot evaluate: left out, the probe holds "
+                    "which BatchNorm1d with batch statistics cannot evaluate: left out, the probe holds "
                     f"{n_samples}. Choose probe_size (or probe_batch_size) so that no probe batch holds a single "
                     "sample, or batchnorm='eval'",
                 )
