@@ -640,7 +640,7 @@ class EigenvectorTracker:
         rot_cos = rot_angle = sub_sim = sub_first = polarity = None
         flips = crossed = crossings = None
         prev = self.previous_top
-        matched = None
+        matched = None  # the previous vector the new v_1 continues, when it is not the previous v_1
         if outside_verdict and top.shape[1] == 1 and prev is not None and prev.shape == top.shape:
             self.crossings += 1
             _or_none(lambda: self.polarity.rebase(v1))  # the new v_1 is another eigenvector: continue from it
@@ -662,7 +662,7 @@ class EigenvectorTracker:
             prev = prev.detach().to(top)
             match = _or_none(lambda: match_eigenvectors(prev, top))
             if match is not None:
-                matched = prev[:, match[0]]
+                matched = prev[:, match[0]] if match[0] != 0 else None
                 crossed = match != tuple(range(len(match)))
                 self.crossings += int(crossed)
                 crossings = self.crossings
@@ -693,8 +693,9 @@ class EigenvectorTracker:
         ref = self.polarity._reference  # the stored tensor (its sign aside): no negated copy for a size check
         if ref is not None and ref.numel() != v1.numel():
             self.polarity.reset()
-        if matched is not None and crossed and self.polarity._reference is not None:
-            # v_1 now continues another eigenvector: follow that one (its sign fixed by the old reference)
+        if matched is not None and self.polarity._reference is not None:
+            # v_1 now continues another eigenvector: follow that one (its sign fixed by the old reference);
+            # a crossing among the others (v_2 and v_3 swapping) leaves v_1's displacement alone
             _or_none(lambda: self.polarity.rebase(matched))
         pstep = _or_none(lambda: self.polarity.update(v1))
         if pstep is not None:

@@ -503,3 +503,30 @@ def test_a_zero_vector_never_reaches_the_training_loop_through_the_polarity() ->
     assert tracker.update(1, torch.zeros(30, 1, dtype=torch.float64), crossed=True).crossed is True
     rot = tracker.update(2, b)
     assert rot.polarity is not None and abs(rot.polarity) == pytest.approx(90.0)
+
+
+def test_a_crossing_of_v2_and_v3_leaves_v1_polarity_alone() -> None:
+    # v_1 swings to alternating sides every measurement (polarity alternates, one flip each), while
+    # v_2 and v_3 swap order once (a crossing that v_1 takes no part in). Any non-identity match used
+    # to rebase the polarity, dropping v_1's displacement: every later sign inverted and one flip
+    # lost for the rest of the run (a review).
+    def frame(t: int, swapped: bool) -> torch.Tensor:
+        a = 0.05 * (t + 1) * (-1) ** t
+        v1 = torch.tensor([math.cos(a), math.sin(a), 0, 0, 0, 0], dtype=torch.float64)
+        v2 = torch.tensor([0, 0, 1.0, 0, 0, 0], dtype=torch.float64)
+        v3 = torch.tensor([0, 0, 0, 1.0, 0, 0], dtype=torch.float64)
+        return torch.stack([v1, v3, v2] if swapped else [v1, v2, v3], 1)
+
+    def run(swap_at: int | None) -> list[tuple[float | None, int | None, int | None]]:
+        tracker = EigenvectorTracker()
+        out = []
+        for t in range(8):
+            r = tracker.update(t, frame(t, swap_at is not None and t >= swap_at))
+            out.append((None if r.polarity is None else round(r.polarity, 9), r.polarity_flips, r.crossings))
+        return out
+
+    plain, swapped = run(None), run(4)
+    assert [p for p, _, _ in swapped] == [p for p, _, _ in plain]
+    assert [f for _, f, _ in swapped] == [f for _, f, _ in plain] == [None, 0, 1, 2, 3, 4, 5, 6]
+    assert [p for p, _, _ in plain][1:3] == pytest.approx([8.594366927, -14.323944878], rel=1e-8)
+    assert [c for _, _, c in swapped][4:] == [1, 1, 1, 1]  # the swap is still counted as a crossing
