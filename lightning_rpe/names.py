@@ -25,6 +25,7 @@ THRESHOLD = "threshold"
 STABILITY_RATIO = "stability_ratio"
 PRECONDITIONED_SHARPNESS = "preconditioned_sharpness"
 TRACE = "trace"
+TRACE_SE = "trace_se"  # standard error of the stochastic trace estimate
 ROTATION_COS = "rotation_cos"
 ROTATION_ANGLE = "rotation_angle"
 SUBSPACE_SIMILARITY = "subspace_similarity"

@@ -256,6 +256,17 @@ def test_trace_when_requested() -> None:
     exact = float(torch.trace(op.to_dense()))
     assert monitor.latest.trace == pytest.approx(exact, rel=1e-6)
     assert "rpe/trace" in monitor.metrics(monitor.latest)
+    # the standard error rides along (0 here: the sketch spans the space, nothing stochastic is left);
+    # on a larger model it is positive and the error stays within a few of it
+    assert monitor.latest.trace_se == pytest.approx(0.0, abs=1e-10)
+    assert "rpe/trace_se" in monitor.metrics(monitor.latest)
+    big = SharpnessMonitor(every_n_steps=1, trace=True, trace_hvps=12, dtype="float64", probe_size=16)
+    model = TinyMLP(hidden=8)
+    make_trainer([big], max_steps=1).fit(model, full_batch_loader(16))
+    op = HessianOperator(model, lambda mod, b: mod.compute_loss(b), big.probe_batches, dtype=torch.float64)
+    exact = float(torch.trace(op.to_dense()))
+    se = big.latest.trace_se
+    assert se is not None and se > 0 and abs(big.latest.trace - exact) <= 4 * se
 
 
 def test_user_dataloader_probe_is_read_once_and_invisible() -> None:

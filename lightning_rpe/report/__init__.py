@@ -102,7 +102,9 @@ def _markdown(summaries: Sequence[RunSummary], figures: dict[str, list[Path]], o
                  "`run_card.json` (written by the monitor at train start from the live optimizer); the "
                  "measurements from the TensorBoard event files: *final* = value at the last logged step, "
                  "*max* over all measurements, HVPs and measurement seconds summed. ± gives the solver "
-                 "residual ||Hv - λv||, an absolute bound on the distance of the value to an eigenvalue.")
+                 "residual ||Hv - λv||, an absolute bound on the distance of the value to an eigenvalue; for λ_min "
+                 "to *an* eigenvalue: the reported λ_min never lies below the most negative one (it can only err "
+                 "toward 0, and by more than its residual in a dense cluster near 0; docs/metrics.md).")
     lines.append("")
     lines.append("## Runs")
     lines.append("")

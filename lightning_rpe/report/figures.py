@@ -299,14 +299,14 @@ def spectrum_figure(run: RunData, warmup: float = DEFAULT_WARMUP) -> Any:
         pos = (lam.values > 0) & ~within
         if pos.any():
             ax_n.plot(lam.steps[pos], lam.values[pos], "s", ms=4, mfc="none", color="C3",
-                      label=f"positive beyond the residual ({int(pos.sum())})")
+                      label=f"positive beyond the residual ({int(pos.sum())}; an upper bound of " r"$\lambda_{min}$)")
         cut, value, step, residual = lambda_min_after(run, warmup)
         if cut is not None and cut > lam.steps[0]:
             ax_n.axvspan(lam.steps[0], cut, color="0.85", alpha=0.5, label=f"warm-up (before step {cut})")
         if step is not None and value is not None:
             text = f"min after warm-up: {value:.3g}"
-            if residual is not None:
-                text += f" ± {residual:.2g}" + ("" if value + residual < 0 else " (not resolved)")
+            if residual is not None:  # an upper bound of lambda_min: the residual bounds the distance to an eigenvalue
+                text += f" (residual {residual:.2g})" + ("" if value + residual < 0 else ", not resolved")
             ax_n.plot([step], [value], "*", ms=10, color="C3", label=f"{text} at step {step}")
         ax_n.set_ylabel(r"$\lambda_{min}(H)$" + "\n(loss / parameter$^2$)")
         ax_n.grid(alpha=0.3)
