@@ -129,6 +129,8 @@ class StepProgressBar(ProgressBar):
             post["sharpness"] = f"{m.sharpness:.2f}"
             if m.stability_ratio is not None:
                 post["ratio"] = f"{m.stability_ratio:.3f}"
+            if m.step != trainer.global_step:  # this callback may run before the monitor's measurement of this step
+                post["measured at step"] = str(m.step)
         return post
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

@@ -5,10 +5,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from test_controller import _measurement
 
+from lightning_rpe import SharpnessMonitor
 from lightning_rpe.cli import RPELightningCLI, demo_threads, main
+from lightning_rpe.demo import StepProgressBar
 from lightning_rpe.report import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,3 +219,15 @@ def test_step_progress_bar_counts_optimizer_steps(tmp_path):
     run_demo(steps=4, every=2, hidden=(8,), n_train=100, out=tmp_path / "e", report=False, progress=True,
              stream=stream)
     assert "4/4" in stream.getvalue() and "\r" in stream.getvalue()  # tqdm's bar on a terminal
+
+
+def test_progress_line_names_the_step_of_an_older_measurement() -> None:
+    # the bar may run before the monitor's on_train_batch_end: a line at step 2500 showed the
+    # measurement of step 2475 as if current (a review); it now says which step it is from
+    monitor = SharpnessMonitor()
+    monitor.latest = _measurement(step=2475, sharpness=40.66, stability_ratio=1.017)
+    bar = StepProgressBar()
+    trainer = SimpleNamespace(callback_metrics={}, callbacks=[monitor], global_step=2500)
+    assert bar._postfix(trainer) == {"sharpness": "40.66", "ratio": "1.017", "measured at step": "2475"}
+    trainer.global_step = 2475
+    assert "measured at step" not in bar._postfix(trainer)
