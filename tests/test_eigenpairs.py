@@ -193,3 +193,19 @@ def test_tol_smallest_validation():
         eigenpairs(A, which="largest", tol_smallest=1e-2)
     with pytest.raises(ValueError, match="tol_smallest must be a finite float"):
         eigenpairs(A, which="both", tol_smallest=-1.0)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-25), (torch.float32, 1e-30), (torch.float32, 1e20),
+                                          (torch.float64, 1e-170), (torch.float64, 1e160)])
+def test_extreme_scales_give_the_right_values_or_no_convergence(dtype: torch.dtype, scale: float) -> None:
+    # The norm of a vector was the square root of its sum of squares: at these scales it underflowed
+    # to 0 (a false breakdown with zero residuals: values 50-66 % off reported converged) or
+    # overflowed (a "non-finite product" that was not). A review's sweep; now scaled when needed.
+    evals = torch.arange(1, 21, dtype=torch.float64) * scale
+    q, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    op = DenseOperator((q @ torch.diag(evals) @ q.T).to(dtype))
+    res = eigenpairs(op, k=1, which="both", tol=1e-4, generator=torch.Generator().manual_seed(1))
+    assert res.all_converged, res.reason
+    assert float(res.eigenvalues[0]) == pytest.approx(20 * scale, rel=1e-4)
+    assert float(res.eigenvalues[-1]) == pytest.approx(scale, rel=1e-3)
+    assert float(op.norms(torch.full((20, 1), scale, dtype=dtype))[0]) == pytest.approx(scale * 20 ** 0.5, rel=1e-6)

@@ -97,8 +97,32 @@ class CurvatureOperator:
     def norms(self, X: Tensor) -> Tensor:
         """Euclidean norms of the columns of ``X`` ``(dim, b)`` (or of a flat vector: shape ``(1,)``),
         through :meth:`inner`.
+
+        A column whose sum of squares leaves the normal range of the dtype (below
+        ``tiny / eps`` or above ``max * eps``: its squares underflowed, lost precision or
+        overflowed, e.g. a loss scaled by 1e-25 in float32, where the norm came out 0 and a solver
+        reported a breakdown with zero residuals) is measured again scaled by its largest entry:
+        ``m * sqrt(sum (x / m)^2)`` (one column-sized temporary, on that rare path only).
         """
-        return self.inner(X, X, columnwise=True).clamp_min(0).sqrt()
+        sq = self.inner(X, X, columnwise=True)
+        info = torch.finfo(sq.dtype) if sq.is_floating_point() else None
+        if info is None or sq.numel() == 0:
+            return sq.clamp_min(0).sqrt()
+        low, high = info.tiny / info.eps, info.max * info.eps
+        bad = ~((sq >= low) & (sq <= high))  # NaN included
+        if not bool(bad.any()):
+            return sq.clamp_min(0).sqrt()
+        X2 = X.unsqueeze(1) if X.ndim == 1 else X
+        out = sq.clamp_min(0).sqrt()
+        for j in torch.nonzero(bad).flatten().tolist():
+            col = X2[:, j]
+            m = col.abs().amax()
+            if not bool(torch.isfinite(m)) or float(m) == 0.0:  # a non-finite entry, or a zero column
+                out[j] = m
+                continue
+            scaled = col / m
+            out[j] = m * self.inner(scaled, scaled, columnwise=True)[0].clamp_min(0).sqrt()
+        return out
 
     def matvec(self, v: Tensor) -> Tensor:
         """Return ``A @ v`` for a flat vector ``v`` of shape ``(dim,)``."""
