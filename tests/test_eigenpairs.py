@@ -209,3 +209,13 @@ def test_extreme_scales_give_the_right_values_or_no_convergence(dtype: torch.dty
     assert float(res.eigenvalues[0]) == pytest.approx(20 * scale, rel=1e-4)
     assert float(res.eigenvalues[-1]) == pytest.approx(scale, rel=1e-3)
     assert float(op.norms(torch.full((20, 1), scale, dtype=dtype))[0]) == pytest.approx(scale * 20 ** 0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [True, False, "1e-3", b"1"])
+def test_tolerances_refuse_bools_and_strings(bad: object) -> None:
+    # tol=True ran with a tolerance of 1 and tol="1e-3" was parsed (a review)
+    op = DenseOperator(torch.diag(torch.arange(1.0, 6.0)))
+    with pytest.raises(ValueError, match="tol must be a finite float >= 0"):
+        eigenpairs(op, tol=bad)
+    with pytest.raises(ValueError, match="tol_smallest must be a finite float >= 0"):
+        eigenpairs(op, which="both", tol_smallest=bad)

@@ -213,3 +213,13 @@ def test_a_16_bit_loss_is_inconclusive_not_failed():
     result = verify_operator(op, generator=_gen())
     assert result.verdict == "inconclusive" and not result.passed and result.loss_dtype == torch.bfloat16
     assert "comes back in bfloat16" in result.reason and result.n_gradients == 0
+
+
+def test_bool_tolerances_and_steps_are_refused() -> None:
+    # verify_operator(tol=True) passed trivially at a tolerance of 1; fd_step=True was a step of 1
+    model = mlp()
+    with pytest.raises(ValueError, match="fd_step must be a positive finite number"):
+        HessianOperator(model, mse_loss, regression_batches(), fd_step=True)
+    op = HessianOperator(model, mse_loss, regression_batches(), dtype=torch.float64)
+    with pytest.raises(ValueError, match="tol must be a positive finite number"):
+        verify_operator(op, tol=True)

@@ -169,6 +169,9 @@ def _check_gap(gap: Any, nw: int) -> Tensor | None:
 
 
 def _check_tol(name: str, value: Any, alternatives: str = "") -> float:
+    # a number, not a bool (True would be a tolerance of 1) nor a string that float() happens to parse
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"{name} must be a finite float >= 0{alternatives}, got {value!r}")
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -214,9 +217,16 @@ def eigenpairs(
         tol: relative residual tolerance, finite and ``>= 0`` (``0`` runs to the budget).
         max_hvp: product budget; default :func:`default_max_hvp`, ``min(dim, 50 + 30 n)``.
         init: ``(dim, j)`` previous eigenvectors (warm start), e.g. ``previous.eigenvectors``.
+            Lanczos starts from their sum with 10 % of a random vector mixed in; the block solver
+            searches the span of ``init`` and its residual directions, so an ``init`` that spans an
+            invariant subspace (exact eigenvectors other than the wanted ones) converges to those
+            (a review: ``init`` = the second eigenvector gave the second eigenvalue as lambda_max,
+            "converged"). A multiple eigenvalue is returned once by Lanczos (the next values are the
+            following distinct ones); the block solver resolves multiplicities up to its block size.
         generator: source of the random start vectors; default a private generator seeded with
             :data:`DEFAULT_SEED`, so repeated calls are reproducible. The global RNG is never used.
-        method: ``"auto"`` (block when ``init`` is given, else Lanczos) | ``"lanczos"`` | ``"block"``.
+        method: ``"auto"`` (block when ``init`` is given, else Lanczos) | ``"lanczos"`` | ``"block"``
+            (the monitor uses ``"lanczos"`` unless told otherwise).
         tol_smallest: with ``which="both"``, the tolerance of the smallest pair (default ``tol``).
             Its residual is still measured against ``max|theta|``: when ``lambda_min`` sits in a
             cluster near 0 far below ``lambda_max``, a looser value here saves most of the products

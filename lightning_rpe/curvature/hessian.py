@@ -291,7 +291,8 @@ class HessianOperator(CurvatureOperator):
         check_choice("HessianOperator", "dropout", dropout, DROPOUT_POLICIES)
         check_choice("HessianOperator", "cache_graphs", cache_graphs, (None, True, False))
         check_choice("HessianOperator", "copy_parameters", copy_parameters, (True, False))
-        if fd_step is not None and not (isinstance(fd_step, (int, float)) and math.isfinite(fd_step) and fd_step > 0):
+        if fd_step is not None and (isinstance(fd_step, bool) or not (
+                isinstance(fd_step, (int, float)) and math.isfinite(fd_step) and fd_step > 0)):
             raise ValueError(f"HessianOperator: fd_step must be a positive finite number or None; got {fd_step!r}")
         if reduce is not None and not callable(reduce):
             raise ValueError("reduce must be a callable Tensor -> Tensor (a SUM across processes) or None")
@@ -733,7 +734,8 @@ class HessianOperator(CurvatureOperator):
         check_choice("HessianOperator.with_backend", "backend", backend, BACKENDS)
         dtype = self.dtype if dtype is None else dtype
         check_choice("HessianOperator.with_backend", "dtype", dtype, DTYPES)
-        if fd_step is not None and not (isinstance(fd_step, (int, float)) and math.isfinite(fd_step) and fd_step > 0):
+        if fd_step is not None and (isinstance(fd_step, bool) or not (
+                isinstance(fd_step, (int, float)) and math.isfinite(fd_step) and fd_step > 0)):
             raise ValueError(f"HessianOperator.with_backend: fd_step must be a positive finite number or None; got {fd_step!r}")
         other = copy.copy(self)
         other.n_hvp = 0

@@ -143,7 +143,7 @@ def verify_operator(
     """
     if not isinstance(operator, HessianOperator):
         raise ValueError(f"verify_operator: operator must be a HessianOperator, got {type(operator).__name__}")  # noqa: TRY004 - ValueError for bad input, as everywhere in the package
-    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+    if tol is not None and (isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0)):
         raise ValueError(f"verify_operator: tol must be a positive finite number or None; got {tol!r}")
     if reference_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"verify_operator: reference_dtype must be torch.float32 or torch.float64; got {reference_dtype!r}")
