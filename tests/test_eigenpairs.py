@@ -11,7 +11,7 @@ from _reference import spectrum_matrix
 
 from lightning_rpe.curvature import EigenResult, eigenpairs
 from lightning_rpe.curvature.eigen import default_max_hvp
-from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator
+from lightning_rpe.curvature.operator import CurvatureOperator, DenseOperator, PreconditionedOperator, ScaledOperator
 
 METHODS = ["lanczos", "block"]
 
@@ -219,3 +219,17 @@ def test_tolerances_refuse_bools_and_strings(bad: object) -> None:
         eigenpairs(op, tol=bad)
     with pytest.raises(ValueError, match="tol_smallest must be a finite float >= 0"):
         eigenpairs(op, which="both", tol_smallest=bad)
+
+
+def test_operators_refuse_non_tensors_with_the_parameter_named() -> None:
+    # lists, integer and complex matrices raised AttributeError / TypeError / NotImplementedError from
+    # deep inside (a review)
+    for bad in ([[1.0]], torch.eye(2, dtype=torch.int64), torch.eye(2, dtype=torch.complex64)):
+        with pytest.raises(ValueError, match="DenseOperator: matrix must be a real floating-point torch.Tensor"):
+            DenseOperator(bad)
+    op = DenseOperator(torch.eye(2))
+    for cls in (ScaledOperator, PreconditionedOperator):
+        with pytest.raises(ValueError, match=f"{cls.__name__}: diagonal must be a flat torch.Tensor"):
+            cls(op, [1.0, 1.0])
+        with pytest.raises(ValueError, match=f"{cls.__name__}: operator must be a CurvatureOperator"):
+            cls(torch.eye(2), torch.ones(2))

@@ -223,3 +223,8 @@ def test_bool_tolerances_and_steps_are_refused() -> None:
     op = HessianOperator(model, mse_loss, regression_batches(), dtype=torch.float64)
     with pytest.raises(ValueError, match="tol must be a positive finite number"):
         verify_operator(op, tol=True)
+
+
+def test_a_non_callable_batch_size_fn_is_refused() -> None:
+    with pytest.raises(ValueError, match="batch_size_fn must be a callable"):
+        HessianOperator(mlp(), mse_loss, regression_batches(), batch_size_fn=3)

@@ -294,6 +294,8 @@ class HessianOperator(CurvatureOperator):
         if fd_step is not None and (isinstance(fd_step, bool) or not (
                 isinstance(fd_step, (int, float)) and math.isfinite(fd_step) and fd_step > 0)):
             raise ValueError(f"HessianOperator: fd_step must be a positive finite number or None; got {fd_step!r}")
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise ValueError(f"batch_size_fn must be a callable batch -> number of examples or None, got {batch_size_fn!r}")
         if reduce is not None and not callable(reduce):
             raise ValueError("reduce must be a callable Tensor -> Tensor (a SUM across processes) or None")
         if batches is None or isinstance(batches, (Tensor, str, bytes)):

@@ -140,6 +140,9 @@ class DenseOperator(CurvatureOperator):
     """A symmetric matrix given explicitly, wrapped as an operator (tests, known spectra)."""
 
     def __init__(self, matrix: Tensor) -> None:
+        if not isinstance(matrix, Tensor) or not matrix.is_floating_point():
+            what = type(matrix).__name__ if not isinstance(matrix, Tensor) else f"a {matrix.dtype} tensor"
+            raise ValueError(f"DenseOperator: matrix must be a real floating-point torch.Tensor, got {what}")
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
         super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
@@ -157,6 +160,10 @@ class PreconditionedOperator(CurvatureOperator):
     """
 
     def __init__(self, operator: CurvatureOperator, diagonal: Tensor) -> None:
+        if not isinstance(operator, CurvatureOperator):
+            raise ValueError(f"PreconditionedOperator: operator must be a CurvatureOperator, got {type(operator).__name__}")
+        if not isinstance(diagonal, Tensor):
+            raise ValueError(f"PreconditionedOperator: diagonal must be a flat torch.Tensor of length dim, got {type(diagonal).__name__}")
         if diagonal.ndim != 1 or diagonal.shape[0] != operator.dim:
             raise ValueError(
                 f"diagonal must be a flat tensor of length dim={operator.dim}, got shape {tuple(diagonal.shape)}"
@@ -196,6 +203,10 @@ class ScaledOperator(CurvatureOperator):
     """
 
     def __init__(self, operator: CurvatureOperator, diagonal: Tensor) -> None:
+        if not isinstance(operator, CurvatureOperator):
+            raise ValueError(f"ScaledOperator: operator must be a CurvatureOperator, got {type(operator).__name__}")
+        if not isinstance(diagonal, Tensor):
+            raise ValueError(f"ScaledOperator: diagonal must be a flat torch.Tensor of length dim, got {type(diagonal).__name__}")
         if diagonal.ndim != 1 or diagonal.shape[0] != operator.dim:
             raise ValueError(
                 f"diagonal must be a flat tensor of length dim={operator.dim}, got shape {tuple(diagonal.shape)}"
