@@ -228,3 +228,14 @@ def test_bool_tolerances_and_steps_are_refused() -> None:
 def test_a_non_callable_batch_size_fn_is_refused() -> None:
     with pytest.raises(ValueError, match="batch_size_fn must be a callable"):
         HessianOperator(mlp(), mse_loss, regression_batches(), batch_size_fn=3)
+
+
+@pytest.mark.parametrize("backend", ["autograd", "finite_difference"])
+def test_a_loss_that_does_not_depend_on_the_parameters_is_said(backend: str) -> None:
+    # a detached loss gave all-zero eigenvalues, "converged", without a word in the standalone engine
+    def detached(model: nn.Module, batch: object) -> torch.Tensor:
+        return mse_loss(model, batch).detach()
+
+    op = HessianOperator(mlp(), detached, regression_batches(), dtype=torch.float64, backend=backend)
+    with pytest.warns(RuntimeWarning, match="does not depend on the trainable parameters"):
+        op.matvec(torch.ones(op.dim, dtype=torch.float64))

@@ -609,6 +609,11 @@ class HessianOperator(CurvatureOperator):
             hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         with self._reparametrized(state), hooks:
             loss = self._checked(self._wrapper(batch), index)
+            if not loss.requires_grad:
+                self._warn_once("constant-loss", (
+                    f"HessianOperator: the loss of batch {index} does not depend on the trainable parameters "
+                    "(detached, computed under torch.no_grad, or from integer tensors): its gradient and Hessian "
+                    "are zero; return the loss with its autograd graph"))
             if track and self._track_inputs is None and loss.grad_fn is not None:
                 # decided at the first evaluation of the finite-difference path
                 self._plain_backward = any(is_reentrant_checkpoint(n) for n in graph_nodes(loss))
