@@ -854,9 +854,8 @@ def solve(
             flat = op.flatten(list(scales.scales))
             init = None if pre_vec is None else pre_vec.reshape(-1, 1)
             ratio = float(_top_eigenpair(ScaledOperator(op, flat), settings, gen, init, "lr-scaled").eigenvalues[0])
-
-    if scales is not None:
         controlled = _controlled_ratio(op, optimizer, scales, controlled_groups, settings, gen)
+
     bs, bs_note = _batch_sharpness(model, loss_fn, batches, settings, step, batch_size, reduce, scales, op)
     if bs_note is not None:
         notes.append(bs_note)

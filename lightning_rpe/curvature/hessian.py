@@ -405,10 +405,7 @@ class HessianOperator(CurvatureOperator):
                 RuntimeWarning, stacklevel=2)
         self._mask: Tensor | None = None
         if self.frozen_rows:
-            mask = [torch.ones(shape, dtype=dtype, device=device) for shape in self._shapes]
-            for name, row in self.frozen_rows:
-                mask[self.names.index(name)][row] = 0
-            self._mask = torch.cat([m.reshape(-1) for m in mask]).unsqueeze(1)
+            self._mask = padding_mask(self.frozen_rows, self.names, self._shapes, (0,) * len(self._shapes), dtype, device)
 
     # ------------------------------------------------------------------ flat vectors
     def flatten(self, tensors: Mapping[nn.Parameter, Tensor] | Sequence[Tensor]) -> Tensor:
@@ -953,6 +950,26 @@ class HessianOperator(CurvatureOperator):
             self._accumulate(out, hv, n, i == 0)
             del hv
         return out
+
+
+def padding_mask(
+    rows: Sequence[tuple[str, int]], names: Sequence[str], shapes: Sequence[torch.Size], first_rows: Sequence[int],
+    dtype: torch.dtype, device: torch.device,
+) -> Tensor:
+    """The 0/1 column ``M`` ``(dim, 1)`` of the flat vector: 0 on the coordinates of the pad ``rows``.
+
+    ``shapes`` are the parameters' shapes as held here (a shard along dim 0 on a sharded model) and
+    ``first_rows`` the global index of each one's first row held (0 unsharded); a pad row held by
+    another process is not in this vector. Products are then taken as ``M H M``
+    (:func:`frozen_padding_rows`).
+    """
+    parts = [torch.ones(math.prod(shape), dtype=dtype, device=device) for shape in shapes]
+    for name, row in rows:
+        i = names.index(name)
+        local, width = row - first_rows[i], math.prod(shapes[i][1:])
+        if 0 <= local < shapes[i][0]:
+            parts[i][local * width:(local + 1) * width] = 0
+    return torch.cat(parts).unsqueeze(1)
 
 
 def frozen_padding_rows(

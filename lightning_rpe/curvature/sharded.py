@@ -60,7 +60,7 @@ from ._functional import (
     seed_batch,
 )
 from .eigen import EigenResult
-from .hessian import frozen_padding_rows
+from .hessian import frozen_padding_rows, padding_mask
 from .lanczos import NONFINITE_REASON, budget_reason, n_wanted, select_ritz
 from .operator import CurvatureOperator
 
@@ -270,18 +270,12 @@ class ShardedHessianOperator(CurvatureOperator):
                 "never trains, must be left out and FSDP1's flat shards do not map to rows): use FSDP2 "
                 "(ModelParallelStrategy / fully_shard) or padding_idx=None"
             )
-        parts = [torch.ones(t.numel(), dtype=self.dtype, device=self.device) for t in local]
-        for name, row in self.frozen_rows:
-            i = self.names.index(name)
-            p = self.parameters[i]
-            width = math.prod(p.shape[1:])
-            start, rows = 0, int(p.shape[0])
-            if isinstance(p, DTensor):
-                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-                start, rows = int(offset[0]), int(shape[0])
-            if start <= row < start + rows:
-                parts[i][(row - start) * width:(row - start + 1) * width] = 0
-        return torch.cat(parts).unsqueeze(1)
+        first_rows = [
+            int(compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1][0])
+            if isinstance(p, DTensor) else 0
+            for p in self.parameters
+        ]
+        return padding_mask(self.frozen_rows, self.names, [t.shape for t in local], first_rows, self.dtype, self.device)
 
     # ------------------------------------------------------------------ sharding
     @staticmethod
